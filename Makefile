@@ -1,0 +1,61 @@
+# streamd: `make demo` and `make test` set everything up on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages: portaudio headers to build pyaudio, libsndfile for soundfile, PulseAudio and
+# ALSA's pulse plugin so tests capture through a real (null-sink) microphone, espeak-ng for
+# training data, systemd for systemd-analyze.
+SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng systemd
+DEMO_STATE := var/demo-state
+DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
+
+.PHONY: all sysdeps venv demo test run train bench clean
+
+all: venv
+
+sysdeps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing system packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "missing system packages: $$missing -- run 'sudo apt-get install $$missing' (or make as root)" >&2; exit 1; \
+	fi
+
+$(STAMP): pyproject.toml | sysdeps
+	@test -n "$(PYTHON)" || { echo "python3.11 not found" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: sysdeps $(STAMP)
+
+demo: venv
+	@rm -rf $(DEMO_STATE)
+	$(BIN)/streamd enroll $(DEMO_SET) theo tests/data/enroll_theo.flac
+	$(BIN)/streamd enroll $(DEMO_SET) asc02 tests/data/enroll_asc02.flac
+	$(BIN)/streamd enroll $(DEMO_SET) asc07 tests/data/enroll_asc07.flac
+	@echo "--- events published for tests/data/demo.flac (who spoke what: tests/data/demo.csv) ---"
+	@$(BIN)/streamd listen --endpoint tcp://127.0.0.1:5599 --timeout 3 & listener=$$!; \
+	$(BIN)/streamd run $(DEMO_SET) --source file:tests/data/demo.flac --pace realtime --wait-subscriber 10; rc=$$?; \
+	wait $$listener; exit $$rc
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+run: venv
+	$(BIN)/streamd run --config config.toml
+
+# Training needs torch (CPU). Install it by exact version first so pip never pulls a CUDA build.
+train: venv
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[train]'
+	$(BIN)/streamd train digits --data ../shared/datasets --out models
+	$(BIN)/streamd train speaker --data ../shared/datasets --out models
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,174 @@
+"""Command line: ``streamd run | enroll | listen | speakers | train``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from streamd import __version__
+from streamd import config as config_mod
+from streamd.config import EX_CONFIG, ConfigError
+
+EX_DATAERR = 65  # a model or audio file that cannot be used
+EX_UNAVAILABLE = 69
+
+log = logging.getLogger("streamd")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", type=Path, help="TOML config file (default: ./config.toml if present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key; VALUE in TOML syntax, e.g. state.dir=\"var/state\"")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="streamd", description="Speaker and spoken-digit recognition daemon.")
+    parser.add_argument("--version", action="version", version=f"streamd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="run the daemon")
+    run.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: source.spec)")
+    run.add_argument("--pace", choices=("realtime", "fast"), help="replay speed of file sources")
+    run.add_argument("--events-jsonl", metavar="PATH", help="also write each event as a JSON line")
+    run.add_argument("--wait-subscriber", type=float, default=0.0, metavar="SECONDS",
+                     help="wait up to SECONDS for a subscriber before processing audio")
+
+    enroll = sub.add_parser("enroll", parents=[common], help="enroll a speaker from audio files")
+    enroll.add_argument("name")
+    enroll.add_argument("audio", nargs="+")
+
+    listen = sub.add_parser("listen", parents=[common], help="print published events")
+    listen.add_argument("--endpoint", help="default: events.endpoint")
+    listen.add_argument("--topic", default="", help="topic prefix, e.g. speaker. or digit.default")
+    listen.add_argument("--count", type=int, default=0, help="exit after this many events")
+    listen.add_argument("--timeout", type=float, default=0.0, help="exit after this many idle seconds")
+
+    speakers = sub.add_parser("speakers", parents=[common], help="manage the enrolled speakers")
+    speakers.add_argument("action", choices=("list", "remove"))
+    speakers.add_argument("name", nargs="?")
+
+    try:
+        from streamd.train import cli as train_cli
+    except ImportError:  # the [train] extra is optional
+        train_cli = None
+    if train_cli is not None:
+        train_cli.register(sub)
+    return parser
+
+
+def load_config(args) -> config_mod.Config:
+    path = args.config if args.config is not None else config_mod.default_config_path()
+    return config_mod.load(path, args.overrides)
+
+
+def cmd_run(args, cfg) -> int:
+    from streamd.daemon import Daemon, RunOptions
+
+    opts = RunOptions(
+        source=args.source or cfg.source.spec,
+        pace=args.pace or cfg.source.pace,
+        events_jsonl=args.events_jsonl or cfg.events.jsonl or None,
+        wait_subscriber_s=args.wait_subscriber,
+        config_path=args.config if args.config is not None else config_mod.default_config_path(),
+        overrides=args.overrides,
+    )
+    return Daemon(cfg, opts).run()
+
+
+def cmd_enroll(args, cfg) -> int:
+    from streamd.daemon import GALLERY_FILE
+    from streamd.enroll import enroll_files
+    from streamd.identity import Gallery
+    from streamd.inference import load_card, OnnxModel, verify
+
+    card = load_card(cfg.path(cfg.models.dir) / cfg.models.speaker, "speaker")
+    verify(card, cfg.features.params())
+    model = OnnxModel(card, "cpu", cfg.models.threads)
+    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    try:
+        n, seconds = enroll_files(args.name, args.audio, cfg, model, gallery)
+    finally:
+        gallery.close()
+    print(f"enrolled {args.name!r}: {n} utterances, {seconds:.1f} s of speech")
+    return 0
+
+
+def cmd_listen(args, cfg) -> int:
+    from streamd.events import receive, subscribe
+
+    endpoint = args.endpoint or cfg.events.endpoint
+    sock = subscribe(endpoint, args.topic)
+    seen, last_seq = 0, None
+    timeout_ms = int(args.timeout * 1000) if args.timeout else None
+    try:
+        while not args.count or seen < args.count:
+            event = receive(sock, timeout_ms)
+            if event is None:
+                break
+            if last_seq is not None and event.get("seq", 0) > last_seq + 1 and not args.topic:
+                print(f"# {event['seq'] - last_seq - 1} events lost", file=sys.stderr)
+            last_seq = event.get("seq")
+            print(json.dumps(event, ensure_ascii=False), flush=True)
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(0)
+    return 0
+
+
+def cmd_speakers(args, cfg) -> int:
+    from streamd.daemon import GALLERY_FILE
+    from streamd.identity import Gallery
+
+    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    try:
+        if args.action == "list":
+            for s in gallery.speakers():
+                print(f"{s.name}\t{s.embeddings} embeddings\t{s.seconds:.1f} s")
+            return 0
+        if not args.name:
+            print("streamd: speakers remove needs a NAME", file=sys.stderr)
+            return 2
+        if not gallery.remove(args.name):
+            print(f"streamd: no enrolled speaker named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"removed {args.name!r}")
+        return 0
+    finally:
+        gallery.close()
+
+
+COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from streamd.train import cli as train_cli
+
+        return train_cli.run(args)
+    from streamd.daemon import setup_logging
+    from streamd.identity import GalleryError
+    from streamd.inference import ModelError
+    from streamd.sources import SourceError
+
+    try:
+        cfg = load_config(args)
+        setup_logging(cfg.log.level)
+        return COMMANDS[args.command](args, cfg)
+    except ConfigError as exc:
+        print(f"streamd: config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (ModelError, SourceError, GalleryError) as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except OSError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE

@@ -1,0 +1,247 @@
+"""Configuration: a tree of frozen dataclasses loaded from TOML, with ``--set`` overrides.
+
+Every problem (unknown key, wrong type, out-of-range value, unreadable file) raises
+``ConfigError`` with one line naming the key; the CLI turns it into exit code 78.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamd.features import FeatureParams
+from streamd.vad import VAD_FRAME_MS, VadParams
+
+EX_CONFIG = 78
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    spec: str = "mic"
+    pace: str = "realtime"
+    mic_rate: int = 0  # 0: try 16 kHz, then the device's default rate (resampled)
+
+
+@dataclass(frozen=True)
+class FeatureConfig(FeatureParams):
+    ring_seconds: float = 30.0
+
+    def params(self) -> FeatureParams:
+        names = {f.name for f in dataclasses.fields(FeatureParams)}
+        return FeatureParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: str = "models"
+    speaker: str = "speaker.card.json"
+    digits: str = "digits.card.json"
+    provider: str = "auto"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    threshold: float = 0.6
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    min_confidence: float = 0.6
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    hwm: int = 1000
+    jsonl: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9108"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str = ""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    vad: VadParams = field(default_factory=VadParams)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    base_dir: Path = field(default=Path("."), compare=False)
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative ones taken from the config file's folder."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else self.base_dir / p
+
+    def state_dir(self) -> Path:
+        if self.state.dir:
+            return self.path(self.state.dir)
+        if os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return Path(xdg) / "streamd"
+
+
+# Allowed ranges (inclusive) and choices, by dotted key.
+RANGES: dict[str, tuple[float, float]] = {
+    "source.mic_rate": (0, 192000),
+    "vad.aggressiveness": (0, 3),
+    "vad.onset_ms": (10, 2000),
+    "vad.onset_ratio": (0.0, 1.0),
+    "vad.preroll_ms": (0, 2000),
+    "vad.hangover_ms": (10, 5000),
+    "vad.min_utterance_ms": (0, 10000),
+    "vad.max_utterance_ms": (500, 60000),
+    "features.sample_rate": (16000, 16000),
+    "features.winlen": (0.005, 0.1),
+    "features.winstep": (0.005, 0.1),
+    "features.numcep": (1, 64),
+    "features.nfilt": (1, 128),
+    "features.nfft": (64, 4096),
+    "features.lowfreq": (0, 8000),
+    "features.highfreq": (1, 8000),
+    "features.preemph": (0.0, 1.0),
+    "features.ceplifter": (0, 100),
+    "features.ring_seconds": (1, 600),
+    "models.threads": (1, 64),
+    "identity.threshold": (-1.0, 1.0),
+    "digits.min_confidence": (0.0, 1.0),
+    "events.hwm": (1, 1_000_000),
+}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "source.pace": ("realtime", "fast"),
+    "vad.frame_ms": VAD_FRAME_MS,
+    "features.window": ("hamming", "rect"),
+    "models.provider": ("auto", "cpu", "cuda"),
+    "log.level": ("debug", "info", "warning", "error"),
+}
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        if not lo <= value <= hi:
+            raise ConfigError(f"{key}: {value!r} is out of range [{lo}, {hi}]")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, CHOICES[key]))}")
+    return value
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a table, got {type(values).__name__}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key")
+    checked = {k: _check_value(f"{name}.{k}", v, getattr(defaults, k)) for k, v in values.items()}
+    return cls(**checked)
+
+
+def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "base_dir"}
+    for name in tree:
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section")
+    built = {
+        name: _build_section(name, f.default_factory().__class__, tree.get(name, {}))  # type: ignore[misc]
+        for name, f in sections.items()
+    }
+    cfg = Config(**built, base_dir=base_dir)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    if cfg.features.highfreq <= cfg.features.lowfreq:
+        raise ConfigError("features.highfreq: must be above features.lowfreq")
+    if cfg.features.nfft < cfg.features.frame_len:
+        raise ConfigError(f"features.nfft: must be at least the frame length ({cfg.features.frame_len})")
+    if cfg.vad.min_utterance_ms >= cfg.vad.max_utterance_ms:
+        raise ConfigError("vad.min_utterance_ms: must be below vad.max_utterance_ms")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=VALUE`` with VALUE in TOML syntax."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=VALUE")
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{key}: expected section.key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"{key}: value {raw!r} is not valid TOML (strings need quotes)") from None
+    return parts, value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load ``path`` (or defaults when None), apply ``--set`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        tree = read_toml(path)
+        base = path.resolve().parent
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        table = tree.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table")
+        table[key] = value
+    return build(tree, base)
+
+
+def default_config_path() -> Path | None:
+    """``./config.toml`` if present, so commands run in the repo pick up its config."""
+    p = Path("config.toml")
+    return p if p.is_file() else None

@@ -1,0 +1,166 @@
+"""Typed events, their JSON form, and the ZeroMQ publisher.
+
+Each message is two frames: the topic ``<type>.<stream>`` and a UTF-8 JSON object.
+The schema is documented in docs/events.md; keep it stable (extend, never break).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TextIO
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = ""
+    stream: str
+    utterance: int
+    t_start: float
+    t_end: float
+
+    def payload(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class VadStart(Event):
+    type: ClassVar[str] = "vad.start"
+
+
+@dataclass(frozen=True)
+class VadEnd(Event):
+    type: ClassVar[str] = "vad.end"
+    reason: str = "silence"
+
+
+@dataclass(frozen=True)
+class SpeakerEvent(Event):
+    type: ClassVar[str] = "speaker"
+    speaker: str = "unknown"
+    score: float = 0.0
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DigitEvent(Event):
+    type: ClassVar[str] = "digit"
+    digit: int | None = None
+    confidence: float = 0.0
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    latency_s: float = 0.0
+
+
+def envelope(event: Event, seq: int, now: float) -> dict[str, Any]:
+    body = {"v": SCHEMA_VERSION, "type": event.type, "stream": event.stream, "seq": seq}
+    body.update(event.payload())
+    body["time"] = now
+    return body
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    return value
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(_round(body), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class Publisher:
+    """Publishes events on an XPUB socket (PUB semantics: never blocks, a subscriber that
+    falls behind its high-water mark loses messages, visible to it as gaps in ``seq``).
+    XPUB rather than PUB so the daemon can see when a subscriber has joined."""
+
+    def __init__(self, endpoint: str, hwm: int = 1000, jsonl: TextIO | None = None,
+                 context: zmq.Context | None = None):
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise OSError(f"events.endpoint {endpoint}: cannot bind: {exc}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._jsonl = jsonl
+        self._lock = threading.Lock()
+        self.seq = 0
+        self.dropped = 0
+        self.subscribers = 0
+
+    def _drain_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+
+    def wait_for_subscriber(self, timeout_s: float) -> bool:
+        """Wait until someone subscribes (for demos and tests: ZeroMQ drops what is sent
+        before a subscriber has joined)."""
+        deadline = time.monotonic() + timeout_s
+        while self.subscribers == 0 and time.monotonic() < deadline:
+            if self._sock.poll(50, zmq.POLLIN):
+                self._drain_subscriptions()
+        return self.subscribers > 0
+
+    def publish(self, event: Event) -> dict[str, Any]:
+        with self._lock:
+            body = envelope(event, self.seq, time.time())
+            self.seq += 1
+            data = encode(body)
+            topic = f"{event.type}.{event.stream}".encode()
+            try:
+                self._sock.send_multipart((topic, data), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self.dropped += 1
+                log.warning("event %s dropped: %s", topic.decode(), exc)
+            self._drain_subscriptions()
+            if self._jsonl is not None:
+                self._jsonl.write(data.decode("utf-8") + "\n")
+                self._jsonl.flush()
+        return body
+
+    def close(self, linger_s: float = 1.0) -> None:
+        self._sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        self._sock.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def subscribe(endpoint: str, topic: str = "", context: zmq.Context | None = None) -> zmq.Socket:
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    sock.connect(endpoint)
+    return sock
+
+
+def receive(sock: zmq.Socket, timeout_ms: int | None = None) -> dict[str, Any] | None:
+    """One event from a SUB socket, or None on timeout."""
+    if timeout_ms is not None and not sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    _topic, data = sock.recv_multipart()
+    return json.loads(data)

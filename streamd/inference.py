@@ -1,0 +1,158 @@
+"""ONNX models: model cards, sha256 and feature checks, provider choice, sessions.
+
+This module sees arrays, not streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamd.features import FeatureParams
+
+log = logging.getLogger(__name__)
+
+MIN_FRAMES = 10  # the models' convolutions need a few frames; shorter input is padded
+
+
+class ModelError(RuntimeError):
+    """A model cannot be used; the message is one line naming the file."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    path: Path  # the card file
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", self.path.stem))
+
+    @property
+    def kind(self) -> str:
+        return str(self.data["kind"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.path.parent / self.data["file"]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.data["sha256"])
+
+
+def load_card(path: Path, kind: str) -> ModelCard:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read model card: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: model card is not valid JSON: {exc}") from None
+    for key in ("kind", "file", "sha256", "features", "input", "output"):
+        if key not in data:
+            raise ModelError(f"{path}: model card lacks {key!r}")
+    if data["kind"] != kind:
+        raise ModelError(f"{path}: model card is for a {data['kind']!r} model, expected {kind!r}")
+    return ModelCard(path, data)
+
+
+def verify(card: ModelCard, features: FeatureParams) -> None:
+    """Refuse a model whose file is missing or altered, or that expects other features."""
+    model = card.model_path
+    if not model.is_file():
+        raise ModelError(f"{model}: model file missing (expected sha256 {card.sha256})")
+    actual = sha256_of(model)
+    if actual != card.sha256:
+        raise ModelError(f"{model}: sha256 mismatch: expected {card.sha256}, got {actual}")
+    wanted = features.as_dict()
+    theirs = card.data["features"]
+    diff = [k for k in wanted if theirs.get(k) != wanted[k]]
+    if diff:
+        k = diff[0]
+        raise ModelError(
+            f"{model}: trained on features.{k}={theirs.get(k)!r} but config has features.{k}={wanted[k]!r}")
+
+
+def session_options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # Spinning worker threads steal the CPU from capture and VAD in the same process.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def wanted_providers(choice: str) -> list[str]:
+    import onnxruntime as ort
+
+    # onnxruntime-gpu lists CUDA even without a GPU; only a session tells whether it works.
+    available = ort.get_available_providers()
+    if choice == "cpu" or "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxModel:
+    def __init__(self, card: ModelCard, provider: str = "auto", threads: int = 1):
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(4)  # a failed CUDA load is logged once, by us, in one line
+        self.card = card
+        wanted = wanted_providers(provider)
+        try:
+            self.session = ort.InferenceSession(
+                str(card.model_path), sess_options=session_options(threads), providers=wanted)
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            raise ModelError(f"{card.model_path}: cannot load model: {str(exc).splitlines()[0]}") from None
+        # onnxruntime falls back to CPU silently when CUDA cannot start: read what really runs.
+        self.provider = self.session.get_providers()[0]
+        if len(wanted) > 1 and self.provider != "CUDAExecutionProvider":
+            level = logging.WARNING if provider == "cuda" else logging.INFO
+            log.log(level, "%s: CUDA provider not usable here (no GPU or CUDA libraries); using CPU", card.name)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, feats: np.ndarray) -> np.ndarray:
+        """One utterance's normalised features (frames, numcep) -> the model's output row."""
+        if len(feats) < MIN_FRAMES:
+            feats = np.concatenate((feats, np.zeros((MIN_FRAMES - len(feats), feats.shape[1]), feats.dtype)))
+        batch = np.ascontiguousarray(feats[None, :, :], dtype=np.float32)
+        return self.session.run([self.output_name], {self.input_name: batch})[0][0]
+
+
+@dataclass
+class Models:
+    speaker: OnnxModel
+    digits: OnnxModel
+
+
+def load_models(models_dir: Path, speaker_card: str, digits_card: str, features: FeatureParams,
+                provider: str = "auto", threads: int = 1) -> Models:
+    cards = {kind: load_card(models_dir / name, kind) for kind, name in (("speaker", speaker_card), ("digits", digits_card))}
+    for card in cards.values():
+        verify(card, features)  # every model is checked before any is loaded
+    loaded: dict[str, OnnxModel] = {}
+    for kind, card in cards.items():
+        loaded[kind] = OnnxModel(card, provider, threads)
+        if provider == "auto" and loaded[kind].provider == "CPUExecutionProvider":
+            provider = "cpu"  # CUDA failed once: do not try (and fail) again
+        log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name,
+                 card.sha256[:12], loaded[kind].provider)
+    return Models(**loaded)

@@ -1,0 +1,59 @@
+"""Every Prometheus metric streamd exports, declared in one place, on its own registry."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from streamd import __version__
+
+log = logging.getLogger(__name__)
+
+# Audio work spans tens of microseconds (VAD on one frame) to seconds (a slow model).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+STAGES = ("vad", "features", "inference", "publish")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "streamd_latency_seconds",
+            "Capture of the frame that closed an utterance to publication of its event.",
+            ["stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram(
+            "streamd_stage_seconds", "Time spent in each pipeline stage per call.",
+            ["stream", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.frames = Counter("streamd_frames_total", "Audio frames processed.", ["stream"], registry=r)
+        self.audio_seconds = Counter("streamd_audio_seconds_total", "Audio processed.", ["stream"], registry=r)
+        self.speech_seconds = Counter("streamd_speech_seconds_total", "Audio inside utterances.", ["stream"], registry=r)
+        self.utterances = Counter("streamd_utterances_total", "Utterances ended.", ["stream", "reason"], registry=r)
+        self.events = Counter("streamd_events_total", "Events published.", ["stream", "type"], registry=r)
+        self.dropped = Counter("streamd_events_dropped_total", "Events that could not be published.", registry=r)
+        self.overruns = Counter("streamd_capture_overruns_total", "Audio blocks lost because capture outran the pipeline.", ["stream"], registry=r)
+        self.build = Gauge("streamd_build_info", "streamd version.", ["version"], registry=r)
+        self.model = Gauge("streamd_model_info", "Loaded models and the onnxruntime provider running them.",
+                           ["model", "sha256", "provider"], registry=r)
+        self.build.labels(version=__version__).set(1)
+
+    def add_stream(self, stream: str) -> None:
+        """Create a stream's series up front so dashboards show zeros, not gaps."""
+        for stage in STAGES:
+            self.stage.labels(stream=stream, stage=stage)
+        self.latency.labels(stream=stream)
+        self.frames.labels(stream=stream)
+        self.overruns.labels(stream=stream)
+
+    def serve(self, listen: str):
+        """Serve /metrics on ``host:port``; returns the HTTP server (``shutdown()`` stops it)."""
+        host, _, port = listen.rpartition(":")
+        try:
+            server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"metrics.listen {listen}: cannot listen: {exc}") from None
+        return server

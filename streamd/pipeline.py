@@ -1,0 +1,119 @@
+"""One stream's processing: VAD -> streaming MFCC ring -> models -> decisions -> events."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamd import digits, identity
+from streamd.config import Config
+from streamd.events import DigitEvent, Publisher, SpeakerEvent, VadEnd, VadStart
+from streamd.features import StreamingMfcc, normalize
+from streamd.frames import SAMPLE_RATE, Frame
+from streamd.inference import Models
+from streamd.metrics import Metrics
+from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
+
+
+@dataclass
+class Thresholds:
+    """The decision settings SIGHUP may change while the stream runs."""
+
+    speaker: float
+    digit: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Thresholds:
+        return cls(cfg.identity.threshold, cfg.digits.min_confidence)
+
+
+class StreamPipeline:
+    def __init__(self, stream: str, cfg: Config, models: Models, gallery: identity.Gallery | None,
+                 publisher: Publisher, metrics: Metrics):
+        self.stream = stream
+        self.models = models
+        self.gallery = gallery
+        self.publisher = publisher
+        self.metrics = metrics
+        self.thresholds = Thresholds.from_config(cfg)
+        self.params = cfg.features.params()
+        self.segmenter = Segmenter(cfg.vad)
+        ring_frames = int(cfg.features.ring_seconds / cfg.features.winstep)
+        self.features = StreamingMfcc(self.params, ring_frames)
+        metrics.add_stream(stream)
+
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.metrics.stage.labels(stream=self.stream, stage=stage).observe(time.perf_counter() - start)
+
+    def push(self, frame: Frame) -> None:
+        self.metrics.frames.labels(stream=self.stream).inc()
+        self.metrics.audio_seconds.labels(stream=self.stream).inc(frame.duration)
+        with self._timed("vad"):
+            outputs = self.segmenter.push(frame)
+        if self.segmenter.in_speech:
+            self.metrics.speech_seconds.labels(stream=self.stream).inc(frame.duration)
+        self._handle(outputs, frame)
+
+    def flush(self) -> None:
+        """End of stream: close and recognise an utterance still open."""
+        self._handle(self.segmenter.flush(), None)
+
+    def _handle(self, outputs, frame: Frame | None) -> None:
+        for out in outputs:
+            if isinstance(out, SpeechStart):
+                self.features.reset()
+                self._add_audio(out.audio)
+                t_now = frame.t_end if frame is not None else out.t_start
+                self._publish(VadStart(self.stream, out.utterance, out.t_start, t_now))
+            elif isinstance(out, SpeechAudio):
+                self._add_audio(out.audio)
+            elif isinstance(out, SpeechEnd):
+                self._end(out)
+
+    def _add_audio(self, audio: np.ndarray) -> None:
+        with self._timed("features"):
+            self.features.push(audio)
+
+    def _end(self, end: SpeechEnd) -> None:
+        self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
+        self._publish(VadEnd(self.stream, end.utterance, end.t_start, end.t_end, reason=end.reason))
+        if end.usable:
+            self._recognise(end)
+
+    def _recognise(self, end: SpeechEnd) -> None:
+        # The models see the utterance from its pre-roll to the end of speech: the same
+        # cut that streamd.vad.utterance_audio makes for training clips.
+        samples = int(round((end.t_end - end.audio_t) * SAMPLE_RATE))
+        n = min(self.params.frames_in(samples), self.features.num_frames)
+        start = max(0, self.features.oldest_frame)
+        with self._timed("inference"):
+            feats = normalize(self.features.frames(start, n))
+            embedding = self.models.speaker.run(feats)
+            logits = self.models.digits.run(feats)
+            who = self._identify(embedding)
+            digit = digits.decide(logits, self.thresholds.digit)
+        base = (self.stream, end.utterance, end.t_start, end.t_end)
+        self._publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
+                                   latency_s=time.monotonic() - end.closed_at), end.closed_at)
+        self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
+                                 candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
+                      end.closed_at)
+
+    def _identify(self, embedding: np.ndarray) -> identity.Decision:
+        if self.gallery is None:
+            return identity.Decision(identity.UNKNOWN, 0.0, [])
+        names, centroids = self.gallery.centroids(self.models.speaker.card.sha256)
+        return identity.decide(embedding, names, centroids, self.thresholds.speaker)
+
+    def _publish(self, event, closed_at: float | None = None) -> None:
+        with self._timed("publish"):
+            self.publisher.publish(event)
+        self.metrics.events.labels(stream=self.stream, type=event.type).inc()
+        if closed_at is not None:
+            self.metrics.latency.labels(stream=self.stream).observe(time.monotonic() - closed_at)

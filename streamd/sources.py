@@ -1,0 +1,308 @@
+"""Audio sources: turn a microphone, a file or stdin into 16 kHz mono int16 ``Frame``s.
+
+Sources are chosen by a spec string: ``mic[:DEVICE]``, ``file:PATH`` or ``stdin``.
+Nothing downstream knows where the audio came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from math import gcd
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+from streamd.frames import SAMPLE_RATE, Frame
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_SECONDS = 4 * 3600
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened or read; the message is one line naming the problem."""
+
+
+class Source(Protocol):
+    stream: str
+    overruns: int
+
+    def frames(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] to int16, clipping; NaN or inf is an error, never misread."""
+    if not np.all(np.isfinite(audio)):
+        raise SourceError("audio contains NaN or infinite samples")
+    return np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def resample(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Float mono audio at ``rate`` to 16 kHz (polyphase, scipy)."""
+    if rate == SAMPLE_RATE:
+        return audio
+    g = gcd(rate, SAMPLE_RATE)
+    return resample_poly(audio, SAMPLE_RATE // g, rate // g)
+
+
+def read_audio(path: str) -> np.ndarray:
+    """Read a WAV/FLAC/... file at any rate and channel count as 16 kHz mono int16."""
+    try:
+        info = sf.info(path)
+        if info.frames == 0:
+            raise SourceError(f"{path}: audio file is empty")
+        if info.duration > MAX_FILE_SECONDS:
+            raise SourceError(f"{path}: audio file is too long ({info.duration:.0f} s > {MAX_FILE_SECONDS} s)")
+        audio, rate = sf.read(path, dtype="float64", always_2d=True)
+    except SourceError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise SourceError(f"{path}: cannot read audio: {reason}") from None
+    if len(audio) == 0:
+        raise SourceError(f"{path}: audio file is empty")
+    if not np.all(np.isfinite(audio)):
+        raise SourceError(f"{path}: audio contains NaN or infinite samples")
+    return to_int16(resample(audio.mean(axis=1), rate))
+
+
+def split_frames(audio: np.ndarray, frame_samples: int) -> Iterator[np.ndarray]:
+    """Fixed-size blocks; the last one is padded with silence."""
+    for start in range(0, len(audio), frame_samples):
+        block = audio[start : start + frame_samples]
+        if len(block) < frame_samples:
+            block = np.concatenate((block, np.zeros(frame_samples - len(block), dtype=np.int16)))
+        yield block
+
+
+class _Clock:
+    """Numbers frames and stamps their audio time and capture time."""
+
+    def __init__(self, stream: str, frame_samples: int):
+        self.stream = stream
+        self.frame_samples = frame_samples
+        self.index = 0
+
+    def frame(self, samples: np.ndarray, captured_at: float | None = None) -> Frame:
+        f = Frame(
+            stream=self.stream,
+            index=self.index,
+            samples=samples,
+            t=self.index * self.frame_samples / SAMPLE_RATE,
+            captured_at=time.monotonic() if captured_at is None else captured_at,
+        )
+        self.index += 1
+        return f
+
+
+class FileSource:
+    def __init__(self, path: str, stream: str, frame_samples: int, pace: str = "realtime"):
+        self.path = path
+        self.stream = stream
+        self.frame_samples = frame_samples
+        self.pace = pace
+        self.overruns = 0
+        self.audio = read_audio(path)
+        self._closed = threading.Event()
+
+    def frames(self) -> Iterator[Frame]:
+        clock = _Clock(self.stream, self.frame_samples)
+        started = time.monotonic()
+        for block in split_frames(self.audio, self.frame_samples):
+            if self._closed.is_set():
+                return
+            if self.pace == "realtime":
+                due = started + (clock.index + 1) * self.frame_samples / SAMPLE_RATE
+                if self._closed.wait(max(0.0, due - time.monotonic())):
+                    return
+            yield clock.frame(block)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+class StdinSource:
+    """Raw s16le 16 kHz mono from a pipe (``arecord -f S16_LE -r 16000 -c 1 -t raw | ...``)."""
+
+    def __init__(self, stream: str, frame_samples: int, fh: BinaryIO | None = None):
+        self.stream = stream
+        self.frame_samples = frame_samples
+        self.overruns = 0
+        self._fh = fh or sys.stdin.buffer
+        self._closed = False
+
+    def frames(self) -> Iterator[Frame]:
+        clock = _Clock(self.stream, self.frame_samples)
+        need = self.frame_samples * 2
+        while not self._closed:
+            data = self._fh.read(need)
+            if not data:
+                return
+            while len(data) < need:  # a pipe may deliver a frame in pieces
+                more = self._fh.read(need - len(data))
+                if not more:
+                    break
+                data += more
+            data = data[: len(data) // 2 * 2]
+            block = np.frombuffer(data, dtype="<i2").astype(np.int16)
+            if len(block) < self.frame_samples:
+                block = np.concatenate((block, np.zeros(self.frame_samples - len(block), np.int16)))
+            yield clock.frame(block)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """PortAudio's ALSA/JACK probing prints dozens of lines to fd 2; hide them."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def find_input_device(pa, device: str | None) -> dict:
+    """An input device by index or name substring; the default input device when None."""
+    inputs = [pa.get_device_info_by_index(i) for i in range(pa.get_device_count())]
+    inputs = [d for d in inputs if d.get("maxInputChannels", 0) > 0]
+    if not inputs:
+        raise SourceError("mic: no audio input devices found (is a sound server running?)")
+    if device is None or device == "":
+        try:
+            return pa.get_default_input_device_info()
+        except OSError:
+            return inputs[0]
+    if device.isdigit():
+        match = [d for d in inputs if d["index"] == int(device)]
+    else:
+        match = [d for d in inputs if device.lower() in d["name"].lower()]
+    if not match:
+        names = ", ".join(f"{d['index']}:{d['name']}" for d in inputs)
+        raise SourceError(f"mic: no input device matches {device!r} (inputs: {names})")
+    return match[0]
+
+
+class MicSource:
+    """pyaudio capture in callback mode: the audio thread never waits for the pipeline.
+
+    Blocks go through a bounded queue; when the pipeline falls behind, blocks are dropped
+    and counted in ``overruns`` rather than stalling capture.
+    """
+
+    def __init__(self, stream: str, frame_samples: int, device: str | None = None, rate: int = 0,
+                 queue_seconds: float = 5.0):
+        import pyaudio  # imported here so file and stdin sources work without PortAudio
+
+        self.stream = stream
+        self.frame_samples = frame_samples
+        self.overruns = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_seconds * SAMPLE_RATE / frame_samples)))
+        self._closed = threading.Event()
+        self._pending = np.zeros(0, dtype=np.int16)
+        with _quiet_stderr():
+            self._pa = pyaudio.PyAudio()
+        try:
+            info = find_input_device(self._pa, device)
+            self.device_name = info["name"]
+            self.rate = self._open(pyaudio, info, rate)
+        except Exception:
+            self._pa.terminate()
+            raise
+        self._resampler = None
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        log.info("mic: capturing from %r at %d Hz", self.device_name, self.rate)
+
+    def _open(self, pyaudio, info: dict, rate: int) -> int:
+        rates = [rate] if rate else [SAMPLE_RATE, int(info["defaultSampleRate"])]
+        last: Exception | None = None
+        for r in dict.fromkeys(rates):
+            try:
+                with _quiet_stderr():
+                    self._pa_stream = self._pa.open(
+                        format=pyaudio.paInt16, channels=1, rate=r, input=True,
+                        input_device_index=info["index"],
+                        frames_per_buffer=self.frame_samples * r // SAMPLE_RATE,
+                        stream_callback=self._callback,
+                    )
+                return r
+            except (OSError, ValueError) as exc:
+                last = exc
+        raise SourceError(f"mic: cannot open {info['name']!r}: {last}")
+
+    def _callback(self, data, frame_count, time_info, status):
+        import pyaudio
+
+        if status & pyaudio.paInputOverflow:
+            self.overruns += 1
+        try:
+            self._queue.put_nowait((data, time.monotonic()))
+        except queue.Full:
+            self.overruns += 1
+        return (None, pyaudio.paContinue)
+
+    def _convert(self, data: bytes) -> np.ndarray:
+        block = np.frombuffer(data, dtype="<i2")
+        if self._resampler is None:
+            return block.astype(np.int16)
+        out = self._resampler.resample_chunk(block.astype(np.float32) / 32768.0)
+        return to_int16(out)
+
+    def frames(self) -> Iterator[Frame]:
+        clock = _Clock(self.stream, self.frame_samples)
+        while not self._closed.is_set():
+            try:
+                data, captured_at = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if not self._pa_stream.is_active():
+                    raise SourceError(f"mic: capture from {self.device_name!r} stopped")
+                continue
+            self._pending = np.concatenate((self._pending, self._convert(data)))
+            while len(self._pending) >= self.frame_samples:
+                block, self._pending = self._pending[: self.frame_samples], self._pending[self.frame_samples :]
+                yield clock.frame(block, captured_at)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(Exception):
+            self._pa_stream.stop_stream()
+            self._pa_stream.close()
+        with contextlib.suppress(Exception):
+            self._pa.terminate()
+
+
+def open_source(spec: str, stream: str, frame_samples: int, pace: str = "realtime", mic_rate: int = 0) -> Source:
+    """Open the source named by ``spec``: ``mic[:DEVICE]``, ``file:PATH`` or ``stdin``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "file":
+        if not arg:
+            raise SourceError("file source needs a path: file:PATH")
+        return FileSource(arg, stream, frame_samples, pace)
+    if kind == "stdin":
+        return StdinSource(stream, frame_samples)
+    if kind == "mic":
+        return MicSource(stream, frame_samples, arg or None, mic_rate)
+    raise SourceError(f"unknown source {spec!r} (expected mic[:DEVICE], file:PATH or stdin)")

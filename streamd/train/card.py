@@ -1,0 +1,214 @@
+"""Model cards (``<model>.card.json``) and the human summary in ``docs/models.md``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from streamd.features import FeatureParams
+from streamd.train import common, data
+from streamd.vad import VadParams
+
+SPLIT_TEXT = (
+    "Speaker-disjoint, fixed: FSDD speaker 'theo' is held out (train: jackson, nicolas, "
+    "yweweler); ASC speakers whose manifest split is 'val' (00000002, 00000007, 00000008, "
+    "00000012, 00000021, 00000025) are held out (train: the 18 'train' speakers). Synthetic "
+    "espeak-ng speech is used for training only. All metrics are on clean held-out clips, "
+    "computed with the exported ONNX model in onnxruntime (CPU), features made by "
+    "streamd.vad.utterance_audio + streamd.features.mfcc/normalize as in the daemon."
+)
+
+
+@dataclass
+class TrainingInfo:
+    kind: str
+    epochs: int
+    seed: int
+    synth: bool
+    loss: str
+    feature_seconds: float
+    train_seconds: float
+    data_dir: Path
+    out_dir: Path
+
+    @property
+    def command(self) -> str:
+        cmd = f"streamd train {self.kind} --data {self.data_dir} --out {self.out_dir} --epochs {self.epochs} --seed {self.seed}"
+        return cmd + ("" if self.synth else " --no-synth")
+
+
+def data_section(train: data.FeatureSet, heldout: data.FeatureSet) -> dict:
+    def count(clips: list[data.Clip], corpus: str) -> int:
+        return sum(c.corpus == corpus for c in clips)
+
+    synth_voices = sorted({c.speaker.split("/", 1)[1] for c in train.clips if c.corpus == "synth"})
+    corpora = {}
+    for corpus, name in (("fsdd", "Free Spoken Digit Dataset (English digits)"),
+                         ("asc", "Arabic Speech Commands (40 keywords)")):
+        corpora[corpus] = {
+            "name": name, "licence": data.LICENCES[corpus],
+            "train_clips": count(train.clips, corpus), "heldout_clips": count(heldout.clips, corpus),
+            "train_speakers": sorted(c.split("/")[1] for c in data.speakers(train.clips, False) if c.startswith(corpus)),
+            "heldout_speakers": sorted(c.split("/")[1] for c in data.speakers(heldout.clips, True) if c.startswith(corpus)),
+        }
+    return {
+        "corpora": corpora,
+        "synthetic": {
+            "tool": "espeak-ng (training only)", "clips": count(train.clips, "synth"),
+            "voices": synth_voices, "words": "English digits zero..nine and "
+            f"{len(data.NON_DIGIT_WORDS)} English non-digit words (as 'not_digit')",
+        },
+        "training_feature_items": len(train),
+    }
+
+
+def base_card(kind: str, path: Path, output: dict, train: data.FeatureSet, heldout: data.FeatureSet,
+              metrics: dict, threshold: dict, info: TrainingInfo) -> dict:
+    import onnxruntime
+
+    return {
+        "name": f"streamd-{kind}",
+        "kind": kind,
+        "file": path.name,
+        "sha256": common.sha256(path),
+        "size_bytes": path.stat().st_size,
+        "input": {"name": "feats", "shape": ["batch", "time", FeatureParams().numcep], "dtype": "float32",
+                  "notes": "time >= 10 frames; tested up to 1500 frames"},
+        "output": output,
+        "features": FeatureParams().as_dict(),
+        "vad": asdict(VadParams()),
+        "normalization": "per-utterance mean/variance (streamd.features.normalize)",
+        "data": data_section(train, heldout),
+        "split": SPLIT_TEXT,
+        "training": {
+            "epochs": info.epochs, "seed": info.seed, "loss": info.loss,
+            "augmentation": data.AUGMENTATION_TEXT, "synthetic_speech": info.synth,
+            "feature_seconds": round(info.feature_seconds, 1),
+            "train_seconds": round(info.train_seconds, 1), "command": info.command,
+        },
+        "metrics": metrics,
+        "suggested_threshold": threshold,
+        "created": dt.date.today().isoformat(),
+        "torch_version": torch.__version__,
+        "onnx_opset": common.OPSET,
+        "onnxruntime_version": onnxruntime.__version__,
+    }
+
+
+def digits_card(path: Path, train: data.FeatureSet, heldout: data.FeatureSet, metrics: dict,
+                threshold: dict, info: TrainingInfo) -> dict:
+    out = {"name": "logits", "shape": ["batch", len(data.CLASSES)], "dtype": "float32",
+           "notes": "raw logits; apply softmax"}
+    card = base_card("digits", path, out, train, heldout, metrics, threshold, info)
+    card["classes"] = data.CLASSES
+    return card
+
+
+def speaker_card(path: Path, train: data.FeatureSet, heldout: data.FeatureSet, metrics: dict,
+                 threshold: dict, info: TrainingInfo, dim: int, n_classes: int) -> dict:
+    out = {"name": "embedding", "shape": ["batch", dim], "dtype": "float32",
+           "notes": "L2-normalised inside the graph; score = cosine = dot product"}
+    card = base_card("speaker", path, out, train, heldout, metrics, threshold, info)
+    card["embedding_dim"] = dim
+    card["training"]["classes"] = n_classes
+    return card
+
+
+def write_card(onnx_path: Path, card: dict) -> Path:
+    path = onnx_path.with_suffix(".card.json")
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    write_docs(onnx_path.parent)
+    return path
+
+
+def summary(metrics: dict) -> str:
+    return json.dumps(metrics, indent=2)
+
+
+# --------------------------------------------------------------------------- docs/models.md
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _digits_md(c: dict) -> list[str]:
+    m = c["metrics"]
+    en, ar = m["english_fsdd_heldout"], m["arabic_asc_heldout"]
+    t = c["suggested_threshold"]
+    return [
+        "## digits.onnx — spoken digit classifier", "",
+        f"Input `feats` float32 [batch, time, 20]; output `logits` [batch, 11] (classes "
+        f"{', '.join(c['classes'])}). {c['size_bytes'] / 1e6:.2f} MB, sha256 `{c['sha256'][:16]}…`.", "",
+        "| held-out set | clips | digit acc. (argmax 0-9) | digit acc. (11-class) | non-digit → digit |",
+        "|---|---|---|---|---|",
+        f"| English, FSDD `theo` | {en['n_digit_clips']} | {_pct(en['digit_accuracy_argmax_0_9'])} | "
+        f"{_pct(en['digit_accuracy_11_class'])} | – |",
+        f"| Arabic, ASC val speakers (digits) | {ar['n_digit_clips']} | {_pct(ar['digit_accuracy_argmax_0_9'])} | "
+        f"{_pct(ar['digit_accuracy_11_class'])} | – |",
+        f"| Arabic, ASC val speakers (30 other keywords) | {ar['n_non_digit_clips']} | – | – | "
+        f"{_pct(ar['non_digit_predicted_as_digit'])} |", "",
+        f"Suggested confidence threshold: {t['value']} ({t['rule']}); at it "
+        f"{_pct(t.get('non_digit_accepted', 0))} of held-out non-digit clips and "
+        f"{_pct(t.get('digit_clips_accepted', 0))} of held-out digit clips are accepted as digits.", "",
+    ]
+
+
+def _speaker_md(c: dict) -> list[str]:
+    m = c["metrics"]
+    rows = [("single clips, all held-out speakers", m["single_clip"]),
+            ("single clips, ASC held-out speakers only", m["single_clip_asc_only"]),
+            ("3-clip phrases, mean of 3 embeddings", m["phrase_mean_of_3"]),
+            ("3-clip phrases, concatenated audio", m["phrase_concatenated"])]
+    t = c["suggested_threshold"]
+    lines = [
+        "## speaker.onnx — speaker embedding", "",
+        f"Input `feats` float32 [batch, time, 20]; output `embedding` [batch, {c['embedding_dim']}], "
+        f"L2-normalised in the graph (score = dot product). {c['size_bytes'] / 1e6:.2f} MB, "
+        f"sha256 `{c['sha256'][:16]}…`.", "",
+        "| held-out trials | items | pairs | EER | threshold at EER | threshold at FAR 1% | FRR at FAR 1% |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['n_items']} | {r['n_pairs']} | {_pct(r['eer'])} | "
+                     f"{r['threshold_at_eer']:.3f} | {r['threshold_at_far_1pct']:.3f} | {_pct(r['frr_at_far_1pct'])} |")
+    lines += ["", f"Suggested `identity.threshold`: {t['default']} ({t['default_rule']}).", ""]
+    return lines
+
+
+def write_docs(models_dir: Path) -> Path | None:
+    """Summarise whichever cards exist into ``docs/models.md`` beside the models folder."""
+    docs = models_dir.resolve().parent / "docs"
+    if not docs.is_dir():
+        return None
+    cards = {k: json.loads(p.read_text()) for k in ("digits", "speaker")
+             if (p := models_dir / f"{k}.card.json").exists()}
+    lines = ["# streamd models", "",
+             "Generated by `streamd train` (streamd/train/card.py) from the model cards "
+             "`models/*.card.json`, which hold the full details.", "",
+             "Both models read per-utterance normalised 20-dim MFCC frames of the VAD-cut utterance "
+             "(`streamd.vad.utterance_audio` → `streamd.features.mfcc` → `normalize`), exactly as "
+             "the daemon computes them.", "", "## Held-out split", "", SPLIT_TEXT, ""]
+    if "digits" in cards:
+        lines += _digits_md(cards["digits"])
+    if "speaker" in cards:
+        lines += _speaker_md(cards["speaker"])
+    lines += ["## Data and licences", "",
+              "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
+              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics.", "",
+              "## Training", "", f"Augmentation: {data.AUGMENTATION_TEXT}.", ""]
+    for k, c in cards.items():
+        tr = c["training"]
+        lines += [f"- {k}: {tr['loss']}; {tr['epochs']} epochs, seed {tr['seed']}; features "
+                  f"{tr['feature_seconds']:.0f} s (cached afterwards), training {tr['train_seconds']:.0f} s "
+                  f"on 2 CPU cores; torch {c['torch_version']}."]
+    lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed:", "", "```"]
+    lines += [cards[k]["training"]["command"] for k in cards] + ["```", "",
+              "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`).", ""]
+    path = docs / "models.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,338 @@
+"""Training data: manifests, the fixed speaker-disjoint split, synthetic speech, augmentation
+and a feature cache.
+
+Every feature matrix is made by :func:`clip_features`, which runs the daemon's own VAD cut
+(:func:`streamd.vad.utterance_audio`) and MFCC (:func:`streamd.features.mfcc`, ``normalize``)
+on the (augmented) waveform, so training sees exactly what the daemon will compute.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy import signal
+
+from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
+from streamd.vad import VadParams, utterance_audio
+
+WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
+AUG_VERSION = 3  # bump when augmentation or synthesis changes: invalidates the cache
+
+NOT_DIGIT = 10
+CLASSES = [str(d) for d in range(10)] + ["not_digit"]
+FSDD_HELDOUT = ("theo",)
+ASC_HELDOUT_SPLIT = "val"
+LICENCES = {"fsdd": "CC BY-SA 4.0", "asc": "CC BY 4.0"}
+CORPUS_DIRS = {"fsdd": "fsdd", "asc": "arabic-speech-commands"}
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: str  # absolute path of a 16 kHz mono file
+    corpus: str  # fsdd | asc | synth
+    speaker: str  # corpus-qualified, e.g. "fsdd/jackson"
+    label: int  # 0-9 digit value, 10 = not a digit
+    heldout: bool
+    word: str
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _rows(manifest: Path) -> list[dict[str, str]]:
+    with manifest.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_fsdd(data_dir: Path) -> list[Clip]:
+    root = data_dir / CORPUS_DIRS["fsdd"]
+    return [
+        Clip(str(root / r["path"]), "fsdd", f"fsdd/{r['speaker']}", int(r["digit"]),
+             r["speaker"] in FSDD_HELDOUT, r["digit"])
+        for r in _rows(root / "manifest.csv")
+    ]
+
+
+def read_asc(data_dir: Path) -> list[Clip]:
+    root = data_dir / CORPUS_DIRS["asc"]
+    return [
+        Clip(str(root / r["path"]), "asc", f"asc/{r['speaker']}",
+             int(r["digit"]) if r["digit"] != "" else NOT_DIGIT,
+             r["split"] == ASC_HELDOUT_SPLIT, r["label"])
+        for r in _rows(root / "manifest.csv")
+    ]
+
+
+def real_clips(data_dir: Path) -> list[Clip]:
+    return read_fsdd(data_dir) + read_asc(data_dir)
+
+
+def speakers(clips: list[Clip], heldout: bool) -> list[str]:
+    return sorted({c.speaker for c in clips if c.heldout == heldout})
+
+
+# --------------------------------------------------------------------------- synthetic speech
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NON_DIGIT_WORDS = (
+    "ten", "eleven", "twelve", "twenty", "thirty", "hundred", "thousand", "million", "number",
+    "yes", "no", "stop", "go", "left", "right", "up", "down", "on", "off", "open", "close",
+    "hello", "goodbye", "computer", "house", "water", "table", "music", "happy", "tree", "bird",
+    "cat", "dog", "red", "green", "blue", "yellow", "start", "weather", "morning", "evening",
+    "later", "sheep", "wow", "learn", "follow", "forward", "backward", "bed", "window", "phone",
+    "light", "cancel", "enter", "next", "previous", "send", "record", "again", "please", "thanks",
+    "okay", "maybe", "never", "zebra", "heaven", "fine", "night", "tea", "free", "door", "sticks",
+    "sun", "fever", "weight", "dive", "hero", "nice", "heavy", "alpha", "bravo", "delta",
+)
+ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
+                 "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6)) + (
+    "croak", "whisper", "whisperf", "klatt", "klatt2", "klatt3", "klatt4", "Andy", "Annie",
+    "Denis", "Gene", "Lee", "Mike", "adam", "anika", "aunty", "belinda", "benjamin", "boris",
+    "caleb", "david", "edward", "grandma", "grandpa", "iven", "john", "linda", "max", "michel",
+    "norbert", "paul", "quincy", "rob", "robert", "steph", "travis", "victor",
+)
+
+
+@dataclass(frozen=True)
+class SynthVoice:
+    voice: str
+    variant: str
+    speed: int  # words per minute
+    pitch: int  # 0-99
+
+    @property
+    def name(self) -> str:
+        return f"{self.voice}+{self.variant}-s{self.speed}-p{self.pitch}"
+
+
+def synth_voices(n: int, seed: int) -> list[SynthVoice]:
+    rng = np.random.default_rng([seed, 7])
+    return [
+        SynthVoice(str(rng.choice(ESPEAK_VOICES)), str(rng.choice(ESPEAK_VARIANTS)),
+                   int(rng.integers(110, 200)), int(rng.integers(15, 85)))
+        for _ in range(n)
+    ]
+
+
+def synthesize(voice: SynthVoice, word: str, out: Path) -> None:
+    """Speak ``word`` with espeak-ng and store it as 16 kHz int16 FLAC."""
+    with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+        cmd = ["espeak-ng", "-v", f"{voice.voice}+{voice.variant}", "-s", str(voice.speed),
+               "-p", str(voice.pitch), "-w", tmp.name, word]
+        subprocess.run(cmd, check=True, capture_output=True)
+        x, sr = sf.read(tmp.name, dtype="float64")
+    if sr != 22050:
+        raise RuntimeError(f"espeak-ng produced {sr} Hz, expected 22050")
+    y = signal.resample_poly(x, 320, 441)  # 22050 -> 16000
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out, np.clip(y * 32767, -32768, 32767).astype(np.int16), SAMPLE_RATE, subtype="PCM_16")
+
+
+def synth_clips(n_voices: int = 80, words_per_voice: int = 24, seed: int = 0) -> list[Clip]:
+    """English digits and non-digit words in ``n_voices`` espeak-ng voices (training only)."""
+    rng = np.random.default_rng([seed, 11])
+    root = WORK_DIR / "synth"
+    clips = []
+    for voice in synth_voices(n_voices, seed):
+        others = rng.choice(len(NON_DIGIT_WORDS), size=words_per_voice, replace=False)
+        words = [(w, d) for d, w in enumerate(DIGIT_WORDS)]
+        words += [(NON_DIGIT_WORDS[i], NOT_DIGIT) for i in others]
+        for word, label in words:
+            path = root / voice.name / f"{word}.flac"
+            if not path.exists():
+                synthesize(voice, word, path)
+            clips.append(Clip(str(path), "synth", f"synth/{voice.name}", label, False, word))
+    return clips
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class Variant:
+    index: int
+    speed: float  # speed perturbation factor (0.9 = slower and lower)
+    augment: bool  # noise, gain, reverb, shift, band limit
+
+
+CLEAN = Variant(0, 1.0, False)
+TRAIN_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(2, 1.0, True), Variant(3, 0.9, True),
+                  Variant(4, 0.9, True), Variant(5, 1.1, True), Variant(6, 1.1, True))
+SYNTH_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(3, 0.9, True), Variant(5, 1.1, True))
+AUGMENTATION_TEXT = (
+    "speed perturbation 0.9/1.1 (resampling; a new speaker class for the speaker model); "
+    "random leading/trailing silence 0-0.3 s (time shift); simulated reverb (p=0.3, RT60 "
+    "0.15-0.6 s); low-pass at 3.9 kHz for ASC and synthetic clips (p=0.5, FSDD is 8 kHz "
+    "material); white/pink/brown noise at 5-30 dB SNR (p=0.8); gain -18..+6 dB; "
+    "every clip also kept clean; 7 versions per real training clip, 4 per synthetic clip"
+)
+_LOWPASS = signal.butter(10, 3900, fs=SAMPLE_RATE, output="sos")
+
+
+def speed_perturb(x: np.ndarray, speed: float) -> np.ndarray:
+    if speed == 1.0:
+        return x
+    up, down = 10, int(round(10 * speed))
+    return signal.resample_poly(x, up, down)
+
+
+def speech_power(x: np.ndarray) -> float:
+    """Mean power of the louder half of 20 ms frames (the speech, not the pauses)."""
+    n = len(x) // 320
+    if n == 0:
+        return float(np.mean(x**2) + 1e-9)
+    e = np.sort(np.mean(x[: n * 320].reshape(n, 320) ** 2, axis=1))
+    return float(np.mean(e[n // 2 :]) + 1e-9)
+
+
+def colored_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    white = rng.standard_normal(n)
+    slope = rng.choice([0.0, 0.5, 1.0])  # white, pink, brown
+    if slope == 0.0:
+        return white
+    spec = np.fft.rfft(white) / np.arange(1, n // 2 + 2) ** slope
+    noise = np.fft.irfft(spec, n)
+    return noise / (noise.std() + 1e-12)
+
+
+def reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    rt60 = rng.uniform(0.15, 0.6)
+    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+    rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60) * rng.uniform(0.05, 0.3)
+    rir[0] = 1.0
+    y = signal.fftconvolve(x, rir)[: len(x)]
+    return y * np.sqrt(speech_power(x) / speech_power(y))
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool) -> np.ndarray:
+    """Waveform augmentation of float samples (int16 scale); returns float samples."""
+    lead, tail = (rng.uniform(0, 0.3, size=2) * SAMPLE_RATE).astype(int)
+    if rng.random() < 0.3:
+        x = reverb(x, rng)
+    if band_limit and rng.random() < 0.5:
+        x = signal.sosfilt(_LOWPASS, x)
+    power = speech_power(x)
+    x = np.concatenate((np.zeros(lead), x, np.zeros(tail)))
+    if rng.random() < 0.8:
+        snr_db = rng.uniform(5, 30)
+        x = x + colored_noise(len(x), rng) * np.sqrt(power / 10 ** (snr_db / 10))
+    return x * 10 ** (rng.uniform(-18, 6) / 20)
+
+
+def to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def clip_features(audio: np.ndarray) -> np.ndarray:
+    """What the daemon feeds the models for a one-word clip: VAD cut, MFCC, normalisation."""
+    return normalize(mfcc(utterance_audio(audio, VadParams()), FeatureParams()))
+
+
+def variant_audio(clip: Clip, variant: Variant, seed: int) -> np.ndarray:
+    x, sr = sf.read(clip.path, dtype="int16")
+    if sr != SAMPLE_RATE or x.ndim != 1:
+        raise ValueError(f"{clip.path}: expected 16 kHz mono, got {sr} Hz shape {x.shape}")
+    if variant == CLEAN:
+        return x
+    rng = np.random.default_rng([seed, zlib.crc32(clip.path.encode()), variant.index])
+    y = speed_perturb(x.astype(np.float64), variant.speed)
+    if variant.augment:
+        y = augment(y, rng, band_limit=clip.corpus != "fsdd")
+    return to_int16(y)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+@dataclass
+class FeatureSet:
+    """Variable-length feature matrices stored back to back; item i is one clip variant."""
+
+    clips: list[Clip]
+    feats: np.ndarray  # (total_frames, numcep) float32
+    offsets: np.ndarray  # (items + 1,) int64
+    clip_index: np.ndarray  # (items,) which clip
+    speed: np.ndarray  # (items,) speed factor of the variant
+    variant: np.ndarray  # (items,) variant index, 0 = clean
+
+    def __len__(self) -> int:
+        return len(self.clip_index)
+
+    def item(self, i: int) -> np.ndarray:
+        return self.feats[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.clips[c].label for c in self.clip_index], dtype=np.int64)
+
+    def speakers(self) -> list[str]:
+        return [self.clips[c].speaker for c in self.clip_index]
+
+
+def _job(task: tuple[Clip, Variant, int]) -> np.ndarray:
+    clip, variant, seed = task
+    return clip_features(variant_audio(clip, variant, seed))
+
+
+def _cache_key(clips: list[Clip], variants: list[tuple[Variant, ...]], seed: int) -> str:
+    blob = json.dumps({
+        "features": FeatureParams().as_dict(), "vad": asdict(VadParams()), "aug": AUG_VERSION,
+        "seed": seed, "clips": [asdict(c) for c in clips],
+        "variants": [[asdict(v) for v in vs] for vs in variants],
+    }, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def variants_for(clip: Clip, augment_train: bool) -> tuple[Variant, ...]:
+    if clip.heldout or not augment_train:
+        return (CLEAN,)
+    return SYNTH_VARIANTS if clip.corpus == "synth" else TRAIN_VARIANTS
+
+
+def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: bool = True,
+                   workers: int = 2) -> FeatureSet:
+    """Features of every clip variant, cached as ``WORK_DIR/features/{name}-{key}.npz``."""
+    variants = [variants_for(c, augment_train) for c in clips]
+    path = WORK_DIR / "features" / f"{name}-{_cache_key(clips, variants, seed)}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            return FeatureSet(clips, z["feats"], z["offsets"], z["clip_index"], z["speed"],
+                              z["variant"])
+    tasks = [(c, v, seed) for c, vs in zip(clips, variants) for v in vs]
+    with mp.get_context("fork").Pool(workers) as pool:
+        mats = pool.map(_job, tasks, chunksize=64)
+    index = np.array([i for i, vs in enumerate(variants) for _ in vs], dtype=np.int32)
+    fs = FeatureSet(
+        clips,
+        np.concatenate(mats).astype(np.float32),
+        np.concatenate(([0], np.cumsum([len(m) for m in mats]))).astype(np.int64),
+        index,
+        np.array([v.speed for vs in variants for v in vs], dtype=np.float32),
+        np.array([v.index for vs in variants for v in vs], dtype=np.int16),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, feats=fs.feats, offsets=fs.offsets, clip_index=fs.clip_index,
+             speed=fs.speed, variant=fs.variant)
+    return fs
+
+
+def load_all(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, FeatureSet]:
+    """(training features incl. synthetic clips, clean features of the held-out speakers)."""
+    real = real_clips(data_dir)
+    train = [c for c in real if not c.heldout] + (synth_clips(seed=seed) if synth else [])
+    heldout = [c for c in real if c.heldout]
+    return build_features(train, "train", seed), build_features(heldout, "heldout", seed)

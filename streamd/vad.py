@@ -1,0 +1,203 @@
+"""Speech gating with webrtcvad: pre-roll, hangover, minimum and maximum utterance length.
+
+``Segmenter`` is a stateful per-stream object with no I/O: push frames in, get typed
+speech events out, ``reset()`` to start over.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import webrtcvad
+
+from streamd.frames import SAMPLE_RATE, Frame
+
+VAD_FRAME_MS = (10, 20, 30)
+
+
+@dataclass(frozen=True)
+class VadParams:
+    aggressiveness: int = 2
+    frame_ms: int = 20
+    onset_ms: int = 100
+    onset_ratio: float = 0.6
+    preroll_ms: int = 200
+    hangover_ms: int = 300
+    min_utterance_ms: int = 150
+    max_utterance_ms: int = 10000
+
+    def frames(self, ms: int) -> int:
+        return max(1, math.ceil(ms / self.frame_ms))
+
+    @property
+    def frame_samples(self) -> int:
+        return SAMPLE_RATE * self.frame_ms // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStart:
+    utterance: int
+    t_start: float  # first voiced frame
+    audio_t: float  # where ``audio`` (pre-roll included) begins
+    audio: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechAudio:
+    utterance: int
+    audio: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEnd:
+    utterance: int
+    t_start: float
+    audio_t: float
+    t_end: float  # end of the last voiced frame, without the hangover
+    reason: str  # silence | max_length | end_of_stream | too_short
+    closed_at: float  # capture time of the frame that closed the utterance
+
+    @property
+    def usable(self) -> bool:
+        return self.reason != "too_short"
+
+
+VadOutput = SpeechStart | SpeechAudio | SpeechEnd
+
+
+class Segmenter:
+    def __init__(self, params: VadParams):
+        if params.frame_ms not in VAD_FRAME_MS:
+            raise ValueError(f"vad.frame_ms must be one of {VAD_FRAME_MS}, got {params.frame_ms}")
+        self.params = params
+        self._vad = webrtcvad.Vad(params.aggressiveness)
+        self._onset = params.frames(params.onset_ms)
+        self._hangover = params.frames(params.hangover_ms)
+        self._next_utterance = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self._vad.set_mode(self.params.aggressiveness)
+        self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
+            maxlen=self.params.frames(self.params.preroll_ms) + self._onset
+        )
+        self._active: SpeechStart | None = None
+        self._silent_run = 0
+        self._last_voiced_end = 0.0
+        self._last_frame: Frame | None = None
+        self._continue = False
+
+    @property
+    def in_speech(self) -> bool:
+        return self._active is not None
+
+    def is_speech(self, frame: Frame) -> bool:
+        return self._vad.is_speech(frame.samples.tobytes(), SAMPLE_RATE)
+
+    def push(self, frame: Frame) -> list[VadOutput]:
+        if len(frame.samples) != self.params.frame_samples:
+            raise ValueError(f"VAD frames must hold {self.params.frame_samples} samples")
+        voiced = self.is_speech(frame)
+        self._last_frame = frame
+        if self._active is None:
+            return self._idle(frame, voiced)
+        return self._speaking(frame, voiced)
+
+    def _idle(self, frame: Frame, voiced: bool) -> list[VadOutput]:
+        if self._continue:  # an utterance was cut at max length: go straight on
+            self._continue = False
+            return [self._start(frame.t, [frame], frame)]
+        self._history.append((frame, voiced))
+        recent = list(self._history)[-self._onset :]
+        if len(recent) < self._onset or sum(v for _, v in recent) < self.params.onset_ratio * self._onset:
+            return []
+        first_voiced = next(f for f, v in recent if v)
+        frames = [f for f, _ in self._history]
+        self._history.clear()
+        return [self._start(first_voiced.t, frames, frame)]
+
+    def _start(self, t_start: float, frames: list[Frame], current: Frame) -> SpeechStart:
+        start = SpeechStart(
+            utterance=self._next_utterance,
+            t_start=t_start,
+            audio_t=frames[0].t,
+            audio=np.concatenate([f.samples for f in frames]),
+        )
+        self._next_utterance += 1
+        self._active = start
+        self._silent_run = 0
+        self._last_voiced_end = current.t_end
+        return start
+
+    def _speaking(self, frame: Frame, voiced: bool) -> list[VadOutput]:
+        assert self._active is not None
+        out: list[VadOutput] = [SpeechAudio(self._active.utterance, frame.samples)]
+        if voiced:
+            self._silent_run = 0
+            self._last_voiced_end = frame.t_end
+        else:
+            self._silent_run += 1
+        if self._silent_run >= self._hangover:
+            out.append(self._end("silence", frame))
+        elif frame.t_end - self._active.t_start >= self.params.max_utterance_ms / 1000:
+            self._last_voiced_end = frame.t_end
+            out.append(self._end("max_length", frame))
+            self._continue = True
+        return out
+
+    def _end(self, reason: str, closing: Frame) -> SpeechEnd:
+        assert self._active is not None
+        active = self._active
+        t_end = self._last_voiced_end
+        if reason != "max_length" and (t_end - active.t_start) * 1000 < self.params.min_utterance_ms:
+            reason = "too_short"
+        self._active = None
+        self._silent_run = 0
+        return SpeechEnd(
+            utterance=active.utterance,
+            t_start=active.t_start,
+            audio_t=active.audio_t,
+            t_end=t_end,
+            reason=reason,
+            closed_at=closing.captured_at,
+        )
+
+    def flush(self) -> list[VadOutput]:
+        """End of stream: close an utterance still open."""
+        self._continue = False
+        if self._active is None or self._last_frame is None:
+            return []
+        return [self._end("end_of_stream", self._last_frame)]
+
+
+def segment_clip(audio: np.ndarray, params: VadParams) -> list[SpeechEnd]:
+    """Run the streaming segmenter over a whole clip; returns its utterances in order."""
+    seg = Segmenter(params)
+    step = params.frame_samples
+    out: list[SpeechEnd] = []
+    n = len(audio) // step
+    for i in range(n):
+        frame = Frame("clip", i, np.ascontiguousarray(audio[i * step : (i + 1) * step]), i * step / SAMPLE_RATE, 0.0)
+        out += [e for e in seg.push(frame) if isinstance(e, SpeechEnd)]
+    out += [e for e in seg.flush() if isinstance(e, SpeechEnd)]
+    return out
+
+
+def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray:
+    """The audio the daemon would hand to the models for a clip holding one word.
+
+    The clip is padded with silence, gated by the same segmenter as live audio, and the
+    longest usable utterance is cut out from its pre-roll start to the end of speech.
+    A clip the VAD finds no speech in is returned whole.
+    """
+    pad = np.zeros(int(pad_s * SAMPLE_RATE), dtype=np.int16)
+    padded = np.concatenate((pad, clip.astype(np.int16), pad))
+    ends = [e for e in segment_clip(padded, params) if e.usable]
+    if not ends:
+        return clip.astype(np.int16)
+    best = max(ends, key=lambda e: e.t_end - e.t_start)
+    a, b = int(round(best.audio_t * SAMPLE_RATE)), int(round(best.t_end * SAMPLE_RATE))
+    return padded[a:b]
