@@ -68,8 +68,9 @@ def main() -> None:
             word = Path(p).stem.split("_")[0]
             digit = word if c == "fsdd" else (WORDS.index(word) if word in WORDS else "")
             w.writerow([i, c, p, spk, digit])
-    # One clean clip for the feature-parity test.
+    # One clean clip for the feature-parity test, and a clear word for the VAD tests.
     sf.write(OUT / "parity.flac", clip("fsdd", fsdd(5, 10)), RATE, subtype="PCM_16")
+    sf.write(OUT / "word.flac", clip("fsdd", "jackson/7_jackson_5.flac"), RATE, subtype="PCM_16")
 
 
 if __name__ == "__main__":

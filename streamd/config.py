@@ -116,6 +116,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "vad.onset_ratio": (0.0, 1.0),
     "vad.preroll_ms": (0, 2000),
     "vad.hangover_ms": (10, 5000),
+    "vad.tail_ms": (0, 5000),
     "vad.min_utterance_ms": (0, 10000),
     "vad.max_utterance_ms": (500, 60000),
     "features.sample_rate": (16000, 16000),
@@ -194,6 +195,11 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("features.highfreq: must be above features.lowfreq")
     if cfg.features.nfft < cfg.features.frame_len:
         raise ConfigError(f"features.nfft: must be at least the frame length ({cfg.features.frame_len})")
+    if cfg.vad.tail_ms > cfg.vad.hangover_ms:
+        raise ConfigError("vad.tail_ms: must not exceed vad.hangover_ms")
+    ring_ms = cfg.features.ring_seconds * 1000
+    if ring_ms < cfg.vad.max_utterance_ms + cfg.vad.preroll_ms + cfg.vad.onset_ms + cfg.vad.hangover_ms:
+        raise ConfigError("features.ring_seconds: too small for vad.max_utterance_ms plus pre-roll and hangover")
     if cfg.vad.min_utterance_ms >= cfg.vad.max_utterance_ms:
         raise ConfigError("vad.min_utterance_ms: must be below vad.max_utterance_ms")
 

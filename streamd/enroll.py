@@ -23,7 +23,8 @@ def embed_file(path: str, cfg: Config, model: OnnxModel) -> tuple[list[np.ndarra
     for end in segment_clip(audio, cfg.vad):
         if not end.usable:
             continue
-        cut = audio[int(round(end.audio_t * SAMPLE_RATE)) : int(round(end.t_end * SAMPLE_RATE))]
+        a, b = (int(round(t * SAMPLE_RATE)) for t in end.model_span(cfg.vad))
+        cut = audio[a:b]
         feats = normalize(mfcc(cut, cfg.features.params()))
         if len(feats):
             vectors.append(model.run(feats))

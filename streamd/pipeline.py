@@ -89,7 +89,8 @@ class StreamPipeline:
     def _recognise(self, end: SpeechEnd) -> None:
         # The models see the utterance from its pre-roll to the end of speech: the same
         # cut that streamd.vad.utterance_audio makes for training clips.
-        samples = int(round((end.t_end - end.audio_t) * SAMPLE_RATE))
+        start_t, end_t = end.model_span(self.segmenter.params)
+        samples = int(round((end_t - start_t) * SAMPLE_RATE))
         n = min(self.params.frames_in(samples), self.features.num_frames)
         start = max(0, self.features.oldest_frame)
         with self._timed("inference"):

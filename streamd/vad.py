@@ -26,7 +26,11 @@ class VadParams:
     onset_ratio: float = 0.6
     preroll_ms: int = 200
     hangover_ms: int = 300
-    min_utterance_ms: int = 150
+    # Audio after the last voiced frame that still goes to the models: webrtcvad often calls
+    # a word's soft ending (the "s" of "six") unvoiced. It lies inside the hangover, so it
+    # costs no latency.
+    tail_ms: int = 150
+    min_utterance_ms: int = 60
     max_utterance_ms: int = 10000
 
     def frames(self, ms: int) -> int:
@@ -64,6 +68,10 @@ class SpeechEnd:
     def usable(self) -> bool:
         return self.reason != "too_short"
 
+    def model_span(self, params: VadParams) -> tuple[float, float]:
+        """Audio times the models see: from the pre-roll start to the end of speech plus the tail."""
+        return self.audio_t, self.t_end + params.tail_ms / 1000
+
 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 
@@ -72,6 +80,8 @@ class Segmenter:
     def __init__(self, params: VadParams):
         if params.frame_ms not in VAD_FRAME_MS:
             raise ValueError(f"vad.frame_ms must be one of {VAD_FRAME_MS}, got {params.frame_ms}")
+        if params.tail_ms > params.hangover_ms:
+            raise ValueError("vad.tail_ms must not exceed vad.hangover_ms")
         self.params = params
         self._vad = webrtcvad.Vad(params.aggressiveness)
         self._onset = params.frames(params.onset_ms)
@@ -190,7 +200,8 @@ def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> 
     """The audio the daemon would hand to the models for a clip holding one word.
 
     The clip is padded with silence, gated by the same segmenter as live audio, and the
-    longest usable utterance is cut out from its pre-roll start to the end of speech.
+    longest usable utterance is cut out from its pre-roll start to the end of speech plus
+    the tail (``SpeechEnd.model_span``).
     A clip the VAD finds no speech in is returned whole.
     """
     pad = np.zeros(int(pad_s * SAMPLE_RATE), dtype=np.int16)
@@ -199,5 +210,5 @@ def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> 
     if not ends:
         return clip.astype(np.int16)
     best = max(ends, key=lambda e: e.t_end - e.t_start)
-    a, b = int(round(best.audio_t * SAMPLE_RATE)), int(round(best.t_end * SAMPLE_RATE))
+    a, b = (int(round(t * SAMPLE_RATE)) for t in best.model_span(params))
     return padded[a:b]

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamd.features import FeatureParams, StreamingMfcc, mfcc, normalize
+from conftest import DATA
+
+
+def stream_features(audio: np.ndarray, params: FeatureParams, chunks) -> np.ndarray:
+    s = StreamingMfcc(params, capacity_frames=100_000)
+    pos = 0
+    for size in chunks:
+        s.push(audio[pos : pos + size])
+        pos += size
+    s.push(audio[pos:])
+    return s.frames(0)
+
+
+@pytest.mark.parametrize("clip", ["parity.flac", "demo.flac"])
+@pytest.mark.parametrize("chunk", [160, 320, 480, 37])
+def test_streaming_features_equal_offline_on_real_speech(clip, chunk):
+    audio, rate = sf.read(DATA / clip, dtype="int16")
+    assert rate == 16000
+    params = FeatureParams()
+    offline = mfcc(audio, params)
+    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk))
+    assert streamed.shape == offline.shape
+    assert offline.shape[0] == params.frames_in(len(audio))
+    np.testing.assert_allclose(streamed, offline, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(normalize(streamed), normalize(offline), rtol=0, atol=1e-5)
+
+
+def test_random_chunking_equals_offline():
+    audio, _ = sf.read(DATA / "demo.flac", dtype="int16", frames=48000)
+    rng = np.random.default_rng(0)
+    chunks = list(rng.integers(1, 900, size=200))
+    params = FeatureParams()
+    np.testing.assert_allclose(stream_features(audio, params, chunks), mfcc(audio, params), atol=1e-5)
+
+
+def test_each_frame_is_computed_once():
+    audio, _ = sf.read(DATA / "demo.flac", dtype="int16", frames=16000)
+    s = StreamingMfcc(FeatureParams(), 1000)
+    new = [s.push(audio[i : i + 320]) for i in range(0, 16000, 320)]
+    assert sum(new) == s.num_frames == FeatureParams().frames_in(16000)
+
+
+def test_ring_buffer_keeps_the_latest_frames():
+    audio, _ = sf.read(DATA / "demo.flac", dtype="int16", frames=32000)
+    params = FeatureParams()
+    s = StreamingMfcc(params, capacity_frames=50)
+    for i in range(0, len(audio), 320):
+        s.push(audio[i : i + 320])
+    offline = mfcc(audio, params)
+    assert s.num_frames == len(offline)
+    np.testing.assert_allclose(s.frames(s.oldest_frame), offline[-50:], atol=1e-5)
+    with pytest.raises(IndexError):
+        s.frames(0)
+
+
+def test_reset_starts_a_new_utterance():
+    audio, _ = sf.read(DATA / "parity.flac", dtype="int16")
+    s = StreamingMfcc(FeatureParams(), 1000)
+    s.push(audio[:1000])
+    s.reset()
+    s.push(audio)
+    np.testing.assert_allclose(s.frames(0), mfcc(audio, FeatureParams()), atol=1e-5)
+
+
+def test_silence_does_not_produce_infinite_features():
+    feats = mfcc(np.zeros(16000, np.int16), FeatureParams())
+    assert np.all(np.isfinite(feats))
+    assert np.all(np.isfinite(normalize(feats)))

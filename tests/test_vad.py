@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamd.frames import Frame
+from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, segment_clip, utterance_audio
+from conftest import DATA
+
+RATE = 16000
+
+
+def word() -> np.ndarray:
+    audio, _ = sf.read(DATA / "word.flac", dtype="int16")
+    return audio
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), np.int16)
+
+
+def run(audio: np.ndarray, params: VadParams) -> list:
+    seg = Segmenter(params)
+    step = params.frame_samples
+    out = []
+    for i in range(len(audio) // step):
+        out += seg.push(Frame("t", i, audio[i * step : (i + 1) * step], i * step / RATE, float(i)))
+    return out + seg.flush()
+
+
+def test_one_word_gives_one_utterance_with_preroll_and_hangover():
+    w = word()
+    params = VadParams()
+    out = run(np.concatenate((silence(1.0), w, silence(1.0))), params)
+    starts = [o for o in out if isinstance(o, SpeechStart)]
+    ends = [o for o in out if isinstance(o, SpeechEnd)]
+    assert len(starts) == len(ends) == 1
+    start, end = starts[0], ends[0]
+    assert 0.98 <= start.t_start <= 1.15
+    assert 1.0 + len(w) / RATE - 0.15 <= end.t_end <= 1.0 + len(w) / RATE + 0.05
+    assert end.reason == "silence" and end.usable
+    # Pre-roll: the audio handed on starts before the onset.
+    assert start.audio_t <= start.t_start - params.preroll_ms / 1000 + 1e-9
+    # The utterance is closed by the frame that completes the hangover.
+    frames_after = round((end.closed_at + 1) * params.frame_ms / 1000 - end.t_end, 3)
+    assert frames_after == pytest.approx(params.hangover_ms / 1000, abs=params.frame_ms / 1000)
+    # Every sample from the pre-roll start to the closing frame is passed on, in order.
+    audio_len = len(start.audio) + sum(len(o.audio) for o in out if isinstance(o, SpeechAudio))
+    assert audio_len / RATE == pytest.approx((end.closed_at + 1) * 0.02 - start.audio_t, abs=1e-9)
+
+
+@pytest.mark.parametrize("gap,expected", [(0.15, 1), (0.6, 2)])
+def test_hangover_decides_whether_a_pause_splits(gap, expected):
+    w = word()
+    audio = np.concatenate((silence(0.5), w, silence(gap), w, silence(1.0)))
+    ends = [e for e in segment_clip(audio, VadParams(hangover_ms=300)) if e.usable]
+    assert len(ends) == expected
+
+
+def test_long_speech_is_cut_at_max_length():
+    w = word()
+    audio = np.concatenate((silence(0.5), *([w] * 12), silence(1.0)))
+    params = VadParams(max_utterance_ms=1000, hangover_ms=500)
+    ends = segment_clip(audio, params)
+    assert len(ends) >= 3
+    assert any(e.reason == "max_length" for e in ends)
+    for e in ends:
+        assert e.t_end - e.t_start <= 1.0 + params.frame_ms / 1000 + 1e-9
+
+
+def test_too_short_is_announced_but_not_usable():
+    audio = np.concatenate((silence(0.5), word(), silence(1.0)))
+    ends = segment_clip(audio, VadParams(min_utterance_ms=2000, max_utterance_ms=5000))
+    assert [e.reason for e in ends] == ["too_short"]
+    assert not ends[0].usable
+
+
+def test_flush_closes_speech_at_end_of_stream():
+    ends = segment_clip(np.concatenate((silence(0.5), word())), VadParams())
+    assert [e.reason for e in ends] == ["end_of_stream"]
+
+
+def test_demo_recording_has_ten_utterances():
+    audio, _ = sf.read(DATA / "demo.flac", dtype="int16")
+    ends = [e for e in segment_clip(audio, VadParams()) if e.usable]
+    assert len(ends) == 10
+
+
+def test_reset_forgets_an_utterance_in_progress():
+    params = VadParams()
+    seg = Segmenter(params)
+    audio = np.concatenate((silence(0.2), word()))
+    for i in range(len(audio) // 320):
+        seg.push(Frame("t", i, audio[i * 320 : (i + 1) * 320], i * 0.02, 0.0))
+    assert seg.in_speech
+    seg.reset()
+    assert not seg.in_speech and seg.flush() == []
+
+
+@pytest.mark.parametrize("frame_ms", [10, 20, 30])
+def test_all_webrtcvad_frame_sizes_work(frame_ms):
+    audio = np.concatenate((silence(0.5), word(), silence(1.0)))
+    assert len([e for e in segment_clip(audio, VadParams(frame_ms=frame_ms)) if e.usable]) == 1
+
+
+def test_utterance_audio_cuts_what_the_daemon_would():
+    w = word()
+    cut = utterance_audio(w, VadParams())
+    assert len(w) < len(cut) < len(w) + 0.6 * RATE
