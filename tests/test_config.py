@@ -1,0 +1,87 @@
+import dataclasses
+import tomllib
+
+import pytest
+
+from streamd import config
+from streamd.config import ConfigError
+from conftest import ROOT, streamd
+
+
+def test_shipped_config_lists_every_key_with_its_default():
+    tree = tomllib.loads((ROOT / "config.toml").read_text())
+    defaults = config.Config()
+    for section in (f.name for f in dataclasses.fields(config.Config) if f.name != "base_dir"):
+        obj = getattr(defaults, section)
+        keys = {f.name for f in dataclasses.fields(obj)}
+        assert set(tree[section]) == keys, section
+        for key in keys:
+            assert tree[section][key] == getattr(obj, key), f"{section}.{key}"
+
+
+def test_every_key_is_documented_in_place():
+    lines = (ROOT / "config.toml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.startswith("#") and "#" not in line:
+            j = i - 1
+            while "=" in lines[j] and not lines[j].startswith("#"):
+                j -= 1  # keys may share one comment, as onset_ms and onset_ratio do
+            assert lines[j].startswith("#") and i - j <= 2, line
+
+
+def test_set_overrides_take_toml_values(tmp_path):
+    cfg = config.load(ROOT / "config.toml", ['state.dir="var/state"', "vad.aggressiveness=3", "identity.threshold=0.7"])
+    assert cfg.state_dir() == ROOT / "var" / "state"
+    assert cfg.vad.aggressiveness == 3
+    assert cfg.identity.threshold == 0.7
+
+
+@pytest.mark.parametrize("override,names", [
+    ("vad.bogus=1", "vad.bogus"),
+    ("nosuch.key=1", "nosuch"),
+    ("vad.aggressiveness=7", "vad.aggressiveness"),
+    ('vad.aggressiveness="2"', "vad.aggressiveness"),
+    ("vad.frame_ms=25", "vad.frame_ms"),
+    ("events.endpoint=5", "events.endpoint"),
+    ("state.dir=var/state", "state.dir"),
+    ("vad.tail_ms=900", "vad.tail_ms"),
+    ("features.numcep=0", "features.numcep"),
+])
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert str(err.value).startswith(names)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[metrics]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n")
+    with pytest.raises(ConfigError, match=r"metrics\.listen_port: unknown key"):
+        config.load(p)
+
+
+@pytest.mark.parametrize("content,expect", [
+    ("[vad]\naggressiveness = 9\n", "vad.aggressiveness"),
+    ("[vad\n", "invalid TOML"),
+    ("vad = 3\n", "vad: expected a table"),
+])
+def test_cli_exits_78_with_one_line(tmp_path, content, expect):
+    p = tmp_path / "c.toml"
+    p.write_text(content)
+    for cmd in (["run", "--source", "stdin"], ["enroll", "x", "y.wav"], ["speakers", "list"]):
+        r = streamd(*cmd, "--config", str(p))
+        assert r.returncode == 78, r.stderr
+        assert expect in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unreadable_config_is_78(tmp_path):
+    r = streamd("run", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 78
+    assert "missing.toml" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_set_is_78():
+    r = streamd("run", "--set", "vad.aggressiveness=11")
+    assert r.returncode == 78 and "vad.aggressiveness" in r.stderr

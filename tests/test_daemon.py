@@ -1,0 +1,195 @@
+"""The daemon end to end: started from the CLI, real audio, real ZeroMQ, real /metrics."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from streamd.events import receive, subscribe
+from streamd.sources import read_audio
+from conftest import DATA, MODELS, ROOT, start_streamd, stop, streamd
+
+EVENT_KEYS = {"v", "type", "stream", "seq", "utterance", "t_start", "t_end", "time"}
+DEMO_NAMES = {"theo": "theo", "00000002": "asc02", "00000007": "asc07", "00000008": "unknown"}
+
+
+def demo_truth() -> list[dict]:
+    with open(DATA / "demo.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def collect(sock, proc=None, until=None, timeout=60.0) -> list[dict]:
+    """Events until ``until(events)`` is true, or the process has exited and nothing more comes."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = receive(sock, 200)
+        if ev is not None:
+            events.append(ev)
+            if until is not None and until(events):
+                break
+        elif proc is not None and proc.poll() is not None:
+            break
+    return events
+
+
+def by_type(events, kind):
+    return [e for e in events if e["type"] == kind]
+
+
+def check_schema(events):
+    for e in events:
+        assert EVENT_KEYS <= set(e), e
+        assert e["v"] == 1 and e["stream"] == "default"
+        assert e["t_start"] <= e["t_end"]
+    for e in by_type(events, "speaker"):
+        assert {"speaker", "score", "candidates", "latency_s"} <= set(e)
+        assert len(e["candidates"]) <= 3
+        assert [c["score"] for c in e["candidates"]] == sorted((c["score"] for c in e["candidates"]), reverse=True)
+    for e in by_type(events, "digit"):
+        assert {"digit", "confidence", "candidates", "latency_s"} <= set(e)
+        assert e["digit"] is None or 0 <= e["digit"] <= 9
+        assert 1 <= len(e["candidates"]) <= 3
+
+
+def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
+    sock = subscribe(iso.endpoint)
+    jsonl = tmp_path / "out.jsonl"
+    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"'), "--source", f"file:{DATA / 'demo.flac'}",
+                         "--pace", "fast", "--wait-subscriber", "20", "--events-jsonl", str(jsonl))
+    events = collect(sock, proc)
+    _, err = proc.communicate(timeout=30)
+    sock.close(0)
+    assert proc.returncode == 0, err
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert [json.loads(l) for l in jsonl.read_text().splitlines()] == events
+    check_schema(events)
+
+    truth = demo_truth()
+    speakers, digits = by_type(events, "speaker"), by_type(events, "digit")
+    assert len(by_type(events, "vad.start")) == len(by_type(events, "vad.end")) == len(truth)
+    assert len(speakers) == len(digits) == len(truth)
+    spoken = [(t["digit"], d["digit"]) for t, d in zip(truth, digits)]
+    right = sum(str(got) == want for want, got in spoken if want != "")
+    assert right >= 8, spoken
+    named = [(DEMO_NAMES[t["speaker"]], s["speaker"]) for t, s in zip(truth, speakers)]
+    assert sum(want == got for want, got in named) >= 9, named
+    assert all(0 <= e["latency_s"] < 5 for e in speakers + digits)
+    # Utterances are in time order, and each digit event follows its speaker event.
+    assert [e["utterance"] for e in digits] == list(range(len(truth)))
+
+
+def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_state):
+    sock = subscribe(iso.endpoint)
+    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"'), "--source", "stdin",
+                         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}, stdin=__import__("subprocess").PIPE)
+    try:
+        assert notify.wait_for("READY=1", 60), proc.stderr.read() if proc.poll() is not None else ""
+        audio = read_audio(str(DATA / "demo.flac"))
+        proc.stdin.buffer.write(audio.astype("<i2").tobytes())
+        proc.stdin.buffer.flush()
+        events = collect(sock, until=lambda ev: len(by_type(ev, "digit")) == 10, timeout=60)
+        assert len(by_type(events, "digit")) == 10
+        assert notify.wait_for("WATCHDOG=1", 5)
+        body = urllib.request.urlopen(iso.metrics_url, timeout=5).read().decode()
+    finally:
+        proc.stdin.close()
+        code = proc.wait(30)
+    assert code == 0
+    metric = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line and not line.startswith("#")}
+    assert metric['streamd_latency_seconds_count{stream="default"}'] == 20  # speaker + digit, 10 utterances
+    for stage in ("vad", "features", "inference", "publish"):
+        assert metric[f'streamd_stage_seconds_count{{stage="{stage}",stream="default"}}'] > 0
+    assert metric['streamd_events_total{stream="default",type="digit"}'] == 10
+    assert metric['streamd_frames_total{stream="default"}'] == pytest.approx(len(audio) / 320, abs=1)
+    assert metric["streamd_events_dropped_total"] == 0
+    assert any(k.startswith("streamd_build_info{") for k in metric)
+    assert any(k.startswith("streamd_model_info{") and 'provider="CPUExecutionProvider"' in k for k in metric)
+    assert not any("theo" in k or "asc02" in k for k in metric), "speaker names must never be label values"
+
+
+def test_sigterm_flushes_pending_events_within_2s(iso):
+    sock = subscribe(iso.endpoint)
+    proc = start_streamd("run", *iso.sets(), "--source", f"file:{DATA / 'demo.flac'}", "--pace", "realtime",
+                         "--wait-subscriber", "20")
+    events = collect(sock, until=lambda ev: ev[-1]["type"] == "vad.start", timeout=60)
+    assert events and events[-1]["type"] == "vad.start"
+    time.sleep(0.15)  # well inside the word: the flushed utterance is long enough to recognise
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(10)
+    assert time.monotonic() - t0 < 2.0
+    assert code == 0
+    rest = collect(sock, timeout=2)
+    kinds = [e["type"] for e in rest]
+    assert kinds[:3] == ["vad.end", "speaker", "digit"], kinds
+    assert rest[0]["reason"] == "end_of_stream"
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(iso, tmp_path):
+    import subprocess
+
+    conf = tmp_path / "streamd.toml"
+    conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nthreshold = 0.5\n')
+    proc = start_streamd("run", "--config", str(conf), *iso.sets(), "--source", "stdin", stdin=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ready once /metrics answers
+            try:
+                urllib.request.urlopen(iso.metrics_url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        conf.write_text("[identity]\nthreshold = 7\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nthreshold = 0.4\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None
+    finally:
+        proc.stdin.close()
+        code = proc.wait(30)
+    err = proc.stderr.read()
+    assert code == 0, err
+    assert "reload refused" in err and "identity.threshold" in err
+    assert "reloaded config" in err
+
+
+def corrupt_copy(tmp_path, mutate) -> str:
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    mutate(models)
+    return str(models)
+
+
+@pytest.mark.parametrize("mutate,expect", [
+    (lambda m: (m / "digits.onnx").write_bytes((m / "digits.onnx").read_bytes()[:-100]), "sha256 mismatch"),
+    (lambda m: (m / "speaker.onnx").unlink(), "model file missing"),
+    (lambda m: (m / "digits.card.json").write_text("{not json"), "not valid JSON"),
+])
+def test_bad_model_files_are_refused_in_one_line(tmp_path, iso, mutate, expect):
+    models = corrupt_copy(tmp_path, mutate)
+    r = streamd("run", *iso.sets(f'models.dir="{models}"'), "--source", f"file:{DATA / 'word.flac'}")
+    assert r.returncode == 65
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+    if expect != "not valid JSON":
+        card = json.loads(open(os.path.join(models, ("digits" if "digits" in lines[0] else "speaker") + ".card.json")).read())
+        assert card["sha256"] in lines[0]
+
+
+def test_model_trained_on_other_features_is_refused(iso):
+    r = streamd("run", *iso.sets("features.numcep=13"), "--source", f"file:{DATA / 'word.flac'}")
+    assert r.returncode == 65
+    assert "features.numcep" in r.stderr and len(r.stderr.strip().splitlines()) == 1

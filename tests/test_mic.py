@@ -1,0 +1,81 @@
+"""Microphone capture through pyaudio for real: PulseAudio's null sink is the microphone and
+paplay is the person speaking into it. The setup starts PulseAudio when none runs; if it
+cannot, the test fails rather than skips."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from streamd.events import subscribe
+from conftest import DATA, start_streamd, stop, streamd
+from test_daemon import by_type, collect, demo_truth
+
+
+def pactl(*args: str) -> str:
+    return subprocess.run(["pactl", *args], check=True, capture_output=True, text=True, timeout=20).stdout
+
+
+@pytest.fixture(scope="session")
+def null_sink():
+    assert shutil.which("pulseaudio") and shutil.which("paplay"), "PulseAudio is missing: run `make test` (installs it)"
+    started = None
+    if subprocess.run(["pactl", "info"], capture_output=True, timeout=20).returncode != 0:
+        started = subprocess.run(["pulseaudio", "--daemon", "--exit-idle-time=-1", "--system=false"],
+                                 capture_output=True, text=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"could not start PulseAudio: {started.stderr}"
+            time.sleep(0.2)
+    name = f"streamd_test_{os.getpid()}"
+    module = pactl("load-module", "module-null-sink", f"sink_name={name}", "rate=16000", "channels=1",
+                   "format=s16le").strip()
+    yield name
+    subprocess.run(["pactl", "unload-module", module], capture_output=True)
+    if started is not None:
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+
+
+def frames_seen(url: str) -> float:
+    try:
+        body = urllib.request.urlopen(url, timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    m = re.search(r'^streamd_frames_total\{stream="default"\} (\S+)$', body, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.pulse
+@pytest.mark.parametrize("rate", [0, 44100], ids=["16k", "resampled-from-44k1"])
+def test_capture_from_microphone_gives_digit_events(iso, notify, enrolled_state, null_sink, rate):
+    sock = subscribe(iso.endpoint)
+    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"', f"source.mic_rate={rate}"),
+                         "--source", "mic:pulse",
+                         env={"PULSE_SOURCE": f"{null_sink}.monitor", "NOTIFY_SOCKET": notify.path})
+    try:
+        assert notify.wait_for("READY=1", 60), proc.stderr.read() if proc.poll() is not None else ""
+        deadline = time.monotonic() + 20
+        while frames_seen(iso.metrics_url) < 50:  # the first read comes late: wait for audio to flow
+            assert time.monotonic() < deadline and proc.poll() is None, "no audio frames captured"
+            time.sleep(0.1)
+        subprocess.run(["paplay", f"--device={null_sink}", str(DATA / "demo.flac")], check=True, timeout=60)
+        events = collect(sock, until=lambda ev: len(by_type(ev, "digit")) >= 10, timeout=10)
+    finally:
+        code = stop(proc)
+    assert code == 0
+    truth = [t["digit"] for t in demo_truth()]
+    got = [e["digit"] for e in by_type(events, "digit")]
+    assert len(got) == len(truth), got
+    assert sum(str(g) == t for t, g in zip(truth, got) if t != "") >= 8, list(zip(truth, got))
+
+
+def test_unknown_microphone_is_a_one_line_error(iso, null_sink):
+    r = streamd("run", *iso.sets(), "--source", "mic:no-such-device-here")
+    assert r.returncode == 65
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-device-here" in lines[0], r.stderr
