@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.add_argument("action", choices=("list", "remove"))
     speakers.add_argument("name", nargs="?")
 
+    ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
+    ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
+    bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
+    bench.add_argument("--pace", choices=("realtime", "fast"), default="fast")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+
     try:
         from streamd.train import cli as train_cli
     except ImportError:  # the [train] extra is optional
@@ -145,7 +154,39 @@ def cmd_speakers(args, cfg) -> int:
         gallery.close()
 
 
-COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers}
+def cmd_eval(args, cfg) -> int:
+    from streamd import evaluate
+    from streamd.inference import load_models
+
+    models = load_models(cfg.path(cfg.models.dir), cfg.models.speaker, cfg.models.digits,
+                         cfg.features.params(), "cpu", cfg.models.threads)
+    if not (args.data / "fsdd" / "manifest.csv").is_file():
+        print(f"streamd: {args.data}: no fsdd/manifest.csv here (--data names the corpora folder)", file=sys.stderr)
+        return EX_DATAERR
+
+    def progress(n: int, total: int) -> None:
+        if n % 200 == 0 or n == total:
+            print(f"\r{n}/{total} clips", end="\n" if n == total else "", file=sys.stderr, flush=True)
+
+    report = evaluate.evaluate(args.data, cfg, models, progress)
+    print(evaluate.to_json(report) if args.json else evaluate.format_report(report))
+    return 0
+
+
+def cmd_bench(args, cfg) -> int:
+    from streamd import bench
+
+    result = bench.run(cfg, args.seconds, args.pace)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:16} {value}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers,
+            "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

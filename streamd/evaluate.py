@@ -1,0 +1,140 @@
+"""``streamd eval``: the shipped ONNX models on speakers held out of training.
+
+Clips go through exactly the daemon's path (VAD cut, MFCC, normalisation, ONNX, decision
+rule), so the figures are those of the product, not of a training script.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from streamd import digits as digit_rule
+from streamd.config import Config
+from streamd.features import mfcc, normalize
+from streamd.identity import l2_normalize
+from streamd.inference import Models
+from streamd.vad import utterance_audio
+
+# The speaker-disjoint split the shipped models were trained with (see docs/models.md).
+HELD_OUT_FSDD = {"theo"}
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    corpus: str
+    speaker: str
+    digit: int | None  # None: a word that is not a digit
+
+
+def held_out_clips(data: Path) -> list[Clip]:
+    clips: list[Clip] = []
+    with open(data / "fsdd" / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["speaker"] in HELD_OUT_FSDD:
+                clips.append(Clip(data / "fsdd" / row["path"], "fsdd", row["speaker"], int(row["digit"])))
+    asc = data / "arabic-speech-commands"
+    with open(asc / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["split"] == "val":
+                digit = int(row["digit"]) if row["digit"] != "" else None
+                clips.append(Clip(asc / row["path"], "asc", row["speaker"], digit))
+    return clips
+
+
+def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.ndarray]:
+    audio, rate = sf.read(clip.path, dtype="int16")
+    assert rate == 16000, clip.path
+    feats = normalize(mfcc(utterance_audio(audio, cfg.vad), cfg.features.params()))
+    return models.speaker.run(feats), models.digits.run(feats)
+
+
+def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
+    """Equal error rate, its threshold, and the threshold at 1% false accepts."""
+    order = np.argsort(-scores)
+    s, y = scores[order], same[order]
+    far = np.cumsum(~y) / max(1, (~y).sum())
+    frr = 1 - np.cumsum(y) / max(1, y.sum())
+    i = int(np.argmin(np.abs(far - frr)))
+    at1 = s[max(0, int(np.searchsorted(far, 0.01, side="right")) - 1)]
+    return float((far[i] + frr[i]) / 2), float(s[i]), float(at1)
+
+
+def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
+    out: dict = {}
+    for corpus in ("fsdd", "asc"):
+        idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
+        truth = np.array([clips[i].digit for i in idx])
+        pred = np.argmax(logits[idx, :10], axis=1)
+        decided = [digit_rule.decide(logits[i], min_conf).digit for i in idx]
+        out[corpus] = {
+            "clips": len(idx),
+            "accuracy": float(np.mean(pred == truth)),
+            "accuracy_with_rejection": float(np.mean([d == t for d, t in zip(decided, truth)])),
+            "rejected": float(np.mean([d is None for d in decided])),
+            "per_speaker": {s: float(np.mean(pred[[clips[i].speaker == s for i in idx]] == truth[[clips[i].speaker == s for i in idx]]))
+                            for s in sorted({clips[i].speaker for i in idx})},
+        }
+    words = [i for i, c in enumerate(clips) if c.digit is None]
+    out["non_digit_called_digit"] = {
+        "clips": len(words),
+        "rate": float(np.mean([digit_rule.decide(logits[i], min_conf).digit is not None for i in words])),
+    }
+    return out
+
+
+def speaker_report(clips: list[Clip], emb: np.ndarray) -> dict:
+    out: dict = {}
+    for name, keep in (("all_held_out", lambda c: True), ("asc", lambda c: c.corpus == "asc")):
+        idx = [i for i, c in enumerate(clips) if keep(c)]
+        e = l2_normalize(emb[idx])
+        spk = np.array([clips[i].speaker for i in idx])
+        iu = np.triu_indices(len(idx), k=1)
+        scores = (e @ e.T)[iu]
+        same = (spk[:, None] == spk[None, :])[iu]
+        rate, thr, thr1 = eer(scores, same)
+        out[name] = {"speakers": int(len(set(spk))), "clips": len(idx), "pairs": int(len(scores)),
+                     "eer": rate, "threshold_at_eer": thr, "threshold_at_far_1pct": thr1}
+    return out
+
+
+def evaluate(data: Path, cfg: Config, models: Models, progress=None) -> dict:
+    clips = held_out_clips(data)
+    emb, logits = [], []
+    for n, clip in enumerate(clips):
+        e, l = run_models(clip, cfg, models)
+        emb.append(e)
+        logits.append(l)
+        if progress is not None:
+            progress(n + 1, len(clips))
+    return {
+        "split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
+        "models": {"speaker": models.speaker.card.sha256, "digits": models.digits.card.sha256},
+        "digits": digit_report(clips, np.stack(logits), cfg.digits.min_confidence),
+        "speaker_single_clips": speaker_report(clips, np.stack(emb)),
+    }
+
+
+def format_report(r: dict) -> str:
+    d, s = r["digits"], r["speaker_single_clips"]
+    lines = [f"split: {r['split']}"]
+    for corpus, label in (("fsdd", "English (FSDD)"), ("asc", "Arabic (ASC)")):
+        c = d[corpus]
+        lines.append(f"digits {label}: accuracy {c['accuracy']:.1%} on {c['clips']} clips "
+                     f"(with the daemon's rejection rule: {c['accuracy_with_rejection']:.1%}, rejected {c['rejected']:.1%})")
+    n = d["non_digit_called_digit"]
+    lines.append(f"non-digit words called a digit: {n['rate']:.1%} of {n['clips']}")
+    for name, v in s.items():
+        lines.append(f"speaker EER, single clips, {name}: {v['eer']:.1%} ({v['speakers']} speakers, {v['pairs']} pairs; "
+                     f"threshold at EER {v['threshold_at_eer']:.3f}, at 1% FAR {v['threshold_at_far_1pct']:.3f})")
+    return "\n".join(lines)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=2)
