@@ -79,8 +79,7 @@ class Gallery:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._version: int | None = None
-        self._names: list[str] = []
-        self._centroids = np.zeros((0, 0), dtype=np.float32)
+        self._cache: dict[str, tuple[list[str], np.ndarray]] = {}  # by model sha256
 
     def close(self) -> None:
         self._db.close()
@@ -120,21 +119,26 @@ class Gallery:
     def centroids(self, model_sha256: str) -> tuple[list[str], np.ndarray]:
         """Each speaker's mean embedding (for this model), re-read when another process
         (``streamd enroll``) changed the database."""
-        if self._changed() or not self._names:
-            rows = self._db.execute(
-                "SELECT s.name, e.vector FROM embeddings e JOIN speakers s ON s.id = e.speaker_id "
-                "WHERE e.model_sha256 = ? ORDER BY s.name", (model_sha256,)).fetchall()
-            by_name: dict[str, list[np.ndarray]] = {}
-            for name, blob in rows:
-                by_name.setdefault(name, []).append(np.frombuffer(blob, "<f4"))
-            self._names = list(by_name)
-            self._centroids = (l2_normalize(np.stack([np.mean(v, axis=0) for v in by_name.values()]))
-                               if by_name else np.zeros((0, 0), np.float32))
-        return self._names, self._centroids
+        if self._changed():
+            self._cache.clear()
+        if model_sha256 not in self._cache:
+            self._cache[model_sha256] = self._read_centroids(model_sha256)
+        return self._cache[model_sha256]
+
+    def _read_centroids(self, model_sha256: str) -> tuple[list[str], np.ndarray]:
+        rows = self._db.execute(
+            "SELECT s.name, e.vector FROM embeddings e JOIN speakers s ON s.id = e.speaker_id "
+            "WHERE e.model_sha256 = ? ORDER BY s.name", (model_sha256,)).fetchall()
+        by_name: dict[str, list[np.ndarray]] = {}
+        for name, blob in rows:
+            by_name.setdefault(name, []).append(np.frombuffer(blob, "<f4"))
+        if not by_name:
+            return [], np.zeros((0, 0), np.float32)
+        return list(by_name), l2_normalize(np.stack([np.mean(v, axis=0) for v in by_name.values()]))
 
     def reload(self) -> None:
         self._version = None
-        self._names = []
+        self._cache.clear()
 
 
 def decide(embedding: np.ndarray, names: list[str], centroids: np.ndarray, threshold: float,
