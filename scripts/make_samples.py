@@ -43,11 +43,10 @@ def write(name: str, parts: list[np.ndarray]) -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    # Enrollment material: 6 clips per speaker, reps not used in the demo.
-    write("enroll_theo.flac", [clip("fsdd", fsdd(d, 40 + d % 5)) for d in range(0, 10, 2)] + [clip("fsdd", fsdd(1, 45))])
+    # Enrollment material: 10 clips per speaker (one per digit), reps not used in the demo.
+    write("enroll_theo.flac", [clip("fsdd", fsdd(d, 40 + d)) for d in range(10)])
     for spk in ("00000002", "00000007"):
-        write(f"enroll_asc{spk[-2:]}.flac", [clip("arabic-speech-commands", asc(spk, w, 9)) for w in WORDS[::2]]
-              + [clip("arabic-speech-commands", asc(spk, "one", 10))])
+        write(f"enroll_asc{spk[-2:]}.flac", [clip("arabic-speech-commands", asc(spk, w, 9)) for w in WORDS])
     # The demo: digits from two enrolled speakers and one who is not enrolled, and a non-digit word.
     demo = [
         ("fsdd", fsdd(3, 1)), ("fsdd", fsdd(7, 2)), ("fsdd", fsdd(1, 3)),

@@ -64,8 +64,7 @@ def speech_audio(seconds: float) -> np.ndarray:
 
 
 def run(cfg: Config, seconds: float = 60.0, pace: str = "fast") -> dict:
-    models = load_models(cfg.path(cfg.models.dir), cfg.models.speaker, cfg.models.digits,
-                         cfg.features.params(), cfg.models.provider, cfg.models.threads)
+    models = load_models(cfg)
     metrics = Metrics()
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")

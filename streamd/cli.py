@@ -94,11 +94,9 @@ def cmd_enroll(args, cfg) -> int:
     from streamd.daemon import GALLERY_FILE
     from streamd.enroll import enroll_files
     from streamd.identity import Gallery
-    from streamd.inference import load_card, OnnxModel, verify
+    from streamd.inference import load_model
 
-    card = load_card(cfg.path(cfg.models.dir) / cfg.models.speaker, "speaker")
-    verify(card, cfg.features.params())
-    model = OnnxModel(card, "cpu", cfg.models.threads)
+    model = load_model(cfg, "speaker", "cpu")
     gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
     try:
         n, seconds = enroll_files(args.name, args.audio, cfg, model, gallery)
@@ -158,8 +156,7 @@ def cmd_eval(args, cfg) -> int:
     from streamd import evaluate
     from streamd.inference import load_models
 
-    models = load_models(cfg.path(cfg.models.dir), cfg.models.speaker, cfg.models.digits,
-                         cfg.features.params(), "cpu", cfg.models.threads)
+    models = load_models(cfg, "cpu")
     if not (args.data / "fsdd" / "manifest.csv").is_file():
         print(f"streamd: {args.data}: no fsdd/manifest.csv here (--data names the corpora folder)", file=sys.stderr)
         return EX_DATAERR

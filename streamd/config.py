@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamd.features import FeatureParams
+from streamd.features import FeatureParams, mel_params
 from streamd.vad import VAD_FRAME_MS, VadParams
 
 EX_CONFIG = 78
@@ -30,13 +30,40 @@ class SourceConfig:
     mic_rate: int = 0  # 0: try 16 kHz, then the device's default rate (resampled)
 
 
+def _params_of(cfg: FeatureParams) -> FeatureParams:
+    names = {f.name for f in dataclasses.fields(FeatureParams)}
+    return FeatureParams(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+
 @dataclass(frozen=True)
 class FeatureConfig(FeatureParams):
+    """The MFCC front end (digit model) and the ring buffers' length."""
+
     ring_seconds: float = 30.0
 
     def params(self) -> FeatureParams:
-        names = {f.name for f in dataclasses.fields(FeatureParams)}
-        return FeatureParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return _params_of(self)
+
+
+_MEL = mel_params()
+
+
+@dataclass(frozen=True)
+class MelConfig(FeatureParams):
+    """The mel power front end (speaker encoder)."""
+
+    kind: str = _MEL.kind
+    numcep: int = _MEL.numcep
+    nfilt: int = _MEL.nfilt
+    nfft: int = _MEL.nfft
+    lowfreq: float = _MEL.lowfreq
+    highfreq: float = _MEL.highfreq
+    preemph: float = _MEL.preemph
+    ceplifter: int = _MEL.ceplifter
+    window: str = _MEL.window
+
+    def params(self) -> FeatureParams:
+        return _params_of(self)
 
 
 @dataclass(frozen=True)
@@ -50,12 +77,12 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    threshold: float = 0.6
+    threshold: float = 0.8
 
 
 @dataclass(frozen=True)
 class DigitsConfig:
-    min_confidence: float = 0.6
+    min_confidence: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,7 @@ class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     vad: VadParams = field(default_factory=VadParams)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    mel: MelConfig = field(default_factory=MelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     digits: DigitsConfig = field(default_factory=DigitsConfig)
@@ -98,6 +126,10 @@ class Config:
         """A path from the config, relative ones taken from the config file's folder."""
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else self.base_dir / p
+
+    def feature_params(self, kind: str) -> FeatureParams:
+        """The configured front end of a kind (``mfcc`` or ``melpower``)."""
+        return self.mel.params() if kind == "melpower" else self.features.params()
 
     def state_dir(self) -> Path:
         if self.state.dir:
@@ -130,6 +162,16 @@ RANGES: dict[str, tuple[float, float]] = {
     "features.preemph": (0.0, 1.0),
     "features.ceplifter": (0, 100),
     "features.ring_seconds": (1, 600),
+    "mel.sample_rate": (16000, 16000),
+    "mel.winlen": (0.005, 0.1),
+    "mel.winstep": (0.005, 0.1),
+    "mel.numcep": (1, 128),
+    "mel.nfilt": (1, 128),
+    "mel.nfft": (64, 4096),
+    "mel.lowfreq": (0, 8000),
+    "mel.highfreq": (1, 8000),
+    "mel.preemph": (0.0, 1.0),
+    "mel.ceplifter": (0, 100),
     "models.threads": (1, 64),
     "identity.threshold": (-1.0, 1.0),
     "digits.min_confidence": (0.0, 1.0),
@@ -138,7 +180,10 @@ RANGES: dict[str, tuple[float, float]] = {
 CHOICES: dict[str, tuple[Any, ...]] = {
     "source.pace": ("realtime", "fast"),
     "vad.frame_ms": VAD_FRAME_MS,
-    "features.window": ("hamming", "rect"),
+    "features.kind": ("mfcc",),
+    "features.window": ("hamming", "hann", "rect"),
+    "mel.kind": ("melpower",),
+    "mel.window": ("hamming", "hann", "rect"),
     "models.provider": ("auto", "cpu", "cuda"),
     "log.level": ("debug", "info", "warning", "error"),
 }
@@ -191,10 +236,12 @@ def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
 
 
 def _check_consistency(cfg: Config) -> None:
-    if cfg.features.highfreq <= cfg.features.lowfreq:
-        raise ConfigError("features.highfreq: must be above features.lowfreq")
-    if cfg.features.nfft < cfg.features.frame_len:
-        raise ConfigError(f"features.nfft: must be at least the frame length ({cfg.features.frame_len})")
+    for name in ("features", "mel"):
+        f = getattr(cfg, name)
+        if f.highfreq <= f.lowfreq:
+            raise ConfigError(f"{name}.highfreq: must be above {name}.lowfreq")
+        if f.nfft < f.frame_len:
+            raise ConfigError(f"{name}.nfft: must be at least the frame length ({f.frame_len})")
     if cfg.vad.tail_ms > cfg.vad.hangover_ms:
         raise ConfigError("vad.tail_ms: must not exceed vad.hangover_ms")
     ring_ms = cfg.features.ring_seconds * 1000

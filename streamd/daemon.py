@@ -81,8 +81,17 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
-        models = load_models(cfg.path(cfg.models.dir), cfg.models.speaker, cfg.models.digits,
-                             cfg.features.params(), cfg.models.provider, cfg.models.threads)
+        # The source first: a wrong device or file is reported before anything else is loaded.
+        source = open_source(self.opts.source, self.opts.stream, cfg.vad.frame_samples,
+                             self.opts.pace, cfg.source.mic_rate)
+        try:
+            return self._run(source)
+        finally:
+            source.close()
+
+    def _run(self, source: Source) -> int:
+        cfg = self.cfg
+        models = load_models(cfg)
         for m in (models.speaker, models.digits):
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None
@@ -90,8 +99,6 @@ class Daemon:
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         try:
-            source = open_source(self.opts.source, self.opts.stream, cfg.vad.frame_samples,
-                                 self.opts.pace, cfg.source.mic_rate)
             self.pipeline = StreamPipeline(self.opts.stream, cfg, models, gallery, publisher, self.metrics)
             if self.opts.wait_subscriber_s > 0 and not publisher.wait_for_subscriber(self.opts.wait_subscriber_s):
                 log.warning("no subscriber joined within %.1f s; publishing anyway", self.opts.wait_subscriber_s)
@@ -145,7 +152,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        for section in ("vad", "features", "models", "events", "metrics", "state", "source"):
+        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
         self.pipeline.thresholds = Thresholds.from_config(new)

@@ -25,7 +25,7 @@ def embed_file(path: str, cfg: Config, model: OnnxModel) -> tuple[list[np.ndarra
             continue
         a, b = (int(round(t * SAMPLE_RATE)) for t in end.model_span(cfg.vad))
         cut = audio[a:b]
-        feats = normalize(mfcc(cut, cfg.features.params()))
+        feats = normalize(mfcc(cut, model.params), model.params)
         if len(feats):
             vectors.append(model.run(feats))
             seconds += end.t_end - end.t_start

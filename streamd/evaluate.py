@@ -51,8 +51,8 @@ def held_out_clips(data: Path) -> list[Clip]:
 def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.ndarray]:
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
-    feats = normalize(mfcc(utterance_audio(audio, cfg.vad), cfg.features.params()))
-    return models.speaker.run(feats), models.digits.run(feats)
+    cut = utterance_audio(audio, cfg.vad)
+    return tuple(m.run(normalize(mfcc(cut, m.params), m.params)) for m in (models.speaker, models.digits))
 
 
 def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:

@@ -1,13 +1,17 @@
-"""MFCC features, offline and streaming, computed by one function so they cannot drift.
+"""Features, offline and streaming, computed by one function so they cannot drift.
 
-Both paths pre-emphasise the signal, cut it into frames that lie wholly inside the audio
-(no zero padding at the end, unlike python_speech_features' default) and hand exactly those
-samples to ``python_speech_features.mfcc``. Streaming therefore reproduces offline features.
+Two front ends: MFCC (python_speech_features; the digit model) and a mel power spectrogram
+(the speaker encoder's own front end). Both paths pre-emphasise the signal (MFCC only), cut
+it into frames that lie wholly inside the audio (no zero padding at the end, unlike
+python_speech_features' default) and compute each frame from exactly those samples, so
+streaming reproduces offline features.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import functools
 
 import numpy as np
 import python_speech_features as psf
@@ -16,12 +20,16 @@ SAMPLE_RATE = 16000
 # Log-energy of an all-zero frame would be log(eps) = -36, an outlier that swamps
 # per-utterance normalisation; floor it at the energy of a frame of unit samples.
 LOG_ENERGY_FLOOR = 0.0
+# The speaker encoder was trained on utterances brought up to -30 dBFS (never down).
+MEL_TARGET_DBFS = -30.0
+FEATURE_KINDS = ("mfcc", "melpower")
 
 
 @dataclass(frozen=True)
 class FeatureParams:
     """Everything that defines the features; model cards carry a copy and must match."""
 
+    kind: str = "mfcc"
     sample_rate: int = SAMPLE_RATE
     winlen: float = 0.025
     winstep: float = 0.01
@@ -45,6 +53,11 @@ class FeatureParams:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def stored_dims(self) -> int:
+        """Columns per frame in the ring: mel power keeps the frame's energy beside the bands."""
+        return self.numcep if self.kind == "mfcc" else self.nfilt + 1
+
     def frames_in(self, num_samples: int) -> int:
         """Number of whole analysis frames in ``num_samples`` samples."""
         if num_samples < self.frame_len:
@@ -55,9 +68,52 @@ class FeatureParams:
 def _window(params: FeatureParams):
     if params.window == "hamming":
         return np.hamming
+    if params.window == "hann":  # periodic, as librosa and scipy's fftbins=True
+        return lambda n: 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
     if params.window == "rect":
         return lambda n: np.ones((n,))
     raise ValueError(f"unknown window {params.window!r}")
+
+
+def mel_params() -> FeatureParams:
+    """The speaker encoder's front end: 40 Slaney mel bands of the power spectrum."""
+    return FeatureParams(kind="melpower", winlen=0.025, winstep=0.01, numcep=40, nfilt=40, nfft=400,
+                         lowfreq=0.0, highfreq=8000.0, preemph=0.0, ceplifter=0, window="hann")
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) / (np.log(6.4) / 27.0), f / (200.0 / 3))
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0)), m * 200.0 / 3)
+
+
+@functools.lru_cache(maxsize=8)
+def slaney_filterbank(sample_rate: int, nfft: int, nfilt: int, lowfreq: float, highfreq: float) -> np.ndarray:
+    """(nfilt, nfft//2+1) area-normalised triangular mel filters, as librosa.filters.mel."""
+    fft_hz = np.linspace(0, sample_rate / 2, 1 + nfft // 2)
+    mel_hz = _mel_to_hz(np.linspace(_hz_to_mel(lowfreq), _hz_to_mel(highfreq), nfilt + 2))
+    fdiff = np.diff(mel_hz)
+    ramps = mel_hz[:, None] - fft_hz[None, :]
+    weights = np.maximum(0, np.minimum(-ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]))
+    return weights * (2.0 / (mel_hz[2:] - mel_hz[:-2]))[:, None]
+
+
+def _frames(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
+    idx = np.arange(params.frame_len)[None, :] + params.frame_step * np.arange(n)[:, None]
+    return signal[idx]
+
+
+def _melpower(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
+    """Mel power of each frame (samples scaled to [-1, 1]) plus the frame's mean square."""
+    frames = _frames(np.asarray(signal, np.float64) / 32768.0, params, n)
+    power = np.abs(np.fft.rfft(frames * _window(params)(params.frame_len), params.nfft)) ** 2
+    fb = slaney_filterbank(params.sample_rate, params.nfft, params.nfilt, params.lowfreq, params.highfreq)
+    return np.concatenate((power @ fb.T, np.mean(frames**2, axis=1, keepdims=True)), axis=1)
 
 
 def preemphasis(signal: np.ndarray, coeff: float, previous: float | None = None) -> np.ndarray:
@@ -71,11 +127,13 @@ def preemphasis(signal: np.ndarray, coeff: float, previous: float | None = None)
     return y
 
 
-def mfcc_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """MFCC of whole frames of an already pre-emphasised signal: shape (frames, numcep)."""
+def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """Features of the whole frames of an already pre-emphasised signal: (frames, stored_dims)."""
     n = params.frames_in(len(emphasised))
     if n == 0:
-        return np.zeros((0, params.numcep), dtype=np.float64)
+        return np.zeros((0, params.stored_dims), dtype=np.float64)
+    if params.kind == "melpower":
+        return _melpower(emphasised, params, n)
     used = params.frame_len + (n - 1) * params.frame_step
     feats = psf.mfcc(
         emphasised[:used],
@@ -97,12 +155,19 @@ def mfcc_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.ndar
 
 
 def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """Offline MFCC of a whole clip (int16 or float samples at params.sample_rate)."""
-    return mfcc_of_emphasised(preemphasis(signal, params.preemph), params)
+    """Offline features of a whole clip (int16 samples at params.sample_rate); MFCC unless
+    ``params.kind`` names another front end."""
+    return features_of_emphasised(preemphasis(signal, params.preemph), params)
 
 
-def normalize(feats: np.ndarray) -> np.ndarray:
-    """Per-utterance mean and variance normalisation, as the models were trained."""
+def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndarray:
+    """Per-utterance normalisation, as the models were trained: mean and variance for MFCC;
+    for mel power, gain up to MEL_TARGET_DBFS (the energy column is used, then dropped)."""
+    if params is not None and params.kind == "melpower":
+        power, energy = feats[:, :-1], feats[:, -1]
+        level = 10 * np.log10(max(float(np.mean(energy)) if len(energy) else 0.0, 1e-20))
+        gain = 10 ** ((MEL_TARGET_DBFS - level) / 10) if level < MEL_TARGET_DBFS else 1.0
+        return (power * gain).astype(np.float32)
     if len(feats) == 0:
         return feats.astype(np.float32)
     mean = feats.mean(axis=0, keepdims=True)
@@ -123,7 +188,7 @@ class StreamingMfcc:
             raise ValueError("capacity_frames must be positive")
         self.params = params
         self.capacity = capacity_frames
-        self._ring = np.zeros((capacity_frames, params.numcep), dtype=np.float64)
+        self._ring = np.zeros((capacity_frames, params.stored_dims), dtype=np.float64)
         self.reset()
 
     def reset(self) -> None:
@@ -138,7 +203,7 @@ class StreamingMfcc:
         emphasised = preemphasis(samples, self.params.preemph, self._previous)
         self._previous = float(samples[-1])
         self._pending = np.concatenate((self._pending, emphasised))
-        feats = mfcc_of_emphasised(self._pending, self.params)
+        feats = features_of_emphasised(self._pending, self.params)
         n = len(feats)
         if n:
             self._store(feats)
@@ -163,6 +228,6 @@ class StreamingMfcc:
         if start < self.oldest_frame:
             raise IndexError(f"frame {start} has left the ring (oldest is {self.oldest_frame})")
         if stop <= start:
-            return np.zeros((0, self.params.numcep), dtype=np.float64)
+            return np.zeros((0, self.params.stored_dims), dtype=np.float64)
         idx = np.arange(start, stop) % self.capacity
         return self._ring[idx].copy()

@@ -54,6 +54,18 @@ class ModelCard:
     def sha256(self) -> str:
         return str(self.data["sha256"])
 
+    @property
+    def feature_kind(self) -> str:
+        return str(self.data["features"].get("kind", "mfcc"))
+
+    @property
+    def window(self) -> tuple[int, int, float] | None:
+        """(window_frames, hop_frames, min_coverage) for models run on fixed windows."""
+        spec = self.data["input"].get("window")
+        if not spec:
+            return None
+        return int(spec["frames"]), int(spec["hop_frames"]), float(spec.get("min_coverage", 0.75))
+
 
 def load_card(path: Path, kind: str) -> ModelCard:
     try:
@@ -79,12 +91,13 @@ def verify(card: ModelCard, features: FeatureParams) -> None:
     if actual != card.sha256:
         raise ModelError(f"{model}: sha256 mismatch: expected {card.sha256}, got {actual}")
     wanted = features.as_dict()
-    theirs = card.data["features"]
+    theirs = {"kind": "mfcc", **card.data["features"]}
+    section = "mel" if features.kind == "melpower" else "features"
     diff = [k for k in wanted if theirs.get(k) != wanted[k]]
     if diff:
         k = diff[0]
         raise ModelError(
-            f"{model}: trained on features.{k}={theirs.get(k)!r} but config has features.{k}={wanted[k]!r}")
+            f"{model}: trained on features.{k}={theirs.get(k)!r} but config has {section}.{k}={wanted[k]!r}")
 
 
 def session_options(threads: int):
@@ -109,12 +122,22 @@ def wanted_providers(choice: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def window_starts(frames: int, window: int, hop: int, min_coverage: float) -> list[int]:
+    """Where fixed windows start so they cover an utterance; the last, zero-padded, one is
+    kept only if the utterance fills ``min_coverage`` of it (as Resemblyzer does)."""
+    starts = list(range(0, max(1, frames - window + hop + 1), hop))
+    if len(starts) > 1 and (frames - starts[-1]) / window < min_coverage:
+        starts.pop()
+    return starts
+
+
 class OnnxModel:
-    def __init__(self, card: ModelCard, provider: str = "auto", threads: int = 1):
+    def __init__(self, card: ModelCard, params: FeatureParams, provider: str = "auto", threads: int = 1):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # a failed CUDA load is logged once, by us, in one line
         self.card = card
+        self.params = params
         wanted = wanted_providers(provider)
         try:
             self.session = ort.InferenceSession(
@@ -129,12 +152,24 @@ class OnnxModel:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
     def run(self, feats: np.ndarray) -> np.ndarray:
-        """One utterance's normalised features (frames, numcep) -> the model's output row."""
-        if len(feats) < MIN_FRAMES:
-            feats = np.concatenate((feats, np.zeros((MIN_FRAMES - len(feats), feats.shape[1]), feats.dtype)))
-        batch = np.ascontiguousarray(feats[None, :, :], dtype=np.float32)
-        return self.session.run([self.output_name], {self.input_name: batch})[0][0]
+        """One utterance's normalised features (frames, dims) -> the model's output row.
+
+        A model with a fixed window sees the utterance as overlapping windows (the last
+        zero-padded) and the result is their mean, L2-normalised."""
+        if self.card.window is None:
+            if len(feats) < MIN_FRAMES:
+                feats = np.concatenate((feats, np.zeros((MIN_FRAMES - len(feats), feats.shape[1]), feats.dtype)))
+            return self._infer(feats[None])[0]
+        window, hop, coverage = self.card.window
+        starts = window_starts(len(feats), window, hop, coverage)
+        padded = np.zeros((starts[-1] + window, feats.shape[1]), np.float32)
+        padded[: len(feats)] = feats[: len(padded)]
+        out = self._infer(np.stack([padded[s : s + window] for s in starts])).mean(axis=0)
+        return out / max(float(np.linalg.norm(out)), 1e-12)
 
 
 @dataclass
@@ -143,14 +178,23 @@ class Models:
     digits: OnnxModel
 
 
-def load_models(models_dir: Path, speaker_card: str, digits_card: str, features: FeatureParams,
-                provider: str = "auto", threads: int = 1) -> Models:
-    cards = {kind: load_card(models_dir / name, kind) for kind, name in (("speaker", speaker_card), ("digits", digits_card))}
+def load_model(cfg, kind: str, provider: str | None = None) -> OnnxModel:
+    """One model named by the config (``speaker`` or ``digits``), verified, on a session."""
+    card = load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind)
+    params = cfg.feature_params(card.feature_kind)
+    verify(card, params)
+    return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads)
+
+
+def load_models(cfg, provider: str | None = None) -> Models:
+    """Both models; every file is checked before any session is created."""
+    provider = provider or cfg.models.provider
+    cards = {kind: load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind) for kind in ("speaker", "digits")}
     for card in cards.values():
-        verify(card, features)  # every model is checked before any is loaded
+        verify(card, cfg.feature_params(card.feature_kind))
     loaded: dict[str, OnnxModel] = {}
     for kind, card in cards.items():
-        loaded[kind] = OnnxModel(card, provider, threads)
+        loaded[kind] = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads)
         if provider == "auto" and loaded[kind].provider == "CPUExecutionProvider":
             provider = "cpu"  # CUDA failed once: do not try (and fail) again
         log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name,

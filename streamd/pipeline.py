@@ -39,10 +39,10 @@ class StreamPipeline:
         self.publisher = publisher
         self.metrics = metrics
         self.thresholds = Thresholds.from_config(cfg)
-        self.params = cfg.features.params()
         self.segmenter = Segmenter(cfg.vad)
-        ring_frames = int(cfg.features.ring_seconds / cfg.features.winstep)
-        self.features = StreamingMfcc(self.params, ring_frames)
+        # One ring per front end the models need; each sample's features are computed once.
+        self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep))
+                      for m in (models.speaker, models.digits)}
         metrics.add_stream(stream)
 
     @contextmanager
@@ -67,7 +67,8 @@ class StreamPipeline:
     def _handle(self, outputs, frame: Frame | None) -> None:
         for out in outputs:
             if isinstance(out, SpeechStart):
-                self.features.reset()
+                for ring in self.rings.values():
+                    ring.reset()
                 self._add_audio(out.audio)
                 t_now = frame.t_end if frame is not None else out.t_start
                 self._publish(VadStart(self.stream, out.utterance, out.t_start, t_now))
@@ -78,7 +79,8 @@ class StreamPipeline:
 
     def _add_audio(self, audio: np.ndarray) -> None:
         with self._timed("features"):
-            self.features.push(audio)
+            for ring in self.rings.values():
+                ring.push(audio)
 
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -91,12 +93,9 @@ class StreamPipeline:
         # cut that streamd.vad.utterance_audio makes for training clips.
         start_t, end_t = end.model_span(self.segmenter.params)
         samples = int(round((end_t - start_t) * SAMPLE_RATE))
-        n = min(self.params.frames_in(samples), self.features.num_frames)
-        start = max(0, self.features.oldest_frame)
         with self._timed("inference"):
-            feats = normalize(self.features.frames(start, n))
-            embedding = self.models.speaker.run(feats)
-            logits = self.models.digits.run(feats)
+            embedding = self.models.speaker.run(self._utterance_features(self.models.speaker.params, samples))
+            logits = self.models.digits.run(self._utterance_features(self.models.digits.params, samples))
             who = self._identify(embedding)
             digit = digits.decide(logits, self.thresholds.digit)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
@@ -105,6 +104,11 @@ class StreamPipeline:
         self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
                                  candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
                       end.closed_at)
+
+    def _utterance_features(self, params, samples: int) -> np.ndarray:
+        ring = self.rings[params]
+        n = min(params.frames_in(samples), ring.num_frames)
+        return normalize(ring.frames(ring.oldest_frame, n), params)
 
     def _identify(self, embedding: np.ndarray) -> identity.Decision:
         if self.gallery is None:

@@ -58,6 +58,8 @@ def resample(audio: np.ndarray, rate: int) -> np.ndarray:
 
 def read_audio(path: str) -> np.ndarray:
     """Read a WAV/FLAC/... file at any rate and channel count as 16 kHz mono int16."""
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such audio file")
     try:
         info = sf.info(path)
         if info.frames == 0:

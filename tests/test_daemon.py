@@ -80,7 +80,10 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     right = sum(str(got) == want for want, got in spoken if want != "")
     assert right >= 8, spoken
     named = [(DEMO_NAMES[t["speaker"]], s["speaker"]) for t, s in zip(truth, speakers)]
-    assert sum(want == got for want, got in named) >= 9, named
+    assert sum(want == got for want, got in named) >= 6, named
+    # Open set: the speaker who is not enrolled is never given an enrolled name, and no
+    # enrolled speaker is mistaken for another ("unknown" is the only acceptable miss).
+    assert all(got in (want, "unknown") for want, got in named), named
     assert all(0 <= e["latency_s"] < 5 for e in speakers + digits)
     # Utterances are in time order, and each digit event follows its speaker event.
     assert [e["utterance"] for e in digits] == list(range(len(truth)))
@@ -89,7 +92,7 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
 def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_state):
     sock = subscribe(iso.endpoint)
     proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"'), "--source", "stdin",
-                         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}, stdin=__import__("subprocess").PIPE)
+                         "--wait-subscriber", "20", env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}, stdin=__import__("subprocess").PIPE)
     try:
         assert notify.wait_for("READY=1", 60), proc.stderr.read() if proc.poll() is not None else ""
         audio = read_audio(str(DATA / "demo.flac"))

@@ -266,6 +266,7 @@ class FeatureSet:
     clip_index: np.ndarray  # (items,) which clip
     speed: np.ndarray  # (items,) speed factor of the variant
     variant: np.ndarray  # (items,) variant index, 0 = clean
+    cached: bool = False  # loaded from the cache rather than computed
 
     def __len__(self) -> int:
         return len(self.clip_index)
@@ -303,6 +304,28 @@ def variants_for(clip: Clip, augment_train: bool) -> tuple[Variant, ...]:
     return SYNTH_VARIANTS if clip.corpus == "synth" else TRAIN_VARIANTS
 
 
+def _compute(tasks: list[tuple[Clip, Variant, int]], workers: int) -> list[np.ndarray]:
+    if workers <= 1:
+        return [_job(t) for t in tasks]
+    with mp.get_context("fork").Pool(workers) as pool:
+        return pool.map(_job, tasks, chunksize=64)
+
+
+def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:
+    """Recompute a random sample of cached items with today's streamd code: the cache is only
+    trusted if they match, whatever changed (features.py, vad.py, python_speech_features)."""
+    if len(fs) == 0:
+        return True
+    rng = np.random.default_rng()
+    variants = {v.index: v for v in TRAIN_VARIANTS}
+    for i in rng.choice(len(fs), size=min(n, len(fs)), replace=False):
+        fresh = _job((fs.clips[fs.clip_index[i]], variants[int(fs.variant[i])], seed))
+        cached = fs.item(i)
+        if fresh.shape != cached.shape or not np.allclose(fresh, cached, rtol=0, atol=1e-4):
+            return False
+    return True
+
+
 def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: bool = True,
                    workers: int = 2) -> FeatureSet:
     """Features of every clip variant, cached as ``WORK_DIR/features/{name}-{key}.npz``."""
@@ -310,11 +333,13 @@ def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: b
     path = WORK_DIR / "features" / f"{name}-{_cache_key(clips, variants, seed)}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
-            return FeatureSet(clips, z["feats"], z["offsets"], z["clip_index"], z["speed"],
-                              z["variant"])
+            fs = FeatureSet(clips, z["feats"], z["offsets"], z["clip_index"], z["speed"],
+                            z["variant"], cached=True)
+        if cache_is_current(fs, seed):
+            return fs
+        print(f"{path.name}: cached features differ from today's streamd code; recomputing", flush=True)
     tasks = [(c, v, seed) for c, vs in zip(clips, variants) for v in vs]
-    with mp.get_context("fork").Pool(workers) as pool:
-        mats = pool.map(_job, tasks, chunksize=64)
+    mats = _compute(tasks, workers)
     index = np.array([i for i, vs in enumerate(variants) for _ in vs], dtype=np.int32)
     fs = FeatureSet(
         clips,
@@ -330,9 +355,27 @@ def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: b
     return fs
 
 
+def merge(sets: list[FeatureSet]) -> FeatureSet:
+    """One FeatureSet holding the clips and items of several, in order."""
+    clips: list[Clip] = []
+    offsets, index = [np.zeros(1, np.int64)], []
+    frames = 0
+    for fs in sets:
+        index.append(fs.clip_index + len(clips))
+        offsets.append(fs.offsets[1:] + frames)
+        clips += fs.clips
+        frames += int(fs.offsets[-1])
+    return FeatureSet(
+        clips, np.concatenate([fs.feats for fs in sets]), np.concatenate(offsets),
+        np.concatenate(index).astype(np.int32), np.concatenate([fs.speed for fs in sets]),
+        np.concatenate([fs.variant for fs in sets]), cached=all(fs.cached for fs in sets),
+    )
+
+
 def load_all(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, FeatureSet]:
     """(training features incl. synthetic clips, clean features of the held-out speakers)."""
     real = real_clips(data_dir)
-    train = [c for c in real if not c.heldout] + (synth_clips(seed=seed) if synth else [])
-    heldout = [c for c in real if c.heldout]
-    return build_features(train, "train", seed), build_features(heldout, "heldout", seed)
+    train = build_features([c for c in real if not c.heldout], "train-real", seed)
+    if synth:
+        train = merge([train, build_features(synth_clips(seed=seed), "train-synth", seed)])
+    return train, build_features([c for c in real if c.heldout], "heldout", seed)

@@ -15,7 +15,7 @@ from streamd.train.nets import DigitNet
 
 BATCH = 64
 PEAK_LR = 3e-3
-NON_DIGIT_FRACTION = 0.5  # share of "not a digit" clips drawn each epoch
+NON_DIGIT_FRACTION = 0.35  # share of "not a digit" clips drawn each epoch
 LOSS_TEXT = "cross-entropy, label smoothing 0.05, AdamW (wd 1e-3), one-cycle cosine LR"
 
 
@@ -23,7 +23,7 @@ LOSS_TEXT = "cross-entropy, label smoothing 0.05, AdamW (wd 1e-3), one-cycle cos
 class Options:
     data_dir: Path
     out_dir: Path
-    epochs: int = 20
+    epochs: int = 30
     seed: int = 0
     synth: bool = True
 
@@ -80,19 +80,33 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def confidence_threshold(probs: np.ndarray, is_digit: np.ndarray, max_fa: float = 0.05) -> dict:
-    """Smallest top-digit probability threshold letting <= max_fa of non-digit clips through."""
-    pred = probs.argmax(1)
-    conf = probs.max(1)
-    neg = conf[(~is_digit) & (pred != data.NOT_DIGIT)]
-    n_neg = int((~is_digit).sum())
-    for thr in np.round(np.arange(0.3, 1.0, 0.01), 2):
-        if (neg >= thr).sum() <= max_fa * n_neg:
-            accepted = is_digit & (pred != data.NOT_DIGIT) & (conf >= thr)
-            return {"value": float(thr), "rule": "accept argmax digit if its softmax prob >= value",
-                    "non_digit_accepted": float((neg >= thr).sum() / max(1, n_neg)),
-                    "digit_clips_accepted": float(accepted.sum() / max(1, is_digit.sum()))}
-    return {"value": 0.99, "rule": "accept argmax digit if its softmax prob >= value"}
+def operating_points(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """For confidence thresholds: share of digit clips accepted with the right digit, with a
+    wrong digit, and share of non-digit clips accepted as some digit (daemon rule: the 11-class
+    argmax must be a digit and its probability >= threshold)."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    digit = labels != data.NOT_DIGIT
+    points = []
+    for thr in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        accept = (pred != data.NOT_DIGIT) & (conf >= thr)
+        points.append({
+            "threshold": thr,
+            "digit_correct": float((accept & (pred == labels))[digit].mean()),
+            "digit_wrong": float((accept & (pred != labels))[digit].mean()),
+            "non_digit_accepted": float(accept[~digit].mean()),
+        })
+    return points
+
+
+def confidence_threshold(probs: np.ndarray, labels: np.ndarray, max_fa: float = 0.02) -> dict:
+    """Smallest threshold letting at most ``max_fa`` of held-out non-digit clips through."""
+    points = operating_points(probs, labels)
+    ok = [p for p in points if p["non_digit_accepted"] <= max_fa] or points[-1:]
+    best = ok[0]
+    return {"value": best["threshold"],
+            "rule": "daemon emits the 11-class argmax digit if its softmax prob >= value "
+                    f"(smallest value keeping held-out non-digit acceptance <= {max_fa:.0%})",
+            "at_value": best, "operating_points": points}
 
 
 def group_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -120,7 +134,7 @@ def evaluate(onnx_path: Path, heldout: data.FeatureSet) -> tuple[dict, dict]:
         "english_fsdd_heldout": group_metrics(logits[corpus == "fsdd"], labels[corpus == "fsdd"]),
         "arabic_asc_heldout": group_metrics(logits[corpus == "asc"], labels[corpus == "asc"]),
     }
-    threshold = confidence_threshold(softmax(logits), labels != data.NOT_DIGIT)
+    threshold = confidence_threshold(softmax(logits), labels)
     return metrics, threshold
 
 

@@ -69,6 +69,24 @@ def mean_std_pool(x: torch.Tensor, mask: Mask = None) -> torch.Tensor:
     return torch.cat((mean, torch.sqrt(var.clamp(min=1e-5))), dim=1)
 
 
+class AttentiveStatsPool(nn.Module):
+    """Attention-weighted mean and std over time, one weight per channel and frame, so
+    silence and noise frames (VAD pre-roll, tail) can be discounted."""
+
+    def __init__(self, channels: int, hidden: int = 64):
+        super().__init__()
+        self.attn = nn.Sequential(nn.Conv1d(channels, hidden, 1), nn.Tanh(), nn.Conv1d(hidden, channels, 1))
+
+    def forward(self, x: torch.Tensor, mask: Mask = None) -> torch.Tensor:
+        score = self.attn(x)
+        if mask is not None:
+            score = score.masked_fill(mask == 0, -1e4)
+        w = torch.softmax(score, dim=2)
+        mean = (w * x).sum(dim=2)
+        var = (w * x * x).sum(dim=2) - mean * mean
+        return torch.cat((mean, torch.sqrt(var.clamp(min=1e-5))), dim=1)
+
+
 class DigitNet(nn.Module):
     """Spoken digit classifier: logits over 10 digits + "not a digit"."""
 
@@ -87,15 +105,18 @@ class DigitNet(nn.Module):
 class SpeakerNet(nn.Module):
     """x-vector-like speaker embedder; returns the (unnormalised) embedding."""
 
-    def __init__(self, numcep: int = 20, channels: int = 192, dim: int = 192):
+    def __init__(self, numcep: int = 20, channels: int = 192, dim: int = 192, attention: bool = False):
         super().__init__()
         layers = [(5, 1), (3, 2), (3, 3), (3, 4), (3, 1)]
         self.trunk = Trunk(numcep, channels, layers, 512)
+        self.pool = AttentiveStatsPool(512) if attention else None
         self.embed = nn.Linear(1024, dim)
         self.bn = nn.BatchNorm1d(dim)
 
     def forward(self, feats: torch.Tensor, mask: Mask = None) -> torch.Tensor:
-        return self.bn(self.embed(mean_std_pool(self.trunk(feats, mask), mask)))
+        x = self.trunk(feats, mask)
+        stats = mean_std_pool(x, mask) if self.pool is None else self.pool(x, mask)
+        return self.bn(self.embed(stats))
 
 
 class NormalizedEmbedding(nn.Module):
