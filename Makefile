@@ -54,6 +54,9 @@ run: venv
 train: venv
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train]'
+	# The speaker encoder's pretrained weights ship in this wheel (Apache-2.0). Its own
+	# dependencies (librosa, webrtcvad) are not needed and webrtcvad would clash with ours.
+	$(BIN)/pip install -q --no-deps Resemblyzer==0.1.4
 	$(BIN)/streamd train digits --data ../shared/datasets --out models
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
 

@@ -192,7 +192,8 @@ def test_bad_model_files_are_refused_in_one_line(tmp_path, iso, mutate, expect):
         assert card["sha256"] in lines[0]
 
 
-def test_model_trained_on_other_features_is_refused(iso):
-    r = streamd("run", *iso.sets("features.numcep=13"), "--source", f"file:{DATA / 'word.flac'}")
+@pytest.mark.parametrize("override,key", [("features.numcep=13", "features.numcep"), ("mel.nfilt=30", "mel.nfilt")])
+def test_model_trained_on_other_features_is_refused(iso, override, key):
+    r = streamd("run", *iso.sets(override), "--source", f"file:{DATA / 'word.flac'}")
     assert r.returncode == 65
-    assert "features.numcep" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1

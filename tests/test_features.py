@@ -71,3 +71,34 @@ def test_silence_does_not_produce_infinite_features():
     feats = mfcc(np.zeros(16000, np.int16), FeatureParams())
     assert np.all(np.isfinite(feats))
     assert np.all(np.isfinite(normalize(feats)))
+
+
+@pytest.mark.parametrize("chunk", [160, 333])
+def test_mel_front_end_streams_like_offline(chunk):
+    from streamd.features import mel_params
+
+    audio, _ = sf.read(DATA / "demo.flac", dtype="int16")
+    params = mel_params()
+    offline = mfcc(audio, params)
+    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk))
+    assert offline.shape == (params.frames_in(len(audio)), params.nfilt + 1)
+    np.testing.assert_allclose(streamed, offline, rtol=1e-9, atol=1e-12)
+
+
+def test_mel_filterbank_is_slaney_and_normalisation_only_raises_gain():
+    from streamd.features import mel_params, slaney_filterbank
+
+    fb = slaney_filterbank(16000, 400, 40, 0.0, 8000.0)
+    assert fb.shape == (40, 201) and np.all(fb >= 0)
+    peaks = np.argmax(fb, axis=1)
+    assert np.all(np.diff(peaks) >= 0)  # bands rise in frequency
+    # Area normalisation: wide high bands have lower peaks than narrow low ones.
+    assert fb[0].max() > fb[-1].max()
+    params = mel_params()
+    audio, _ = sf.read(DATA / "word.flac", dtype="int16")
+    # word.flac is at about -25 dBFS: a quarter and a sixteenth of it are both brought up to -30 dBFS.
+    quieter = normalize(mfcc((audio / 4).astype(np.int16), params), params)
+    quietest = normalize(mfcc((audio / 16).astype(np.int16), params), params)
+    np.testing.assert_allclose(quietest.sum(), quieter.sum(), rtol=0.02)
+    as_is = normalize(mfcc(audio, params), params)
+    assert as_is.sum() > 2 * quieter.sum()  # louder than the target: never turned down

@@ -88,3 +88,13 @@ def test_enrolling_silence_is_refused(tmp_path):
     r = streamd("enroll", "--set", f'state.dir="{tmp_path}"', "quiet", str(silent))
     assert r.returncode == 65
     assert "too little speech" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fixed_windows_cover_the_utterance_as_resemblyzer_does():
+    from streamd.inference import window_starts
+
+    assert window_starts(50, 160, 77, 0.75) == [0]  # short: one zero-padded window
+    assert window_starts(160, 160, 77, 0.75) == [0]
+    starts = window_starts(400, 160, 77, 0.75)
+    assert starts[0] == 0 and all(b - a == 77 for a, b in zip(starts, starts[1:]))
+    assert 400 - starts[-1] >= 0.75 * 160 or len(starts) == 1

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-synth", dest="synth", action="store_false",
                    help="do not add synthetic espeak-ng speech to the training data")
+    p.add_argument("--scratch", action="store_true",
+                   help="speaker: train the x-vector baseline from scratch instead of converting "
+                        "the pretrained GE2E encoder (the shipped model)")
     p.add_argument("--from-scratch", action="store_true",
                    help="speaker: train the AAM-softmax x-vector here instead of exporting the "
                         "pretrained GE2E encoder")
@@ -57,10 +60,14 @@ def run(args) -> int:
         from streamd.train import speaker_encoder
 
         code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out))
-    else:
+    elif args.scratch:
         from streamd.train import speaker
 
         code = speaker.run(speaker.Options(args.data, args.out, epochs, args.seed, args.synth))
+    else:
+        from streamd.train import speaker_encoder
+
+        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out))
     print(f"streamd train {args.model}: done in {time.time() - t0:.0f} s")
     return code
 
