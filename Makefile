@@ -40,7 +40,7 @@ demo: venv
 	$(BIN)/streamd enroll $(DEMO_SET) asc02 tests/data/enroll_asc02.flac
 	$(BIN)/streamd enroll $(DEMO_SET) asc07 tests/data/enroll_asc07.flac
 	@echo "--- events published for tests/data/demo.flac (who spoke what: tests/data/demo.csv) ---"
-	@$(BIN)/streamd listen --endpoint tcp://127.0.0.1:5599 --timeout 3 & listener=$$!; \
+	@$(BIN)/streamd listen --endpoint tcp://127.0.0.1:5599 --timeout 3 --format text & listener=$$!; \
 	$(BIN)/streamd run $(DEMO_SET) --source file:tests/data/demo.flac --pace realtime --wait-subscriber 10; rc=$$?; \
 	wait $$listener; exit $$rc
 

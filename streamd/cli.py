@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--topic", default="", help="topic prefix, e.g. speaker. or digit.default")
     listen.add_argument("--count", type=int, default=0, help="exit after this many events")
     listen.add_argument("--timeout", type=float, default=0.0, help="exit after this many idle seconds")
+    listen.add_argument("--format", choices=("json", "text"), default="json",
+                        help="json: one event object a line (default); text: a short line for people")
 
     speakers = sub.add_parser("speakers", parents=[common], help="manage the enrolled speakers")
     speakers.add_argument("action", choices=("list", "remove"))
@@ -121,13 +123,31 @@ def cmd_listen(args, cfg) -> int:
             if last_seq is not None and event.get("seq", 0) > last_seq + 1 and not args.topic:
                 print(f"# {event['seq'] - last_seq - 1} events lost", file=sys.stderr)
             last_seq = event.get("seq")
-            print(json.dumps(event, ensure_ascii=False), flush=True)
+            line = describe(event) if args.format == "text" else json.dumps(event, ensure_ascii=False)
+            if line:
+                print(line, flush=True)
             seen += 1
     except KeyboardInterrupt:
         pass
     finally:
         sock.close(0)
     return 0
+
+
+def describe(event: dict) -> str:
+    """A short human line for an event (``listen --format text``)."""
+    head = f"[{event['stream']}] #{event['utterance']:<3} {event['t_start']:7.2f}-{event['t_end']:<7.2f}"
+    kind = event["type"]
+    if kind == "speaker":
+        best = event["candidates"][0] if event["candidates"] else None
+        hint = f" (closest: {best['name']} {best['score']:.2f})" if best and event["speaker"] == "unknown" else ""
+        return f"{head} speaker {event['speaker']} {event['score']:.2f}{hint}  latency {event['latency_s'] * 1000:.0f} ms"
+    if kind == "digit":
+        said = "-" if event["digit"] is None else str(event["digit"])
+        return f"{head} digit   {said} (p {event['confidence']:.2f})  latency {event['latency_s'] * 1000:.0f} ms"
+    if kind == "vad.end":
+        return f"{head} speech ended ({event['reason']})"
+    return f"{head} speech started" if kind == "vad.start" else f"{head} {kind}"
 
 
 def cmd_speakers(args, cfg) -> int:

@@ -197,3 +197,19 @@ def test_model_trained_on_other_features_is_refused(iso, override, key):
     r = streamd("run", *iso.sets(override), "--source", f"file:{DATA / 'word.flac'}")
     assert r.returncode == 65
     assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_listen_prints_what_the_daemon_publishes(iso, enrolled_state):
+    import subprocess
+    import sys
+
+    listener = subprocess.Popen([sys.executable, "-m", "streamd", "listen", "--endpoint", iso.endpoint,
+                                 "--topic", "digit.", "--count", "10", "--format", "text"],
+                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    r = streamd("run", *iso.sets(f'state.dir="{enrolled_state}"'), "--source", f"file:{DATA / 'demo.flac'}",
+                "--pace", "fast", "--wait-subscriber", "20")
+    out, _ = listener.communicate(timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = out.strip().splitlines()
+    assert len(lines) == 10 and all(" digit " in l for l in lines)
+    assert lines[0].split()[4] == "3"  # theo's "three"
