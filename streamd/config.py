@@ -82,7 +82,7 @@ class IdentityConfig:
 
 @dataclass(frozen=True)
 class DigitsConfig:
-    min_confidence: float = 0.3
+    min_confidence: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ SPLIT_TEXT = (
 )
 
 
+DIGITS_TUNING_NOTE = (
+    "No model selection on held-out data (the last epoch is shipped), but the epochs (20 -> 30) "
+    "and the share of non-digit clips per epoch (0.5 -> 0.35) were changed once after a first "
+    "run was measured on these held-out speakers (that run: 92.4% English, 94.5% Arabic)."
+)
+
+
 @dataclass
 class TrainingInfo:
     kind: str
@@ -38,6 +45,7 @@ class TrainingInfo:
     @property
     def command(self) -> str:
         cmd = f"streamd train {self.kind} --data {self.data_dir} --out {self.out_dir} --epochs {self.epochs} --seed {self.seed}"
+        cmd += " --scratch" if self.kind == "speaker" else ""  # the from-scratch baseline
         return cmd + ("" if self.synth else " --no-synth")
 
 
@@ -106,6 +114,7 @@ def digits_card(path: Path, train: data.FeatureSet, heldout: data.FeatureSet, me
            "notes": "raw logits; apply softmax"}
     card = base_card("digits", path, out, train, heldout, metrics, threshold, info)
     card["classes"] = data.CLASSES
+    card["training"]["notes"] = DIGITS_TUNING_NOTE
     return card
 
 
@@ -158,7 +167,9 @@ def _digits_md(c: dict) -> list[str]:
         "| threshold | digit clips → right digit | digit clips → wrong digit | non-digit clips → a digit |",
         "|---|---|---|---|",
     ] + [f"| {p['threshold']} | {_pct(p['digit_correct'])} | {_pct(p['digit_wrong'])} | "
-         f"{_pct(p['non_digit_accepted'])} |" for p in t["operating_points"]] + [""]
+         f"{_pct(p['non_digit_accepted'])} |" for p in t["operating_points"]] + [
+        "", f"Input length: any number of frames >= 10 (checked against torch up to 1500). "
+        f"{c['training'].get('notes', '')}", ""]
 
 
 def _eer_rows(metrics: dict, prefix: str = "") -> list[tuple[str, dict]]:
@@ -230,7 +241,11 @@ def write_docs(models_dir: Path) -> Path | None:
                   f"on 2 CPU cores; torch {c['torch_version']}."]
     lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed:", "", "```"]
     lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards] + ["```", "",
-              "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`).", ""]
+              "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`). "
+              "Without a cache the first run synthesises the espeak-ng clips (~40 s) and computes the "
+              "features of every clip version (71,780 training items + 2,900 held-out clips: ~6.5 min "
+              "on 2 cores). A cache is reused only if a random sample of its items, recomputed with "
+              "the current streamd code, matches.", ""]
     path = docs / "models.md"
     path.write_text("\n".join(lines))
     return path

@@ -1,9 +1,8 @@
 """``streamd train {digits,speaker}``: argparse wiring for the trainers.
 
 ``digits`` trains the digit classifier (streamd.train.digits). ``speaker`` builds the shipped
-speaker model: the pretrained GE2E encoder (streamd.train.speaker_encoder) when that module is
-present, else the from-scratch AAM-softmax x-vector (streamd.train.speaker), which
-``--from-scratch`` selects explicitly.
+speaker model, Resemblyzer's pretrained GE2E encoder converted by streamd.train.speaker_encoder;
+``speaker --scratch`` trains the from-scratch AAM-softmax x-vector baseline (streamd.train.speaker).
 
 torch is imported only when the subcommand runs, so the daemon's CLI works without it.
 """
@@ -34,9 +33,6 @@ def register(subparsers) -> None:
     p.add_argument("--scratch", action="store_true",
                    help="speaker: train the x-vector baseline from scratch instead of converting "
                         "the pretrained GE2E encoder (the shipped model)")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="speaker: train the AAM-softmax x-vector here instead of exporting the "
-                        "pretrained GE2E encoder")
 
 
 def run(args) -> int:
@@ -56,10 +52,6 @@ def run(args) -> int:
         from streamd.train import digits
 
         code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth))
-    elif not getattr(args, "from_scratch", False) and _has_encoder():
-        from streamd.train import speaker_encoder
-
-        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out))
     elif args.scratch:
         from streamd.train import speaker
 
@@ -70,12 +62,6 @@ def run(args) -> int:
         code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out))
     print(f"streamd train {args.model}: done in {time.time() - t0:.0f} s")
     return code
-
-
-def _has_encoder() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("streamd.train.speaker_encoder") is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,5 +231,8 @@ def run(opts: Options) -> int:
         "torch_version": torch.__version__,
     }
     (opts.out_dir / "speaker.card.json").write_text(json.dumps(card, indent=2) + "\n")
+    from streamd.train.card import write_docs
+
+    write_docs(opts.out_dir)
     print(json.dumps(card["metrics"], indent=2))
     return 0
