@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from streamd.config import Config
-from streamd.enroll import enroll_files
+from streamd.enroll import file_utterances
 from streamd.events import Publisher
 from streamd.frames import SAMPLE_RATE, Frame
-from streamd.identity import Gallery
+from streamd.gallery import Gallery
+from streamd.speakers import SpeakerBook
 from streamd.inference import load_models
 from streamd.metrics import STAGES, Metrics
 from streamd.pipeline import StreamPipeline
@@ -68,10 +69,11 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast") -> dict:
     metrics = Metrics()
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")
+        book = SpeakerBook(gallery, models.speaker, cfg.identity.threshold)
         for name in ("theo", "asc02", "asc07"):
-            enroll_files(name, [str(DATA / f"enroll_{name}.flac")], cfg, models.speaker, gallery)
+            book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
         publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
-        pipeline = StreamPipeline("bench", cfg, models, gallery, publisher, metrics)
+        pipeline = StreamPipeline("bench", cfg, models, book, publisher, metrics)
         audio = speech_audio(seconds)
         frame_s = cfg.vad.frame_ms / 1000
         late = 0

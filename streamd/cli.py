@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="json: one event object a line (default); text: a short line for people")
 
     speakers = sub.add_parser("speakers", parents=[common], help="manage the enrolled speakers")
-    speakers.add_argument("action", choices=("list", "remove"))
+    speakers.add_argument("action", choices=("list", "remove", "rename"))
     speakers.add_argument("name", nargs="?")
+    speakers.add_argument("new_name", nargs="?")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
     ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
@@ -92,19 +93,27 @@ def cmd_run(args, cfg) -> int:
     return Daemon(cfg, opts).run()
 
 
-def cmd_enroll(args, cfg) -> int:
+def open_book(cfg, create: bool = True):
+    """The gallery and speaker model, for commands that run without a daemon."""
     from streamd.daemon import GALLERY_FILE
-    from streamd.enroll import enroll_files
-    from streamd.identity import Gallery
+    from streamd.gallery import Gallery
     from streamd.inference import load_model
+    from streamd.speakers import SpeakerBook, gates_from
 
     model = load_model(cfg, "speaker", "cpu")
-    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    return SpeakerBook(Gallery(cfg.state_dir() / GALLERY_FILE), model, cfg.identity.threshold, gates_from(cfg.identity))
+
+
+def cmd_enroll(args, cfg) -> int:
+    from streamd.enroll import file_utterances
+
+    book = open_book(cfg)
     try:
-        n, seconds = enroll_files(args.name, args.audio, cfg, model, gallery)
+        utts = [u for path in args.audio for u in file_utterances(path, cfg, book.model)]
+        result = book.enroll(args.name, utts, source="files:" + ",".join(args.audio))
     finally:
-        gallery.close()
-    print(f"enrolled {args.name!r}: {n} utterances, {seconds:.1f} s of speech")
+        book.gallery.close()
+    print(f"enrolled {result['name']!r}: {result['utterances']} utterances, {result['seconds']:.1f} s of speech")
     return 0
 
 
@@ -151,23 +160,40 @@ def describe(event: dict) -> str:
 
 
 def cmd_speakers(args, cfg) -> int:
+    """Against the running daemon's control socket when one answers, else on the database."""
+    from streamd import control
+
+    request = {"cmd": args.action}
+    if args.action in ("remove", "rename"):
+        if not args.name or (args.action == "rename" and not args.new_name):
+            print(f"streamd: speakers {args.action} needs NAME" + (" NEW_NAME" if args.action == "rename" else ""),
+                  file=sys.stderr)
+            return 2
+        request.update(name=args.name, new_name=args.new_name)
+    endpoint = cfg.control.endpoint or control.default_endpoint()
+    reply = control.request(endpoint, request, timeout_s=2.0) if control.reachable(endpoint) else None
+    if reply is None:
+        reply = speakers_offline(cfg, request)
+    if not reply.get("ok"):
+        print(f"streamd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        for s in reply["speakers"]:
+            print(f"{s['name']}\t{s['utterances']} utterances\t{s['seconds']:.1f} s")
+    else:
+        print(f"{args.action}d {args.name!r}" + (f" -> {args.new_name!r}" if args.action == "rename" else ""))
+    return 0
+
+
+def speakers_offline(cfg, request: dict) -> dict:
+    """The same commands directly on the gallery database (no daemon running)."""
+    from streamd.commands import gallery_command
     from streamd.daemon import GALLERY_FILE
-    from streamd.identity import Gallery
+    from streamd.gallery import Gallery
 
     gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
     try:
-        if args.action == "list":
-            for s in gallery.speakers():
-                print(f"{s.name}\t{s.embeddings} embeddings\t{s.seconds:.1f} s")
-            return 0
-        if not args.name:
-            print("streamd: speakers remove needs a NAME", file=sys.stderr)
-            return 2
-        if not gallery.remove(args.name):
-            print(f"streamd: no enrolled speaker named {args.name!r}", file=sys.stderr)
-            return 1
-        print(f"removed {args.name!r}")
-        return 0
+        return gallery_command(gallery, request)
     finally:
         gallery.close()
 
@@ -213,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_cli.run(args)
     from streamd.daemon import setup_logging
-    from streamd.identity import GalleryError
+    from streamd.control import ControlError
+    from streamd.gallery import GalleryError
     from streamd.inference import ModelError
     from streamd.sources import SourceError
 
@@ -227,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, SourceError, GalleryError) as exc:
         print(f"streamd: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except ControlError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"streamd: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE

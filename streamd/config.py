@@ -78,6 +78,17 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class IdentityConfig:
     threshold: float = 0.8
+    enroll_min_seconds: float = 3.0
+    enroll_max_clipped: float = 0.01
+    enroll_min_dbfs: float = -50.0
+    enroll_min_consistency: float = 0.6
+    enroll_duplicate_score: float = 0.9
+    recent_utterances: int = 50
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class Config:
     mel: MelConfig = field(default_factory=MelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     digits: DigitsConfig = field(default_factory=DigitsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -174,6 +186,12 @@ RANGES: dict[str, tuple[float, float]] = {
     "mel.ceplifter": (0, 100),
     "models.threads": (1, 64),
     "identity.threshold": (-1.0, 1.0),
+    "identity.enroll_min_seconds": (0.0, 600.0),
+    "identity.enroll_max_clipped": (0.0, 1.0),
+    "identity.enroll_min_dbfs": (-120.0, 0.0),
+    "identity.enroll_min_consistency": (-1.0, 1.0),
+    "identity.enroll_duplicate_score": (-1.0, 1.0),
+    "identity.recent_utterances": (1, 10000),
     "digits.min_confidence": (0.0, 1.0),
     "events.hwm": (1, 1_000_000),
 }

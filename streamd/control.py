@@ -133,6 +133,11 @@ class ControlServer:
         self._sock.close()
 
 
+def reachable(endpoint: str) -> bool:
+    """Whether an ipc:// endpoint's socket file exists (tcp:// is always tried)."""
+    return not endpoint.startswith("ipc://") or os.path.exists(endpoint[len("ipc://"):])
+
+
 def request(endpoint: str, message: dict[str, Any] | bytes, timeout_s: float = 10.0,
             context: zmq.Context | None = None) -> dict[str, Any] | None:
     """One request from a REQ client; None when nothing answers within the timeout."""

@@ -8,18 +8,22 @@ import queue
 import signal
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamd import config as config_mod
 from streamd.config import Config, ConfigError
 from streamd.events import Publisher
-from streamd.identity import Gallery
+from streamd import control
+from streamd.commands import DaemonCommands
+from streamd.gallery import Gallery
 from streamd.inference import load_models
 from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
-from streamd.pipeline import StreamPipeline, Thresholds
+from streamd.pipeline import StreamPipeline
 from streamd.sources import Source, SourceError, open_source
+from streamd.speakers import SpeakerBook, gates_from
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +99,24 @@ class Daemon:
         for m in (models.speaker, models.digits):
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None
-        publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
+        publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
+        self.book = SpeakerBook(gallery, models.speaker, cfg.identity.threshold, gates_from(cfg.identity))
+        self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint())
+        self.commands = DaemonCommands(self)
         try:
-            self.pipeline = StreamPipeline(self.opts.stream, cfg, models, gallery, publisher, self.metrics)
+            self.pipeline = StreamPipeline(self.opts.stream, cfg, models, self.book, publisher, self.metrics)
             if self.opts.wait_subscriber_s > 0 and not publisher.wait_for_subscriber(self.opts.wait_subscriber_s):
                 log.warning("no subscriber joined within %.1f s; publishing anyway", self.opts.wait_subscriber_s)
             self._signals()
             sd_notify("READY=1\nSTATUS=listening")
-            log.info("ready: source %s, events on %s, metrics on %s", self.opts.source,
-                     publisher.endpoint, cfg.metrics.listen or "off")
+            log.info("ready: source %s, events on %s, metrics on %s, control on %s", self.opts.source,
+                     publisher.endpoint, cfg.metrics.listen or "off", self.control.endpoint)
             return self._loop(source, gallery)
         finally:
             sd_notify("STOPPING=1")
+            self.control.close()
             publisher.close()
             if server is not None:
                 server.shutdown()
@@ -125,8 +133,9 @@ class Daemon:
                 if self._reload.is_set():
                     self._reload.clear()
                     self._apply_reload(gallery)
+                self._serve_control()
                 try:
-                    frame = reader.frames.get(timeout=0.2)
+                    frame = reader.frames.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 if frame is _END:
@@ -144,6 +153,16 @@ class Daemon:
                 f"source {self.opts.source}: {reader.error}")
         return 0
 
+    def _serve_control(self) -> None:
+        """Control requests are served between frames, on the audio thread: no locks needed."""
+        self.control.poll(self.commands)
+        collector = self.pipeline.collector
+        if collector is not None:
+            done = collector.collected >= collector.seconds
+            if done or time.monotonic() > collector.deadline:
+                self.pipeline.collector = None
+                self.commands.finish(self.control, collector, timed_out=not done)
+
     def _apply_reload(self, gallery: Gallery | None) -> None:
         """SIGHUP: re-read the config and the gallery; a bad config keeps the old one."""
         try:
@@ -155,10 +174,12 @@ class Daemon:
         for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
-        self.pipeline.thresholds = Thresholds.from_config(new)
+        self.pipeline.min_digit_confidence = new.digits.min_confidence
+        self.book.threshold = new.identity.threshold
+        self.book.gates = gates_from(new.identity)
         self.cfg = new
         if gallery is not None:
-            gallery.reload()
+            gallery.invalidate()
         log.info("reloaded config and gallery")
 
 

@@ -68,10 +68,23 @@ class GalleryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Utterance:
-    """One utterance's normalised features, as stored for enrollment."""
+    """One utterance's normalised speaker features, as stored for enrollment, and the
+    level of its audio (checked by the enrollment quality gates, not stored)."""
 
     features: np.ndarray  # (frames, dims) float32
     seconds: float
+    peak: float = 0.0  # largest |sample| / 32768
+    clipped: float = 0.0  # share of samples at full scale
+    rms_dbfs: float = -100.0
+
+
+def audio_level(audio: np.ndarray) -> tuple[float, float, float]:
+    """(peak, clipped share, RMS in dBFS) of int16 audio."""
+    if len(audio) == 0:
+        return 0.0, 0.0, -100.0
+    a = np.abs(audio.astype(np.int32))
+    rms = float(np.sqrt(np.mean((audio.astype(np.float64) / 32768.0) ** 2)))
+    return float(a.max()) / 32768.0, float(np.mean(a >= 32767)), 20 * np.log10(max(rms, 1e-5))
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,10 @@ class Gallery:
     def transaction(self):
         """``with gallery.transaction():`` — BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
         return _Transaction(self.db)
+
+    def invalidate(self) -> None:
+        """Make the next ``changed()`` true (SIGHUP: re-read everything)."""
+        self._version = None
 
     def changed(self) -> bool:
         """True when the database changed (in any connection) since the last call."""

@@ -1,155 +1,142 @@
-"""Speaker gallery (SQLite) and the open-set decision by cosine score.
+"""Open-set speaker decisions: enrolled centroids, adaptive s-norm against an impostor cohort,
+a threshold set from a target false-accept rate, and online clusters of unknown voices.
 
-Enrollment is data: adding a speaker adds rows, never touches a model.
+Pure logic on arrays; storage is streamd.gallery.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-UNKNOWN = "unknown"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS speakers (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS embeddings (
-    id INTEGER PRIMARY KEY,
-    speaker_id INTEGER NOT NULL REFERENCES speakers(id) ON DELETE CASCADE,
-    model_sha256 TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    seconds REAL NOT NULL,
-    source TEXT NOT NULL,
-    created REAL NOT NULL
-);
-"""
+from streamd.gallery import UNKNOWN, Cluster
+
+# UNKNOWN is re-exported: events and the CLI use it from here.
+__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "decide", "l2_normalize", "ClusterBook"]
 
 
-class GalleryError(RuntimeError):
-    """Enrollment or a gallery change was refused; the message says why."""
-
-
-@dataclass(frozen=True)
-class SpeakerEntry:
-    name: str
-    embeddings: int
-    seconds: float
-    created: float
-    updated: float
+def l2_normalize(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
 class Decision:
     speaker: str
-    score: float
+    score: float  # normalised score of the best candidate (what the threshold applies to)
     candidates: list[dict]
+    raw: float = 0.0  # its cosine
+    cluster: str | None = None
 
 
-def l2_normalize(v: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(norm, 1e-12)
+class Scorer:
+    """Adaptive s-norm (AS-norm): a cosine score is standardised against the top-k scores
+    each side (the utterance, the enrolled speaker) gets from an impostor cohort, so one
+    threshold means the same false-accept rate for every speaker. Without a cohort the
+    score is the cosine itself."""
+
+    def __init__(self, cohort: np.ndarray | None, top_k: int = 100):
+        self.cohort = None if cohort is None or len(cohort) == 0 else l2_normalize(cohort)
+        self.top_k = top_k
+
+    @property
+    def normalised(self) -> bool:
+        return self.cohort is not None
+
+    def stats(self, vectors: np.ndarray) -> np.ndarray:
+        """(n, 2): mean and std of each vector's top-k cohort scores."""
+        vectors = np.atleast_2d(vectors)
+        if self.cohort is None:
+            return np.tile([0.0, 1.0], (len(vectors), 1))
+        scores = l2_normalize(vectors) @ self.cohort.T
+        k = min(self.top_k, scores.shape[1])
+        top = -np.sort(-scores, axis=1)[:, :k]
+        return np.stack([top.mean(axis=1), np.maximum(top.std(axis=1), 1e-4)], axis=1)
+
+    def normalise(self, raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
+        """raw (n,), probe stats (2,), enrolled stats (n, 2) -> normalised scores (n,)."""
+        if self.cohort is None:
+            return raw
+        return 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[0]) / probe[1])
 
 
-def validate_name(name: str) -> str:
-    name = name.strip()
-    if not name or len(name) > 64:
-        raise GalleryError("speaker name must be 1-64 characters")
-    if name == UNKNOWN or name.startswith(UNKNOWN + "-"):
-        raise GalleryError(f"speaker name {name!r} is reserved")
-    if any(ch in name for ch in "/\\") or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise GalleryError("speaker name must not contain control characters or path separators")
-    return name
+@dataclass(frozen=True)
+class Calibration:
+    """Normalised-score threshold per false-accept rate, measured on held-out speakers."""
+
+    far: tuple[float, ...]
+    threshold: tuple[float, ...]
+
+    def threshold_for(self, far: float) -> float:
+        # far decreases as the threshold rises; interpolate in log(far).
+        fars = np.log(np.maximum(np.asarray(self.far), 1e-9))
+        order = np.argsort(fars)
+        return float(np.interp(np.log(max(far, 1e-9)), fars[order], np.asarray(self.threshold)[order]))
 
 
-class Gallery:
-    """Enrolled speakers in ``gallery.sqlite3`` (WAL mode, one transaction per change)."""
+@dataclass
+class Enrolled:
+    names: list[str] = field(default_factory=list)
+    centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._version: int | None = None
-        self._cache: dict[str, tuple[list[str], np.ndarray]] = {}  # by model sha256
-
-    def close(self) -> None:
-        self._db.close()
-
-    def enroll(self, name: str, vectors: np.ndarray, seconds: float, model_sha256: str, source: str) -> None:
-        name = validate_name(name)
-        now = time.time()
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
-                "INSERT INTO speakers(name, created, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET updated = excluded.updated", (name, now, now))
-            (sid,) = self._db.execute("SELECT id FROM speakers WHERE name = ?", (name,)).fetchone()
-            per = seconds / max(1, len(vectors))
-            self._db.executemany(
-                "INSERT INTO embeddings(speaker_id, model_sha256, vector, seconds, source, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(sid, model_sha256, np.asarray(v, "<f4").tobytes(), per, source, now) for v in vectors])
-
-    def remove(self, name: str) -> bool:
-        with self._db:
-            cur = self._db.execute("DELETE FROM speakers WHERE name = ?", (name,))
-        return cur.rowcount > 0
-
-    def speakers(self) -> list[SpeakerEntry]:
-        rows = self._db.execute(
-            "SELECT s.name, COUNT(e.id), COALESCE(SUM(e.seconds), 0), s.created, s.updated "
-            "FROM speakers s LEFT JOIN embeddings e ON e.speaker_id = s.id GROUP BY s.id ORDER BY s.name")
-        return [SpeakerEntry(*row) for row in rows]
-
-    def _changed(self) -> bool:
-        (version,) = self._db.execute("PRAGMA data_version").fetchone()
-        changed = version != self._version
-        self._version = version
-        return changed
-
-    def centroids(self, model_sha256: str) -> tuple[list[str], np.ndarray]:
-        """Each speaker's mean embedding (for this model), re-read when another process
-        (``streamd enroll``) changed the database."""
-        if self._changed():
-            self._cache.clear()
-        if model_sha256 not in self._cache:
-            self._cache[model_sha256] = self._read_centroids(model_sha256)
-        return self._cache[model_sha256]
-
-    def _read_centroids(self, model_sha256: str) -> tuple[list[str], np.ndarray]:
-        rows = self._db.execute(
-            "SELECT s.name, e.vector FROM embeddings e JOIN speakers s ON s.id = e.speaker_id "
-            "WHERE e.model_sha256 = ? ORDER BY s.name", (model_sha256,)).fetchall()
-        by_name: dict[str, list[np.ndarray]] = {}
-        for name, blob in rows:
-            by_name.setdefault(name, []).append(np.frombuffer(blob, "<f4"))
+    @classmethod
+    def build(cls, by_name: dict[str, np.ndarray], scorer: Scorer) -> Enrolled:
         if not by_name:
-            return [], np.zeros((0, 0), np.float32)
-        return list(by_name), l2_normalize(np.stack([np.mean(v, axis=0) for v in by_name.values()]))
-
-    def reload(self) -> None:
-        self._version = None
-        self._cache.clear()
+            return cls()
+        names = sorted(by_name)
+        cents = l2_normalize(np.stack([l2_normalize(by_name[n]).mean(axis=0) for n in names]))
+        return cls(names, cents, scorer.stats(cents))
 
 
-def decide(embedding: np.ndarray, names: list[str], centroids: np.ndarray, threshold: float,
-           top: int = 3) -> Decision:
-    """Open-set decision: the best-scoring enrolled speaker if its cosine score reaches the
-    threshold, otherwise ``unknown``."""
-    if not names:
-        return Decision(UNKNOWN, 0.0, [])
-    scores = centroids @ l2_normalize(np.asarray(embedding, np.float32))
+def decide(embedding: np.ndarray, enrolled: Enrolled, scorer: Scorer, threshold: float, top: int = 3) -> Decision:
+    if not enrolled.names:
+        return Decision(UNKNOWN, float("-inf") if scorer.normalised else 0.0, [])
+    e = l2_normalize(embedding)
+    raw = enrolled.centroids @ e
+    scores = scorer.normalise(raw, scorer.stats(e)[0], enrolled.stats)
     order = np.argsort(-scores)[:top]
-    candidates = [{"name": names[i], "score": float(scores[i])} for i in order]
-    best = candidates[0]
-    speaker = best["name"] if best["score"] >= threshold else UNKNOWN
-    return Decision(speaker, best["score"], candidates)
+    candidates = [{"name": enrolled.names[i], "score": float(scores[i])} for i in order]
+    best = int(order[0])
+    speaker = enrolled.names[best] if scores[best] >= threshold else UNKNOWN
+    return Decision(speaker, float(scores[best]), candidates, raw=float(raw[best]))
+
+
+class ClusterBook:
+    """Online clustering of unknown voices: an utterance joins the closest cluster whose
+    normalised score reaches the threshold (its centroid moves), or starts a new one."""
+
+    def __init__(self, clusters: list[Cluster], scorer: Scorer, threshold: float):
+        self.scorer = scorer
+        self.threshold = threshold
+        self.labels = [c.label for c in clusters]
+        self.centroids = [l2_normalize(c.centroid) for c in clusters]
+        self.counts = [c.count for c in clusters]
+
+    def assign(self, embedding: np.ndarray) -> tuple[str | None, np.ndarray, int]:
+        """(label or None for a new cluster, its new centroid, its new count)."""
+        e = l2_normalize(embedding)
+        if self.centroids:
+            cents = np.stack(self.centroids)
+            scores = self.scorer.normalise(cents @ e, self.scorer.stats(e)[0], self.scorer.stats(cents))
+            best = int(np.argmax(scores))
+            if scores[best] >= self.threshold:
+                n = self.counts[best]
+                moved = l2_normalize(self.centroids[best] * n + e)
+                return self.labels[best], moved, n + 1
+        return None, e, 1
+
+    def update(self, label: str, centroid: np.ndarray, count: int) -> None:
+        if label in self.labels:
+            i = self.labels.index(label)
+            self.centroids[i], self.counts[i] = centroid, count
+        else:
+            self.labels.append(label)
+            self.centroids.append(centroid)
+            self.counts.append(count)
+
+    def remove(self, label: str) -> None:
+        if label in self.labels:
+            i = self.labels.index(label)
+            del self.labels[i], self.centroids[i], self.counts[i]

@@ -2,43 +2,48 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from streamd import digits, identity
+from streamd import digits
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, VadEnd, VadStart
 from streamd.features import StreamingMfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
+from streamd.gallery import Utterance, audio_level
+from streamd.identity import UNKNOWN, Decision
 from streamd.inference import Models
 from streamd.metrics import Metrics
+from streamd.speakers import SpeakerBook
 from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
 
 
-@dataclass
-class Thresholds:
-    """The decision settings SIGHUP may change while the stream runs."""
+@dataclass(frozen=True)
+class Recent:
+    """An utterance heard recently, kept for ``enroll_recent``."""
 
-    speaker: float
-    digit: float
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> Thresholds:
-        return cls(cfg.identity.threshold, cfg.digits.min_confidence)
+    utterance: int
+    utt: Utterance
+    embedding: np.ndarray
 
 
 class StreamPipeline:
-    def __init__(self, stream: str, cfg: Config, models: Models, gallery: identity.Gallery | None,
+    def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
                  publisher: Publisher, metrics: Metrics):
         self.stream = stream
         self.models = models
-        self.gallery = gallery
+        self.book = book
         self.publisher = publisher
         self.metrics = metrics
-        self.thresholds = Thresholds.from_config(cfg)
+        self.min_digit_confidence = cfg.digits.min_confidence
+        self.recent: collections.deque[Recent] = collections.deque(maxlen=cfg.identity.recent_utterances)
+        self.collector = None  # streamd.commands.Collector while enroll_next gathers speech
+        self.utterances_seen = 0
+        self._audio: list[np.ndarray] = []
         self.segmenter = Segmenter(cfg.vad)
         # One ring per front end the models need; each sample's features are computed once.
         self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep))
@@ -69,6 +74,7 @@ class StreamPipeline:
             if isinstance(out, SpeechStart):
                 for ring in self.rings.values():
                     ring.reset()
+                self._audio = []
                 self._add_audio(out.audio)
                 t_now = frame.t_end if frame is not None else out.t_start
                 self._publish(VadStart(self.stream, out.utterance, out.t_start, t_now))
@@ -79,6 +85,7 @@ class StreamPipeline:
 
     def _add_audio(self, audio: np.ndarray) -> None:
         with self._timed("features"):
+            self._audio.append(audio)  # kept until the utterance ends, for its level
             for ring in self.rings.values():
                 ring.push(audio)
 
@@ -93,11 +100,19 @@ class StreamPipeline:
         # cut that streamd.vad.utterance_audio makes for training clips.
         start_t, end_t = end.model_span(self.segmenter.params)
         samples = int(round((end_t - start_t) * SAMPLE_RATE))
+        self.utterances_seen += 1
         with self._timed("inference"):
-            embedding = self.models.speaker.run(self._utterance_features(self.models.speaker.params, samples))
+            speaker_feats = self._utterance_features(self.models.speaker.params, samples)
+            embedding = self.models.speaker.run(speaker_feats)
             logits = self.models.digits.run(self._utterance_features(self.models.digits.params, samples))
-            who = self._identify(embedding)
-            digit = digits.decide(logits, self.thresholds.digit)
+            who = self.book.decide(embedding) if self.book is not None else Decision(UNKNOWN, 0.0, [])
+            digit = digits.decide(logits, self.min_digit_confidence)
+        audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
+        utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
+        self.recent.append(Recent(end.utterance, utt, embedding))
+        if self.collector is not None:
+            self.collector.utterances.append(utt)
+            self.collector.vectors.append(embedding)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self._publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
                                    latency_s=time.monotonic() - end.closed_at), end.closed_at)
@@ -109,12 +124,6 @@ class StreamPipeline:
         ring = self.rings[params]
         n = min(params.frames_in(samples), ring.num_frames)
         return normalize(ring.frames(ring.oldest_frame, n), params)
-
-    def _identify(self, embedding: np.ndarray) -> identity.Decision:
-        if self.gallery is None:
-            return identity.Decision(identity.UNKNOWN, 0.0, [])
-        names, centroids = self.gallery.centroids(self.models.speaker.card.sha256)
-        return identity.decide(embedding, names, centroids, self.thresholds.speaker)
 
     def _publish(self, event, closed_at: float | None = None) -> None:
         with self._timed("publish"):

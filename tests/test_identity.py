@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from streamd import digits
-from streamd.identity import UNKNOWN, Gallery, GalleryError, decide, l2_normalize
+from streamd.gallery import Gallery, GalleryError, Utterance
+from streamd.identity import UNKNOWN, Enrolled, Scorer, decide, l2_normalize
 from conftest import DATA, streamd
 
 
@@ -12,47 +13,78 @@ def unit(v):
     return l2_normalize(np.asarray(v, np.float32))
 
 
+def utt(seconds=2.0, dims=3):
+    return Utterance(np.ones((50, dims), np.float32), seconds, 0.5, 0.0, -20.0)
+
+
+def enroll(g, name, vectors, sha="sha", key="k"):
+    g.add_enrollments(name, [utt() for _ in vectors], np.stack([unit(v) for v in vectors]), sha, key, "test")
+
+
 def test_gallery_is_a_real_sqlite_file_in_wal_mode(tmp_path):
     g = Gallery(tmp_path / "g.sqlite3")
-    g.enroll("alice", np.stack([unit([1, 0, 0]), unit([0.9, 0.1, 0])]), 4.0, "sha-a", "test")
+    enroll(g, "alice", [[1, 0, 0], [0.9, 0.1, 0]])
     g.close()
     db = sqlite3.connect(tmp_path / "g.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM enrollments").fetchone()[0] == 2
     assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 2
 
 
 def test_open_set_decision(tmp_path):
     g = Gallery(tmp_path / "g.sqlite3")
-    g.enroll("alice", np.stack([unit([1, 0, 0])]), 3.0, "sha", "t")
-    g.enroll("bob", np.stack([unit([0, 1, 0])]), 3.0, "sha", "t")
-    names, cents = g.centroids("sha")
-    assert names == ["alice", "bob"]
-    d = decide(unit([0.95, 0.2, 0.1]), names, cents, threshold=0.6)
-    assert d.speaker == "alice" and d.candidates[0]["name"] == "alice"
-    assert [c["name"] for c in d.candidates] == ["alice", "bob"]
-    stranger = decide(unit([0.1, 0.1, 1.0]), names, cents, threshold=0.6)
+    enroll(g, "alice", [[1, 0, 0]])
+    enroll(g, "bob", [[0, 1, 0]])
+    enrolled = Enrolled.build(g.embeddings("sha"), Scorer(None))
+    assert enrolled.names == ["alice", "bob"]
+    d = decide(unit([0.95, 0.2, 0.1]), enrolled, Scorer(None), threshold=0.6)
+    assert d.speaker == "alice" and [c["name"] for c in d.candidates] == ["alice", "bob"]
+    stranger = decide(unit([0.1, 0.1, 1.0]), enrolled, Scorer(None), threshold=0.6)
     assert stranger.speaker == UNKNOWN and stranger.score < 0.6
     # Embeddings of another model are never scored against this one.
-    assert g.centroids("other-model")[0] == []
+    assert g.embeddings("other-model") == {}
 
 
 def test_changes_by_another_process_are_seen(tmp_path):
     path = tmp_path / "g.sqlite3"
     daemon_side = Gallery(path)
-    assert daemon_side.centroids("sha")[0] == []
+    assert daemon_side.changed()
+    assert not daemon_side.changed()
     cli_side = Gallery(path)
-    cli_side.enroll("carol", np.stack([unit([0, 0, 1])]), 3.0, "sha", "t")
-    assert daemon_side.centroids("sha")[0] == ["carol"]
-    cli_side.remove("carol")
-    assert daemon_side.centroids("sha")[0] == []
+    enroll(cli_side, "carol", [[0, 0, 1]])
+    assert daemon_side.changed()
+    assert list(daemon_side.embeddings("sha")) == ["carol"]
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "x\ny", "unknown", "unknown-3", "a" * 65])
+def test_rename_and_remove(tmp_path):
+    g = Gallery(tmp_path / "g.sqlite3")
+    enroll(g, "alice", [[1, 0, 0]])
+    enroll(g, "bob", [[0, 1, 0]])
+    with pytest.raises(GalleryError, match="already enrolled"):
+        g.rename("alice", "bob")
+    g.rename("alice", "alicia")
+    assert [s.name for s in g.speakers()] == ["alicia", "bob"]
+    assert g.remove("bob") and not g.remove("bob")
+    assert g.db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 1  # cascaded
+
+
+def test_model_change_leaves_enrollments_to_re_embed(tmp_path):
+    g = Gallery(tmp_path / "g.sqlite3")
+    enroll(g, "alice", [[1, 0, 0], [0, 1, 0]], sha="old")
+    todo = g.missing_embeddings("new", "k")
+    assert len(todo) == 2 and todo[0][1].shape == (50, 3)
+    g.store_embeddings("new", [(eid, unit([1, 1, 0])) for eid, _ in todo])
+    assert g.missing_embeddings("new", "k") == []
+    assert list(g.embeddings("new")) == ["alice"] and g.embeddings("old") == {}
+    assert g.missing_embeddings("new", "other-features") == [] and g.stale_enrollments("other-features") == 2
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "x\ny", "unknown", "unknown-3", "a" * 65, "tab\there"])
 def test_bad_names_are_refused(tmp_path, name):
     g = Gallery(tmp_path / "g.sqlite3")
     with pytest.raises(GalleryError):
-        g.enroll(name, np.stack([unit([1, 0, 0])]), 3.0, "sha", "t")
+        enroll(g, name, [[1, 0, 0]])
     assert g.speakers() == []
 
 
@@ -68,16 +100,36 @@ def test_digit_rule_rejects_non_digits_and_low_confidence():
     assert len(digits.decide(flat, 0.6).candidates) == 3
 
 
-def test_cli_enroll_list_remove(tmp_path):
+def test_cli_enroll_list_rename_remove(tmp_path):
     state = f'state.dir="{tmp_path}"'
+    off = ["--set", f'control.endpoint="ipc://{tmp_path}/none.sock"']
     r = streamd("enroll", "--set", state, "theo", str(DATA / "enroll_theo.flac"))
     assert r.returncode == 0, r.stderr
     assert "enrolled 'theo'" in r.stdout
-    r = streamd("speakers", "--set", state, "list")
-    assert r.stdout.startswith("theo\t")
-    r = streamd("speakers", "--set", state, "remove", "theo")
-    assert r.returncode == 0
-    assert streamd("speakers", "--set", state, "list").stdout == ""
+    r = streamd("speakers", "--set", state, *off, "list")
+    assert r.stdout.startswith("theo\t10 utterances"), r.stdout + r.stderr
+    assert streamd("speakers", "--set", state, *off, "rename", "theo", "Theo").returncode == 0
+    assert streamd("speakers", "--set", state, *off, "remove", "Theo").returncode == 0
+    assert streamd("speakers", "--set", state, *off, "list").stdout == ""
+
+
+@pytest.mark.parametrize("setting,why", [
+    ("identity.enroll_min_seconds=60.0", "too little speech"),
+    ("identity.enroll_min_dbfs=-5.0", "too quiet"),
+    ("identity.enroll_min_consistency=0.99", "disagree"),
+])
+def test_enrollment_quality_gates_say_why(tmp_path, setting, why):
+    r = streamd("enroll", "--set", f'state.dir="{tmp_path}"', "--set", setting, "theo", str(DATA / "enroll_theo.flac"))
+    assert r.returncode == 65
+    assert why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_voice_already_enrolled_under_another_name_is_refused(tmp_path):
+    state = f'state.dir="{tmp_path}"'
+    assert streamd("enroll", "--set", state, "theo", str(DATA / "enroll_theo.flac")).returncode == 0
+    r = streamd("enroll", "--set", state, "--set", "identity.enroll_duplicate_score=0.8", "impostor",
+                str(DATA / "enroll_theo.flac"))
+    assert r.returncode == 65 and "'theo'" in r.stderr
 
 
 def test_enrolling_silence_is_refused(tmp_path):

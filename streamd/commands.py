@@ -1,0 +1,157 @@
+"""Control commands (docs/control.md): what each JSON request does to the running daemon.
+
+``gallery_command`` serves the commands that only need the database, so the CLI can run
+them with no daemon; ``DaemonCommands`` adds the ones that need live audio and state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streamd.control import ControlError, ControlServer, Pending
+from streamd.gallery import Gallery, GalleryError, Utterance
+
+MAX_NEXT_SECONDS = 120.0
+
+
+def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
+    value = request.get(name, default)
+    if value is ...:
+        raise ControlError(f"{request['cmd']}: missing field {name!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ControlError(f"{request['cmd']}: field {name!r} must be {kind.__name__}")
+    return value
+
+
+def gallery_command(gallery: Gallery, request: dict) -> dict:
+    cmd = request.get("cmd")
+    try:
+        if cmd == "list":
+            return {"ok": True, "speakers": [
+                {"name": s.name, "utterances": s.enrollments, "seconds": round(s.seconds, 2),
+                 "created": s.created, "updated": s.updated} for s in gallery.speakers()]}
+        if cmd == "remove":
+            name = _field(request, "name", str)
+            if not gallery.remove(name):
+                raise ControlError(f"no enrolled speaker named {name!r}")
+            return {"ok": True, "removed": name}
+        if cmd == "rename":
+            old, new = _field(request, "name", str), _field(request, "new_name", str)
+            gallery.rename(old, new)
+            return {"ok": True, "renamed": old, "to": new.strip()}
+    except GalleryError as exc:
+        raise ControlError(str(exc)) from None
+    raise ControlError(f"unknown command {cmd!r}")
+
+
+@dataclass
+class Collector:
+    """``enroll_next``: gathers the next N seconds of speech on a stream, then enrolls."""
+
+    name: str
+    seconds: float
+    deadline: float
+    pending: Pending
+    utterances: list[Utterance] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def collected(self) -> float:
+        return sum(u.seconds for u in self.utterances)
+
+
+class DaemonCommands:
+    """The request handler the daemon gives its ControlServer."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.started = time.time()
+
+    def __call__(self, request: dict, pending: Pending) -> dict | None:
+        cmd = request["cmd"]
+        book = self.daemon.book
+        if cmd in ("list", "remove", "rename"):
+            if book is None or book.gallery is None:
+                raise ControlError("the gallery is not available (state directory unusable)")
+            return gallery_command(book.gallery, request)
+        handler = getattr(self, f"cmd_{cmd}", None)
+        if handler is None:
+            raise ControlError(f"unknown command {cmd!r}")
+        return handler(request, pending)
+
+    def _stream(self, request: dict):
+        stream = _field(request, "stream", str, self.daemon.pipeline.stream)
+        if stream != self.daemon.pipeline.stream:
+            raise ControlError(f"no stream named {stream!r}")
+        return self.daemon.pipeline
+
+    def _enroll(self, name: str, utts: list[Utterance], vectors: list[np.ndarray], source: str) -> dict:
+        try:
+            result = self.daemon.book.enroll(name, utts, source, np.stack(vectors) if vectors else None)
+        except GalleryError as exc:
+            raise ControlError(str(exc)) from None
+        return {"ok": True, **result}
+
+    def cmd_enroll_recent(self, request: dict, pending: Pending) -> dict:
+        name = _field(request, "name", str)
+        ids = _field(request, "utterances", list)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ControlError("enroll_recent: 'utterances' must be a non-empty list of utterance numbers")
+        recent = {r.utterance: r for r in self._stream(request).recent}
+        missing = [i for i in ids if i not in recent]
+        if missing:
+            raise ControlError(f"enroll_recent: utterances not heard recently: {missing[:10]}")
+        picked = [recent[i] for i in dict.fromkeys(ids)]
+        return self._enroll(name, [r.utt for r in picked], [r.embedding for r in picked], f"recent:{ids[:50]}")
+
+    def cmd_enroll_next(self, request: dict, pending: Pending) -> None:
+        name = _field(request, "name", str)
+        seconds = _field(request, "seconds", float, 5.0)
+        timeout = _field(request, "timeout_s", float, max(30.0, 4 * seconds))
+        if not 0 < seconds <= MAX_NEXT_SECONDS:
+            raise ControlError(f"enroll_next: 'seconds' must be in (0, {MAX_NEXT_SECONDS:.0f}]")
+        pipeline = self._stream(request)
+        if pipeline.collector is not None:
+            raise ControlError(f"enroll_next: already collecting speech for {pipeline.collector.name!r}")
+        from streamd.gallery import validate_name
+
+        try:
+            name = validate_name(name)
+        except GalleryError as exc:
+            raise ControlError(str(exc)) from None
+        pipeline.collector = Collector(name, seconds, time.monotonic() + timeout, pending)
+        return None  # answered when enough speech has been heard (Daemon.finish_collection)
+
+    def finish(self, server: ControlServer, collector: Collector, timed_out: bool) -> None:
+        if timed_out:
+            reply = {"ok": False, "error": f"enroll_next: heard only {collector.collected:.1f} s of "
+                                           f"{collector.seconds:.1f} s before the timeout"}
+        else:
+            try:
+                reply = self._enroll(collector.name, collector.utterances, collector.vectors, "live")
+            except ControlError as exc:
+                reply = {"ok": False, "error": str(exc)}
+        server.reply(collector.pending, reply)
+
+    def cmd_set_threshold(self, request: dict, pending: Pending) -> dict:
+        value = _field(request, "threshold", float)
+        if not -1.0 <= value <= 1.0:
+            raise ControlError("set_threshold: 'threshold' must be a cosine score in [-1, 1]")
+        self.daemon.book.threshold = value
+        return {"ok": True, "threshold": value}
+
+    def cmd_stats(self, request: dict, pending: Pending) -> dict:
+        p = self.daemon.pipeline
+        book = self.daemon.book
+        return {"ok": True, "uptime_s": round(time.time() - self.started, 1), "stream": p.stream,
+                "utterances": p.utterances_seen, "recent": len(p.recent),
+                "speakers": len(book.enrolled().names) if book else 0,
+                "threshold": book.threshold if book else None,
+                "events_published": self.daemon.publisher.seq, "events_dropped": self.daemon.publisher.dropped,
+                "speaker_model": book.sha if book else None}

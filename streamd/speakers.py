@@ -1,0 +1,117 @@
+"""Who is speaking: the gallery, the speaker model and the open-set decision together.
+
+Enrollment adds rows, never touches a model, and passes quality gates first. When the
+speaker model changes, enrollments stored with their features are re-embedded at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamd.gallery import Gallery, GalleryError, Utterance, validate_name
+from streamd.identity import Decision, Enrolled, Scorer, decide, l2_normalize
+from streamd.inference import OnnxModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_seconds: float = 3.0
+    max_clipped: float = 0.01
+    min_rms_dbfs: float = -50.0
+    min_consistency: float = 0.6
+    duplicate_score: float = 0.9
+
+
+def gates_from(identity) -> Gates:
+    """The enrollment gates of an [identity] config section."""
+    return Gates(identity.enroll_min_seconds, identity.enroll_max_clipped, identity.enroll_min_dbfs,
+                 identity.enroll_min_consistency, identity.enroll_duplicate_score)
+
+
+def feature_key(model: OnnxModel) -> str:
+    """Names the features an enrollment was stored with (front end parameters)."""
+    return hashlib.sha256(json.dumps(model.params.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SpeakerBook:
+    def __init__(self, gallery: Gallery | None, model: OnnxModel, threshold: float, gates: Gates = Gates()):
+        self.gallery = gallery
+        self.model = model
+        self.threshold = threshold
+        self.gates = gates
+        self.scorer = Scorer(None)  # plain cosine; see identity.Scorer for s-norm
+        self._enrolled = Enrolled()
+        self.key = feature_key(model)
+        if gallery is not None:
+            self.reembed()
+
+    @property
+    def sha(self) -> str:
+        return self.model.card.sha256
+
+    def reembed(self) -> int:
+        """Embed every stored enrollment that has no embedding for the current model."""
+        assert self.gallery is not None
+        todo = self.gallery.missing_embeddings(self.sha, self.key)
+        if todo:
+            log.info("speaker model changed: re-embedding %d enrollments", len(todo))
+            self.gallery.store_embeddings(self.sha, [(eid, self.model.run(f)) for eid, f in todo])
+        stale = self.gallery.stale_enrollments(self.key)
+        if stale:
+            log.warning("%d enrollments were made with other speaker features and are not used", stale)
+        return len(todo)
+
+    def enrolled(self) -> Enrolled:
+        if self.gallery is not None and self.gallery.changed():
+            self._enrolled = Enrolled.build(self.gallery.embeddings(self.sha), self.scorer)
+        return self._enrolled
+
+    def decide(self, embedding: np.ndarray) -> Decision:
+        return decide(embedding, self.enrolled(), self.scorer, self.threshold)
+
+    def enroll(self, name: str, utterances: list[Utterance], source: str,
+               vectors: np.ndarray | None = None) -> dict:
+        """Check the quality gates, then store; returns a summary. Raises GalleryError."""
+        name = validate_name(name)
+        if self.gallery is None:
+            raise GalleryError("the gallery is not available (state directory unusable)")
+        if vectors is None:
+            vectors = np.stack([self.model.run(u.features) for u in utterances]) if utterances else np.zeros((0, 0))
+        self._check(name, utterances, vectors)
+        self.gallery.add_enrollments(name, utterances, vectors, self.sha, self.key, source)
+        seconds = sum(u.seconds for u in utterances)
+        return {"name": name, "utterances": len(utterances), "seconds": round(seconds, 2)}
+
+    def _check(self, name: str, utts: list[Utterance], vectors: np.ndarray) -> None:
+        g = self.gates
+        seconds = sum(u.seconds for u in utts)
+        if seconds < g.min_seconds:
+            raise GalleryError(f"too little speech to enroll {name!r}: {seconds:.1f} s, {g.min_seconds:.1f} s needed")
+        clipped = max(u.clipped for u in utts)
+        if clipped > g.max_clipped:
+            raise GalleryError(f"enrollment audio is clipped ({clipped:.1%} of samples at full scale)")
+        level = max(u.rms_dbfs for u in utts)
+        if level < g.min_rms_dbfs:
+            raise GalleryError(f"enrollment audio is too quiet ({level:.0f} dBFS, at least {g.min_rms_dbfs:.0f} needed)")
+        e = l2_normalize(vectors)
+        if len(e) > 1:
+            sims = (e @ e.T)[np.triu_indices(len(e), k=1)]
+            if float(np.mean(sims)) < g.min_consistency:
+                raise GalleryError(f"enrollment clips disagree with each other (mean similarity {np.mean(sims):.2f}): "
+                                   "more than one voice, or noise?")
+        enrolled = self.enrolled()
+        if enrolled.names:
+            centroid = l2_normalize(e.mean(axis=0))
+            scores = enrolled.centroids @ centroid
+            for i in np.argsort(-scores):
+                other = enrolled.names[i]
+                if other != name and scores[i] >= g.duplicate_score:
+                    raise GalleryError(f"this voice already matches enrolled speaker {other!r} "
+                                       f"(score {scores[i]:.2f}); add to {other!r} or rename it")
