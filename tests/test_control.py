@@ -1,0 +1,147 @@
+"""The control socket of a running daemon, driven by a real REQ client."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from streamd import control
+from streamd.events import subscribe
+from streamd.sources import read_audio
+from conftest import DATA, start_streamd, stop, streamd
+from test_daemon import by_type, collect
+
+
+class LiveDaemon:
+    def __init__(self, iso, notify, tmp_path, *extra):
+        self.endpoint = f"ipc://{tmp_path}/ctl/control.sock"
+        self.sub = subscribe(iso.endpoint)
+        self.proc = start_streamd("run", *iso.sets(f'control.endpoint="{self.endpoint}"', *extra), "--source", "stdin",
+                                  "--wait-subscriber", "20", env={"NOTIFY_SOCKET": notify.path}, stdin=subprocess.PIPE)
+        assert notify.wait_for("READY=1", 60), self.proc.stderr.read() if self.proc.poll() is not None else ""
+
+    def ask(self, message, timeout_s=10.0):
+        return control.request(self.endpoint, message, timeout_s)
+
+    def speak(self, clip="demo.flac"):
+        """Play a clip into the daemon, then a second of silence so its last word ends."""
+        audio = np.concatenate((read_audio(str(DATA / clip)), np.zeros(16000, np.int16)))
+        self.proc.stdin.buffer.write(audio.astype("<i2").tobytes())
+        self.proc.stdin.buffer.flush()
+
+    def speakers(self, n):
+        events = collect(self.sub, until=lambda ev: len(by_type(ev, "speaker")) >= n, timeout=60)
+        return by_type(events, "speaker")
+
+    def close(self):
+        self.proc.stdin.close()
+        code = self.proc.wait(30)
+        self.sub.close(0)
+        return code
+
+
+@pytest.fixture
+def daemon(iso, notify, tmp_path, enrolled_state):
+    d = LiveDaemon(iso, notify, tmp_path, f'state.dir="{tmp_path}/state"', "identity.enroll_min_seconds=1.0")
+    yield d
+    if d.proc.poll() is None:
+        stop(d.proc)
+
+
+def test_socket_is_owner_only(daemon, tmp_path):
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(tmp_path / "ctl").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "ctl" / "control.sock").st_mode) == 0o600
+
+
+BAD_REQUESTS = [
+    (b"not json {", "malformed request"),
+    (b'["cmd", "list"]', "malformed request"),
+    (b'{"cmd": 3}', "malformed request"),
+    (b"\xff\xfe", "malformed request"),
+    ({"cmd": "format_disk"}, "unknown command"),
+    ({"cmd": "remove"}, "missing field 'name'"),
+    ({"cmd": "remove", "name": 7}, "must be str"),
+    ({"cmd": "rename", "name": "nobody", "new_name": "x"}, "no enrolled speaker"),
+    ({"cmd": "enroll_recent", "name": "a/b", "utterances": [0]}, "utterances not heard"),
+    ({"cmd": "enroll_next", "name": "bad\nname", "seconds": 1}, "control characters"),
+    ({"cmd": "set_threshold", "threshold": 5}, "must be a cosine"),
+    (b'{"cmd": "list", "pad": "' + b"x" * 70000 + b'"}', "too large"),
+]
+
+
+def test_bad_requests_get_error_replies_and_the_daemon_goes_on(daemon):
+    for message, error in BAD_REQUESTS:
+        reply = daemon.ask(message)
+        assert reply is not None and reply["ok"] is False and error in reply["error"], (message[:80], reply)
+        assert daemon.ask({"cmd": "stats"})["ok"] is True
+    # Past the hard limit ZeroMQ drops the connection unread; the daemon is unharmed.
+    assert daemon.ask(b"x" * (2 * 1024 * 1024), timeout_s=2) is None
+    assert daemon.ask({"cmd": "stats"})["ok"] is True
+    assert daemon.proc.poll() is None
+
+
+def test_enroll_the_person_who_just_spoke_then_remove(daemon):
+    assert daemon.ask({"cmd": "list"}) == {"ok": True, "speakers": []}
+    daemon.speak()
+    first = daemon.speakers(10)
+    assert all(e["speaker"] == "unknown" for e in first)
+    reply = daemon.ask({"cmd": "enroll_recent", "name": "theo", "utterances": [0, 1, 2, 9]})
+    assert reply["ok"] is True and reply["utterances"] == 4, reply
+    daemon.speak()
+    again = daemon.speakers(10)
+    assert again[0]["utterance"] == 10 and again[0]["speaker"] == "theo"  # the very next event
+    listed = daemon.ask({"cmd": "list"})["speakers"]
+    assert [s["name"] for s in listed] == ["theo"] and listed[0]["utterances"] == 4
+    assert daemon.ask({"cmd": "rename", "name": "theo", "new_name": "Theo"})["ok"]
+    assert daemon.ask({"cmd": "remove", "name": "Theo"})["ok"]
+    daemon.speak("word.flac")
+    assert daemon.speakers(1)[0]["speaker"] == "unknown"
+    assert daemon.close() == 0
+
+
+def test_enroll_from_the_next_seconds_of_speech(daemon):
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.connect(daemon.endpoint)
+    req.send_json({"cmd": "enroll_next", "name": "asc07", "seconds": 2.0})
+    assert not req.poll(500)  # nothing heard yet: the reply waits for speech
+    assert daemon.ask({"cmd": "stats"})["ok"]  # others are served meanwhile
+    daemon.speak("enroll_asc07.flac")
+    assert req.poll(60000), "no reply to enroll_next"
+    reply = req.recv_json()
+    req.close(0)
+    assert reply["ok"] is True and reply["name"] == "asc07" and reply["seconds"] >= 2.0, reply
+
+
+def test_sigkill_during_enrollment_loses_no_enrolled_speaker(iso, notify, tmp_path):
+    state = tmp_path / "state"
+    assert streamd("enroll", "--set", f'state.dir="{state}"', "theo", str(DATA / "enroll_theo.flac")).returncode == 0
+    d = LiveDaemon(iso, notify, tmp_path, f'state.dir="{state}"', "identity.enroll_min_seconds=0.5")
+    ctx = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.connect(d.endpoint)
+    req.send_json({"cmd": "enroll_next", "name": "asc02", "seconds": 0.5})
+    d.speak("enroll_asc02.flac")
+    time.sleep(0.4)  # the enrollment is being written about now
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    req.close(0)
+    db = sqlite3.connect(state / "gallery.sqlite3")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    names = [r[0] for r in db.execute("SELECT name FROM speakers")]
+    assert "theo" in names
+    if "asc02" in names:  # committed whole or not at all
+        (n,) = db.execute("SELECT COUNT(*) FROM enrollments e JOIN speakers s ON s.id = e.speaker_id "
+                          "WHERE s.name = 'asc02'").fetchone()
+        assert n >= 1
+    listed = streamd("speakers", "--set", f'state.dir="{state}"', "--set",
+                     f'control.endpoint="{d.endpoint}"', "list")
+    assert listed.returncode == 0 and "theo\t10 utterances" in listed.stdout
