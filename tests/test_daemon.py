@@ -213,3 +213,41 @@ def test_listen_prints_what_the_daemon_publishes(iso, enrolled_state):
     lines = out.strip().splitlines()
     assert len(lines) == 10 and all(" digit " in l for l in lines)
     assert lines[0].split()[4] == "3"  # theo's "three"
+
+
+def swapped_speaker_model(tmp_path) -> str:
+    """A copy of the models whose speaker file differs (an unknown protobuf field appended:
+    a new sha256, the same network), with its card updated: a model upgrade."""
+    import hashlib
+
+    models = tmp_path / "models-v2"
+    shutil.copytree(MODELS, models)
+    onnx = models / "speaker.onnx"
+    onnx.write_bytes(onnx.read_bytes() + bytes([0xC0, 0x3E, 0x01]))  # field 1000, varint 1
+    card = json.loads((models / "speaker.card.json").read_text())
+    card["sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
+    (models / "speaker.card.json").write_text(json.dumps(card))
+    return str(models)
+
+
+def test_a_new_speaker_model_re_embeds_the_gallery_at_start_up(iso, tmp_path):
+    import sqlite3
+
+    state = tmp_path / "state"
+    assert streamd("enroll", "--set", f'state.dir="{state}"', "theo", str(DATA / "enroll_theo.flac")).returncode == 0
+    db = sqlite3.connect(state / "gallery.sqlite3")
+    (old_sha,) = db.execute("SELECT DISTINCT model_sha256 FROM embeddings").fetchone()
+    models = swapped_speaker_model(tmp_path)
+    sock = subscribe(iso.endpoint)
+    proc = start_streamd("run", *iso.sets(f'state.dir="{state}"', f'models.dir="{models}"'),
+                         "--source", f"file:{DATA / 'demo.flac'}", "--pace", "fast", "--wait-subscriber", "20")
+    events = collect(sock, proc)
+    _, err = proc.communicate(timeout=30)
+    sock.close(0)
+    assert proc.returncode == 0, err
+    assert "re-embedding 10 enrollments" in err
+    shas = {r[0] for r in db.execute("SELECT model_sha256 FROM embeddings")}
+    new_sha = json.loads(open(os.path.join(models, "speaker.card.json")).read())["sha256"]
+    assert shas == {new_sha} != {old_sha}
+    assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 10
+    assert by_type(events, "speaker")[0]["speaker"] == "theo"
