@@ -18,7 +18,7 @@ from streamd.enroll import file_utterances
 from streamd.events import Publisher
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Gallery
-from streamd.speakers import SpeakerBook
+from streamd.speakers import SpeakerBook, book_settings
 from streamd.inference import load_models
 from streamd.metrics import STAGES, Metrics
 from streamd.pipeline import StreamPipeline
@@ -69,7 +69,7 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast") -> dict:
     metrics = Metrics()
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")
-        book = SpeakerBook(gallery, models.speaker, cfg.identity.threshold)
+        book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
         for name in ("theo", "asc02", "asc07"):
             book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
         publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)

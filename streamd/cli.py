@@ -98,10 +98,10 @@ def open_book(cfg, create: bool = True):
     from streamd.daemon import GALLERY_FILE
     from streamd.gallery import Gallery
     from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook, gates_from
+    from streamd.speakers import SpeakerBook, book_settings
 
     model = load_model(cfg, "speaker", "cpu")
-    return SpeakerBook(Gallery(cfg.state_dir() / GALLERY_FILE), model, cfg.identity.threshold, gates_from(cfg.identity))
+    return SpeakerBook(Gallery(cfg.state_dir() / GALLERY_FILE), model, **book_settings(cfg.identity))
 
 
 def cmd_enroll(args, cfg) -> int:

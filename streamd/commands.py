@@ -140,11 +140,18 @@ class DaemonCommands:
         server.reply(collector.pending, reply)
 
     def cmd_set_threshold(self, request: dict, pending: Pending) -> dict:
-        value = _field(request, "threshold", float)
-        if not -1.0 <= value <= 1.0:
-            raise ControlError("set_threshold: 'threshold' must be a cosine score in [-1, 1]")
-        self.daemon.book.threshold = value
-        return {"ok": True, "threshold": value}
+        book = self.daemon.book
+        if "far" in request:
+            far = _field(request, "far", float)
+            if not 1e-6 <= far <= 0.5:
+                raise ControlError("set_threshold: 'far' must be in [0.000001, 0.5]")
+            book.far = far
+        else:
+            value = _field(request, "threshold", float)
+            if not -1.0 <= value <= 1.0:
+                raise ControlError("set_threshold: 'threshold' must be a cosine score in [-1, 1]")
+            book.cosine_threshold = value
+        return {"ok": True, "far": book.far, "threshold": book.threshold, "calibrated": book.calibration is not None}
 
     def cmd_stats(self, request: dict, pending: Pending) -> dict:
         p = self.daemon.pipeline

@@ -77,6 +77,7 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
+    far: float = 0.01
     threshold: float = 0.8
     enroll_min_seconds: float = 3.0
     enroll_max_clipped: float = 0.01
@@ -185,6 +186,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mel.preemph": (0.0, 1.0),
     "mel.ceplifter": (0, 100),
     "models.threads": (1, 64),
+    "identity.far": (1e-6, 0.5),
     "identity.threshold": (-1.0, 1.0),
     "identity.enroll_min_seconds": (0.0, 600.0),
     "identity.enroll_max_clipped": (0.0, 1.0),

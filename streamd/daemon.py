@@ -23,7 +23,7 @@ from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
 from streamd.pipeline import StreamPipeline
 from streamd.sources import Source, SourceError, open_source
-from streamd.speakers import SpeakerBook, gates_from
+from streamd.speakers import SpeakerBook, book_settings
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Daemon:
         publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
-        self.book = SpeakerBook(gallery, models.speaker, cfg.identity.threshold, gates_from(cfg.identity))
+        self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint())
         self.commands = DaemonCommands(self)
         try:
@@ -175,8 +175,8 @@ class Daemon:
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
         self.pipeline.min_digit_confidence = new.digits.min_confidence
-        self.book.threshold = new.identity.threshold
-        self.book.gates = gates_from(new.identity)
+        for key, value in book_settings(new.identity).items():
+            setattr(self.book, key, value)
         self.cfg = new
         if gallery is not None:
             gallery.invalidate()

@@ -51,6 +51,7 @@ class SpeakerEvent(Event):
     score: float = 0.0
     candidates: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0
+    cosine: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class Enrolled:
 
 def decide(embedding: np.ndarray, enrolled: Enrolled, scorer: Scorer, threshold: float, top: int = 3) -> Decision:
     if not enrolled.names:
-        return Decision(UNKNOWN, float("-inf") if scorer.normalised else 0.0, [])
+        return Decision(UNKNOWN, 0.0, [])
     e = l2_normalize(embedding)
     raw = enrolled.centroids @ e
     scores = scorer.normalise(raw, scorer.stats(e)[0], enrolled.stats)

@@ -115,7 +115,7 @@ class StreamPipeline:
             self.collector.vectors.append(embedding)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self._publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
-                                   latency_s=time.monotonic() - end.closed_at), end.closed_at)
+                                   latency_s=time.monotonic() - end.closed_at, cosine=who.raw), end.closed_at)
         self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
                                  candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
                       end.closed_at)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamd.gallery import Gallery, GalleryError, Utterance, validate_name
-from streamd.identity import Decision, Enrolled, Scorer, decide, l2_normalize
-from streamd.inference import OnnxModel
+from streamd.identity import Calibration, Decision, Enrolled, Scorer, decide, l2_normalize
+from streamd.inference import ModelError, OnnxModel, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class Gates:
     duplicate_score: float = 0.9
 
 
+def book_settings(identity) -> dict:
+    """SpeakerBook's keyword arguments from an [identity] config section."""
+    return {"cosine_threshold": identity.threshold, "far": identity.far, "gates": gates_from(identity)}
+
+
 def gates_from(identity) -> Gates:
     """The enrollment gates of an [identity] config section."""
     return Gates(identity.enroll_min_seconds, identity.enroll_max_clipped, identity.enroll_min_dbfs,
@@ -40,13 +45,40 @@ def feature_key(model: OnnxModel) -> str:
     return hashlib.sha256(json.dumps(model.params.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_cohort(model: OnnxModel) -> np.ndarray | None:
+    """The impostor cohort named by the model card (sha256-checked, no pickle), if any."""
+    spec = model.card.data.get("cohort")
+    if not spec:
+        return None
+    path = model.card.path.parent / spec["file"]
+    if not path.is_file():
+        raise ModelError(f"{path}: cohort file missing (expected sha256 {spec['sha256']})")
+    actual = sha256_of(path)
+    if actual != spec["sha256"]:
+        raise ModelError(f"{path}: sha256 mismatch: expected {spec['sha256']}, got {actual}")
+    return np.load(path, allow_pickle=False)
+
+
+def load_calibration(model: OnnxModel) -> Calibration | None:
+    spec = model.card.data.get("calibration")
+    return Calibration(tuple(spec["far"]), tuple(spec["threshold"])) if spec else None
+
+
 class SpeakerBook:
-    def __init__(self, gallery: Gallery | None, model: OnnxModel, threshold: float, gates: Gates = Gates()):
+    """With a calibrated model (cohort + calibration in its card) scores are AS-normalised
+    and the threshold follows from ``far``, the share of a stranger's utterances that may be
+    given an enrolled name, whatever the number of enrolled speakers. Without one, scores
+    are cosines and ``cosine_threshold`` applies."""
+
+    def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
+                 gates: Gates = Gates(), far: float = 0.01):
         self.gallery = gallery
         self.model = model
-        self.threshold = threshold
+        self.cosine_threshold = cosine_threshold
+        self.far = far
         self.gates = gates
-        self.scorer = Scorer(None)  # plain cosine; see identity.Scorer for s-norm
+        self.calibration = load_calibration(model)
+        self.scorer = Scorer(load_cohort(model) if self.calibration else None)
         self._enrolled = Enrolled()
         self.key = feature_key(model)
         if gallery is not None:
@@ -72,6 +104,13 @@ class SpeakerBook:
         if self.gallery is not None and self.gallery.changed():
             self._enrolled = Enrolled.build(self.gallery.embeddings(self.sha), self.scorer)
         return self._enrolled
+
+    @property
+    def threshold(self) -> float:
+        if self.calibration is None:
+            return self.cosine_threshold
+        # A stranger is compared with every enrolled speaker: split the allowed rate among them.
+        return self.calibration.threshold_for(self.far / max(1, len(self.enrolled().names)))
 
     def decide(self, embedding: np.ndarray) -> Decision:
         return decide(embedding, self.enrolled(), self.scorer, self.threshold)

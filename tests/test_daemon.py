@@ -62,7 +62,10 @@ def check_schema(events):
 def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     sock = subscribe(iso.endpoint)
     jsonl = tmp_path / "out.jsonl"
-    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"'), "--source", f"file:{DATA / 'demo.flac'}",
+    # identity.far=0.05: a looser operating point than the default 1%, so that more of these
+    # single words get a name; the open-set assertions below must hold all the same.
+    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"', "identity.far=0.05"),
+                         "--source", f"file:{DATA / 'demo.flac'}",
                          "--pace", "fast", "--wait-subscriber", "20", "--events-jsonl", str(jsonl))
     events = collect(sock, proc)
     _, err = proc.communicate(timeout=30)
@@ -80,7 +83,7 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     right = sum(str(got) == want for want, got in spoken if want != "")
     assert right >= 8, spoken
     named = [(DEMO_NAMES[t["speaker"]], s["speaker"]) for t, s in zip(truth, speakers)]
-    assert sum(want == got for want, got in named) >= 6, named
+    assert sum(want == got for want, got in named) >= 7, named
     # Open set: the speaker who is not enrolled is never given an enrolled name, and no
     # enrolled speaker is mistaken for another ("unknown" is the only acceptable miss).
     assert all(got in (want, "unknown") for want, got in named), named

@@ -150,3 +150,48 @@ def test_fixed_windows_cover_the_utterance_as_resemblyzer_does():
     starts = window_starts(400, 160, 77, 0.75)
     assert starts[0] == 0 and all(b - a == 77 for a, b in zip(starts, starts[1:]))
     assert 400 - starts[-1] >= 0.75 * 160 or len(starts) == 1
+
+
+def test_as_norm_standardises_against_the_cohort():
+    rng = np.random.default_rng(0)
+    cohort = l2_normalize(rng.normal(size=(300, 16)))
+    scorer = Scorer(cohort, top_k=50)
+    probe, enrolled = l2_normalize(rng.normal(size=16)), l2_normalize(rng.normal(size=(4, 16)))
+    raw = enrolled @ probe
+    norm = scorer.normalise(raw, scorer.stats(probe)[0], scorer.stats(enrolled))
+    assert np.all(np.diff(np.argsort(-norm)) != 0) and norm.shape == (4,)
+    # A probe identical to an enrolled vector scores far above impostor level.
+    best = scorer.normalise(np.array([1.0]), scorer.stats(enrolled[0])[0], scorer.stats(enrolled[:1]))
+    assert best[0] > 3
+
+
+def test_calibration_maps_false_accept_rate_to_threshold():
+    from streamd.identity import Calibration
+
+    cal = Calibration((0.001, 0.01, 0.1), (3.0, 2.0, 0.0))
+    assert cal.threshold_for(0.01) == pytest.approx(2.0)
+    assert cal.threshold_for(0.001) > cal.threshold_for(0.003) > cal.threshold_for(0.01) > cal.threshold_for(0.05)
+
+
+def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
+    import json
+    import shutil
+
+    from streamd import config
+    from streamd.inference import ModelError, load_model
+    from streamd.speakers import SpeakerBook
+    from conftest import MODELS
+
+    cfg = config.load(None)
+    book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8, far=0.01)
+    assert book.calibration is not None and book.scorer.normalised
+    loose = book.threshold
+    book.far = 0.001
+    assert book.threshold > loose
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    card = json.loads((models / "speaker.card.json").read_text())
+    (models / card["cohort"]["file"]).write_bytes(b"\x93NUMPY tampered")
+    cfg = config.load(None, [f'models.dir="{models}"'])
+    with pytest.raises(ModelError, match="cohort|sha256"):
+        SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
