@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.add_argument("new_name", nargs="?")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
+    ev.add_argument("what", nargs="?", choices=("all", "speakers"), default="all",
+                    help="all: digits and speaker summary; speakers: open-set identification, DET curve")
     ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--plot", type=Path, default=Path("det.png"), help="speakers: DET curve PNG (default det.png)")
 
     bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
@@ -202,10 +205,12 @@ def cmd_eval(args, cfg) -> int:
     from streamd import evaluate
     from streamd.inference import load_models
 
-    models = load_models(cfg, "cpu")
     if not (args.data / "fsdd" / "manifest.csv").is_file():
         print(f"streamd: {args.data}: no fsdd/manifest.csv here (--data names the corpora folder)", file=sys.stderr)
         return EX_DATAERR
+    if args.what == "speakers":
+        return eval_speakers(args, cfg)
+    models = load_models(cfg, "cpu")
 
     def progress(n: int, total: int) -> None:
         if n % 200 == 0 or n == total:
@@ -213,6 +218,19 @@ def cmd_eval(args, cfg) -> int:
 
     report = evaluate.evaluate(args.data, cfg, models, progress)
     print(evaluate.to_json(report) if args.json else evaluate.format_report(report))
+    return 0
+
+
+def eval_speakers(args, cfg) -> int:
+    from streamd import eval_speakers as es
+    from streamd.inference import load_model
+    from streamd.speakers import SpeakerBook, book_settings
+
+    book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
+    result = es.evaluate_speakers(args.data, cfg, book)
+    es.det_plot(result, args.plot)
+    report = es.public(result)
+    print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\nDET curve: {args.plot}")
     return 0
 
 
