@@ -2,7 +2,6 @@
 
 It keeps every enrollment's features, not only its embeddings, so that when the speaker model
 changes the gallery is re-embedded at start-up instead of silently scoring across models.
-Unknown voices heard again and again are kept as clusters with stable labels (``unknown-3``).
 """
 
 from __future__ import annotations
@@ -37,25 +36,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
     model_sha256 TEXT NOT NULL,
     vector BLOB NOT NULL,
     PRIMARY KEY (enrollment_id, model_sha256)
-);
-CREATE TABLE IF NOT EXISTS clusters (
-    id INTEGER PRIMARY KEY,
-    label TEXT NOT NULL UNIQUE,
-    model_sha256 TEXT NOT NULL,
-    centroid BLOB NOT NULL,
-    count INTEGER NOT NULL,
-    seconds REAL NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cluster_utterances (
-    id INTEGER PRIMARY KEY,
-    cluster_id INTEGER NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
-    features BLOB NOT NULL,
-    dims INTEGER NOT NULL,
-    feature_key TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -94,14 +74,6 @@ class SpeakerEntry:
     seconds: float
     created: float
     updated: float
-
-
-@dataclass(frozen=True)
-class Cluster:
-    label: str
-    centroid: np.ndarray
-    count: int
-    seconds: float
 
 
 def validate_name(name: object) -> str:
@@ -233,50 +205,6 @@ class Gallery:
                 "INSERT OR REPLACE INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
                 [(eid, model_sha256, _blob(v)) for eid, v in vectors])
             self.db.execute("DELETE FROM embeddings WHERE model_sha256 != ?", (model_sha256,))
-
-    # ------------------------------------------------------------------ clusters
-
-    def clusters(self, model_sha256: str) -> list[Cluster]:
-        rows = self.db.execute("SELECT label, centroid, count, seconds FROM clusters WHERE model_sha256 = ? "
-                               "ORDER BY id", (model_sha256,)).fetchall()
-        return [Cluster(label, _array(blob), count, seconds) for label, blob, count, seconds in rows]
-
-    def next_cluster_label(self) -> str:
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'next_cluster'").fetchone()
-        n = int(row[0]) if row else 1
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_cluster', ?)", (str(n + 1),))
-        return f"{UNKNOWN}-{n}"
-
-    def save_cluster(self, label: str | None, centroid: np.ndarray, count: int, model_sha256: str,
-                     utt: Utterance, feature_key: str, keep: int) -> str:
-        """Create (label None) or update a cluster and remember the utterance, keeping the last ``keep``."""
-        now = time.time()
-        with self.transaction():
-            if label is None:
-                label = self.next_cluster_label()
-                self.db.execute("INSERT INTO clusters(label, model_sha256, centroid, count, seconds, created, updated) "
-                                "VALUES (?, ?, ?, ?, 0, ?, ?)", (label, model_sha256, _blob(centroid), count, now, now))
-            self.db.execute("UPDATE clusters SET centroid = ?, count = ?, seconds = seconds + ?, updated = ? "
-                            "WHERE label = ?", (_blob(centroid), count, utt.seconds, now, label))
-            (cid,) = self.db.execute("SELECT id FROM clusters WHERE label = ?", (label,)).fetchone()
-            self.db.execute("INSERT INTO cluster_utterances(cluster_id, features, dims, feature_key, seconds, created) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (cid, _blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, now))
-            self.db.execute("DELETE FROM cluster_utterances WHERE cluster_id = ? AND id NOT IN "
-                            "(SELECT id FROM cluster_utterances WHERE cluster_id = ? ORDER BY id DESC LIMIT ?)",
-                            (cid, cid, keep))
-        return label
-
-    def cluster_utterances(self, label: str, feature_key: str) -> list[Utterance]:
-        rows = self.db.execute(
-            "SELECT u.features, u.dims, u.seconds FROM cluster_utterances u JOIN clusters c ON c.id = u.cluster_id "
-            "WHERE c.label = ? AND u.feature_key = ? ORDER BY u.id", (label, feature_key)).fetchall()
-        return [Utterance(_array(blob, dims), seconds) for blob, dims, seconds in rows]
-
-    def remove_cluster(self, label: str) -> bool:
-        with self.transaction():
-            cur = self.db.execute("DELETE FROM clusters WHERE label = ?", (label,))
-        return cur.rowcount > 0
 
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

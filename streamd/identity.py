@@ -1,5 +1,5 @@
 """Open-set speaker decisions: enrolled centroids, adaptive s-norm against an impostor cohort,
-a threshold set from a target false-accept rate, and online clusters of unknown voices.
+and a threshold set from a target false-accept rate.
 
 Pure logic on arrays; storage is streamd.gallery.
 """
@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamd.gallery import UNKNOWN, Cluster
+from streamd.gallery import UNKNOWN
 
-# UNKNOWN is re-exported: events and the CLI use it from here.
-__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "decide", "l2_normalize", "ClusterBook"]
+__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "Enrolled", "decide", "l2_normalize"]
 
 
 def l2_normalize(v: np.ndarray) -> np.ndarray:
@@ -27,7 +26,6 @@ class Decision:
     score: float  # normalised score of the best candidate (what the threshold applies to)
     candidates: list[dict]
     raw: float = 0.0  # its cosine
-    cluster: str | None = None
 
 
 class Scorer:
@@ -101,42 +99,3 @@ def decide(embedding: np.ndarray, enrolled: Enrolled, scorer: Scorer, threshold:
     best = int(order[0])
     speaker = enrolled.names[best] if scores[best] >= threshold else UNKNOWN
     return Decision(speaker, float(scores[best]), candidates, raw=float(raw[best]))
-
-
-class ClusterBook:
-    """Online clustering of unknown voices: an utterance joins the closest cluster whose
-    normalised score reaches the threshold (its centroid moves), or starts a new one."""
-
-    def __init__(self, clusters: list[Cluster], scorer: Scorer, threshold: float):
-        self.scorer = scorer
-        self.threshold = threshold
-        self.labels = [c.label for c in clusters]
-        self.centroids = [l2_normalize(c.centroid) for c in clusters]
-        self.counts = [c.count for c in clusters]
-
-    def assign(self, embedding: np.ndarray) -> tuple[str | None, np.ndarray, int]:
-        """(label or None for a new cluster, its new centroid, its new count)."""
-        e = l2_normalize(embedding)
-        if self.centroids:
-            cents = np.stack(self.centroids)
-            scores = self.scorer.normalise(cents @ e, self.scorer.stats(e)[0], self.scorer.stats(cents))
-            best = int(np.argmax(scores))
-            if scores[best] >= self.threshold:
-                n = self.counts[best]
-                moved = l2_normalize(self.centroids[best] * n + e)
-                return self.labels[best], moved, n + 1
-        return None, e, 1
-
-    def update(self, label: str, centroid: np.ndarray, count: int) -> None:
-        if label in self.labels:
-            i = self.labels.index(label)
-            self.centroids[i], self.counts[i] = centroid, count
-        else:
-            self.labels.append(label)
-            self.centroids.append(centroid)
-            self.counts.append(count)
-
-    def remove(self, label: str) -> None:
-        if label in self.labels:
-            i = self.labels.index(label)
-            del self.labels[i], self.centroids[i], self.counts[i]
