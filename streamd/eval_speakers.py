@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from streamd.evaluate import Clip, eer, held_out_clips
+from streamd.evaluate import Clip, eer, held_out_clips, open_set_rates
 from streamd.features import mfcc, normalize
 from streamd.identity import Enrolled, l2_normalize
 from streamd.speakers import SpeakerBook
@@ -67,7 +67,7 @@ def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, n
     return np.stack([book.scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
 
 
-def report(book: SpeakerBook, t: dict, far: float) -> dict:
+def report(book: SpeakerBook, t: dict) -> dict:
     names = t["names"]
     gallery = Enrolled.build(t["enrolled"], book.scorer)
     out = {}
@@ -79,23 +79,15 @@ def report(book: SpeakerBook, t: dict, far: float) -> dict:
         truth = np.array([names.index(n) for n, _ in probes])
         same = truth[:, None] == np.arange(len(names))[None, :]
         rate, _, _ = eer(scores.ravel(), same.ravel())
-        named, strangers = [], []
-        for out_i in range(len(names)):  # leave one speaker out: its probes are strangers
-            keep = [i for i in range(len(names)) if i != out_i]
-            thr = book.calibration.threshold_for(far / len(keep)) if book.calibration else book.cosine_threshold
-            best = np.array(keep)[np.argmax(scores[:, keep], axis=1)]
-            ok = scores[np.arange(len(scores)), best] >= thr
-            mine = truth != out_i
-            named.append(np.mean(ok[mine] & (best[mine] == truth[mine])))
-            strangers.append(np.mean(ok[~mine]))
+        named, strangers = open_set_rates(scores, truth, book.threshold_for)
         out[kind] = {
             "probes": len(probes), "eer": rate, "min_dcf_p0.01": min_dcf(scores.ravel(), same.ravel()),
             "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
-            "open_set_identified": float(np.mean(named)), "open_set_strangers_named": float(np.mean(strangers)),
+            "open_set_identified": named, "open_set_strangers_named": strangers,
             "_scores": scores.ravel(), "_same": same.ravel(),
         }
     return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": PHRASE_CLIPS,
-            "far": far, "calibrated": book.calibration is not None, **out}
+            "far": book.far, "calibrated": book.calibration is not None, **out}
 
 
 def det_plot(result: dict, path: Path) -> None:
@@ -136,7 +128,7 @@ def public(result: dict) -> dict:
 
 
 def evaluate_speakers(data: Path, cfg, book: SpeakerBook) -> dict:
-    return report(book, trials(book, held_out_clips(data), cfg), cfg.identity.far)
+    return report(book, trials(book, held_out_clips(data), cfg))
 
 
 def format_report(r: dict) -> str:

@@ -66,6 +66,23 @@ def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
     return float((far[i] + frr[i]) / 2), float(s[i]), float(at1)
 
 
+def open_set_rates(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery) -> tuple[float, float]:
+    """Open-set identification with each speaker in turn left out of the gallery (its probes
+    are then strangers). ``scores`` (probes, speakers), ``truth`` each probe's speaker index,
+    ``threshold_for_gallery(n)`` the threshold with n speakers enrolled.
+    Returns (share of enrolled speakers' probes named right, share of strangers' probes named)."""
+    n = scores.shape[1]
+    named, strangers = [], []
+    for left_out in range(n):
+        keep = np.array([i for i in range(n) if i != left_out])
+        best = keep[np.argmax(scores[:, keep], axis=1)]
+        accepted = scores[np.arange(len(scores)), best] >= threshold_for_gallery(len(keep))
+        enrolled = truth != left_out
+        named.append(np.mean(accepted[enrolled] & (best[enrolled] == truth[enrolled])))
+        strangers.append(np.mean(accepted[~enrolled]))
+    return float(np.mean(named)), float(np.mean(strangers))
+
+
 def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
     out: dict = {}
     for corpus in ("fsdd", "asc"):

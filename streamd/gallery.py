@@ -206,9 +206,6 @@ class Gallery:
                 [(eid, model_sha256, _blob(v)) for eid, v in vectors])
             self.db.execute("DELETE FROM embeddings WHERE model_sha256 != ?", (model_sha256,))
 
-    def integrity_ok(self) -> bool:
-        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection):

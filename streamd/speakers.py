@@ -107,10 +107,14 @@ class SpeakerBook:
 
     @property
     def threshold(self) -> float:
+        return self.threshold_for(len(self.enrolled().names))
+
+    def threshold_for(self, enrolled: int) -> float:
+        """The score threshold with ``enrolled`` speakers in the gallery."""
         if self.calibration is None:
             return self.cosine_threshold
         # A stranger is compared with every enrolled speaker: split the allowed rate among them.
-        return self.calibration.threshold_for(self.far / max(1, len(self.enrolled().names)))
+        return self.calibration.threshold_for(self.far / max(1, enrolled))
 
     def decide(self, embedding: np.ndarray) -> Decision:
         return decide(embedding, self.enrolled(), self.scorer, self.threshold)

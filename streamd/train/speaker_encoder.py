@@ -155,19 +155,11 @@ def enrolled_metrics(emb: np.ndarray, spk: np.ndarray, n_enroll: int = 10) -> di
     same = truth[:, None] == np.arange(len(names))[None, :]
     rate, thr_eer, thr1 = evaluate.eer(scores.ravel(), same.ravel())
     closed = float(np.mean(np.argmax(scores, axis=1) == truth))
-    named, stranger_named = [], []
-    for left_out in range(len(names)):
-        keep = [i for i in range(len(names)) if i != left_out]
-        sub = scores[:, keep]
-        best = np.argmax(sub, axis=1)
-        accept = sub[np.arange(len(sub)), best] >= thr1
-        mine = truth != left_out
-        named.append(np.mean(accept[mine] & (np.array(keep)[best[mine]] == truth[mine])))
-        stranger_named.append(np.mean(accept[~mine]))
+    named, stranger_named = evaluate.open_set_rates(scores, truth, lambda n: thr1)
     return {"enroll_clips": n_enroll, "probes": int(len(probes)), "eer": rate, "threshold_at_eer": thr_eer,
             "threshold_at_far_1pct": thr1, "closed_set_top1": closed,
-            "open_set_identified_at_far_1pct": float(np.mean(named)),
-            "open_set_strangers_named_at_far_1pct": float(np.mean(stranger_named))}
+            "open_set_identified_at_far_1pct": named,
+            "open_set_strangers_named_at_far_1pct": stranger_named}
 
 
 CALIBRATION_FARS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -198,15 +190,8 @@ def calibration(emb: np.ndarray, spk: np.ndarray, cohort: np.ndarray, n_enroll: 
     thresholds = [float(np.quantile(nontarget, 1 - far)) for far in CALIBRATION_FARS]
     open_set = []
     for thr in thresholds:
-        named, strangers = [], []
-        for out in range(len(names)):
-            keep = [i for i in range(len(names)) if i != out]
-            best = np.argmax(norm[:, keep], axis=1)
-            ok = norm[np.arange(len(norm)), np.array(keep)[best]] >= thr
-            mine = truth != out
-            named.append(np.mean(ok[mine] & (np.array(keep)[best[mine]] == truth[mine])))
-            strangers.append(np.mean(ok[~mine]))
-        open_set.append({"identified": float(np.mean(named)), "strangers_named": float(np.mean(strangers))})
+        named, strangers = evaluate.open_set_rates(norm, truth, lambda n, thr=thr: thr)
+        open_set.append({"identified": named, "strangers_named": strangers})
     rate, _, _ = evaluate.eer(norm.ravel(), same.ravel())
     return {"score": "as-norm", "top_k": scorer.top_k, "far": list(CALIBRATION_FARS), "threshold": thresholds,
             "enroll_clips": n_enroll, "probes": int(len(probes)), "eer_normalised": rate,
