@@ -1,4 +1,4 @@
-"""Command line: ``streamd run | enroll | listen | speakers | train``."""
+"""Command line: ``streamd run | enroll | listen | speakers | keys | train``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.add_argument("action", choices=("list", "remove", "rename"))
     speakers.add_argument("name", nargs="?")
     speakers.add_argument("new_name", nargs="?")
+    speakers.add_argument("--client-key", metavar="FILE",
+                          help="CurveZMQ: this client's NAME.key_secret (default: control.curve_client_key)")
+    speakers.add_argument("--server-key", metavar="FILE",
+                          help="CurveZMQ: the daemon's public NAME.key (default: control.curve_server_key)")
+
+    keys = sub.add_parser("keys", help="CurveZMQ key pairs for remote control")
+    keys.add_argument("action", choices=("generate",))
+    keys.add_argument("--dir", type=Path, help="folder for the key files (made 0700; default ~/.config/streamd/curve)")
+    keys.add_argument("--name", default="streamd", help="file names: NAME.key (public), NAME.key_secret (secret)")
+    keys.add_argument("--force", action="store_true", help="replace existing key files of that name")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
     ev.add_argument("what", nargs="?", choices=("all", "speakers"), default="all",
@@ -174,7 +184,12 @@ def cmd_speakers(args, cfg) -> int:
             return 2
         request.update(name=args.name, new_name=args.new_name)
     endpoint = cfg.control.endpoint or control.default_endpoint()
-    reply = control.request(endpoint, request, timeout_s=2.0) if control.reachable(endpoint) else None
+    curve = control.client_curve(cfg, args.client_key, args.server_key)
+    reply = control.request(endpoint, request, timeout_s=2.0, curve=curve) if control.reachable(endpoint) else None
+    if reply is None and not config_mod.local_endpoint(endpoint):
+        print(f"streamd: no reply from {endpoint} (daemon not running, or it refused this client's key)",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
     if reply is None:
         reply = speakers_offline(cfg, request)
     if not reply.get("ok"):
@@ -185,6 +200,24 @@ def cmd_speakers(args, cfg) -> int:
             print(f"{s['name']}\t{s['utterances']} utterances\t{s['seconds']:.1f} s")
     else:
         print(f"{args.action}d {args.name!r}" + (f" -> {args.new_name!r}" if args.action == "rename" else ""))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    """``keys generate``: needs no config (the config may name keys not made yet)."""
+    from streamd import keys
+
+    directory = args.dir if args.dir is not None else Path(keys.DEFAULT_DIR)
+    try:
+        public, secret = keys.generate(directory.expanduser(), args.name, args.force)
+    except keys.KeyFileError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"streamd: {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print(f"public key: {public}  (give it to the other side)")
+    print(f"secret key: {secret}  (mode 0600; keep it here)")
     return 0
 
 
@@ -256,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         from streamd.train import cli as train_cli
 
         return train_cli.run(args)
+    if args.command == "keys":
+        return cmd_keys(args)
     from streamd.daemon import setup_logging
     from streamd.control import ControlError
     from streamd.gallery import GalleryError

@@ -90,6 +90,11 @@ class IdentityConfig:
 @dataclass(frozen=True)
 class ControlConfig:
     endpoint: str = ""
+    curve_secret_key: str = ""  # daemon: its secret certificate (NAME.key_secret)
+    curve_clients: str = ""  # daemon: folder of the authorised clients' public certificates
+    curve_client_key: str = ""  # clients: their secret certificate
+    curve_server_key: str = ""  # clients: the daemon's public certificate (NAME.key)
+
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,7 @@ def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     }
     cfg = Config(**built, base_dir=base_dir)
     _check_consistency(cfg)
+    _check_exposure(cfg)
     return cfg
 
 
@@ -269,6 +275,54 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("features.ring_seconds: too small for vad.max_utterance_ms plus pre-roll and hangover")
     if cfg.vad.min_utterance_ms >= cfg.vad.max_utterance_ms:
         raise ConfigError("vad.min_utterance_ms: must be below vad.max_utterance_ms")
+
+
+def local_endpoint(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine: ipc://, or tcp:// on a loopback address."""
+    import ipaddress
+
+    if endpoint.startswith("ipc://"):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    if ";" in host:  # tcp://SOURCE;HOST:PORT (connect) names the peer last
+        host = host.rpartition(";")[2]
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name
+
+
+def _check_exposure(cfg: Config) -> None:
+    """Nothing is reachable beyond loopback without CurveZMQ (docs/control.md)."""
+    c = cfg.control
+    if c.endpoint and not c.endpoint.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"control.endpoint: {c.endpoint!r} is not an ipc:// or tcp:// endpoint")
+    for a, b in (("curve_secret_key", "curve_clients"), ("curve_client_key", "curve_server_key")):
+        if bool(getattr(c, a)) != bool(getattr(c, b)):
+            given, missing = (a, b) if getattr(c, a) else (b, a)
+            raise ConfigError(f"control.{missing}: must be set together with control.{given}")
+    if c.endpoint and not local_endpoint(c.endpoint) and not (c.curve_secret_key or c.curve_client_key):
+        raise ConfigError(f"control.endpoint: {c.endpoint} is reachable beyond this machine; remote control "
+                          "needs CurveZMQ keys (control.curve_secret_key and control.curve_clients)")
+    from streamd import keys
+
+    checks = (("curve_secret_key", keys.load_secret), ("curve_clients", keys.load_clients),
+              ("curve_client_key", keys.load_secret), ("curve_server_key", keys.load_public))
+    for name, loader in checks:
+        if getattr(c, name):
+            try:
+                loader(cfg.path(getattr(c, name)))
+            except keys.KeyFileError as exc:
+                raise ConfigError(f"control.{name}: {exc}") from None
+    e = cfg.events.endpoint
+    if not local_endpoint(e):
+        raise ConfigError(f"events.endpoint: {e} is not loopback or ipc://; events are not encrypted, "
+                          "so they stay on this machine (forward with ssh -L, docs/control.md)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -4,6 +4,10 @@
 A ROUTER socket rather than REP: REQ clients see plain request/reply, while the daemon may
 answer a slow command (``enroll_next``) later and keep serving others meanwhile. Nothing a
 client sends can stop the daemon: malformed, oversized or unknown requests get an error reply.
+
+Beyond loopback the socket is a CurveZMQ server: traffic is encrypted, and only clients whose
+public key is in ``control.curve_clients`` complete the handshake (ZAP, ``ThreadAuthenticator``
+on a context of the server's own, stopped by ``close``). Others never reach the handler.
 """
 
 from __future__ import annotations
@@ -19,11 +23,15 @@ from typing import Any
 
 import zmq
 
+from streamd.config import ConfigError, local_endpoint
+from streamd.keys import KeyFileError, KeyPair, load_clients, load_public, load_secret
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 # Beyond this ZeroMQ drops the connection without reading the message into memory at all.
 HARD_LIMIT_BYTES = 1024 * 1024
+ZAP_DOMAIN = "streamd"  # the authenticator answers for this domain only
 
 
 class ControlError(ValueError):
@@ -38,6 +46,56 @@ class Pending:
 
 
 Handler = Callable[[dict[str, Any], Pending], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class ServerCurve:
+    """The daemon's key pair and the folder of authorised clients' public certificates."""
+
+    keys: KeyPair
+    clients: Path
+
+
+@dataclass(frozen=True)
+class ClientCurve:
+    """A client's key pair and the daemon's public key."""
+
+    keys: KeyPair
+    server_public: bytes
+
+
+def _key(cfg, name: str, loader):
+    try:
+        return loader(cfg.path(getattr(cfg.control, name)))
+    except KeyFileError as exc:
+        raise ConfigError(f"control.{name}: {exc}") from None
+
+
+def server_curve(cfg) -> ServerCurve | None:
+    """The CURVE server settings of ``[control]``, or None when curve_secret_key is unset."""
+    if not cfg.control.curve_secret_key:
+        return None
+    _key(cfg, "curve_clients", load_clients)
+    return ServerCurve(_key(cfg, "curve_secret_key", load_secret), cfg.path(cfg.control.curve_clients))
+
+
+def client_curve(cfg, client_key: str | None = None, server_key: str | None = None) -> ClientCurve | None:
+    """The CURVE client settings (``[control]`` curve_client_key and curve_server_key, or the
+    given files instead), or None when no client key is set."""
+    c = cfg.control
+    client_key, server_key = client_key or c.curve_client_key, server_key or c.curve_server_key
+    if not client_key:
+        return None
+    if not server_key:
+        raise ConfigError("control.curve_server_key: needed with a client key (the daemon's NAME.key file)")
+    try:
+        pair = load_secret(cfg.path(client_key))
+    except KeyFileError as exc:
+        raise ConfigError(f"control.curve_client_key: {exc}") from None
+    try:
+        return ClientCurve(pair, load_public(cfg.path(server_key)))
+    except KeyFileError as exc:
+        raise ConfigError(f"control.curve_server_key: {exc}") from None
 
 
 def default_endpoint() -> str:
@@ -72,8 +130,16 @@ def parse_request(frames: list[bytes]) -> dict[str, Any]:
 
 
 class ControlServer:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
-        self._ctx = context or zmq.Context.instance()
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, curve: ServerCurve | None = None):
+        if curve is None and not local_endpoint(endpoint):
+            raise ConfigError(f"control.endpoint: {endpoint} is reachable beyond this machine; "
+                              "set control.curve_secret_key and control.curve_clients (docs/control.md)")
+        self._auth = None
+        self._own_ctx = None
+        if curve is not None and context is None:
+            # The ZAP handler is per context: a context of our own keeps it ours alone.
+            self._own_ctx = zmq.Context()
+        self._ctx = context or self._own_ctx or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_BYTES)
         self._sock.setsockopt(zmq.LINGER, 500)
@@ -81,10 +147,15 @@ class ControlServer:
         ipc_path = _prepare_ipc(endpoint)
         old_umask = os.umask(0o077)  # the ipc socket file is created owner-only
         try:
+            if curve is not None:
+                self._curve(curve)
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            self._sock.close(0)
+            self.close(0)
             raise OSError(f"control.endpoint {endpoint}: cannot bind: {exc}") from None
+        except BaseException:
+            self.close(0)
+            raise
         finally:
             os.umask(old_umask)
         if ipc_path is not None:
@@ -92,6 +163,18 @@ class ControlServer:
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.requests = 0
         self.errors = 0
+
+    def _curve(self, curve: ServerCurve) -> None:
+        """Before bind: with no ZAP handler running, libzmq would let any CURVE client in."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("streamd.control.auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain=ZAP_DOMAIN, location=str(curve.clients))
+        self._sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+        self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+        self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
 
     def poll(self, handler: Handler, timeout_ms: int = 0) -> int:
         """Serve every request waiting now; returns how many were served."""
@@ -129,8 +212,14 @@ class ControlServer:
         except zmq.ZMQError as exc:
             log.warning("control reply lost: %s", exc)
 
-    def close(self) -> None:
-        self._sock.close()
+    def close(self, linger_ms: int | None = None) -> None:
+        self._sock.close(linger_ms)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_ctx is not None:
+            self._own_ctx.term()
+            self._own_ctx = None
 
 
 def reachable(endpoint: str) -> bool:
@@ -139,11 +228,16 @@ def reachable(endpoint: str) -> bool:
 
 
 def request(endpoint: str, message: dict[str, Any] | bytes, timeout_s: float = 10.0,
-            context: zmq.Context | None = None) -> dict[str, Any] | None:
-    """One request from a REQ client; None when nothing answers within the timeout."""
+            context: zmq.Context | None = None, curve: ClientCurve | None = None) -> dict[str, Any] | None:
+    """One request from a REQ client; None when nothing answers within the timeout (a CURVE
+    server that refuses the client's key looks the same: no reply)."""
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
     try:
         sock.connect(endpoint)
         sock.send(message if isinstance(message, bytes) else json.dumps(message).encode("utf-8"))

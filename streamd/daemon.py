@@ -103,7 +103,8 @@ class Daemon:
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
-        self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint())
+        self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
+                                             curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
         try:
             self.pipeline = StreamPipeline(self.opts.stream, cfg, models, self.book, publisher, self.metrics)
@@ -171,7 +172,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source"):
+        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source", "control"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
         self.pipeline.min_digit_confidence = new.digits.min_confidence
