@@ -36,6 +36,21 @@ def asc(speaker: str, word: str, rep: int) -> str:
     return f"{speaker}/{word}_{speaker}_{rep:02d}.flac"
 
 
+def trim(audio: np.ndarray, frame: int = 320, floor_dbfs: float = -40.0) -> np.ndarray:
+    """The word without the silence around it (20 ms frames above ``floor_dbfs``)."""
+    n = len(audio) // frame
+    rms = np.sqrt(np.mean((audio[: n * frame].reshape(n, frame) / 32768.0) ** 2, axis=1))
+    loud = np.flatnonzero(20 * np.log10(np.maximum(rms, 1e-6)) > floor_dbfs)
+    return audio[loud[0] * frame : (loud[-1] + 1) * frame] if len(loud) else audio
+
+
+def phrase(speaker: str, words: tuple[str, ...]) -> np.ndarray:
+    """Keywords 0.1 s apart: one 2-3 s utterance for the daemon's VAD."""
+    pause = np.zeros(int(0.1 * RATE), dtype=np.int16)
+    cuts = [trim(clip("arabic-speech-commands", asc(speaker, w, 3))) for w in words]
+    return np.concatenate([x for c in cuts for x in (c, pause)][:-1])
+
+
 def write(name: str, parts: list[np.ndarray]) -> None:
     audio = np.concatenate([x for p in parts for x in (p, GAP)])
     sf.write(OUT / name, np.concatenate((GAP, audio)), RATE, subtype="PCM_16")
@@ -67,6 +82,14 @@ def main() -> None:
             word = Path(p).stem.split("_")[0]
             digit = word if c == "fsdd" else (WORDS.index(word) if word in WORDS else "")
             w.writerow([i, c, p, spk, digit])
+    # Voices nobody enrolled, speaking 2-3 s phrases (three keywords each, cut where the
+    # daemon's VAD would cut them, 0.1 s apart so they make one utterance): recurring unknown
+    # voices for the clustering and promotion tests.
+    visitors = {"00000012": [("yes", "open", "left"), ("stop", "record", "next"), ("cancel", "enable", "up"),
+                             ("move", "send", "zoom_in"), ("backward", "close", "options")],
+                "00000021": [("yes", "open", "left"), ("stop", "record", "next")]}
+    for spk, phrases in visitors.items():
+        write(f"visitor{spk[-2:]}.flac", [phrase(spk, words) for words in phrases])
     # One clean clip for the feature-parity test, and a clear word for the VAD tests.
     sf.write(OUT / "parity.flac", clip("fsdd", fsdd(5, 10)), RATE, subtype="PCM_16")
     sf.write(OUT / "word.flac", clip("fsdd", "jackson/7_jackson_5.flac"), RATE, subtype="PCM_16")

@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="json: one event object a line (default); text: a short line for people")
 
     speakers = sub.add_parser("speakers", parents=[common], help="manage the enrolled speakers")
-    speakers.add_argument("action", choices=("list", "remove", "rename"))
-    speakers.add_argument("name", nargs="?")
-    speakers.add_argument("new_name", nargs="?")
+    speakers.add_argument("action", choices=tuple(SPEAKER_ACTIONS),
+                          help="; ".join(f"{a} {usage}".strip() for a, usage in SPEAKER_ACTIONS.items()))
+    speakers.add_argument("name", nargs="?", help="a speaker's name (promote: the cluster, e.g. unknown-3)")
+    speakers.add_argument("new_name", nargs="?", help="rename: the new name; promote: the name to enroll")
     speakers.add_argument("--client-key", metavar="FILE",
                           help="CurveZMQ: this client's NAME.key_secret (default: control.curve_client_key)")
     speakers.add_argument("--server-key", metavar="FILE",
@@ -125,6 +126,7 @@ def cmd_enroll(args, cfg) -> int:
         utts = [u for path in args.audio for u in file_utterances(path, cfg, book.model)]
         result = book.enroll(args.name, utts, source="files:" + ",".join(args.audio))
     finally:
+        book.close()
         book.gallery.close()
     print(f"enrolled {result['name']!r}: {result['utterances']} utterances, {result['seconds']:.1f} s of speech")
     return 0
@@ -160,10 +162,12 @@ def describe(event: dict) -> str:
     """A short human line for an event (``listen --format text``)."""
     head = f"[{event['stream']}] #{event['utterance']:<3} {event['t_start']:7.2f}-{event['t_end']:<7.2f}"
     kind = event["type"]
-    if kind == "speaker":
+    if kind in ("speaker", "speaker.partial"):
         best = event["candidates"][0] if event["candidates"] else None
+        who = event.get("cluster") or event["speaker"]
         hint = f" (closest: {best['name']} {best['score']:.2f})" if best and event["speaker"] == "unknown" else ""
-        return f"{head} speaker {event['speaker']} {event['score']:.2f}{hint}  latency {event['latency_s'] * 1000:.0f} ms"
+        label = "speaker" if kind == "speaker" else "so far "
+        return f"{head} {label} {who} {event['score']:.2f}{hint}  latency {event['latency_s'] * 1000:.0f} ms"
     if kind == "digit":
         said = "-" if event["digit"] is None else str(event["digit"])
         return f"{head} digit   {said} (p {event['confidence']:.2f})  latency {event['latency_s'] * 1000:.0f} ms"
@@ -176,13 +180,10 @@ def cmd_speakers(args, cfg) -> int:
     """Against the running daemon's control socket when one answers, else on the database."""
     from streamd import control
 
-    request = {"cmd": args.action}
-    if args.action in ("remove", "rename"):
-        if not args.name or (args.action == "rename" and not args.new_name):
-            print(f"streamd: speakers {args.action} needs NAME" + (" NEW_NAME" if args.action == "rename" else ""),
-                  file=sys.stderr)
-            return 2
-        request.update(name=args.name, new_name=args.new_name)
+    request = speakers_request(args)
+    if request is None:
+        print(f"streamd: speakers {args.action} needs {SPEAKER_ACTIONS[args.action]}", file=sys.stderr)
+        return 2
     endpoint = cfg.control.endpoint or control.default_endpoint()
     curve = control.client_curve(cfg, args.client_key, args.server_key)
     reply = control.request(endpoint, request, timeout_s=2.0, curve=curve) if control.reachable(endpoint) else None
@@ -195,12 +196,43 @@ def cmd_speakers(args, cfg) -> int:
     if not reply.get("ok"):
         print(f"streamd: {reply.get('error')}", file=sys.stderr)
         return 1
+    print_speakers_reply(args, reply)
+    return 0
+
+
+SPEAKER_ACTIONS = {"list": "", "remove": "NAME", "rename": "NAME NEW_NAME", "clusters": "",
+                   "promote": "CLUSTER NAME"}
+
+
+def speakers_request(args) -> dict | None:
+    """The control request for ``streamd speakers ACTION ...``; None when arguments are missing."""
+    wanted = len(SPEAKER_ACTIONS[args.action].split())
+    given = [a for a in (args.name, args.new_name) if a]
+    if len(given) < wanted:
+        return None
+    if args.action == "promote":
+        return {"cmd": "promote", "cluster": args.name, "name": args.new_name}
+    request = {"cmd": args.action}
+    if wanted:
+        request["name"] = args.name
+    if wanted > 1:
+        request["new_name"] = args.new_name
+    return request
+
+
+def print_speakers_reply(args, reply: dict) -> None:
     if args.action == "list":
         for s in reply["speakers"]:
             print(f"{s['name']}\t{s['utterances']} utterances\t{s['seconds']:.1f} s")
+    elif args.action == "clusters":
+        for c in reply["clusters"]:
+            print(f"{c['cluster']}\theard {c['heard']} times\t{c['seconds']:.1f} s\t"
+                  f"{c['kept_seconds']:.1f} s kept for promotion")
+    elif args.action == "promote":
+        print(f"promoted {args.name!r} to {reply['name']!r}: {reply['utterances']} utterances, "
+              f"{reply['seconds']:.1f} s of speech")
     else:
         print(f"{args.action}d {args.name!r}" + (f" -> {args.new_name!r}" if args.action == "rename" else ""))
-    return 0
 
 
 def cmd_keys(args) -> int:
@@ -223,15 +255,19 @@ def cmd_keys(args) -> int:
 
 def speakers_offline(cfg, request: dict) -> dict:
     """The same commands directly on the gallery database (no daemon running)."""
-    from streamd.commands import gallery_command
-    from streamd.daemon import GALLERY_FILE
-    from streamd.gallery import Gallery
+    from streamd.commands import cluster_command, gallery_command
+    from streamd.control import ControlError
 
-    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    book = open_book(cfg)
     try:
-        return gallery_command(gallery, request)
+        if request["cmd"] in ("clusters", "promote"):
+            return cluster_command(book, request)
+        return gallery_command(book.gallery, request)
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
     finally:
-        gallery.close()
+        book.close()
+        book.gallery.close()
 
 
 def cmd_eval(args, cfg) -> int:

@@ -50,6 +50,19 @@ def gallery_command(gallery: Gallery, request: dict) -> dict:
     raise ControlError(f"unknown command {cmd!r}")
 
 
+def cluster_command(book, request: dict) -> dict:
+    """``clusters`` (list the recurring unknown voices) and ``promote`` (enroll one by name)."""
+    if book is None or book.clusters is None:
+        raise ControlError("the gallery is not available (state directory unusable)")
+    if request["cmd"] == "clusters":
+        return {"ok": True, "clusters": book.clusters.listing()}
+    label, name = _field(request, "cluster", str), _field(request, "name", str)
+    try:
+        return {"ok": True, **book.promote(label, name)}
+    except GalleryError as exc:
+        raise ControlError(str(exc)) from None
+
+
 @dataclass
 class Collector:
     """``enroll_next``: gathers the next N seconds of speech on a stream, then enrolls."""
@@ -80,6 +93,8 @@ class DaemonCommands:
             if book is None or book.gallery is None:
                 raise ControlError("the gallery is not available (state directory unusable)")
             return gallery_command(book.gallery, request)
+        if cmd in ("clusters", "promote"):
+            return cluster_command(book, request)
         handler = getattr(self, f"cmd_{cmd}", None)
         if handler is None:
             raise ControlError(f"unknown command {cmd!r}")

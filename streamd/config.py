@@ -85,6 +85,12 @@ class IdentityConfig:
     enroll_min_consistency: float = 0.6
     enroll_duplicate_score: float = 0.9
     recent_utterances: int = 50
+    partial_every_s: float = 1.5
+    cluster_unknown: bool = True
+    cluster_far: float = 0.01
+    cluster_min_seconds: float = 1.0
+    cluster_max: int = 200
+    cluster_keep: int = 20
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,6 @@ class ControlConfig:
     curve_clients: str = ""  # daemon: folder of the authorised clients' public certificates
     curve_client_key: str = ""  # clients: their secret certificate
     curve_server_key: str = ""  # clients: the daemon's public certificate (NAME.key)
-
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "identity.enroll_min_consistency": (-1.0, 1.0),
     "identity.enroll_duplicate_score": (-1.0, 1.0),
     "identity.recent_utterances": (1, 10000),
+    "identity.partial_every_s": (0.0, 60.0),
+    "identity.cluster_far": (1e-6, 0.5),
+    "identity.cluster_min_seconds": (0.0, 60.0),
+    "identity.cluster_max": (1, 100000),
+    "identity.cluster_keep": (1, 1000),
     "digits.min_confidence": (0.0, 1.0),
     "events.hwm": (1, 1_000_000),
 }

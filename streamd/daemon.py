@@ -100,6 +100,7 @@ class Daemon:
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None
         publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
+        publisher.on_drop = self.metrics.dropped.inc
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
@@ -121,6 +122,7 @@ class Daemon:
             publisher.close()
             if server is not None:
                 server.shutdown()
+            self.book.close()
             if gallery is not None:
                 gallery.close()
 
@@ -176,11 +178,14 @@ class Daemon:
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
         self.pipeline.min_digit_confidence = new.digits.min_confidence
+        self.pipeline.partial_every_s = new.identity.partial_every_s
         for key, value in book_settings(new.identity).items():
             setattr(self.book, key, value)
         self.cfg = new
         if gallery is not None:
             gallery.invalidate()
+        if self.book.clusters is not None:
+            self.book.clusters.reload()
         log.info("reloaded config and gallery")
 
 

@@ -52,6 +52,15 @@ class SpeakerEvent(Event):
     candidates: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0
     cosine: float = 0.0
+    cluster: str | None = None  # an unknown voice heard before: its stable label, e.g. "unknown-3"
+
+
+@dataclass(frozen=True)
+class SpeakerPartial(SpeakerEvent):
+    """The decision so far while an utterance goes on; t_end is the audio heard so far and
+    latency_s is measured from the capture of that audio."""
+
+    type: ClassVar[str] = "speaker.partial"
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class Publisher:
         self._lock = threading.Lock()
         self.seq = 0
         self.dropped = 0
+        self.on_drop = None  # called once per dropped event (the daemon counts them in /metrics)
         self.subscribers = 0
 
     def _drain_subscriptions(self) -> None:
@@ -137,6 +147,8 @@ class Publisher:
                 self._sock.send_multipart((topic, data), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
                 log.warning("event %s dropped: %s", topic.decode(), exc)
             self._drain_subscriptions()
             if self._jsonl is not None:

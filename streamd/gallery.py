@@ -89,11 +89,11 @@ def validate_name(name: object) -> str:
     return name
 
 
-def _blob(a: np.ndarray) -> bytes:
+def to_blob(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, dtype="<f4").tobytes()
 
 
-def _array(blob: bytes, dims: int | None = None) -> np.ndarray:
+def from_blob(blob: bytes, dims: int | None = None) -> np.ndarray:
     a = np.frombuffer(blob, dtype="<f4")
     return a.reshape(-1, dims) if dims else a
 
@@ -115,7 +115,7 @@ class Gallery:
 
     def transaction(self):
         """``with gallery.transaction():`` — BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
-        return _Transaction(self.db)
+        return Transaction(self.db)
 
     def invalidate(self) -> None:
         """Make the next ``changed()`` true (SIGHUP: re-read everything)."""
@@ -150,9 +150,9 @@ class Gallery:
                 cur = self.db.execute(
                     "INSERT INTO enrollments(speaker_id, features, dims, feature_key, seconds, source, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (sid, _blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
+                    (sid, to_blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
                 self.db.execute("INSERT INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
-                                (cur.lastrowid, model_sha256, _blob(vec)))
+                                (cur.lastrowid, model_sha256, to_blob(vec)))
 
     def remove(self, name: str) -> bool:
         with self.transaction():
@@ -182,7 +182,7 @@ class Gallery:
             (model_sha256,)).fetchall()
         out: dict[str, list[np.ndarray]] = {}
         for name, blob in rows:
-            out.setdefault(name, []).append(_array(blob))
+            out.setdefault(name, []).append(from_blob(blob))
         return {k: np.stack(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ re-embedding
@@ -193,7 +193,7 @@ class Gallery:
             "SELECT e.id, e.features, e.dims FROM enrollments e WHERE e.feature_key = ? AND NOT EXISTS "
             "(SELECT 1 FROM embeddings m WHERE m.enrollment_id = e.id AND m.model_sha256 = ?)",
             (feature_key, model_sha256)).fetchall()
-        return [(eid, _array(blob, dims)) for eid, blob, dims in rows]
+        return [(eid, from_blob(blob, dims)) for eid, blob, dims in rows]
 
     def stale_enrollments(self, feature_key: str) -> int:
         (n,) = self.db.execute("SELECT COUNT(*) FROM enrollments WHERE feature_key != ?", (feature_key,)).fetchone()
@@ -203,11 +203,11 @@ class Gallery:
         with self.transaction():
             self.db.executemany(
                 "INSERT OR REPLACE INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
-                [(eid, model_sha256, _blob(v)) for eid, v in vectors])
+                [(eid, model_sha256, to_blob(v)) for eid, v in vectors])
             self.db.execute("DELETE FROM embeddings WHERE model_sha256 != ?", (model_sha256,))
 
 
-class _Transaction:
+class Transaction:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
         self.outer = False

@@ -26,6 +26,7 @@ class Decision:
     score: float  # normalised score of the best candidate (what the threshold applies to)
     candidates: list[dict]
     raw: float = 0.0  # its cosine
+    cluster: str | None = None  # for an unknown voice heard before: its cluster label
 
 
 class Scorer:

@@ -11,7 +11,7 @@ import numpy as np
 
 from streamd import digits
 from streamd.config import Config
-from streamd.events import DigitEvent, Publisher, SpeakerEvent, VadEnd, VadStart
+from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
 from streamd.features import StreamingMfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Utterance, audio_level
@@ -40,10 +40,14 @@ class StreamPipeline:
         self.publisher = publisher
         self.metrics = metrics
         self.min_digit_confidence = cfg.digits.min_confidence
+        self.partial_every_s = cfg.identity.partial_every_s
         self.recent: collections.deque[Recent] = collections.deque(maxlen=cfg.identity.recent_utterances)
         self.collector = None  # streamd.commands.Collector while enroll_next gathers speech
         self.utterances_seen = 0
         self._audio: list[np.ndarray] = []
+        self._open: SpeechStart | None = None  # the utterance going on
+        self._heard = 0  # its samples so far, pre-roll included
+        self._next_partial = 0.0  # seconds of it after which the next speaker.partial is due
         self.segmenter = Segmenter(cfg.vad)
         # One ring per front end the models need; each sample's features are computed once.
         self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep))
@@ -70,24 +74,48 @@ class StreamPipeline:
         self._handle(self.segmenter.flush(), None)
 
     def _handle(self, outputs, frame: Frame | None) -> None:
+        ending = any(isinstance(out, SpeechEnd) for out in outputs)
         for out in outputs:
             if isinstance(out, SpeechStart):
                 for ring in self.rings.values():
                     ring.reset()
                 self._audio = []
+                self._open, self._heard = out, 0
+                self._next_partial = self.partial_every_s
                 self._add_audio(out.audio)
                 t_now = frame.t_end if frame is not None else out.t_start
                 self._publish(VadStart(self.stream, out.utterance, out.t_start, t_now))
             elif isinstance(out, SpeechAudio):
                 self._add_audio(out.audio)
+                if frame is not None and not ending:
+                    self._maybe_partial(frame)
             elif isinstance(out, SpeechEnd):
+                self._open = None
                 self._end(out)
 
     def _add_audio(self, audio: np.ndarray) -> None:
         with self._timed("features"):
             self._audio.append(audio)  # kept until the utterance ends, for its level
+            self._heard += len(audio)
             for ring in self.rings.values():
                 ring.push(audio)
+
+    def _maybe_partial(self, frame: Frame) -> None:
+        """Every ``partial_every_s`` of speech: the speaker decision on the utterance so far."""
+        start = self._open
+        # Only while speech goes on: in the hangover the final decision is a moment away.
+        if self.segmenter.last_voiced_end != frame.t_end or self.partial_every_s <= 0 or self.book is None:
+            return
+        if frame.t_end - start.t_start < self._next_partial:
+            return
+        self._next_partial += self.partial_every_s
+        with self._timed("inference"):
+            embedding = self.models.speaker.run(self._utterance_features(self.models.speaker.params, self._heard))
+            who = self.book.decide(embedding)
+        self._publish(SpeakerPartial(
+            self.stream, start.utterance, start.t_start, frame.t_end, speaker=who.speaker, score=who.score,
+            candidates=who.candidates, latency_s=time.monotonic() - frame.captured_at, cosine=who.raw,
+            cluster=who.cluster))
 
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -105,17 +133,19 @@ class StreamPipeline:
             speaker_feats = self._utterance_features(self.models.speaker.params, samples)
             embedding = self.models.speaker.run(speaker_feats)
             logits = self.models.digits.run(self._utterance_features(self.models.digits.params, samples))
-            who = self.book.decide(embedding) if self.book is not None else Decision(UNKNOWN, 0.0, [])
             digit = digits.decide(logits, self.min_digit_confidence)
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
+        with self._timed("identity"):
+            who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
         self.recent.append(Recent(end.utterance, utt, embedding))
         if self.collector is not None:
             self.collector.utterances.append(utt)
             self.collector.vectors.append(embedding)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self._publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
-                                   latency_s=time.monotonic() - end.closed_at, cosine=who.raw), end.closed_at)
+                                   latency_s=time.monotonic() - end.closed_at, cosine=who.raw,
+                                   cluster=who.cluster), end.closed_at)
         self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
                                  candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
                       end.closed_at)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import sqlite3
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streamd.gallery import Gallery, GalleryError, Utterance, validate_name
+from streamd.cluster_store import ClusterStore
+from streamd.clusters import ClusterSettings, UnknownClusters, label_of
+from streamd.gallery import UNKNOWN, Gallery, GalleryError, Utterance, validate_name
 from streamd.identity import Calibration, Decision, Enrolled, Scorer, decide, l2_normalize
 from streamd.inference import ModelError, OnnxModel, sha256_of
 
@@ -31,7 +34,10 @@ class Gates:
 
 def book_settings(identity) -> dict:
     """SpeakerBook's keyword arguments from an [identity] config section."""
-    return {"cosine_threshold": identity.threshold, "far": identity.far, "gates": gates_from(identity)}
+    return {"cosine_threshold": identity.threshold, "far": identity.far, "gates": gates_from(identity),
+            "cluster_settings": ClusterSettings(identity.cluster_unknown, identity.cluster_far,
+                                                identity.cluster_min_seconds, identity.cluster_max,
+                                                identity.cluster_keep)}
 
 
 def gates_from(identity) -> Gates:
@@ -71,7 +77,8 @@ class SpeakerBook:
     are cosines and ``cosine_threshold`` applies."""
 
     def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
-                 gates: Gates = Gates(), far: float = 0.01):
+                 gates: Gates = Gates(), far: float = 0.01,
+                 cluster_settings: ClusterSettings = ClusterSettings()):
         self.gallery = gallery
         self.model = model
         self.cosine_threshold = cosine_threshold
@@ -81,8 +88,26 @@ class SpeakerBook:
         self.scorer = Scorer(load_cohort(model) if self.calibration else None)
         self._enrolled = Enrolled()
         self.key = feature_key(model)
+        self.clusters: UnknownClusters | None = None
         if gallery is not None:
             self.reembed()
+            self.clusters = UnknownClusters(ClusterStore(gallery.path), self.sha, self.key, self.scorer,
+                                            model.run, self._cluster_threshold, cluster_settings)
+        self._cluster_settings = cluster_settings
+
+    @property
+    def cluster_settings(self) -> ClusterSettings:
+        return self._cluster_settings
+
+    @cluster_settings.setter
+    def cluster_settings(self, settings: ClusterSettings) -> None:
+        self._cluster_settings = settings
+        if self.clusters is not None:
+            self.clusters.settings = settings
+
+    def close(self) -> None:
+        if self.clusters is not None:
+            self.clusters.store.close()
 
     @property
     def sha(self) -> str:
@@ -109,15 +134,46 @@ class SpeakerBook:
     def threshold(self) -> float:
         return self.threshold_for(len(self.enrolled().names))
 
-    def threshold_for(self, enrolled: int) -> float:
-        """The score threshold with ``enrolled`` speakers in the gallery."""
+    def threshold_for(self, enrolled: int, far: float | None = None) -> float:
+        """The score threshold with ``enrolled`` speakers (or clusters) to compare with."""
         if self.calibration is None:
             return self.cosine_threshold
         # A stranger is compared with every enrolled speaker: split the allowed rate among them.
-        return self.calibration.threshold_for(self.far / max(1, enrolled))
+        return self.calibration.threshold_for((self.far if far is None else far) / max(1, enrolled))
+
+    def _cluster_threshold(self, clusters: int) -> float:
+        return self.threshold_for(clusters, self._cluster_settings.far)
 
     def decide(self, embedding: np.ndarray) -> Decision:
-        return decide(embedding, self.enrolled(), self.scorer, self.threshold)
+        """The decision so far (partial utterances): no cluster is changed."""
+        who = decide(embedding, self.enrolled(), self.scorer, self.threshold)
+        if who.speaker != UNKNOWN or not self._clustering():
+            return who
+        cid = self.clusters.match(embedding)
+        return who if cid is None else replace(who, cluster=label_of(cid))
+
+    def identify(self, embedding: np.ndarray, utt: Utterance) -> Decision:
+        """The final decision on an utterance; an unknown voice joins (or starts) a cluster."""
+        who = decide(embedding, self.enrolled(), self.scorer, self.threshold)
+        if who.speaker != UNKNOWN or not self._clustering():
+            return who
+        try:
+            return replace(who, cluster=self.clusters.observe(embedding, utt))
+        except sqlite3.Error as exc:  # a full or read-only disk must not stop recognition
+            log.warning("could not store an unknown voice: %s", exc)
+            return who
+
+    def _clustering(self) -> bool:
+        return self.clusters is not None and self._cluster_settings.enabled
+
+    def promote(self, label: str, name: str) -> dict:
+        """Enroll ``name`` from the utterances a cluster of unknown voice has gathered."""
+        if self.clusters is None:
+            raise GalleryError("the gallery is not available (state directory unusable)")
+        utts, vectors = self.clusters.members(label)
+        result = self.enroll(name, utts, f"cluster:{label}", vectors)
+        self.clusters.remove(label)
+        return {**result, "promoted": label}
 
     def enroll(self, name: str, utterances: list[Utterance], source: str,
                vectors: np.ndarray | None = None) -> dict:

@@ -104,6 +104,11 @@ class Segmenter:
     def in_speech(self) -> bool:
         return self._active is not None
 
+    @property
+    def last_voiced_end(self) -> float:
+        """Audio time where the latest voiced frame of the utterance going on ends."""
+        return self._last_voiced_end
+
     def is_speech(self, frame: Frame) -> bool:
         return self._vad.is_speech(frame.samples.tobytes(), SAMPLE_RATE)
 

@@ -145,3 +145,32 @@ def test_sigkill_during_enrollment_loses_no_enrolled_speaker(iso, notify, tmp_pa
     listed = streamd("speakers", "--set", f'state.dir="{state}"', "--set",
                      f'control.endpoint="{d.endpoint}"', "list")
     assert listed.returncode == 0 and "theo\t10 utterances" in listed.stdout
+
+
+def test_partials_then_a_recurring_unknown_voice_is_promoted(daemon, tmp_path):
+    daemon.speak("visitor12.flac")
+    events = collect(daemon.sub, until=lambda ev: len(by_type(ev, "speaker")) >= 5, timeout=60)
+    finals, partials = by_type(events, "speaker"), by_type(events, "speaker.partial")
+    assert len(partials) >= 3  # 2-3 s phrases: a decision after the first 1.5 s of each
+    for p in partials:
+        final = next(e for e in finals if e["utterance"] == p["utterance"])
+        assert events.index(p) < events.index(final) and p["t_end"] <= final["t_end"] + 0.5
+        assert p["t_end"] - p["t_start"] >= 1.5
+    labels = {e["cluster"] for e in finals}
+    assert len(labels) == 1 and all(e["speaker"] == "unknown" for e in finals)
+    label = labels.pop()
+    listed = daemon.ask({"cmd": "clusters"})["clusters"]
+    assert [(c["cluster"], c["heard"]) for c in listed] == [(label, 5)]
+    assert daemon.ask({"cmd": "promote", "cluster": label})["error"] == "promote: missing field 'name'"
+    reply = daemon.ask({"cmd": "promote", "cluster": label, "name": "Nadia"})
+    assert reply["ok"] and reply["name"] == "Nadia" and reply["utterances"] == 5, reply
+    daemon.speak("visitor12.flac")
+    assert [e["speaker"] for e in daemon.speakers(5)] == ["Nadia"] * 5  # from the very next event
+    daemon.speak("visitor21.flac")
+    other = daemon.speakers(2)[-1]
+    assert other["speaker"] == "unknown" and other["cluster"] not in (None, label)
+    assert daemon.close() == 0
+    # The cluster outlives the daemon; the CLI reads it straight from the database.
+    offline = streamd("speakers", "--set", f'state.dir="{tmp_path}/state"', "--set",
+                      f'control.endpoint="{daemon.endpoint}"', "clusters")
+    assert offline.returncode == 0 and offline.stdout.startswith(other["cluster"] + "\t"), offline.stderr
