@@ -14,6 +14,7 @@ from streamd.config import EX_CONFIG, ConfigError
 
 EX_DATAERR = 65  # a model or audio file that cannot be used
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73  # the state directory cannot be written: read-only, full, I/O error
 
 log = logging.getLogger("streamd")
 
@@ -97,8 +98,8 @@ def cmd_run(args, cfg) -> int:
     from streamd.daemon import Daemon, RunOptions
 
     opts = RunOptions(
-        source=args.source or cfg.source.spec,
-        pace=args.pace or cfg.source.pace,
+        source=args.source,
+        pace=args.pace,
         events_jsonl=args.events_jsonl or cfg.events.jsonl or None,
         wait_subscriber_s=args.wait_subscriber,
         config_path=args.config if args.config is not None else config_mod.default_config_path(),
@@ -107,15 +108,20 @@ def cmd_run(args, cfg) -> int:
     return Daemon(cfg, opts).run()
 
 
-def open_book(cfg, create: bool = True):
-    """The gallery and speaker model, for commands that run without a daemon."""
+def open_book(cfg, write: bool = True):
+    """The gallery and speaker model, for commands that run without a daemon. ``write``: the
+    command changes the gallery, so a read-only or full one is refused here, in one line."""
     from streamd.daemon import GALLERY_FILE
-    from streamd.gallery import Gallery
+    from streamd.gallery import Gallery, StorageError
     from streamd.inference import load_model
     from streamd.speakers import SpeakerBook, book_settings
 
     model = load_model(cfg, "speaker", "cpu")
-    return SpeakerBook(Gallery(cfg.state_dir() / GALLERY_FILE), model, **book_settings(cfg.identity))
+    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    if write and gallery.readonly:
+        gallery.close()
+        raise StorageError(f"gallery {gallery.path}: cannot be changed: {gallery.readonly}")
+    return SpeakerBook(gallery, model, **book_settings(cfg.identity))
 
 
 def cmd_enroll(args, cfg) -> int:
@@ -257,8 +263,12 @@ def speakers_offline(cfg, request: dict) -> dict:
     """The same commands directly on the gallery database (no daemon running)."""
     from streamd.commands import cluster_command, gallery_command
     from streamd.control import ControlError
+    from streamd.gallery import GalleryError
 
-    book = open_book(cfg)
+    try:
+        book = open_book(cfg, write=request["cmd"] not in ("list", "clusters"))
+    except GalleryError as exc:
+        return {"ok": False, "error": str(exc)}
     try:
         if request["cmd"] in ("clusters", "promote"):
             return cluster_command(book, request)
@@ -329,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_keys(args)
     from streamd.daemon import setup_logging
     from streamd.control import ControlError
-    from streamd.gallery import GalleryError
+    from streamd.gallery import GalleryError, StorageError
     from streamd.inference import ModelError
     from streamd.sources import SourceError
 
@@ -340,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamd: config: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except StorageError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except (ModelError, SourceError, GalleryError) as exc:
         print(f"streamd: {exc}", file=sys.stderr)
         return EX_DATAERR

@@ -16,6 +16,7 @@ from streamd.control import ControlError, ControlServer, Pending
 from streamd.gallery import Gallery, GalleryError, Utterance
 
 MAX_NEXT_SECONDS = 120.0
+MAX_NEXT_TIMEOUT_S = 3600.0
 
 
 def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
@@ -53,7 +54,8 @@ def gallery_command(gallery: Gallery, request: dict) -> dict:
 def cluster_command(book, request: dict) -> dict:
     """``clusters`` (list the recurring unknown voices) and ``promote`` (enroll one by name)."""
     if book is None or book.clusters is None:
-        raise ControlError("the gallery is not available (state directory unusable)")
+        raise ControlError(book.unavailable() if book is not None else
+                           "the gallery is not available (state directory unusable)")
     if request["cmd"] == "clusters":
         return {"ok": True, "clusters": book.clusters.listing()}
     label, name = _field(request, "cluster", str), _field(request, "name", str)
@@ -101,10 +103,13 @@ class DaemonCommands:
         return handler(request, pending)
 
     def _stream(self, request: dict):
-        stream = _field(request, "stream", str, self.daemon.pipeline.stream)
-        if stream != self.daemon.pipeline.stream:
+        pipelines = self.daemon.pipelines
+        if "stream" not in request and len(pipelines) != 1:
+            raise ControlError(f"{request['cmd']}: missing field 'stream' (streams: {', '.join(sorted(pipelines))})")
+        stream = _field(request, "stream", str, next(iter(pipelines), ""))
+        if stream not in pipelines:
             raise ControlError(f"no stream named {stream!r}")
-        return self.daemon.pipeline
+        return pipelines[stream]
 
     def _enroll(self, name: str, utts: list[Utterance], vectors: list[np.ndarray], source: str) -> dict:
         try:
@@ -131,6 +136,8 @@ class DaemonCommands:
         timeout = _field(request, "timeout_s", float, max(30.0, 4 * seconds))
         if not 0 < seconds <= MAX_NEXT_SECONDS:
             raise ControlError(f"enroll_next: 'seconds' must be in (0, {MAX_NEXT_SECONDS:.0f}]")
+        if not 0 < timeout <= MAX_NEXT_TIMEOUT_S:  # NaN or inf would never time out
+            raise ControlError(f"enroll_next: 'timeout_s' must be in (0, {MAX_NEXT_TIMEOUT_S:.0f}]")
         pipeline = self._stream(request)
         if pipeline.collector is not None:
             raise ControlError(f"enroll_next: already collecting speech for {pipeline.collector.name!r}")
@@ -169,10 +176,11 @@ class DaemonCommands:
         return {"ok": True, "far": book.far, "threshold": book.threshold, "calibrated": book.calibration is not None}
 
     def cmd_stats(self, request: dict, pending: Pending) -> dict:
-        p = self.daemon.pipeline
+        pipelines = self.daemon.pipelines
         book = self.daemon.book
-        return {"ok": True, "uptime_s": round(time.time() - self.started, 1), "stream": p.stream,
-                "utterances": p.utterances_seen, "recent": len(p.recent),
+        streams = {name: {"utterances": p.utterances_seen, "recent": len(p.recent)} for name, p in pipelines.items()}
+        return {"ok": True, "uptime_s": round(time.time() - self.started, 1), "streams": streams,
+                "utterances": sum(p.utterances_seen for p in pipelines.values()),
                 "speakers": len(book.enrolled().names) if book else 0,
                 "threshold": book.threshold if book else None,
                 "events_published": self.daemon.publisher.seq, "events_dropped": self.daemon.publisher.dropped,

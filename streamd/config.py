@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class ModelsConfig:
     digits: str = "digits.card.json"
     provider: str = "auto"
     threads: int = 1
+    bucket_frames: int = 8
+    batch_wait_ms: float = 2.0
+    max_batch: int = 64
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    listen: str = ""
+    accept_any: bool = True
+    max_streams: int = 1000
+    gap_fill_ms: float = 1000.0
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One ``[[streams]]`` entry."""
+
+    id: str = ""
+    source: str = ""
+    pace: str = ""  # "" = source.pace
+
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
 class StateConfig:
     dir: str = ""
 
@@ -143,6 +167,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    streams: tuple[StreamConfig, ...] = ()
     base_dir: Path = field(default=Path("."), compare=False)
 
     def path(self, value: str) -> Path:
@@ -196,6 +222,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "mel.preemph": (0.0, 1.0),
     "mel.ceplifter": (0, 100),
     "models.threads": (1, 64),
+    "models.bucket_frames": (0, 1000),
+    "models.batch_wait_ms": (0.0, 100.0),
+    "models.max_batch": (1, 4096),
+    "network.max_streams": (1, 100000),
+    "network.gap_fill_ms": (0.0, 60000.0),
     "identity.far": (1e-6, 0.5),
     "identity.threshold": (-1.0, 1.0),
     "identity.enroll_min_seconds": (0.0, 600.0),
@@ -220,6 +251,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mel.kind": ("melpower",),
     "mel.window": ("hamming", "hann", "rect"),
     "models.provider": ("auto", "cpu", "cuda"),
+    "streams.pace": ("", "realtime", "fast"),
     "log.level": ("debug", "info", "warning", "error"),
 }
 
@@ -257,18 +289,35 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
 
 
 def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
-    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "base_dir"}
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("base_dir", "streams")}
     for name in tree:
-        if name not in sections:
+        if name not in sections and name != "streams":
             raise ConfigError(f"{name}: unknown section")
     built = {
         name: _build_section(name, f.default_factory().__class__, tree.get(name, {}))  # type: ignore[misc]
         for name, f in sections.items()
     }
-    cfg = Config(**built, base_dir=base_dir)
+    cfg = Config(**built, streams=_build_streams(tree.get("streams", [])), base_dir=base_dir)
     _check_consistency(cfg)
     _check_exposure(cfg)
     return cfg
+
+
+def _build_streams(entries: Any) -> tuple[StreamConfig, ...]:
+    """``[[streams]]``: each needs a unique id (letters, digits, _ and -) and a source."""
+    if not isinstance(entries, list):
+        raise ConfigError("streams: expected an array of tables ([[streams]])")
+    streams = tuple(_build_section("streams", StreamConfig, e) for e in entries)
+    seen: set[str] = set()
+    for i, st in enumerate(streams):
+        if not STREAM_ID.match(st.id):
+            raise ConfigError(f"streams[{i}].id: {st.id!r} must be 1-64 letters, digits, '_' or '-'")
+        if st.id in seen:
+            raise ConfigError(f"streams[{i}].id: {st.id!r} is used twice")
+        if not st.source:
+            raise ConfigError(f"streams[{i}].source: missing (mic[:DEVICE], file:PATH, stdin or net)")
+        seen.add(st.id)
+    return streams
 
 
 def _check_consistency(cfg: Config) -> None:

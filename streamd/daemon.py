@@ -21,20 +21,21 @@ from streamd.gallery import Gallery
 from streamd.inference import load_models
 from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
-from streamd.pipeline import StreamPipeline
-from streamd.sources import Source, SourceError, open_source
+from streamd.engine import Engine
+from streamd.frames import Frame
+from streamd.readers import SourceReader, StreamSpec, StreamStatus
+from streamd.sources import SourceError, open_source
 from streamd.speakers import SpeakerBook, book_settings
 
 log = logging.getLogger(__name__)
 
 GALLERY_FILE = "gallery.sqlite3"
-_END = object()
 
 
 @dataclass
 class RunOptions:
-    source: str
-    pace: str
+    source: str | None = None  # None: the config's [[streams]] or [source]
+    pace: str | None = None
     events_jsonl: str | None = None
     wait_subscriber_s: float = 0.0
     config_path: Path | None = None
@@ -51,23 +52,17 @@ def open_gallery(cfg: Config) -> Gallery | None:
         return None
 
 
-class FrameReader(threading.Thread):
-    """Reads a source in its own thread so the main loop can always react to signals."""
+def stream_specs(cfg: Config, opts: RunOptions) -> list[StreamSpec]:
+    """The local sources to read: --source (one stream), else [[streams]], else [source]."""
+    def spec(stream: str, source: str, pace: str = "") -> StreamSpec:
+        return StreamSpec(stream, source, pace or opts.pace or cfg.source.pace, cfg.vad.frame_samples,
+                          cfg.source.mic_rate)
 
-    def __init__(self, source: Source):
-        super().__init__(name="source", daemon=True)
-        self.source = source
-        self.frames: queue.Queue = queue.Queue(maxsize=256)
-        self.error: Exception | None = None
-
-    def run(self) -> None:
-        try:
-            for frame in self.source.frames():
-                self.frames.put(frame)
-        except Exception as exc:  # reported by the main loop
-            self.error = exc
-        finally:
-            self.frames.put(_END)
+    if opts.source:
+        return [spec(opts.stream, opts.source)]
+    if cfg.streams:
+        return [spec(s.id, s.source, s.pace) for s in cfg.streams if s.source != "net"]
+    return [spec(opts.stream, cfg.source.spec)]
 
 
 class Daemon:
@@ -77,6 +72,8 @@ class Daemon:
         self.metrics = Metrics()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.frames: queue.Queue = queue.Queue(maxsize=1024)
+        self.readers: list[SourceReader] = []
 
     def _signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -84,16 +81,32 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
 
     def run(self) -> int:
-        cfg = self.cfg
-        # The source first: a wrong device or file is reported before anything else is loaded.
-        source = open_source(self.opts.source, self.opts.stream, cfg.vad.frame_samples,
-                             self.opts.pace, cfg.source.mic_rate)
+        self._signals()  # first: a SIGHUP or SIGTERM during start-up must not kill the process
+        specs = stream_specs(self.cfg, self.opts)
+        # Sources first: a wrong device or file is reported before anything else is loaded.
+        # With one stream that is fatal; with several, the others go on without it.
+        failed: list[StreamStatus] = []
+        for spec in specs:
+            try:
+                source = open_source(spec.source, spec.stream, spec.frame_samples, spec.pace, spec.mic_rate)
+            except SourceError as exc:
+                if len(specs) == 1 and not self.cfg.network.listen:
+                    raise
+                log.error("stream %s: %s", spec.stream, exc)
+                failed.append(StreamStatus(spec.stream, "down" if spec.live else "ended", str(exc)))
+                source = None
+                if not spec.live:
+                    continue
+            self.readers.append(SourceReader(spec, self.frames, source, self._stop))
+        if not self.readers and not self.cfg.network.listen:
+            raise SourceError(failed[0].reason if failed else "no audio source configured")
         try:
-            return self._run(source)
+            return self._run(specs, failed)
         finally:
-            source.close()
+            for reader in self.readers:
+                reader.stop()
 
-    def _run(self, source: Source) -> int:
+    def _run(self, specs: list[StreamSpec], failed: list[StreamStatus]) -> int:
         cfg = self.cfg
         models = load_models(cfg)
         for m in (models.speaker, models.digits):
@@ -107,15 +120,21 @@ class Daemon:
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
                                              curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
+        self.engine = Engine(cfg, models, self.book, publisher, self.metrics, cfg.network.max_streams)
         try:
-            self.pipeline = StreamPipeline(self.opts.stream, cfg, models, self.book, publisher, self.metrics)
+            for spec in specs:
+                self.engine.add_stream(spec.stream)
+            for st in cfg.streams:
+                self.engine.add_stream(st.id)
             if self.opts.wait_subscriber_s > 0 and not publisher.wait_for_subscriber(self.opts.wait_subscriber_s):
                 log.warning("no subscriber joined within %.1f s; publishing anyway", self.opts.wait_subscriber_s)
-            self._signals()
+            for status in failed:
+                self.engine.status(status)
             sd_notify("READY=1\nSTATUS=listening")
-            log.info("ready: source %s, events on %s, metrics on %s, control on %s", self.opts.source,
-                     publisher.endpoint, cfg.metrics.listen or "off", self.control.endpoint)
-            return self._loop(source, gallery)
+            log.info("ready: %d streams (%s), events on %s, metrics on %s, control on %s", len(self.engine.pipelines),
+                     ", ".join(f"{s.stream}={s.source}" for s in specs), publisher.endpoint,
+                     cfg.metrics.listen or "off", self.control.endpoint)
+            return self._loop(gallery, single=len(specs) == 1 and not cfg.network.listen)
         finally:
             sd_notify("STOPPING=1")
             self.control.close()
@@ -126,45 +145,77 @@ class Daemon:
             if gallery is not None:
                 gallery.close()
 
-    def _loop(self, source: Source, gallery: Gallery | None) -> int:
-        reader = FrameReader(source)
-        reader.start()
+    @property
+    def pipelines(self):
+        return self.engine.pipelines
+
+    def _loop(self, gallery: Gallery | None, single: bool) -> int:
+        up = {r.spec.stream for r in self.readers if r.source is not None}
+        for stream in up:
+            self.metrics.stream_up.labels(stream=stream).set(1)
+        running = {r.spec.stream for r in self.readers}
+        ended_with: str | None = None
         watchdog = Watchdog()
-        overruns = 0
-        try:
-            while not self._stop.is_set():
-                if self._reload.is_set():
-                    self._reload.clear()
-                    self._apply_reload(gallery)
-                self._serve_control()
+        for reader in self.readers:
+            reader.start()
+        while not self._stop.is_set() and (running or self.cfg.network.listen):
+            if self._reload.is_set():
+                self._reload.clear()
+                self._apply_reload(gallery)
+            self._serve_control()
+            try:
+                item = self.frames.get(timeout=min(0.05, self.engine.wait_left()))
+            except queue.Empty:
+                self.engine.pump()
+                if not up:
+                    watchdog.processed()  # every source is down and being retried: alive, not stuck
+                continue
+            for _ in range(1024):  # everything that is waiting, then the models once
+                if isinstance(item, Frame):
+                    self.engine.push(item)
+                else:
+                    ended_with = self._status(item, up, running) or ended_with
                 try:
-                    frame = reader.frames.get(timeout=0.05)
+                    item = self.frames.get_nowait()
                 except queue.Empty:
-                    continue
-                if frame is _END:
                     break
-                self.pipeline.push(frame)
-                watchdog.processed()
-                if source.overruns != overruns:
-                    self.metrics.overruns.labels(stream=source.stream).inc(source.overruns - overruns)
-                    overruns = source.overruns
-        finally:
-            source.close()
-        self.pipeline.flush()
-        if reader.error is not None and not self._stop.is_set():
-            raise reader.error if isinstance(reader.error, SourceError) else SourceError(
-                f"source {self.opts.source}: {reader.error}")
+            self.engine.pump()
+            watchdog.processed()
+            self._count_overruns()
+        interrupted = self._stop.is_set()
+        for reader in self.readers:
+            reader.stop()
+        self.engine.flush()
+        if single and ended_with and not interrupted:
+            raise SourceError(ended_with)
         return 0
+
+    def _status(self, status: StreamStatus, up: set[str], running: set[str]) -> str | None:
+        """Returns the reason when a stream ended because its source failed."""
+        (up.add if status.state == "up" else up.discard)(status.stream)
+        if status.state == "ended":
+            running.discard(status.stream)
+        self.engine.status(status)
+        failed = status.state == "ended" and status.reason != "end of audio"
+        return status.reason if failed else None
+
+    def _count_overruns(self) -> None:
+        for reader in self.readers:
+            new = reader.overruns - reader.overruns_counted
+            if new > 0:
+                self.metrics.overruns.labels(stream=reader.spec.stream).inc(new)
+                reader.overruns_counted = reader.overruns
 
     def _serve_control(self) -> None:
         """Control requests are served between frames, on the audio thread: no locks needed."""
         self.control.poll(self.commands)
-        collector = self.pipeline.collector
-        if collector is not None:
-            done = collector.collected >= collector.seconds
-            if done or time.monotonic() > collector.deadline:
-                self.pipeline.collector = None
-                self.commands.finish(self.control, collector, timed_out=not done)
+        for pipeline in self.engine.pipelines.values():
+            collector = pipeline.collector
+            if collector is not None:
+                done = collector.collected >= collector.seconds
+                if done or time.monotonic() > collector.deadline:
+                    pipeline.collector = None
+                    self.commands.finish(self.control, collector, timed_out=not done)
 
     def _apply_reload(self, gallery: Gallery | None) -> None:
         """SIGHUP: re-read the config and the gallery; a bad config keeps the old one."""
@@ -174,11 +225,13 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source", "control"):
+        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source", "control",
+                        "network", "streams"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
-        self.pipeline.min_digit_confidence = new.digits.min_confidence
-        self.pipeline.partial_every_s = new.identity.partial_every_s
+        for pipeline in self.engine.pipelines.values():
+            pipeline.min_digit_confidence = new.digits.min_confidence
+            pipeline.partial_every_s = new.identity.partial_every_s
         for key, value in book_settings(new.identity).items():
             setattr(self.book, key, value)
         self.cfg = new

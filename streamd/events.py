@@ -72,6 +72,19 @@ class DigitEvent(Event):
     latency_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class StatusEvent:
+    """A stream's source came up, went down (being retried) or ended."""
+
+    type: ClassVar[str] = "status"
+    stream: str
+    state: str  # up | down | ended
+    reason: str = ""
+
+    def payload(self) -> dict[str, Any]:
+        return {"stream": self.stream, "state": self.state, "reason": self.reason}
+
+
 def envelope(event: Event, seq: int, now: float) -> dict[str, Any]:
     body = {"v": SCHEMA_VERSION, "type": event.type, "stream": event.stream, "seq": seq}
     body.update(event.payload())

@@ -5,9 +5,11 @@ This module sees arrays, not streams.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,32 @@ MIN_FRAMES = 10  # the models' convolutions need a few frames; shorter input is 
 
 class ModelError(RuntimeError):
     """A model cannot be used; the message is one line naming the file."""
+
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+_fallback_listeners: list = []
+
+
+def on_provider_fallback(callback) -> None:
+    """Call ``callback(model, sha256, requested, stage, old_provider, new_provider)`` whenever
+    a model runs on CPU although ``models.provider`` asked for CUDA ("auto" or "cuda"):
+    ``stage`` is "load" (CUDA could not start) or "run" (a CUDA session failed while running
+    and was replaced by a CPU one). A bound method is held weakly (streamd.metrics)."""
+    _fallback_listeners.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__")
+                               else (lambda: callback))
+
+
+def _provider_fallback(card: "ModelCard", requested: str, stage: str, reason: str) -> None:
+    # "auto" on a machine without a GPU is expected: info. Anything else is worth a warning.
+    level = logging.INFO if requested == "auto" and stage == "load" else logging.WARNING
+    log.log(level, "%s: %s; using CPU", card.name, reason)
+    for ref in list(_fallback_listeners):
+        callback = ref()
+        if callback is None:
+            _fallback_listeners.remove(ref)
+            continue
+        with contextlib.suppress(Exception):  # metrics must never break inference
+            callback(card.name, card.sha256, requested, stage, CUDA, CPU)
 
 
 def sha256_of(path: Path) -> str:
@@ -132,44 +160,84 @@ def window_starts(frames: int, window: int, hop: int, min_coverage: float) -> li
 
 
 class OnnxModel:
-    def __init__(self, card: ModelCard, params: FeatureParams, provider: str = "auto", threads: int = 1):
+    def __init__(self, card: ModelCard, params: FeatureParams, provider: str = "auto", threads: int = 1,
+                 bucket_frames: int = 8):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # a failed CUDA load is logged once, by us, in one line
         self.card = card
         self.params = params
+        self.bucket_frames = bucket_frames
+        self.requested = provider
+        self._threads = threads
         wanted = wanted_providers(provider)
-        try:
-            self.session = ort.InferenceSession(
-                str(card.model_path), sess_options=session_options(threads), providers=wanted)
-        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
-            raise ModelError(f"{card.model_path}: cannot load model: {str(exc).splitlines()[0]}") from None
+        self.session = self._session(wanted)
         # onnxruntime falls back to CPU silently when CUDA cannot start: read what really runs.
         self.provider = self.session.get_providers()[0]
-        if len(wanted) > 1 and self.provider != "CUDAExecutionProvider":
-            level = logging.WARNING if provider == "cuda" else logging.INFO
-            log.log(level, "%s: CUDA provider not usable here (no GPU or CUDA libraries); using CPU", card.name)
+        if provider == "cuda" and len(wanted) == 1:
+            _provider_fallback(card, provider, "load", "CUDA provider not in this onnxruntime build "
+                               "(install onnxruntime-gpu)")
+        elif len(wanted) > 1 and self.provider != CUDA:
+            _provider_fallback(card, provider, "load", "CUDA provider not usable here (no GPU or CUDA libraries)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+    def _session(self, providers: list[str]):
+        import onnxruntime as ort
 
-    def run(self, feats: np.ndarray) -> np.ndarray:
-        """One utterance's normalised features (frames, dims) -> the model's output row.
+        try:
+            return ort.InferenceSession(str(self.card.model_path), sess_options=session_options(self._threads),
+                                        providers=providers)
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+            raise ModelError(f"{self.card.model_path}: cannot load model: {str(exc).splitlines()[0]}") from None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """One session call on a batch of model inputs. A CUDA session that fails (GPU lost,
+        out of GPU memory, driver reset) is replaced by a CPU one and the call repeated."""
+        feed = {self.input_name: np.ascontiguousarray(batch, np.float32)}
+        try:
+            return self.session.run([self.output_name], feed)[0]
+        except Exception as exc:
+            if self.provider == CPU:
+                raise
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.session = self._session([CPU])
+            self.provider = CPU
+            _provider_fallback(self.card, self.requested, "run", f"CUDA failed while running ({first})")
+            return self.session.run([self.output_name], feed)[0]
+
+    def inputs(self, feats: np.ndarray) -> np.ndarray:
+        """One utterance's normalised features (frames, dims) as model input rows.
 
         A model with a fixed window sees the utterance as overlapping windows (the last
-        zero-padded) and the result is their mean, L2-normalised."""
+        zero-padded). Any other model sees the whole utterance, its last frame repeated up to
+        a multiple of ``bucket_frames``, so that utterances of similar length share one input
+        shape: they batch together, and onnxruntime plans few shapes. Every path (daemon,
+        eval, enrollment) pads the same way."""
         if self.card.window is None:
-            if len(feats) < MIN_FRAMES:
-                feats = np.concatenate((feats, np.zeros((MIN_FRAMES - len(feats), feats.shape[1]), feats.dtype)))
-            return self._infer(feats[None])[0]
+            target = max(MIN_FRAMES, len(feats))
+            if self.bucket_frames > 1:
+                target = -(-target // self.bucket_frames) * self.bucket_frames
+            if target > len(feats):
+                edge = feats[-1:] if len(feats) else np.zeros((1, feats.shape[1]), np.float32)
+                feats = np.concatenate((feats, np.repeat(edge, target - len(feats), axis=0)))
+            return np.asarray(feats, np.float32)[None]
         window, hop, coverage = self.card.window
         starts = window_starts(len(feats), window, hop, coverage)
         padded = np.zeros((starts[-1] + window, feats.shape[1]), np.float32)
         padded[: len(feats)] = feats[: len(padded)]
-        out = self._infer(np.stack([padded[s : s + window] for s in starts])).mean(axis=0)
+        return np.stack([padded[s : s + window] for s in starts])
+
+    def combine(self, outputs: np.ndarray) -> np.ndarray:
+        """The model's output for one utterance from the outputs of its input rows."""
+        if self.card.window is None:
+            return outputs[0]
+        out = outputs.mean(axis=0)
         return out / max(float(np.linalg.norm(out)), 1e-12)
+
+    def run(self, feats: np.ndarray) -> np.ndarray:
+        """One utterance's normalised features (frames, dims) -> the model's output row."""
+        return self.combine(self.infer(self.inputs(feats)))
 
 
 @dataclass
@@ -183,7 +251,7 @@ def load_model(cfg, kind: str, provider: str | None = None) -> OnnxModel:
     card = load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind)
     params = cfg.feature_params(card.feature_kind)
     verify(card, params)
-    return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads)
+    return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads, cfg.models.bucket_frames)
 
 
 def load_models(cfg, provider: str | None = None) -> Models:
@@ -194,7 +262,8 @@ def load_models(cfg, provider: str | None = None) -> Models:
         verify(card, cfg.feature_params(card.feature_kind))
     loaded: dict[str, OnnxModel] = {}
     for kind, card in cards.items():
-        loaded[kind] = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads)
+        loaded[kind] = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads,
+                                 cfg.models.bucket_frames)
         if provider == "auto" and loaded[kind].provider == "CPUExecutionProvider":
             provider = "cpu"  # CUDA failed once: do not try (and fail) again
         log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name,

@@ -36,10 +36,33 @@ class Metrics:
         self.events = Counter("streamd_events_total", "Events published.", ["stream", "type"], registry=r)
         self.dropped = Counter("streamd_events_dropped_total", "Events that could not be published.", registry=r)
         self.overruns = Counter("streamd_capture_overruns_total", "Audio blocks lost because capture outran the pipeline.", ["stream"], registry=r)
+        self.stream_up = Gauge("streamd_stream_up", "1 while a stream's source delivers audio, 0 while it is down.",
+                               ["stream"], registry=r)
+        self.source_failures = Counter("streamd_source_failures_total",
+                                       "Times a stream's source failed or disappeared (then retried).",
+                                       ["stream"], registry=r)
+        self.batch_size = Histogram("streamd_batch_size", "Utterances per batched model run (all streams).",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.build = Gauge("streamd_build_info", "streamd version.", ["version"], registry=r)
         self.model = Gauge("streamd_model_info", "Loaded models and the onnxruntime provider running them.",
                            ["model", "sha256", "provider"], registry=r)
+        self.provider_fallbacks = Counter(
+            "streamd_provider_fallbacks_total",
+            "Models put on the CPU although models.provider asked for CUDA (auto or cuda): at load "
+            "(CUDA could not start) or at run (a CUDA session failed and was replaced).",
+            ["model", "requested", "stage"], registry=r)
         self.build.labels(version=__version__).set(1)
+        from streamd import inference
+
+        inference.on_provider_fallback(self._provider_fallback)
+
+    def _provider_fallback(self, model: str, sha256: str, requested: str, stage: str, old: str, new: str) -> None:
+        self.provider_fallbacks.labels(model=model, requested=requested, stage=stage).inc()
+        try:  # streamd_model_info names the provider that runs the model now
+            self.model.remove(model, sha256, old)
+        except KeyError:
+            pass
+        self.model.labels(model=model, sha256=sha256, provider=new).set(1)
 
     def add_stream(self, stream: str) -> None:
         """Create a stream's series up front so dashboards show zeros, not gaps."""
@@ -48,6 +71,7 @@ class Metrics:
         self.latency.labels(stream=stream)
         self.frames.labels(stream=stream)
         self.overruns.labels(stream=stream)
+        self.source_failures.labels(stream=stream)
 
     def serve(self, listen: str):
         """Serve /metrics on ``host:port``; returns the HTTP server (``shutdown()`` stops it)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamd import digits
+from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
 from streamd.features import StreamingMfcc, normalize
@@ -17,7 +18,7 @@ from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Utterance, audio_level
 from streamd.identity import UNKNOWN, Decision
 from streamd.inference import Models
-from streamd.metrics import Metrics
+from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook
 from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
 
@@ -32,9 +33,17 @@ class Recent:
 
 
 class StreamPipeline:
+    """Frames in, events out. Model work goes to a Batcher shared by all streams (the
+    daemon runs it); without one given, the pipeline runs its own at once."""
+
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
-                 publisher: Publisher, metrics: Metrics):
+                 publisher: Publisher, metrics: Metrics, batcher: Batcher | None = None):
         self.stream = stream
+        self._own_batcher = batcher is None
+        if batcher is None:
+            batcher = Batcher(models, cfg.models.max_batch, 0.0,
+                              lambda jobs, secs: self._m_stage["inference"].observe(secs))
+        self.batcher = batcher
         self.models = models
         self.book = book
         self.publisher = publisher
@@ -53,21 +62,29 @@ class StreamPipeline:
         self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep))
                       for m in (models.speaker, models.digits)}
         metrics.add_stream(stream)
+        # Children resolved once: silence costs only these increments and the VAD.
+        self._m_frames = metrics.frames.labels(stream=stream)
+        self._m_audio = metrics.audio_seconds.labels(stream=stream)
+        self._m_speech = metrics.speech_seconds.labels(stream=stream)
+        self._m_latency = metrics.latency.labels(stream=stream)
+        self._m_stage = {stage: metrics.stage.labels(stream=stream, stage=stage) for stage in STAGES}
 
     @contextmanager
     def _timed(self, stage: str):
         start = time.perf_counter()
         yield
-        self.metrics.stage.labels(stream=self.stream, stage=stage).observe(time.perf_counter() - start)
+        self._m_stage[stage].observe(time.perf_counter() - start)
 
     def push(self, frame: Frame) -> None:
-        self.metrics.frames.labels(stream=self.stream).inc()
-        self.metrics.audio_seconds.labels(stream=self.stream).inc(frame.duration)
-        with self._timed("vad"):
-            outputs = self.segmenter.push(frame)
+        self._m_frames.inc()
+        self._m_audio.inc(frame.duration)
+        start = time.perf_counter()
+        outputs = self.segmenter.push(frame)
+        self._m_stage["vad"].observe(time.perf_counter() - start)
         if self.segmenter.in_speech:
-            self.metrics.speech_seconds.labels(stream=self.stream).inc(frame.duration)
-        self._handle(outputs, frame)
+            self._m_speech.inc(frame.duration)
+        if outputs:
+            self._handle(outputs, frame)
 
     def flush(self) -> None:
         """End of stream: close and recognise an utterance still open."""
@@ -109,13 +126,21 @@ class StreamPipeline:
         if frame.t_end - start.t_start < self._next_partial:
             return
         self._next_partial += self.partial_every_s
-        with self._timed("inference"):
-            embedding = self.models.speaker.run(self._utterance_features(self.models.speaker.params, self._heard))
+
+        def finish(embedding: np.ndarray, _logits) -> None:
             who = self.book.decide(embedding)
-        self._publish(SpeakerPartial(
-            self.stream, start.utterance, start.t_start, frame.t_end, speaker=who.speaker, score=who.score,
-            candidates=who.candidates, latency_s=time.monotonic() - frame.captured_at, cosine=who.raw,
-            cluster=who.cluster))
+            self._publish(SpeakerPartial(
+                self.stream, start.utterance, start.t_start, frame.t_end, speaker=who.speaker, score=who.score,
+                candidates=who.candidates, latency_s=time.monotonic() - frame.captured_at, cosine=who.raw,
+                cluster=who.cluster))
+
+        feats = self._utterance_features(self.models.speaker.params, self._heard)
+        self._submit(Job(self.stream, feats, None, finish))
+
+    def _submit(self, job: Job) -> None:
+        self.batcher.submit(job)
+        if self._own_batcher:
+            self.batcher.run()
 
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -129,14 +154,16 @@ class StreamPipeline:
         start_t, end_t = end.model_span(self.segmenter.params)
         samples = int(round((end_t - start_t) * SAMPLE_RATE))
         self.utterances_seen += 1
-        with self._timed("inference"):
-            speaker_feats = self._utterance_features(self.models.speaker.params, samples)
-            embedding = self.models.speaker.run(speaker_feats)
-            logits = self.models.digits.run(self._utterance_features(self.models.digits.params, samples))
-            digit = digits.decide(logits, self.min_digit_confidence)
+        speaker_feats = self._utterance_features(self.models.speaker.params, samples)
+        digit_feats = self._utterance_features(self.models.digits.params, samples)
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
+        self._submit(Job(self.stream, speaker_feats, digit_feats,
+                         lambda embedding, logits: self._decide(end, utt, embedding, logits)))
+
+    def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
         with self._timed("identity"):
+            digit = digits.decide(logits, self.min_digit_confidence)
             who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
         self.recent.append(Recent(end.utterance, utt, embedding))
         if self.collector is not None:
@@ -156,8 +183,9 @@ class StreamPipeline:
         return normalize(ring.frames(ring.oldest_frame, n), params)
 
     def _publish(self, event, closed_at: float | None = None) -> None:
-        with self._timed("publish"):
-            self.publisher.publish(event)
+        # Counted first, so a subscriber that got the event finds it in /metrics too.
         self.metrics.events.labels(stream=self.stream, type=event.type).inc()
         if closed_at is not None:
-            self.metrics.latency.labels(stream=self.stream).observe(time.monotonic() - closed_at)
+            self._m_latency.observe(time.monotonic() - closed_at)
+        with self._timed("publish"):
+            self.publisher.publish(event)

@@ -11,7 +11,8 @@ from conftest import ROOT, streamd
 def test_shipped_config_lists_every_key_with_its_default():
     tree = tomllib.loads((ROOT / "config.toml").read_text())
     defaults = config.Config()
-    for section in (f.name for f in dataclasses.fields(config.Config) if f.name != "base_dir"):
+    assert "streams" not in tree  # [[streams]] is shown commented out: the default is one stream
+    for section in (f.name for f in dataclasses.fields(config.Config) if f.name not in ("base_dir", "streams")):
         obj = getattr(defaults, section)
         keys = {f.name for f in dataclasses.fields(obj)}
         assert set(tree[section]) == keys, section
@@ -85,3 +86,17 @@ def test_cli_unreadable_config_is_78(tmp_path):
 def test_cli_bad_set_is_78():
     r = streamd("run", "--set", "vad.aggressiveness=11")
     assert r.returncode == 78 and "vad.aggressiveness" in r.stderr
+
+
+def test_streams_need_unique_ids_and_a_source(tmp_path):
+    good = config.build({"streams": [{"id": "kitchen", "source": "mic:USB"}, {"id": "hall", "source": "net"}]})
+    assert [s.id for s in good.streams] == ["kitchen", "hall"]
+    for entries, error in (
+        ([{"id": "a", "source": "stdin"}, {"id": "a", "source": "net"}], "used twice"),
+        ([{"id": "bad id", "source": "stdin"}], "letters, digits"),
+        ([{"id": "a"}], "streams[0].source: missing"),
+        ([{"id": "a", "source": "stdin", "rate": 3}], "streams.rate: unknown key"),
+        ({"id": "a"}, "array of tables"),
+    ):
+        with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]")):
+            config.build({"streams": entries})

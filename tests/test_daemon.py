@@ -45,7 +45,9 @@ def by_type(events, kind):
 
 
 def check_schema(events):
-    for e in events:
+    for e in by_type(events, "status"):
+        assert e["state"] in ("up", "down", "ended") and isinstance(e["reason"], str)
+    for e in (e for e in events if e["type"] != "status"):
         assert EVENT_KEYS <= set(e), e
         assert e["v"] == 1 and e["stream"] == "default"
         assert e["t_start"] <= e["t_end"]

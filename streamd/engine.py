@@ -1,0 +1,76 @@
+"""Many streams, shared models: routes each frame to its stream's pipeline and runs the
+utterances that are ready, across streams, through the models in batches."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from streamd.batching import Batcher, Job
+from streamd.config import Config
+from streamd.events import Publisher, StatusEvent
+from streamd.frames import Frame
+from streamd.inference import Models
+from streamd.metrics import Metrics
+from streamd.pipeline import StreamPipeline
+from streamd.readers import StreamStatus
+from streamd.speakers import SpeakerBook
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, cfg: Config, models: Models, book: SpeakerBook | None, publisher: Publisher,
+                 metrics: Metrics, max_streams: int = 100000):
+        self.cfg = cfg
+        self.models = models
+        self.book = book
+        self.publisher = publisher
+        self.metrics = metrics
+        self.max_streams = max_streams
+        self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe)
+        self.pipelines: dict[str, StreamPipeline] = {}
+
+    def _observe(self, jobs: list[Job], seconds: float) -> None:
+        self.metrics.batch_size.observe(len(jobs))
+        for stream in {j.stream for j in jobs}:
+            self.metrics.stage.labels(stream=stream, stage="inference").observe(seconds)
+
+    def add_stream(self, stream: str) -> StreamPipeline:
+        if stream not in self.pipelines:
+            if len(self.pipelines) >= self.max_streams:
+                raise ValueError(f"stream {stream!r}: already {self.max_streams} streams (network.max_streams)")
+            self.pipelines[stream] = StreamPipeline(stream, self.cfg, self.models, self.book, self.publisher,
+                                                    self.metrics, self.batcher)
+            self.metrics.stream_up.labels(stream=stream).set(0)
+        return self.pipelines[stream]
+
+    def push(self, frame: Frame) -> None:
+        self.pipelines[frame.stream].push(frame)
+
+    def status(self, status: StreamStatus) -> None:
+        """A source came up, went down or ended: end its utterance if audio stopped, tell
+        subscribers and /metrics."""
+        pipeline = self.pipelines.get(status.stream)
+        if pipeline is not None and status.state != "up":
+            pipeline.flush()
+        self.metrics.stream_up.labels(stream=status.stream).set(1 if status.state == "up" else 0)
+        if status.state == "down":
+            self.metrics.source_failures.labels(stream=status.stream).inc()
+        self.publisher.publish(StatusEvent(status.stream, status.state, status.reason))
+        self.metrics.events.labels(stream=status.stream, type=StatusEvent.type).inc()
+
+    def pump(self, force: bool = False) -> int:
+        """Run the batch when its oldest job has waited long enough (or ``force``)."""
+        if len(self.batcher) and (force or self.batcher.due()):
+            return self.batcher.run()
+        return 0
+
+    def wait_left(self) -> float:
+        return self.batcher.wait_left(time.monotonic())
+
+    def flush(self) -> None:
+        """End of everything: close every open utterance and run what is left."""
+        for pipeline in self.pipelines.values():
+            pipeline.flush()
+        self.pump(force=True)

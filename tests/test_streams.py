@@ -1,0 +1,75 @@
+"""Several streams in one daemon: shared models, batched across streams, per-stream state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamd.batching import Batcher, Job, run_batched
+from streamd.config import Config
+from streamd.enroll import file_utterances
+from streamd.features import mfcc, normalize
+from streamd.inference import load_models
+from streamd.sources import read_audio
+from streamd.vad import segment_clip
+from conftest import DATA, MODELS, streamd
+from test_daemon import by_type
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(Config(), "cpu")
+
+
+def utterance_features(model, clip="demo.flac"):
+    audio = read_audio(str(DATA / clip))
+    cfg = Config()
+    out = []
+    for end in segment_clip(audio, cfg.vad):
+        a, b = (int(round(t * 16000)) for t in end.model_span(cfg.vad))
+        out.append(normalize(mfcc(audio[a:b], model.params), model.params))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["speaker", "digits"])
+def test_a_batch_gives_what_one_call_per_utterance_gives(models, kind):
+    model = getattr(models, kind)
+    feats = utterance_features(model) + utterance_features(model, "visitor12.flac")
+    alone = np.stack([model.run(f) for f in feats])
+    together = np.stack(run_batched(model, feats, max_batch=7))  # several calls, shapes mixed
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+def test_batcher_waits_a_bounded_time_then_runs_every_job(models):
+    feats = utterance_features(models.speaker)
+    digit_feats = utterance_features(models.digits)
+    got = []
+    batcher = Batcher(models, max_batch=64, wait_s=0.05)
+    for i, (s, d) in enumerate(zip(feats, digit_feats)):
+        batcher.submit(Job(f"s{i % 3}", s, d if i % 2 else None, lambda e, l, i=i: got.append((i, e, l))))
+    assert not batcher.due() and 0 < batcher.wait_left() <= 0.05
+    assert batcher.run() == len(feats) and len(batcher) == 0
+    assert [i for i, _, _ in got] == list(range(len(feats)))  # in submission order
+    assert all((l is None) == (i % 2 == 0) for i, _, l in got)
+
+
+def test_two_streams_in_one_daemon_and_a_failing_one_does_not_stop_them(tmp_path, iso):
+    conf = tmp_path / "streams.toml"
+    conf.write_text(
+        f'[models]\ndir = "{MODELS}"\n'
+        '[[streams]]\nid = "kitchen"\nsource = "file:%s"\npace = "fast"\n'
+        '[[streams]]\nid = "hall"\nsource = "file:%s"\npace = "fast"\n'
+        '[[streams]]\nid = "attic"\nsource = "file:%s"\n'
+        % (DATA / "demo.flac", DATA / "visitor12.flac", tmp_path / "missing.flac"))
+    out = tmp_path / "events.jsonl"
+    r = streamd("run", "--config", str(conf), *iso.sets('metrics.listen=""'), "--events-jsonl", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "attic" in r.stderr and "missing.flac" in r.stderr
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    per_stream = {s: [e for e in events if e["stream"] == s] for s in ("kitchen", "hall", "attic")}
+    assert len(by_type(per_stream["kitchen"], "digit")) == 10
+    assert len(by_type(per_stream["hall"], "speaker")) == 5
+    assert [e["utterance"] for e in by_type(per_stream["hall"], "speaker")] == list(range(5))  # per-stream count
+    (attic,) = per_stream["attic"]
+    assert attic["type"] == "status" and attic["state"] == "ended" and "missing.flac" in attic["reason"]
+    assert [e["seq"] for e in events] == list(range(len(events)))
