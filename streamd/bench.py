@@ -1,7 +1,14 @@
-"""``streamd bench``: the whole pipeline in one process on speech recordings, measured.
+"""``streamd bench``: N concurrent streams through the whole pipeline in one process, measured.
 
-Latency percentiles come from the events themselves (``latency_s``); stage percentiles
-from the same Prometheus histograms the daemon exports.
+Each stream replays speech recordings with their pauses (the bundled held-out clips, each
+stream starting at another place), or near-silence with ``--silent``. Frames are delivered
+as a microphone would (``--pace realtime``: every 20 ms, all streams) or as fast as the
+pipeline takes them. ``--naive`` runs the straightforward per-utterance pipeline instead
+(features computed offline from the utterance's audio, one model call per utterance, no
+ring buffer, no batching) on the same audio, for comparison.
+
+Latency percentiles come from the events themselves (``latency_s``); stage percentiles from
+the same Prometheus histograms the daemon exports.
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
+from streamd import digits
 from streamd.config import Config
+from streamd.engine import Engine
 from streamd.enroll import file_utterances
-from streamd.events import Publisher
+from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd
+from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
-from streamd.gallery import Gallery
-from streamd.speakers import SpeakerBook, book_settings
+from streamd.gallery import Gallery, Utterance, audio_level
 from streamd.inference import load_models
 from streamd.metrics import STAGES, Metrics
-from streamd.pipeline import StreamPipeline
-from streamd.sources import read_audio, split_frames
+from streamd.speakers import SpeakerBook, book_settings
+from streamd.sources import read_audio
+from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+LATE_S = 0.5  # a frame handled later than this after its capture would have overrun a capture buffer
 
 
 class RecordingPublisher(Publisher):
@@ -34,21 +45,25 @@ class RecordingPublisher(Publisher):
 
     def publish(self, event):
         body = super().publish(event)
-        if "latency_s" in body:
+        if "latency_s" in body and body["type"] != "speaker.partial":
             self.latencies.append(body["latency_s"])
         return body
 
 
 def histogram_quantile(metrics: Metrics, stage: str, q: float) -> float:
-    """Like PromQL's histogram_quantile over one stage's buckets (linear within a bucket)."""
-    samples = [s for m in metrics.stage.collect() for s in m.samples
-               if s.name.endswith("_bucket") and s.labels["stage"] == stage]
-    buckets = sorted((float(s.labels["le"]), s.value) for s in samples)
-    total = buckets[-1][1]
+    """Like PromQL's histogram_quantile over one stage's buckets, all streams together."""
+    buckets: dict[float, float] = {}
+    for m in metrics.stage.collect():
+        for s in m.samples:
+            if s.name.endswith("_bucket") and s.labels["stage"] == stage:
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0
     if total == 0:
         return 0.0
     rank, prev_le, prev_n = q * total, 0.0, 0.0
-    for le, n in buckets:
+    for le, n in ordered:
         if n >= rank:
             if le == float("inf"):
                 return prev_le
@@ -57,14 +72,82 @@ def histogram_quantile(metrics: Metrics, stage: str, q: float) -> float:
     return prev_le
 
 
-def speech_audio(seconds: float) -> np.ndarray:
-    """The bundled demo recording (words with pauses), repeated to ``seconds``."""
-    demo = read_audio(str(DATA / "demo.flac"))
-    reps = int(np.ceil(seconds * SAMPLE_RATE / len(demo)))
-    return np.tile(demo, reps)[: int(seconds * SAMPLE_RATE)]
+def speech_audio(seconds: float, offset_s: float = 0.0) -> np.ndarray:
+    """The bundled recordings (words and phrases with their pauses), looped, from ``offset_s``."""
+    loop = np.concatenate([read_audio(str(DATA / f)) for f in ("demo.flac", "visitor12.flac", "visitor21.flac")])
+    start = int(offset_s * SAMPLE_RATE) % len(loop)
+    n = int(seconds * SAMPLE_RATE)
+    reps = int(np.ceil((start + n) / len(loop)))
+    return np.tile(loop, reps)[start : start + n]
 
 
-def run(cfg: Config, seconds: float = 60.0, pace: str = "fast") -> dict:
+def quiet_audio(seconds: float, seed: int) -> np.ndarray:
+    """Room noise at about -60 dBFS: what a microphone hears when nobody speaks."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 33).astype(np.int16)
+
+
+class NaivePipeline:
+    """The straightforward way, for comparison: keep the utterance's audio, and when it ends
+    compute its features from scratch and run each model once on it."""
+
+    def __init__(self, stream: str, cfg: Config, models, book: SpeakerBook, publisher: Publisher):
+        self.stream, self.cfg, self.models, self.book, self.publisher = stream, cfg, models, book, publisher
+        self.segmenter = Segmenter(cfg.vad)
+        self.audio: list[np.ndarray] = []
+        self.start: SpeechStart | None = None
+        self.next_partial = 0.0
+
+    def push(self, frame: Frame) -> None:
+        outputs = self.segmenter.push(frame)
+        for out in outputs:
+            if isinstance(out, SpeechStart):
+                self.audio, self.start, self.next_partial = [out.audio], out, self.cfg.identity.partial_every_s
+            elif isinstance(out, SpeechAudio):
+                self.audio.append(out.audio)
+                if len(outputs) == 1:
+                    self._partial(frame)
+            elif isinstance(out, SpeechEnd):
+                self._end(out)
+
+    def _partial(self, frame: Frame) -> None:
+        every = self.cfg.identity.partial_every_s
+        if every <= 0 or self.segmenter.last_voiced_end != frame.t_end:
+            return
+        if frame.t_end - self.start.t_start < self.next_partial:
+            return
+        self.next_partial += every
+        sp = self.models.speaker
+        who = self.book.decide(sp.run(normalize(mfcc(np.concatenate(self.audio), sp.params), sp.params)))
+        self.publisher.publish(SpeakerPartial(self.stream, self.start.utterance, self.start.t_start, frame.t_end,
+                                              speaker=who.speaker, score=who.score,
+                                              latency_s=time.monotonic() - frame.captured_at))
+
+    def _end(self, end: SpeechEnd) -> None:
+        self.publisher.publish(VadEnd(self.stream, end.utterance, end.t_start, end.t_end, reason=end.reason))
+        if not end.usable:
+            return
+        a, b = end.model_span(self.segmenter.params)
+        audio = np.concatenate(self.audio)[: int(round((b - a) * SAMPLE_RATE))]
+        sp, dg = self.models.speaker, self.models.digits
+        embedding = sp.run(normalize(mfcc(audio, sp.params), sp.params))  # features computed twice, as such code does
+        logits = dg.run(normalize(mfcc(audio, dg.params), dg.params))
+        utt = Utterance(normalize(mfcc(audio, sp.params), sp.params), end.t_end - end.t_start, *audio_level(audio))
+        who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.cfg.digits.min_confidence)
+        base = (self.stream, end.utterance, end.t_start, end.t_end)
+        self.publisher.publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score,
+                                            latency_s=time.monotonic() - end.closed_at))
+        self.publisher.publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
+                                          latency_s=time.monotonic() - end.closed_at))
+
+    def flush(self) -> None:
+        for out in self.segmenter.flush():
+            if isinstance(out, SpeechEnd):
+                self._end(out)
+
+
+def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1, silent: bool = False,
+        naive: bool = False) -> dict:
     models = load_models(cfg)
     metrics = Metrics()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,36 +156,63 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast") -> dict:
         for name in ("theo", "asc02", "asc07"):
             book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
         publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
-        pipeline = StreamPipeline("bench", cfg, models, book, publisher, metrics)
-        audio = speech_audio(seconds)
-        frame_s = cfg.vad.frame_ms / 1000
-        late = 0
-        cpu0, wall0 = time.process_time(), time.monotonic()
-        for i, block in enumerate(split_frames(audio, cfg.vad.frame_samples)):
-            due = wall0 + (i + 1) * frame_s  # when a microphone would have delivered this frame
-            if pace == "realtime":
-                time.sleep(max(0.0, due - time.monotonic()))
-            pipeline.push(Frame("bench", i, block, i * frame_s, due if pace == "realtime" else time.monotonic()))
-            if pace == "realtime" and time.monotonic() - due > frame_s:
-                late += 1  # finished more than a frame after its capture: buffered, not lost
-        pipeline.flush()
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        engine = Engine(cfg, models, book, publisher, metrics)
+        names = [f"s{i:03d}" for i in range(streams)]
+        pipes = {n: NaivePipeline(n, cfg, models, book, publisher) for n in names} if naive else \
+            {n: engine.add_stream(n) for n in names}
+        audio = [quiet_audio(seconds, i) if silent else speech_audio(seconds, 7.3 * i) for i in range(streams)]
+        result = _feed(cfg, engine, pipes, audio, pace)
         publisher.close(0)
+        book.close()
         gallery.close()
     lat = np.array(publisher.latencies)
+    audio_s = sum(len(a) for a in audio) / SAMPLE_RATE
     return {
-        "streams": 1,
-        "pace": pace,
-        "audio_s": round(len(audio) / SAMPLE_RATE, 3),
-        "overruns": 0,  # in one process nothing is dropped; see late_frames
-        "late_frames": late,
+        "streams": streams, "pace": pace, "mode": "naive" if naive else "streamd", "silent": silent,
+        "audio_s": round(audio_s, 3),
+        "overruns": result["overruns"],
         "dropped_events": publisher.dropped,
         "events": publisher.seq,
         "latency_s_p50": float(np.percentile(lat, 50)) if len(lat) else None,
         "latency_s_p99": float(np.percentile(lat, 99)) if len(lat) else None,
         "stage_s_p99": {s: histogram_quantile(metrics, s, 0.99) for s in STAGES},
-        "cpu_per_audio_s": cpu / (len(audio) / SAMPLE_RATE),
-        "realtime_factor": (len(audio) / SAMPLE_RATE) / wall,
+        "batch_mean": _mean_batch(metrics),
+        "cpu_per_audio_s": result["cpu"] / audio_s,
+        "cpu_cores": result["cpu"] / result["wall"],
+        "realtime_factor": (audio_s / streams) / result["wall"],
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "provider": models.speaker.provider,
     }
+
+
+def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pace: str) -> dict:
+    """Deliver frame i of every stream at once, as N microphones would; run the batch."""
+    step, frame_s = cfg.vad.frame_samples, cfg.vad.frame_ms / 1000
+    names = list(pipes)
+    ticks = min(len(a) for a in audio) // step
+    overruns = 0
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for i in range(ticks):
+        due = wall0 + (i + 1) * frame_s
+        if pace == "realtime":
+            time.sleep(max(0.0, due - time.monotonic()))
+        captured = due if pace == "realtime" else time.monotonic()
+        if pace == "realtime" and time.monotonic() - due > LATE_S:
+            overruns += len(names)  # a capture buffer would have overflowed: these frames are lost
+            continue
+        for name, samples in zip(names, audio):
+            pipes[name].push(Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured))
+        if len(engine.batcher):
+            if pace == "realtime":
+                time.sleep(engine.wait_left())
+            engine.pump(force=True)
+    for pipe in pipes.values():
+        pipe.flush()
+    engine.pump(force=True)
+    return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+def _mean_batch(metrics: Metrics) -> float | None:
+    samples = {s.name: s.value for m in metrics.batch_size.collect() for s in m.samples}
+    count = samples.get("streamd_batch_size_count", 0)
+    return samples["streamd_batch_size_sum"] / count if count else None

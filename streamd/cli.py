@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
     bench.add_argument("--pace", choices=("realtime", "fast"), default="fast")
+    bench.add_argument("--streams", type=int, default=1, help="concurrent streams (default 1)")
+    bench.add_argument("--silent", action="store_true", help="room noise instead of speech: the idle cost")
+    bench.add_argument("--naive", action="store_true",
+                       help="the straightforward per-utterance pipeline (no ring buffer, no batching), to compare")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     try:
@@ -316,12 +320,15 @@ def eval_speakers(args, cfg) -> int:
 def cmd_bench(args, cfg) -> int:
     from streamd import bench
 
-    result = bench.run(cfg, args.seconds, args.pace)
+    if not 1 <= args.streams <= 10000:
+        print("streamd: bench --streams must be 1..10000", file=sys.stderr)
+        return 2
+    result = bench.run(cfg, args.seconds, args.pace, args.streams, args.silent, args.naive)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:16} {value}")
+            print(f"{key:16} {round(value, 4) if isinstance(value, float) else value}")
     return 0
 
 

@@ -70,10 +70,25 @@ class UnknownClusters:
             log.info("speaker model changed: re-embedding %d unknown-voice utterances", len(todo))
             self.store.store_embeddings(self.sha, [(mid, embed(f)) for mid, f in todo])
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, changed: list[int] | None = None) -> None:
+        """Refresh the centroids (and their cohort statistics) of ``changed`` clusters, or all."""
+        if changed is None:
+            self._centroid, self._stats = {}, {}
+            changed = list(self._members)
+        for cid in changed:
+            if cid in self._members:
+                self._centroid[cid] = l2_normalize(l2_normalize(self._members[cid]).mean(axis=0))
+                self._stats[cid] = self.scorer.stats(self._centroid[cid])[0]
+            else:
+                self._centroid.pop(cid, None)
+                self._stats.pop(cid, None)
         self._ids = sorted(self._members)
-        by_label = {label_of(i): self._members[i] for i in self._ids}
-        self._index = Enrolled.build(by_label, self.scorer)
+        names = [label_of(i) for i in self._ids]
+        if not names:
+            self._index = Enrolled()
+            return
+        self._index = Enrolled(names, np.stack([self._centroid[i] for i in self._ids]),
+                               np.stack([self._stats[i] for i in self._ids]))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -99,7 +114,7 @@ class UnknownClusters:
             self._forget(self.store.least_recent())
         cid = self.store.add(cid, utt, embedding, self.sha, self.key, self.settings.max_members, time.time())
         self._members[cid] = self.store.vectors(self.sha, cid)[cid]
-        self._rebuild()
+        self._rebuild([cid])
         return label_of(self._merge(cid))
 
     def _merge(self, cid: int) -> int:
@@ -122,14 +137,14 @@ class UnknownClusters:
         for i in merged:
             self._members.pop(i, None)
         self._members[into] = self.store.vectors(self.sha, into)[into]
-        self._rebuild()
+        self._rebuild([*merged, into])
         return into
 
     def _forget(self, cid: int | None) -> None:
         if cid is not None:
             self.store.delete(cid)
             self._members.pop(cid, None)
-            self._rebuild()
+            self._rebuild([cid])
 
     def members(self, label: str) -> tuple[list[Utterance], np.ndarray]:
         cid = parse_label(label)
