@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-
 DEMO_STATE := var/demo-state
 DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
 
-.PHONY: all sysdeps venv demo test run train bench clean
+.PHONY: all sysdeps venv demo test soak run train bench clean
 
 all: venv
 
@@ -47,6 +47,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Not part of `make test`: replays SOAK_SECONDS of speech (default 3600) through a running daemon
+# at fast pace and fails if its RSS grew > 10 MB or its fds or threads grew (scripts/soak.py).
+soak: venv
+	$(BIN)/python scripts/soak.py
 
 run: venv
 	$(BIN)/streamd run --config config.toml

@@ -46,7 +46,15 @@ CREATE INDEX IF NOT EXISTS cluster_members_by_cluster ON cluster_members(cluster
 
 
 class ClusterStore:
-    def __init__(self, path: Path):
+    """``uri``: the read-only URI of a gallery that cannot be written (Gallery.uri); the
+    clusters are then read, and every change raises sqlite3.Error (SQLITE_READONLY), which
+    callers on the audio path log and pass over."""
+
+    def __init__(self, path: Path, uri: str | None = None):
+        if uri is not None:
+            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5.0)
+            self.db.execute("SELECT COUNT(*) FROM clusters").fetchone()  # no such table: not usable
+            return
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

@@ -8,11 +8,30 @@ from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE
 from streamd.gallery import Utterance, audio_level
 from streamd.inference import OnnxModel
-from streamd.sources import read_audio
+from streamd.sources import SourceError, read_audio
 from streamd.vad import segment_clip
+
+# Enrollment needs seconds of speech, not hours: a longer file is refused from its header,
+# before a sample is read, so a huge file cannot take the memory (reading holds the whole
+# file as float64: 10 min of 48 kHz stereo is 460 MB).
+MAX_ENROLL_SECONDS = 600
+MAX_ENROLL_SAMPLES = MAX_ENROLL_SECONDS * 48000 * 2  # frames x channels
+
+
+def check_size(path: str) -> None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception:  # not audio, unreadable: read_audio says so in its own words
+        return
+    if info.duration > MAX_ENROLL_SECONDS or info.frames * info.channels > MAX_ENROLL_SAMPLES:
+        raise SourceError(f"{path}: too long to enroll from ({info.duration:.0f} s, {info.channels} channels at "
+                          f"{info.samplerate} Hz; at most {MAX_ENROLL_SECONDS} s): use a few clips of speech")
 
 
 def file_utterances(path: str, cfg: Config, model: OnnxModel) -> list[Utterance]:
+    check_size(path)
     audio = read_audio(path)
     out = []
     for end in segment_clip(audio, cfg.vad):

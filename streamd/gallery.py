@@ -6,12 +6,19 @@ changes the gallery is re-embedded at start-up instead of silently scoring acros
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -44,6 +51,49 @@ UNKNOWN = "unknown"
 
 class GalleryError(RuntimeError):
     """Enrollment or a gallery change was refused; the message says why."""
+
+
+class StorageError(GalleryError, OSError):
+    """The gallery's file cannot be written (or read): disk full, read-only state directory,
+    I/O error. An OSError too, so callers that treat an unusable state directory as "no
+    gallery" (the daemon at start-up) keep doing so."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a storage failure (SQLite error code or errno)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    err = getattr(exc, "errno", None)
+    if name.startswith("SQLITE_FULL") or err == errno.ENOSPC or "disk is full" in str(exc):
+        return "the disk is full"
+    if name.startswith("SQLITE_READONLY") or err in (errno.EROFS, errno.EACCES, errno.EPERM) \
+            or "readonly database" in str(exc):
+        return "the state directory is read-only"
+    if name.startswith("SQLITE_IOERR") or err == errno.EIO:
+        return "disk I/O error"
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return "the database file is damaged"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return "the database is locked by another process"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return "cannot open the database file"
+    return "storage error"
+
+
+def _read_only_dir(path: Path) -> bool:
+    """A read-only file system (root too), or a folder this user may not write."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY) or not os.access(path, os.W_OK)
+    except OSError:
+        return False
+
+
+def storage_error(path: Path, action: str, exc: BaseException) -> StorageError:
+    """One line: what could not be done to the gallery, and why."""
+    detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())
+    return StorageError(f"gallery {path}: cannot {action}: {_why(exc)} ({detail})")
 
 
 @dataclass(frozen=True)
@@ -99,16 +149,57 @@ def from_blob(blob: bytes, dims: int | None = None) -> np.ndarray:
 
 
 class Gallery:
+    """When the state directory cannot be written (read-only file system, no space to even
+    open the WAL), an existing gallery is opened read-only: enrolled speakers are still
+    recognised, and every change is refused with ``readonly`` as the reason."""
+
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged enrollment survives power loss
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.readonly: str | None = None  # why changes are refused, when they are
+        self.uri: str | None = None  # the read-only URI other connections use, when read-only
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged enrollment survives power loss
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self.db.executescript(SCHEMA)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except sqlite3.Error:
+                self.db.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            self._open_readonly(exc)
         self._version: int | None = None
+
+    def _open_readonly(self, exc: BaseException) -> None:
+        if _read_only_dir(self.path.parent):  # SQLite says "unable to open database file"
+            exc = OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if not self.path.is_file():
+            raise storage_error(self.path, "create the gallery", exc) from None
+        self.readonly = f"{_why(exc)} ({' '.join(str(getattr(exc, 'strerror', None) or exc).split())})"
+        quoted = urllib.parse.quote(str(self.path.resolve()))
+        # mode=ro needs the WAL index (-shm) to exist or be creatable; on a read-only file
+        # system nobody can change the file, so immutable=1 is then exact.
+        err: BaseException = exc
+        for uri in (f"file:{quoted}?mode=ro", f"file:{quoted}?immutable=1"):
+            db = None
+            try:
+                db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5.0)
+                db.execute("SELECT COUNT(*) FROM speakers").fetchone()
+            except sqlite3.Error as last:
+                if db is not None:
+                    db.close()
+                err = last
+                continue
+            self.db, self.uri = db, uri
+            return
+        raise storage_error(self.path, "open the gallery", err) from None
+
+    def check_writable(self, action: str) -> None:
+        if self.readonly is not None:
+            raise StorageError(f"gallery {self.path}: cannot {action}: {self.readonly}")
 
     def close(self) -> None:
         self.db.close()
@@ -141,32 +232,44 @@ class Gallery:
         """Add utterances (and their embeddings for the current model) to a speaker, creating it."""
         name = validate_name(name)
         now = time.time()
-        with self.transaction():
-            self.db.execute(
-                "INSERT INTO speakers(name, created, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET updated = excluded.updated", (name, now, now))
-            sid = self.speaker_id(name)
-            for utt, vec in zip(utterances, vectors):
-                cur = self.db.execute(
-                    "INSERT INTO enrollments(speaker_id, features, dims, feature_key, seconds, source, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (sid, to_blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
-                self.db.execute("INSERT INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
-                                (cur.lastrowid, model_sha256, to_blob(vec)))
+        self.check_writable(f"enroll {name!r}")
+        try:
+            with self.transaction():
+                self.db.execute(
+                    "INSERT INTO speakers(name, created, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET updated = excluded.updated", (name, now, now))
+                sid = self.speaker_id(name)
+                for utt, vec in zip(utterances, vectors):
+                    cur = self.db.execute(
+                        "INSERT INTO enrollments(speaker_id, features, dims, feature_key, seconds, source, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (sid, to_blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
+                    self.db.execute("INSERT INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
+                                    (cur.lastrowid, model_sha256, to_blob(vec)))
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, f"enroll {name!r}", exc) from None
 
     def remove(self, name: str) -> bool:
-        with self.transaction():
-            cur = self.db.execute("DELETE FROM speakers WHERE name = ?", (name,))
+        self.check_writable(f"remove {name!r}")
+        try:
+            with self.transaction():
+                cur = self.db.execute("DELETE FROM speakers WHERE name = ?", (name,))
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, f"remove {name!r}", exc) from None
         return cur.rowcount > 0
 
     def rename(self, old: str, new: str) -> None:
         new = validate_name(new)
-        with self.transaction():
-            if self.speaker_id(old) is None:
-                raise GalleryError(f"no enrolled speaker named {old!r}")
-            if self.speaker_id(new) is not None:
-                raise GalleryError(f"a speaker named {new!r} is already enrolled")
-            self.db.execute("UPDATE speakers SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
+        self.check_writable(f"rename {old!r}")
+        try:
+            with self.transaction():
+                if self.speaker_id(old) is None:
+                    raise GalleryError(f"no enrolled speaker named {old!r}")
+                if self.speaker_id(new) is not None:
+                    raise GalleryError(f"a speaker named {new!r} is already enrolled")
+                self.db.execute("UPDATE speakers SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, f"rename {old!r}", exc) from None
 
     def speakers(self) -> list[SpeakerEntry]:
         rows = self.db.execute(
@@ -200,11 +303,15 @@ class Gallery:
         return n
 
     def store_embeddings(self, model_sha256: str, vectors: list[tuple[int, np.ndarray]]) -> None:
-        with self.transaction():
-            self.db.executemany(
-                "INSERT OR REPLACE INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
-                [(eid, model_sha256, to_blob(v)) for eid, v in vectors])
-            self.db.execute("DELETE FROM embeddings WHERE model_sha256 != ?", (model_sha256,))
+        self.check_writable("store re-embedded enrollments")
+        try:
+            with self.transaction():
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
+                    [(eid, model_sha256, to_blob(v)) for eid, v in vectors])
+                self.db.execute("DELETE FROM embeddings WHERE model_sha256 != ?", (model_sha256,))
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, "store re-embedded enrollments", exc) from None
 
 
 class Transaction:
@@ -221,5 +328,18 @@ class Transaction:
     def __exit__(self, exc_type, exc, tb):
         if not self.outer:
             return False
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:  # e.g. the disk filled up at commit: undo, then report
+                self._rollback()
+                raise
+        else:
+            self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        # After SQLITE_FULL or an I/O error SQLite may already have rolled back by itself.
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")

@@ -16,7 +16,7 @@ import numpy as np
 
 from streamd.cluster_store import ClusterStore
 from streamd.clusters import ClusterSettings, UnknownClusters, label_of
-from streamd.gallery import UNKNOWN, Gallery, GalleryError, Utterance, validate_name
+from streamd.gallery import UNKNOWN, Gallery, GalleryError, StorageError, Utterance, storage_error, validate_name
 from streamd.identity import Calibration, Decision, Enrolled, Scorer, decide, l2_normalize
 from streamd.inference import ModelError, OnnxModel, sha256_of
 
@@ -89,11 +89,28 @@ class SpeakerBook:
         self._enrolled = Enrolled()
         self.key = feature_key(model)
         self.clusters: UnknownClusters | None = None
+        if gallery is not None and gallery.readonly:
+            log.warning("gallery %s is read-only (%s): enrolled speakers are recognised; enrollment, changes and "
+                        "clusters of unknown voices are not available", gallery.path, gallery.readonly)
         if gallery is not None:
-            self.reembed()
-            self.clusters = UnknownClusters(ClusterStore(gallery.path), self.sha, self.key, self.scorer,
-                                            model.run, self._cluster_threshold, cluster_settings)
+            try:
+                self.reembed()
+            except StorageError as exc:  # read-only or full: those enrollments wait for a writable disk
+                log.warning("%s; speakers without an embedding for this model are not recognised", exc)
+            self.clusters = None if gallery.readonly else self._open_clusters(gallery, cluster_settings)
         self._cluster_settings = cluster_settings
+
+    def _open_clusters(self, gallery: Gallery, settings: ClusterSettings) -> UnknownClusters | None:
+        store = None
+        try:
+            store = ClusterStore(gallery.path, gallery.uri)
+            return UnknownClusters(store, self.sha, self.key, self.scorer, self.model.run,
+                                   self._cluster_threshold, settings)
+        except sqlite3.Error as exc:  # recognition of enrolled speakers goes on without them
+            log.warning("unknown-voice clusters unavailable: %s", storage_error(gallery.path, "open clusters", exc))
+            if store is not None:
+                store.close()
+            return None
 
     @property
     def cluster_settings(self) -> ClusterSettings:
@@ -169,18 +186,33 @@ class SpeakerBook:
     def promote(self, label: str, name: str) -> dict:
         """Enroll ``name`` from the utterances a cluster of unknown voice has gathered."""
         if self.clusters is None:
-            raise GalleryError("the gallery is not available (state directory unusable)")
-        utts, vectors = self.clusters.members(label)
+            raise GalleryError(self.unavailable())
+        try:
+            utts, vectors = self.clusters.members(label)
+        except sqlite3.Error as exc:
+            raise storage_error(self.gallery.path, f"read {label}", exc) from None
         result = self.enroll(name, utts, f"cluster:{label}", vectors)
-        self.clusters.remove(label)
+        try:
+            self.clusters.remove(label)
+        except sqlite3.Error as exc:  # the enrollment is stored: the cluster stays, harmless
+            log.warning("promoted %s to %r but could not delete the cluster: %s", label, name, exc)
         return {**result, "promoted": label}
+
+    def unavailable(self) -> str:
+        """Why enrollment and cluster commands cannot be served."""
+        if self.gallery is not None and self.gallery.readonly:
+            return f"the gallery is read-only: {self.gallery.readonly}"
+        if self.gallery is not None:
+            return "unknown-voice clusters are not available (see the daemon's log)"
+        return "the gallery is not available (state directory unusable)"
 
     def enroll(self, name: str, utterances: list[Utterance], source: str,
                vectors: np.ndarray | None = None) -> dict:
         """Check the quality gates, then store; returns a summary. Raises GalleryError."""
         name = validate_name(name)
         if self.gallery is None:
-            raise GalleryError("the gallery is not available (state directory unusable)")
+            raise GalleryError(self.unavailable())
+        self.gallery.check_writable(f"enroll {name!r}")  # refused before any work when read-only
         if vectors is None:
             vectors = np.stack([self.model.run(u.features) for u in utterances]) if utterances else np.zeros((0, 0))
         self._check(name, utterances, vectors)
