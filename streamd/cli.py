@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, default=Path("det.png"), help="speakers: DET curve PNG (default det.png)")
+
+    send = sub.add_parser("send", parents=[common], help="capture here, recognise on a daemon elsewhere")
+    send.add_argument("--source", default="mic", help="mic[:DEVICE], file:PATH or stdin (default mic)")
+    send.add_argument("--to", required=True, metavar="ENDPOINT", help="the daemon's network.listen, tcp://HOST:PORT")
+    send.add_argument("--stream", default=socket.gethostname().split(".")[0], help="stream id (default: host name)")
+    send.add_argument("--pace", choices=("realtime", "fast"), default="realtime", help="file sources only")
+    send.add_argument("--vad", action="store_true", help="send only speech (with its pre-roll and hangover)")
 
     bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
@@ -332,8 +340,56 @@ def cmd_bench(args, cfg) -> int:
     return 0
 
 
+def cmd_send(args, cfg) -> int:
+    """Frames of a local source to a daemon's network source, optionally only speech."""
+    from streamd import control
+    from streamd.config import STREAM_ID
+    from streamd.netaudio import Sender
+    from streamd.sources import open_source
+    from streamd.vad import Segmenter
+
+    if not STREAM_ID.match(args.stream):
+        print(f"streamd: --stream {args.stream!r} must be 1-64 letters, digits, '_' or '-'", file=sys.stderr)
+        return 2
+    source = open_source(args.source, args.stream, cfg.vad.frame_samples, args.pace, cfg.source.mic_rate)
+    sender = Sender(args.to, args.stream, control.client_curve(cfg))
+    segmenter = Segmenter(cfg.vad) if args.vad else None
+    sent = 0
+    try:
+        for frame in source.frames():
+            for f in (_speech_frames(segmenter, frame) if segmenter else [frame]):
+                sender.send(f, block=not args.source.startswith("mic"))
+                sent += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        source.close()
+        sender.close()
+    print(f"sent {sent} frames of stream {args.stream!r} to {args.to}"
+          + (f"; {sender.dropped} dropped while the daemon was away" if sender.dropped else ""), file=sys.stderr)
+    return 0
+
+
+def _speech_frames(segmenter, frame):
+    """--vad: the frames to send for this one (its utterance's pre-roll when speech starts)."""
+    from streamd.frames import Frame
+    from streamd.vad import SpeechAudio, SpeechStart
+
+    out = []
+    for o in segmenter.push(frame):
+        if isinstance(o, SpeechStart):
+            step = len(frame.samples)
+            for k in range(0, len(o.audio) - step + 1, step):
+                t = o.audio_t + k / 16000
+                out.append(Frame(frame.stream, int(round(t / frame.duration)), o.audio[k : k + step], t,
+                                 frame.captured_at))
+        elif isinstance(o, SpeechAudio):
+            out.append(frame)
+    return out
+
+
 COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers,
-            "eval": cmd_eval, "bench": cmd_bench}
+            "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,6 +382,12 @@ def _check_exposure(cfg: Config) -> None:
     if not local_endpoint(e):
         raise ConfigError(f"events.endpoint: {e} is not loopback or ipc://; events are not encrypted, "
                           "so they stay on this machine (forward with ssh -L, docs/control.md)")
+    n = cfg.network.listen
+    if n and not n.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"network.listen: {n!r} is not an ipc:// or tcp:// endpoint")
+    if n and not local_endpoint(n) and not c.curve_secret_key:
+        raise ConfigError(f"network.listen: {n} is reachable beyond this machine; set control.curve_secret_key "
+                          "and control.curve_clients so only known devices may send audio")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

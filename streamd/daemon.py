@@ -23,6 +23,7 @@ from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
 from streamd.engine import Engine
 from streamd.frames import Frame
+from streamd.netaudio import NetworkReceiver
 from streamd.readers import SourceReader, StreamSpec, StreamStatus
 from streamd.sources import SourceError, open_source
 from streamd.speakers import SpeakerBook, book_settings
@@ -53,16 +54,16 @@ def open_gallery(cfg: Config) -> Gallery | None:
 
 
 def stream_specs(cfg: Config, opts: RunOptions) -> list[StreamSpec]:
-    """The local sources to read: --source (one stream), else [[streams]], else [source]."""
+    """The local sources to read: --source (one stream), else [[streams]], else [source].
+    "none": no local source (a daemon that only receives network audio)."""
     def spec(stream: str, source: str, pace: str = "") -> StreamSpec:
         return StreamSpec(stream, source, pace or opts.pace or cfg.source.pace, cfg.vad.frame_samples,
                           cfg.source.mic_rate)
 
-    if opts.source:
-        return [spec(opts.stream, opts.source)]
-    if cfg.streams:
-        return [spec(s.id, s.source, s.pace) for s in cfg.streams if s.source != "net"]
-    return [spec(opts.stream, cfg.source.spec)]
+    if opts.source or not cfg.streams:
+        source = opts.source or cfg.source.spec
+        return [] if source == "none" else [spec(opts.stream, source)]
+    return [spec(s.id, s.source, s.pace) for s in cfg.streams if s.source != "net"]
 
 
 class Daemon:
@@ -74,6 +75,7 @@ class Daemon:
         self._reload = threading.Event()
         self.frames: queue.Queue = queue.Queue(maxsize=1024)
         self.readers: list[SourceReader] = []
+        self._refused: set[str] = set()  # network streams over network.max_streams
 
     def _signals(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
@@ -121,6 +123,10 @@ class Daemon:
                                              curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
         self.engine = Engine(cfg, models, self.book, publisher, self.metrics, cfg.network.max_streams)
+        self.receiver = None
+        if cfg.network.listen:
+            self.receiver = NetworkReceiver(cfg.network.listen, self.frames, cfg.vad.frame_samples, self.metrics,
+                                            cfg.network.gap_fill_ms / 1000, control.server_curve(cfg))
         try:
             for spec in specs:
                 self.engine.add_stream(spec.stream)
@@ -158,6 +164,8 @@ class Daemon:
         watchdog = Watchdog()
         for reader in self.readers:
             reader.start()
+        if self.receiver is not None:
+            self.receiver.start()
         while not self._stop.is_set() and (running or self.cfg.network.listen):
             if self._reload.is_set():
                 self._reload.clear()
@@ -172,7 +180,8 @@ class Daemon:
                 continue
             for _ in range(1024):  # everything that is waiting, then the models once
                 if isinstance(item, Frame):
-                    self.engine.push(item)
+                    if item.stream in self.engine.pipelines or self._admit(item.stream):
+                        self.engine.push(item)
                 else:
                     ended_with = self._status(item, up, running) or ended_with
                 try:
@@ -185,13 +194,31 @@ class Daemon:
         interrupted = self._stop.is_set()
         for reader in self.readers:
             reader.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver.join(2)
         self.engine.flush()
         if single and ended_with and not interrupted:
             raise SourceError(ended_with)
         return 0
 
+    def _admit(self, stream: str) -> bool:
+        """A network stream not in [[streams]]: taken when network.accept_any allows."""
+        if not self.cfg.network.accept_any or stream in self._refused:
+            return False
+        try:
+            self.engine.add_stream(stream)
+        except ValueError as exc:
+            log.warning("%s; its audio is dropped", exc)
+            self._refused.add(stream)
+            return False
+        log.info("stream %s: new network stream", stream)
+        return True
+
     def _status(self, status: StreamStatus, up: set[str], running: set[str]) -> str | None:
         """Returns the reason when a stream ended because its source failed."""
+        if status.stream not in self.engine.pipelines and not self._admit(status.stream):
+            return None
         (up.add if status.state == "up" else up.discard)(status.stream)
         if status.state == "ended":
             running.discard(status.stream)

@@ -43,6 +43,18 @@ class Metrics:
                                        ["stream"], registry=r)
         self.batch_size = Histogram("streamd_batch_size", "Utterances per batched model run (all streams).",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.network_frames = Counter("streamd_network_frames_total", "Audio frames received from the network.",
+                                      ["stream"], registry=r)
+        self.network_gaps = Counter("streamd_network_gaps_total", "Breaks in a remote stream's frame numbers.",
+                                    ["stream"], registry=r)
+        self.network_lost = Counter("streamd_network_lost_frames_total", "Remote frames that never arrived.",
+                                    ["stream"], registry=r)
+        self.network_reconnects = Counter("streamd_network_reconnects_total", "Remote senders that restarted.",
+                                          ["stream"], registry=r)
+        self.network_bad = Counter("streamd_network_bad_messages_total",
+                                   "Network audio messages refused (malformed, duplicate, out of order).", registry=r)
+        self.network_delay = Histogram("streamd_network_delay_seconds", "Sender's clock at sending to receipt.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
         self.build = Gauge("streamd_build_info", "streamd version.", ["version"], registry=r)
         self.model = Gauge("streamd_model_info", "Loaded models and the onnxruntime provider running them.",
                            ["model", "sha256", "provider"], registry=r)

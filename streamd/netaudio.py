@@ -1,0 +1,210 @@
+"""Audio over ZeroMQ from small devices: ``streamd send`` (PUSH) to a daemon's ``network.listen``
+(PULL), one stream per device.
+
+Each message is two frames: a JSON header ``{"v": 1, "stream", "seq", "t", "sent"}`` and the
+frame's samples (s16le, 16 kHz mono). ``seq`` counts the frames a sender sent, from 0; ``t``
+is the frame's audio time at the sender. A jump in ``seq`` is lost audio (counted, filled with
+silence up to ``network.gap_fill_ms``, beyond that the utterance going on is ended); a jump in
+``t`` alone is silence the sender's VAD chose not to send; ``seq`` going back to 0 is a
+sender that restarted (counted as a reconnect). A malformed message is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from streamd.config import STREAM_ID
+from streamd.frames import SAMPLE_RATE, Frame
+from streamd.readers import StreamStatus
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+MAX_FRAME_SAMPLES = SAMPLE_RATE  # one second: anything larger is refused unread
+
+
+class BadMessage(ValueError):
+    pass
+
+
+def encode(stream: str, seq: int, t: float, samples: np.ndarray) -> list[bytes]:
+    header = {"v": VERSION, "stream": stream, "seq": seq, "t": round(t, 6), "sent": time.time()}
+    return [json.dumps(header).encode(), np.ascontiguousarray(samples, "<i2").tobytes()]
+
+
+def decode(parts: list[bytes], frame_samples: int) -> tuple[dict, np.ndarray]:
+    if len(parts) != 2:
+        raise BadMessage(f"expected 2 frames, got {len(parts)}")
+    try:
+        header = json.loads(parts[0])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadMessage("header is not JSON") from None
+    if not isinstance(header, dict) or header.get("v") != VERSION:
+        raise BadMessage("header is not a version-1 object")
+    stream, seq, t = header.get("stream"), header.get("seq"), header.get("t")
+    if not isinstance(stream, str) or not STREAM_ID.match(stream):
+        raise BadMessage("bad stream id")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise BadMessage("bad seq")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not np.isfinite(t) or t < 0:
+        raise BadMessage("bad t")
+    if len(parts[1]) != 2 * frame_samples:
+        raise BadMessage(f"frame of {len(parts[1])} bytes, expected {2 * frame_samples}")
+    return header, np.frombuffer(parts[1], "<i2").astype(np.int16)
+
+
+@dataclass
+class _Remote:
+    """What the receiver knows of one sender's stream."""
+
+    seq: int
+    sender_t: float  # audio time (sender's clock) where the next frame should start
+    t: float  # the stream's audio time here
+    index: int
+
+
+class NetworkReceiver(threading.Thread):
+    """Receives every device's frames on one socket and puts them on the daemon's queue."""
+
+    def __init__(self, endpoint: str, out: queue.Queue, frame_samples: int, metrics, gap_fill_s: float = 1.0,
+                 curve=None):
+        super().__init__(name="network", daemon=True)
+        self.out = out
+        self.frame_samples = frame_samples
+        self.frame_s = frame_samples / SAMPLE_RATE
+        self.metrics = metrics
+        self.gap_fill_s = gap_fill_s
+        self.remotes: dict[str, _Remote] = {}
+        self._stopping = threading.Event()
+        self._ctx = zmq.Context()  # its own: a CURVE authenticator is per context
+        self._auth = None
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 4 * MAX_FRAME_SAMPLES)
+        self._sock.setsockopt(zmq.RCVHWM, 10000)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            if curve is not None:
+                self._curve(curve)
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"network.listen {endpoint}: cannot bind: {exc}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _curve(self, curve) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("streamd.network.auth"))
+        self._auth.start()
+        self._auth.configure_curve(domain="streamd-audio", location=str(curve.clients))
+        self._sock.setsockopt(zmq.ZAP_DOMAIN, b"streamd-audio")
+        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+        self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+        self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def close(self) -> None:
+        self._sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                if not self._sock.poll(100):
+                    continue
+                parts = self._sock.recv_multipart()
+                try:
+                    header, samples = decode(parts, self.frame_samples)
+                except BadMessage as exc:
+                    self.metrics.network_bad.inc()
+                    log.debug("network: dropped a message: %s", exc)
+                    continue
+                self._frame(header, samples)
+        finally:
+            self.close()
+
+    def _frame(self, header: dict, samples: np.ndarray) -> None:
+        stream, seq, sender_t = header["stream"], header["seq"], float(header["t"])
+        now = time.monotonic()
+        r = self.remotes.get(stream)
+        if r is None:
+            r = self.remotes[stream] = _Remote(seq, sender_t, 0.0, 0)
+            self.out.put(StreamStatus(stream, "up", "first audio from the network"))
+        elif seq <= r.seq - 1 and seq < 10:
+            self.metrics.network_reconnects.labels(stream=stream).inc()
+            self.out.put(StreamStatus(stream, "up", "sender restarted"))
+            r.seq, r.sender_t = seq, sender_t
+        elif seq < r.seq:
+            self.metrics.network_bad.inc()  # a duplicate or out-of-order frame
+            return
+        if seq > r.seq:
+            self.metrics.network_gaps.labels(stream=stream).inc()
+            self.metrics.network_lost.labels(stream=stream).inc(seq - r.seq)
+        missing_s = max(0.0, sender_t - r.sender_t, (seq - r.seq) * self.frame_s)
+        self._fill(stream, r, missing_s, now)
+        self.out.put(Frame(stream, r.index, samples, r.t, now))
+        self.metrics.network_frames.labels(stream=stream).inc()
+        sent = header.get("sent")
+        if isinstance(sent, (int, float)) and np.isfinite(sent):
+            self.metrics.network_delay.observe(max(0.0, time.time() - sent))
+        r.seq, r.sender_t, r.t, r.index = seq + 1, sender_t + self.frame_s, r.t + self.frame_s, r.index + 1
+
+    def _fill(self, stream: str, r: _Remote, missing_s: float, now: float) -> None:
+        """Silence for a short gap; a long one ends the utterance going on."""
+        frames = int(round(missing_s / self.frame_s))
+        if frames <= 0:
+            return
+        if missing_s > self.gap_fill_s:
+            self.out.put(StreamStatus(stream, "down", f"{missing_s:.1f} s of audio missing"))
+            self.out.put(StreamStatus(stream, "up", "audio resumed"))
+            r.t += frames * self.frame_s
+            r.index += frames
+            return
+        silence = np.zeros(self.frame_samples, np.int16)
+        for _ in range(frames):
+            self.out.put(Frame(stream, r.index, silence, r.t, now))
+            r.t += self.frame_s
+            r.index += 1
+
+
+class Sender:
+    """``streamd send``: frames of a local source to a daemon's network.listen endpoint."""
+
+    def __init__(self, endpoint: str, stream: str, curve=None, hwm: int = 500):
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, hwm)  # 10 s of audio queued while the daemon is away
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        if curve is not None:
+            self._sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+        self._sock.connect(endpoint)
+        self.stream = stream
+        self.seq = 0
+        self.dropped = 0
+
+    def send(self, frame: Frame, block: bool = False) -> None:
+        """``block``: wait while the queue is full (a file, which has time); a live capture
+        never waits, its frames are dropped and counted instead."""
+        try:
+            self._sock.send_multipart(encode(self.stream, self.seq, frame.t, frame.samples), 0 if block else zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1  # the daemon is away and 10 s are queued: capture must not stall
+        self.seq += 1  # a dropped frame still takes its number: the receiver counts it as lost
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()

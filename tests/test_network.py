@@ -1,0 +1,71 @@
+"""Audio from remote devices: `streamd send` to a daemon's network source over real ZeroMQ."""
+
+import json
+import time
+import urllib.request
+
+import numpy as np
+import zmq
+
+from streamd.netaudio import encode
+from streamd.sources import read_audio
+from conftest import DATA, free_port, start_streamd, stop, streamd
+from test_daemon import by_type, collect
+from streamd.events import subscribe
+
+
+def metric(url: str, name: str, stream: str | None = None) -> float:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    want = f'{name}{{stream="{stream}"}}' if stream else name
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(want + " "))
+
+
+def test_two_devices_send_audio_and_gaps_restarts_and_garbage_are_survived(iso, tmp_path):
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    sub = subscribe(iso.endpoint)
+    daemon = start_streamd("run", *iso.sets(f'network.listen="{listen}"'), "--source", "none")
+    try:
+        time.sleep(0.5)
+        senders = [start_streamd("send", "--source", f"file:{DATA / clip}", "--to", listen, "--stream", name,
+                                 "--pace", "fast", *extra)
+                   for name, clip, extra in (("kitchen", "demo.flac", ()), ("hall", "visitor12.flac", ("--vad",)))]
+        for s in senders:
+            assert s.wait(60) == 0, s.stderr.read()
+        events = collect(sub, until=lambda ev: len(by_type(ev, "digit")) >= 15, timeout=60)
+        digits = by_type(events, "digit")
+        assert sorted({e["stream"] for e in digits}) == ["hall", "kitchen"]
+        assert len([e for e in digits if e["stream"] == "kitchen"]) == 10
+        assert len([e for e in digits if e["stream"] == "hall"]) == 5  # --vad: only speech crossed the wire
+        assert {e["stream"] for e in by_type(events, "status")} >= {"kitchen", "hall"}
+
+        # A device of our own: a gap, a restart, garbage; the daemon counts them and goes on.
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.connect(listen)
+        word = read_audio(str(DATA / "word.flac"))
+        frames = np.concatenate((np.zeros(16000, np.int16), word, np.zeros(16000, np.int16)))
+        blocks = [frames[i : i + 320] for i in range(0, len(frames) - 319, 320)]
+        for seq, block in enumerate(blocks):
+            if seq not in (10, 11, 12):  # three frames lost on the way
+                push.send_multipart(encode("porch", seq, seq * 0.02, block))
+        for junk in ([b"not json", b""], [b'{"v": 1, "stream": "../x", "seq": 0, "t": 0}', b"\0\0"], [b"x"]):
+            push.send_multipart(junk)
+        for seq, block in enumerate(blocks):  # the device restarted: seq from 0 again
+            push.send_multipart(encode("porch", seq, seq * 0.02, block))
+        more = collect(sub, until=lambda ev: len([e for e in by_type(ev, "digit") if e["stream"] == "porch"]) >= 2,
+                       timeout=30)
+        assert len([e for e in by_type(more, "digit") if e["stream"] == "porch"]) == 2
+        push.close(0)
+        assert metric(iso.metrics_url, "streamd_network_lost_frames_total", "porch") == 3
+        assert metric(iso.metrics_url, "streamd_network_gaps_total", "porch") == 1
+        assert metric(iso.metrics_url, "streamd_network_reconnects_total", "porch") == 1
+        assert metric(iso.metrics_url, "streamd_network_bad_messages_total") == 3
+        assert daemon.poll() is None
+    finally:
+        assert stop(daemon) == 0
+        sub.close(0)
+
+
+def test_network_listen_beyond_loopback_needs_curve_keys(tmp_path):
+    r = streamd("run", "--set", 'network.listen="tcp://0.0.0.0:5999"', "--source", "stdin")
+    assert r.returncode == 78 and "network.listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
