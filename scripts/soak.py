@@ -47,6 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def sample(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
@@ -107,9 +117,13 @@ def main() -> int:
                 written += n
                 if "start" not in samples and written >= warmup * RATE:
                     proc.stdin.flush()
-                    samples["start"] = {"audio_s": round(written / RATE), **sample(proc.pid)}
                     if processed_frames() is None:
                         raise RuntimeError("the daemon does not answer stats")
+                    # Both samples are taken a second after a control request, so that the
+                    # daemon has closed that client's connection (an fd) either way.
+                    time.sleep(1.0)
+                    samples["start"] = {"audio_s": round(written / RATE), **sample(proc.pid)}
+                    fds_start = fd_targets(proc.pid)
             proc.stdin.flush()
             # The pipe holds at most 64 KiB (2 s): wait until the utterance count stops moving.
             last, still = None, 0
@@ -118,7 +132,9 @@ def main() -> int:
                 now = processed_frames()
                 still = still + 1 if now == last else 0
                 last = now
+            time.sleep(1.0)
             samples["end"] = {"audio_s": round(written / RATE), **sample(proc.pid)}
+            fds_end = fd_targets(proc.pid)
             wall = time.monotonic() - t0
         finally:
             proc.stdin.close()
@@ -134,6 +150,9 @@ def main() -> int:
                   "x_realtime": round(written / RATE / wall, 1), "start": start, "end": end,
                   "rss_growth_mb": growth, "events": events, "utterances": last, "exit_code": code,
                   "errors_logged": errors[:5]}
+        if fds_end != fds_start:  # what was opened or closed, to tell a leak from a late open
+            result["fds_opened"] = sorted(set(fds_end) - set(fds_start))
+            result["fds_closed"] = sorted(set(fds_start) - set(fds_end))
         print(json.dumps(result, indent=2))
         failed = []
         if growth > max_growth:
