@@ -82,9 +82,9 @@ def speech_audio(seconds: float, offset_s: float = 0.0) -> np.ndarray:
 
 
 def quiet_audio(seconds: float, seed: int) -> np.ndarray:
-    """Room noise at about -60 dBFS: what a microphone hears when nobody speaks."""
+    """Room noise at about -70 dBFS: what a microphone hears when nobody speaks."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 33).astype(np.int16)
+    return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 10).astype(np.int16)
 
 
 class NaivePipeline:
