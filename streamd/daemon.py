@@ -194,6 +194,8 @@ class Daemon:
         interrupted = self._stop.is_set()
         for reader in self.readers:
             reader.stop()
+        for reader in self.readers:
+            reader.join(0.5)  # a reader blocked on a pipe is a daemon thread: left behind
         if self.receiver is not None:
             self.receiver.stop()
             self.receiver.join(2)

@@ -64,9 +64,12 @@ class SourceReader(threading.Thread):
         self._next_index = 0
 
     def stop(self) -> None:
+        """Ask the thread to stop; it closes its source itself. Closing a PortAudio stream
+        from a second thread, after or while its reader closes it, hangs in stop_stream."""
         self.stop_event.set()
-        if self.source is not None:
+        if not self.is_alive() and self.source is not None:  # never started: nobody else owns it
             self.source.close()
+            self.source = None
 
     def run(self) -> None:
         failures = 0

@@ -288,6 +288,8 @@ class MicSource:
                 yield clock.frame(block, captured_at)
 
     def close(self) -> None:
+        if self._closed.is_set():
+            return  # PortAudio hangs when a stopped stream is stopped again
         self._closed.set()
         with contextlib.suppress(Exception):
             self._pa_stream.stop_stream()
