@@ -372,7 +372,7 @@ def cmd_send(args, cfg) -> int:
 
 def _speech_frames(segmenter, frame):
     """--vad: the frames to send for this one (its utterance's pre-roll when speech starts)."""
-    from streamd.frames import Frame
+    from streamd.frames import SAMPLE_RATE, Frame
     from streamd.vad import SpeechAudio, SpeechStart
 
     out = []
@@ -380,7 +380,7 @@ def _speech_frames(segmenter, frame):
         if isinstance(o, SpeechStart):
             step = len(frame.samples)
             for k in range(0, len(o.audio) - step + 1, step):
-                t = o.audio_t + k / 16000
+                t = o.audio_t + k / SAMPLE_RATE
                 out.append(Frame(frame.stream, int(round(t / frame.duration)), o.audio[k : k + step], t,
                                  frame.captured_at))
         elif isinstance(o, SpeechAudio):

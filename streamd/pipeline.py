@@ -33,16 +33,12 @@ class Recent:
 
 
 class StreamPipeline:
-    """Frames in, events out. Model work goes to a Batcher shared by all streams (the
-    daemon runs it); without one given, the pipeline runs its own at once."""
+    """Frames in, events out. Model work goes to the Batcher shared by all streams, which
+    the Engine runs."""
 
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
-                 publisher: Publisher, metrics: Metrics, batcher: Batcher | None = None):
+                 publisher: Publisher, metrics: Metrics, batcher: Batcher):
         self.stream = stream
-        self._own_batcher = batcher is None
-        if batcher is None:
-            batcher = Batcher(models, cfg.models.max_batch, 0.0,
-                              lambda jobs, secs: self._m_stage["inference"].observe(secs))
         self.batcher = batcher
         self.models = models
         self.book = book
@@ -135,12 +131,7 @@ class StreamPipeline:
                 cluster=who.cluster))
 
         feats = self._utterance_features(self.models.speaker.params, self._heard)
-        self._submit(Job(self.stream, feats, None, finish))
-
-    def _submit(self, job: Job) -> None:
-        self.batcher.submit(job)
-        if self._own_batcher:
-            self.batcher.run()
+        self.batcher.submit(Job(self.stream, feats, None, finish))
 
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -158,8 +149,8 @@ class StreamPipeline:
         digit_feats = self._utterance_features(self.models.digits.params, samples)
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
-        self._submit(Job(self.stream, speaker_feats, digit_feats,
-                         lambda embedding, logits: self._decide(end, utt, embedding, logits)))
+        self.batcher.submit(Job(self.stream, speaker_feats, digit_feats,
+                                lambda embedding, logits: self._decide(end, utt, embedding, logits)))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
         with self._timed("identity"):

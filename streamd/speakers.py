@@ -161,9 +161,13 @@ class SpeakerBook:
     def _cluster_threshold(self, clusters: int) -> float:
         return self.threshold_for(clusters, self._cluster_settings.far)
 
+    def _against_enrolled(self, embedding: np.ndarray) -> Decision:
+        enrolled = self.enrolled()  # one look at the gallery per decision
+        return decide(embedding, enrolled, self.scorer, self.threshold_for(len(enrolled.names)))
+
     def decide(self, embedding: np.ndarray) -> Decision:
         """The decision so far (partial utterances): no cluster is changed."""
-        who = decide(embedding, self.enrolled(), self.scorer, self.threshold)
+        who = self._against_enrolled(embedding)
         if who.speaker != UNKNOWN or not self._clustering():
             return who
         cid = self.clusters.match(embedding)
@@ -171,7 +175,7 @@ class SpeakerBook:
 
     def identify(self, embedding: np.ndarray, utt: Utterance) -> Decision:
         """The final decision on an utterance; an unknown voice joins (or starts) a cluster."""
-        who = decide(embedding, self.enrolled(), self.scorer, self.threshold)
+        who = self._against_enrolled(embedding)
         if who.speaker != UNKNOWN or not self._clustering():
             return who
         try:
