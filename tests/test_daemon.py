@@ -64,9 +64,10 @@ def check_schema(events):
 def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     sock = subscribe(iso.endpoint)
     jsonl = tmp_path / "out.jsonl"
-    # identity.far=0.05: a looser operating point than the default 1%, so that more of these
-    # single words get a name; the open-set assertions below must hold all the same.
-    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"', "identity.far=0.05"),
+    # identity.far=0.2: a looser operating point than the default 1% (whose calibration, fitted
+    # on training speakers' phrases, is strict for single words), so that more of these single
+    # words get a name; the open-set assertions below must hold all the same.
+    proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"', "identity.far=0.2"),
                          "--source", f"file:{DATA / 'demo.flac'}",
                          "--pace", "fast", "--wait-subscriber", "20", "--events-jsonl", str(jsonl))
     events = collect(sock, proc)

@@ -200,6 +200,15 @@ def _speaker_md(c: dict) -> list[str]:
     if "provenance" in c:
         lines += [f"Provenance: {c['provenance'].get('source', '')}; licence "
                   f"{c['provenance'].get('licence', '')}.", ""]
+    if "back_end" in c:
+        lines += [f"Back end (in the graph): {c['back_end']['kind'].upper()}, {c['back_end']['dims_removed']} "
+                  f"within-speaker directions removed; {c['back_end']['graph']}. Fitted on "
+                  f"{c['back_end']['fitted_on']}.", ""]
+    if "cohort" in c:
+        lines += [f"AS-norm cohort `{c['cohort']['file']}`: {c['cohort']['vectors']} vectors, {c['cohort']['source']}.", ""]
+    if "calibration" in c and "trials" in c["calibration"]:
+        lines += [f"Calibration (AS-norm threshold per false-accept rate): {c['calibration']['trials']}; "
+                  f"{c['calibration'].get('note', '')}.", ""]
     lines += ["| held-out trials | EER | threshold at EER | threshold at FAR 1% |", "|---|---|---|---|"]
     for name, r in _eer_rows(c.get("metrics", {})):
         lines.append(f"| {name} | {_pct(r['eer'])} | {_num(r, 'threshold_at_eer')} | "

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-synth", dest="synth", action="store_false",
                    help="do not add synthetic espeak-ng speech to the training data")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="speaker: folder for the encoder's per-window outputs on the corpora "
+                        "(default $STREAMD_TRAIN_WORK/speaker-ge2e)")
     p.add_argument("--scratch", action="store_true",
                    help="speaker: train the x-vector baseline from scratch instead of converting "
                         "the pretrained GE2E encoder (the shipped model)")
@@ -59,7 +62,7 @@ def run(args) -> int:
     else:
         from streamd.train import speaker_encoder
 
-        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out))
+        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out, cache_dir=args.cache))
     print(f"streamd train {args.model}: done in {time.time() - t0:.0f} s")
     return code
 
