@@ -13,7 +13,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from math import gcd
 from typing import BinaryIO, Protocol
 
@@ -48,16 +48,11 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def resample(audio: np.ndarray, rate: int) -> np.ndarray:
-    """Float mono audio at ``rate`` to 16 kHz (polyphase, scipy)."""
-    if rate == SAMPLE_RATE:
-        return audio
-    g = gcd(rate, SAMPLE_RATE)
-    return resample_poly(audio, SAMPLE_RATE // g, rate // g)
+BLOCK_SECONDS = 10  # how much of a file is decoded at a time: memory stays bounded for any length
 
 
-def read_audio(path: str) -> np.ndarray:
-    """Read a WAV/FLAC/... file at any rate and channel count as 16 kHz mono int16."""
+def open_audio(path: str) -> sf.SoundFile:
+    """Open an audio file after checking its header: exists, readable, not empty, not too long."""
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such audio file")
     try:
@@ -66,26 +61,91 @@ def read_audio(path: str) -> np.ndarray:
             raise SourceError(f"{path}: audio file is empty")
         if info.duration > MAX_FILE_SECONDS:
             raise SourceError(f"{path}: audio file is too long ({info.duration:.0f} s > {MAX_FILE_SECONDS} s)")
-        audio, rate = sf.read(path, dtype="float64", always_2d=True)
+        return sf.SoundFile(path)
     except SourceError:
         raise
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise SourceError(f"{path}: cannot read audio: {reason}") from None
-    if len(audio) == 0:
-        raise SourceError(f"{path}: audio file is empty")
-    if not np.all(np.isfinite(audio)):
-        raise SourceError(f"{path}: audio contains NaN or infinite samples")
-    return to_int16(resample(audio.mean(axis=1), rate))
+        raise SourceError(f"{path}: cannot read audio: {_reason(exc)}") from None
 
 
-def split_frames(audio: np.ndarray, frame_samples: int) -> Iterator[np.ndarray]:
-    """Fixed-size blocks; the last one is padded with silence."""
-    for start in range(0, len(audio), frame_samples):
-        block = audio[start : start + frame_samples]
-        if len(block) < frame_samples:
-            block = np.concatenate((block, np.zeros(frame_samples - len(block), dtype=np.int16)))
-        yield block
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+
+
+def iter_audio(path: str, block_seconds: float = BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """A WAV/FLAC/... file at any rate and channel count as blocks of 16 kHz mono int16,
+    decoded a block at a time, so memory stays bounded whatever the file's length."""
+    with open_audio(path) as f:
+        rs = _BlockResampler(f.samplerate, block_seconds)
+        total = 0
+        while True:
+            want = rs.wanted()
+            try:
+                chunk = f.read(want, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise SourceError(f"{path}: cannot read audio: {_reason(exc)}") from None
+            if not np.all(np.isfinite(chunk)):
+                raise SourceError(f"{path}: audio contains NaN or infinite samples")
+            last = len(chunk) < want
+            out = rs.push(chunk.mean(axis=1, dtype=np.float64), last)
+            total += len(out)
+            if len(out):
+                yield to_int16(out)
+            if last:
+                break
+        if total == 0:
+            raise SourceError(f"{path}: audio file is empty")
+
+
+class _BlockResampler:
+    """Resamples to 16 kHz block by block, equal to resampling the whole signal at once.
+
+    Each block spans a whole number of resampling periods and is resampled with ``margin``
+    input samples of real context on each side (more than the polyphase filter's reach),
+    which are then cut from the output."""
+
+    def __init__(self, rate: int, block_seconds: float):
+        g = gcd(rate, SAMPLE_RATE)
+        self.up, self.down = SAMPLE_RATE // g, rate // g
+        self.step = max(1, int(block_seconds * rate) // self.down) * self.down
+        reach = 10 * max(self.up, self.down) // self.up + 1  # scipy's default filter half-length
+        self.margin = 0 if rate == SAMPLE_RATE else -(-reach // self.down) * self.down
+        self.left = 0  # context samples before the block in buf (none before the first block)
+        self.buf = np.zeros(0)
+
+    def wanted(self) -> int:
+        return self.left + self.step + self.margin - len(self.buf)
+
+    def push(self, samples: np.ndarray, last: bool) -> np.ndarray:
+        self.buf = np.concatenate((self.buf, samples))
+        out = self._resample(self.buf)
+        skip = self.left * self.up // self.down
+        if last:
+            return out[skip:]
+        out = out[skip : skip + self.step * self.up // self.down]
+        self.buf = self.buf[self.left + self.step - self.margin :]
+        self.left = self.margin
+        return out
+
+    def _resample(self, x: np.ndarray) -> np.ndarray:
+        return x if self.up == self.down else resample_poly(x, self.up, self.down)
+
+
+def read_audio(path: str) -> np.ndarray:
+    """A whole audio file as 16 kHz mono int16 (for short files: enrollment, tests, eval)."""
+    return np.concatenate(list(iter_audio(path)))
+
+
+def split_frames(blocks: Iterable[np.ndarray], frame_samples: int) -> Iterator[np.ndarray]:
+    """Fixed-size frames from blocks of any size; the last one is padded with silence."""
+    rest = np.zeros(0, np.int16)
+    for block in blocks:
+        rest = np.concatenate((rest, block))
+        usable = len(rest) - len(rest) % frame_samples
+        yield from rest[:usable].reshape(-1, frame_samples)
+        rest = rest[usable:]
+    if len(rest):
+        yield np.concatenate((rest, np.zeros(frame_samples - len(rest), np.int16)))
 
 
 class _Clock:
@@ -115,13 +175,13 @@ class FileSource:
         self.frame_samples = frame_samples
         self.pace = pace
         self.overruns = 0
-        self.audio = read_audio(path)
+        open_audio(path).close()  # refuse a missing, empty or unreadable file now, not later
         self._closed = threading.Event()
 
     def frames(self) -> Iterator[Frame]:
         clock = _Clock(self.stream, self.frame_samples)
         started = time.monotonic()
-        for block in split_frames(self.audio, self.frame_samples):
+        for block in split_frames(iter_audio(self.path), self.frame_samples):
             if self._closed.is_set():
                 return
             if self.pace == "realtime":
