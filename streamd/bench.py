@@ -148,8 +148,8 @@ class NaivePipeline:
 
 def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1, silent: bool = False,
         naive: bool = False) -> dict:
-    models = load_models(cfg)
     metrics = Metrics()
+    models = load_models(cfg, on_fallback=metrics.provider_fallback)
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")
         book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))

@@ -110,7 +110,7 @@ class Daemon:
 
     def _run(self, specs: list[StreamSpec], failed: list[StreamStatus]) -> int:
         cfg = self.cfg
-        models = load_models(cfg)
+        models = load_models(cfg, on_fallback=self.metrics.provider_fallback)
         for m in (models.speaker, models.digits):
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None

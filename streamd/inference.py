@@ -9,10 +9,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,29 +27,10 @@ class ModelError(RuntimeError):
 
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-_fallback_listeners: list = []
-
-
-def on_provider_fallback(callback) -> None:
-    """Call ``callback(model, sha256, requested, stage, old_provider, new_provider)`` whenever
-    a model runs on CPU although ``models.provider`` asked for CUDA ("auto" or "cuda"):
-    ``stage`` is "load" (CUDA could not start) or "run" (a CUDA session failed while running
-    and was replaced by a CPU one). A bound method is held weakly (streamd.metrics)."""
-    _fallback_listeners.append(weakref.WeakMethod(callback) if hasattr(callback, "__self__")
-                               else (lambda: callback))
-
-
-def _provider_fallback(card: "ModelCard", requested: str, stage: str, reason: str) -> None:
-    # "auto" on a machine without a GPU is expected: info. Anything else is worth a warning.
-    level = logging.INFO if requested == "auto" and stage == "load" else logging.WARNING
-    log.log(level, "%s: %s; using CPU", card.name, reason)
-    for ref in list(_fallback_listeners):
-        callback = ref()
-        if callback is None:
-            _fallback_listeners.remove(ref)
-            continue
-        with contextlib.suppress(Exception):  # metrics must never break inference
-            callback(card.name, card.sha256, requested, stage, CUDA, CPU)
+# on_fallback(model, sha256, requested, stage, old_provider, new_provider): a model runs on CPU
+# although models.provider asked for CUDA ("auto" or "cuda"); stage is "load" (CUDA could not
+# start) or "run" (a CUDA session failed while running and was replaced by a CPU one).
+FallbackListener = Callable[[str, str, str, str, str, str], None]
 
 
 def sha256_of(path: Path) -> str:
@@ -161,7 +141,7 @@ def window_starts(frames: int, window: int, hop: int, min_coverage: float) -> li
 
 class OnnxModel:
     def __init__(self, card: ModelCard, params: FeatureParams, provider: str = "auto", threads: int = 1,
-                 bucket_frames: int = 8):
+                 bucket_frames: int = 8, on_fallback: FallbackListener | None = None):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # a failed CUDA load is logged once, by us, in one line
@@ -169,16 +149,17 @@ class OnnxModel:
         self.params = params
         self.bucket_frames = bucket_frames
         self.requested = provider
+        self.on_fallback = on_fallback
         self._threads = threads
         wanted = wanted_providers(provider)
         self.session = self._session(wanted)
         # onnxruntime falls back to CPU silently when CUDA cannot start: read what really runs.
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and len(wanted) == 1:
-            _provider_fallback(card, provider, "load", "CUDA provider not in this onnxruntime build "
+            self._fell_back("load", "CUDA provider not in this onnxruntime build "
                                "(install onnxruntime-gpu)")
         elif len(wanted) > 1 and self.provider != CUDA:
-            _provider_fallback(card, provider, "load", "CUDA provider not usable here (no GPU or CUDA libraries)")
+            self._fell_back("load", "CUDA provider not usable here (no GPU or CUDA libraries)")
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
@@ -190,6 +171,14 @@ class OnnxModel:
                                         providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
             raise ModelError(f"{self.card.model_path}: cannot load model: {str(exc).splitlines()[0]}") from None
+
+    def _fell_back(self, stage: str, reason: str) -> None:
+        # "auto" on a machine without a GPU is expected: info. Anything else is worth a warning.
+        level = logging.INFO if self.requested == "auto" and stage == "load" else logging.WARNING
+        log.log(level, "%s: %s; using CPU", self.card.name, reason)
+        if self.on_fallback is not None:
+            with contextlib.suppress(Exception):  # metrics must never break inference
+                self.on_fallback(self.card.name, self.card.sha256, self.requested, stage, CUDA, CPU)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """One session call on a batch of model inputs. A CUDA session that fails (GPU lost,
@@ -203,7 +192,7 @@ class OnnxModel:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             self.session = self._session([CPU])
             self.provider = CPU
-            _provider_fallback(self.card, self.requested, "run", f"CUDA failed while running ({first})")
+            self._fell_back("run", f"CUDA failed while running ({first})")
             return self.session.run([self.output_name], feed)[0]
 
     def inputs(self, feats: np.ndarray) -> np.ndarray:
@@ -246,15 +235,16 @@ class Models:
     digits: OnnxModel
 
 
-def load_model(cfg, kind: str, provider: str | None = None) -> OnnxModel:
+def load_model(cfg, kind: str, provider: str | None = None, on_fallback: FallbackListener | None = None) -> OnnxModel:
     """One model named by the config (``speaker`` or ``digits``), verified, on a session."""
     card = load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind)
     params = cfg.feature_params(card.feature_kind)
     verify(card, params)
-    return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads, cfg.models.bucket_frames)
+    return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads, cfg.models.bucket_frames,
+                     on_fallback)
 
 
-def load_models(cfg, provider: str | None = None) -> Models:
+def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> Models:
     """Both models; every file is checked before any session is created."""
     provider = provider or cfg.models.provider
     cards = {kind: load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind) for kind in ("speaker", "digits")}
@@ -263,7 +253,7 @@ def load_models(cfg, provider: str | None = None) -> Models:
     loaded: dict[str, OnnxModel] = {}
     for kind, card in cards.items():
         loaded[kind] = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads,
-                                 cfg.models.bucket_frames)
+                                 cfg.models.bucket_frames, on_fallback)
         if provider == "auto" and loaded[kind].provider == "CPUExecutionProvider":
             provider = "cpu"  # CUDA failed once: do not try (and fail) again
         log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name,

@@ -64,11 +64,8 @@ class Metrics:
             "(CUDA could not start) or at run (a CUDA session failed and was replaced).",
             ["model", "requested", "stage"], registry=r)
         self.build.labels(version=__version__).set(1)
-        from streamd import inference
 
-        inference.on_provider_fallback(self._provider_fallback)
-
-    def _provider_fallback(self, model: str, sha256: str, requested: str, stage: str, old: str, new: str) -> None:
+    def provider_fallback(self, model: str, sha256: str, requested: str, stage: str, old: str, new: str) -> None:
         self.provider_fallbacks.labels(model=model, requested=requested, stage=stage).inc()
         try:  # streamd_model_info names the provider that runs the model now
             self.model.remove(model, sha256, old)

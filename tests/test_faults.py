@@ -260,7 +260,7 @@ def test_a_cuda_session_failing_while_running_is_replaced_by_cpu(caplog):
     from streamd.metrics import Metrics
 
     metrics = Metrics()
-    model = load_model(config.load(None), "digits", "cpu")
+    model = load_model(config.load(None), "digits", "cpu", on_fallback=metrics.provider_fallback)
     feats = np.random.default_rng(0).standard_normal((80, model.params.numcep)).astype(np.float32)
     want = model.run(feats)
 
