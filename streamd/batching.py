@@ -8,6 +8,9 @@ digit model's utterances are padded to a multiple of ``models.bucket_frames`` (s
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,8 +54,15 @@ def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) 
 
 
 class Batcher:
-    """Collects jobs; ``run()`` runs them all, ``due()`` says when the oldest has waited
-    ``wait_s`` (the bound on the delay batching adds)."""
+    """Collects jobs and runs them through the models in batches.
+
+    ``run()`` runs every waiting job at once on the calling thread. After ``start()`` the
+    models run on a thread of their own instead (onnxruntime releases the GIL, so model work
+    uses another core while the calling thread goes on with capture, VAD and features):
+    ``pump()`` hands the waiting jobs over when the oldest has waited ``wait_s`` and the
+    thread is free (jobs that arrive meanwhile make the next batch larger), and calls the
+    ``finish`` of jobs whose results are back, always on the calling thread, in order.
+    ``wake`` is called from the model thread when results are back."""
 
     def __init__(self, models: Models, max_batch: int = 64, wait_s: float = 0.002,
                  observe: Callable[[list[Job], float], None] | None = None):
@@ -61,6 +71,11 @@ class Batcher:
         self.wait_s = wait_s
         self.observe = observe  # told each batch and how long the models took
         self.jobs: list[Job] = []
+        self.wake: Callable[[], None] = lambda: None
+        self._thread: threading.Thread | None = None
+        self._todo: queue.Queue = queue.Queue(maxsize=1)
+        self._done: queue.Queue = queue.Queue()
+        self._in_flight = 0
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -72,22 +87,81 @@ class Batcher:
         return bool(self.jobs) and (now or time.monotonic()) - self.jobs[0].ready_at >= self.wait_s
 
     def wait_left(self, now: float | None = None) -> float:
-        """Seconds until the oldest job is due (0 when due, inf when nothing waits)."""
-        if not self.jobs:
+        """Seconds until the oldest job can be handed over (0 when due; inf when nothing
+        waits or the model thread is busy: ``wake`` says when it is free)."""
+        if not self.jobs or self._in_flight:
             return float("inf")
         return max(0.0, self.jobs[0].ready_at + self.wait_s - (now or time.monotonic()))
 
     def run(self) -> int:
+        """Run every waiting job now, on this thread."""
         jobs, self.jobs = self.jobs, []
-        if not jobs:
-            return 0
+        if jobs:
+            self._finish(jobs, *self._compute(jobs))
+        return len(jobs)
+
+    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], float]:
         start = time.perf_counter()
         embeddings = run_batched(self.models.speaker, [j.speaker_feats for j in jobs], self.max_batch)
         with_digits = [i for i, j in enumerate(jobs) if j.digit_feats is not None]
         logits = run_batched(self.models.digits, [jobs[i].digit_feats for i in with_digits], self.max_batch)
-        by_job = dict(zip(with_digits, logits))
+        return embeddings, dict(zip(with_digits, logits)), time.perf_counter() - start
+
+    def _finish(self, jobs: list[Job], embeddings: list[np.ndarray], logits: dict[int, np.ndarray],
+                seconds: float) -> None:
         if self.observe is not None:
-            self.observe(jobs, time.perf_counter() - start)
+            self.observe(jobs, seconds)
         for i, job in enumerate(jobs):
-            job.finish(embeddings[i], by_job.get(i))
-        return len(jobs)
+            job.finish(embeddings[i], logits.get(i))
+
+    # ---- models on their own thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="streamd-models", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (jobs := self._todo.get()) is not None:
+            try:
+                self._done.put((jobs, self._compute(jobs)))
+            except BaseException as exc:  # handed back: pump() raises it on the calling thread
+                self._done.put((jobs, exc))
+            self.wake()
+
+    def pump(self, force: bool = False) -> int:
+        """Finish the jobs whose results are back, then hand over the waiting jobs when
+        they are due (or ``force``) and the models are free. Returns the jobs finished."""
+        if self._thread is None:
+            return self.run() if self.jobs and (force or self.due()) else 0
+        finished = 0
+        while True:
+            try:
+                jobs, result = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._in_flight -= 1
+            if isinstance(result, BaseException):
+                raise result
+            self._finish(jobs, *result)
+            finished += len(jobs)
+        if self.jobs and not self._in_flight and (force or self.due()):
+            jobs, self.jobs = self.jobs, []
+            self._in_flight += 1
+            self._todo.put(jobs)
+        return finished
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Run and finish everything submitted so far (the end of a run)."""
+        deadline = time.monotonic() + timeout
+        self.pump(force=True)
+        while (self.jobs or self._in_flight) and time.monotonic() < deadline:
+            if self._in_flight:
+                with contextlib.suppress(queue.Empty):
+                    self._done.put(self._done.get(timeout=0.05))  # wait for it, leave it for pump
+            self.pump(force=True)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join(5)
+            self._thread = None

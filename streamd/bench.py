@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -186,30 +187,43 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
 
 
 def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pace: str) -> dict:
-    """Deliver frame i of every stream at once, as N microphones would; run the batch."""
+    """Deliver frame i of every stream at once, as N microphones would; between frames,
+    hand due utterances to the models' thread and publish its results as they come."""
     step, frame_s = cfg.vad.frame_samples, cfg.vad.frame_ms / 1000
     names = list(pipes)
     ticks = min(len(a) for a in audio) // step
     overruns = 0
+    results = threading.Event()
+    engine.on_results(results.set)
     cpu0, wall0 = time.process_time(), time.monotonic()
     for i in range(ticks):
         due = wall0 + (i + 1) * frame_s
         if pace == "realtime":
-            time.sleep(max(0.0, due - time.monotonic()))
+            _serve_until(engine, results, due)
         captured = due if pace == "realtime" else time.monotonic()
         if pace == "realtime" and time.monotonic() - due > LATE_S:
             overruns += len(names)  # a capture buffer would have overflowed: these frames are lost
             continue
         for name, samples in zip(names, audio):
             pipes[name].push(Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured))
-        if len(engine.batcher):
-            if pace == "realtime":
-                time.sleep(engine.wait_left())
-            engine.pump(force=True)
+        engine.pump(force=pace != "realtime")
     for pipe in pipes.values():
         pipe.flush()
-    engine.pump(force=True)
+    engine.batcher.drain()
+    engine.close()
     return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+def _serve_until(engine: Engine, results: threading.Event, until: float) -> None:
+    """The daemon's loop between frames: publish results as they come back, hand over
+    utterances when due."""
+    while True:
+        results.clear()  # before pump: a batch finishing after it sets it again
+        engine.pump()
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        results.wait(min(left, engine.wait_left()))
 
 
 def _mean_batch(metrics: Metrics) -> float | None:

@@ -3,6 +3,7 @@ sd_notify readiness and watchdog, and SIGHUP reloads."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import signal
@@ -31,6 +32,7 @@ from streamd.speakers import SpeakerBook, book_settings
 log = logging.getLogger(__name__)
 
 GALLERY_FILE = "gallery.sqlite3"
+RESULTS_READY = "results ready"  # put in the frame queue by the models' thread: wakes the loop
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Daemon:
                                              curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
         self.engine = Engine(cfg, models, self.book, publisher, self.metrics, cfg.network.max_streams)
+        self.engine.on_results(self._wake)
         self.receiver = None
         if cfg.network.listen:
             self.receiver = NetworkReceiver(cfg.network.listen, self.frames, cfg.vad.frame_samples, self.metrics,
@@ -143,6 +146,7 @@ class Daemon:
             return self._loop(gallery, single=len(specs) == 1 and not cfg.network.listen)
         finally:
             sd_notify("STOPPING=1")
+            self.engine.close()
             self.control.close()
             publisher.close()
             if server is not None:
@@ -182,7 +186,7 @@ class Daemon:
                 if isinstance(item, Frame):
                     if item.stream in self.engine.pipelines or self._admit(item.stream):
                         self.engine.push(item)
-                else:
+                elif isinstance(item, StreamStatus):
                     ended_with = self._status(item, up, running) or ended_with
                 try:
                     item = self.frames.get_nowait()
@@ -216,6 +220,11 @@ class Daemon:
             return False
         log.info("stream %s: new network stream", stream)
         return True
+
+    def _wake(self) -> None:
+        """The models finished a batch (called on their thread): wake the loop to publish it."""
+        with contextlib.suppress(queue.Full):
+            self.frames.put_nowait(RESULTS_READY)
 
     def _status(self, status: StreamStatus, up: set[str], running: set[str]) -> str | None:
         """Returns the reason when a stream ended because its source failed."""

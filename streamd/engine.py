@@ -29,6 +29,7 @@ class Engine:
         self.metrics = metrics
         self.max_streams = max_streams
         self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe)
+        self.batcher.start()  # the models run on their own thread: another core
         self.pipelines: dict[str, StreamPipeline] = {}
 
     def _observe(self, jobs: list[Job], seconds: float) -> None:
@@ -61,10 +62,13 @@ class Engine:
         self.metrics.events.labels(stream=status.stream, type=StatusEvent.type).inc()
 
     def pump(self, force: bool = False) -> int:
-        """Run the batch when its oldest job has waited long enough (or ``force``)."""
-        if len(self.batcher) and (force or self.batcher.due()):
-            return self.batcher.run()
-        return 0
+        """Publish what the models have finished; hand the waiting utterances to the models
+        when the oldest has waited long enough (or ``force``)."""
+        return self.batcher.pump(force)
+
+    def on_results(self, wake) -> None:
+        """``wake()`` is called (from the models' thread) when results are ready for pump()."""
+        self.batcher.wake = wake
 
     def wait_left(self) -> float:
         return self.batcher.wait_left(time.monotonic())
@@ -73,4 +77,7 @@ class Engine:
         """End of everything: close every open utterance and run what is left."""
         for pipeline in self.pipelines.values():
             pipeline.flush()
-        self.pump(force=True)
+        self.batcher.drain()
+
+    def close(self) -> None:
+        self.batcher.close()

@@ -15,6 +15,7 @@ import functools
 
 import numpy as np
 import python_speech_features as psf
+from scipy.fftpack import dct
 
 SAMPLE_RATE = 16000
 # Log-energy of an all-zero frame would be log(eps) = -36, an outlier that swamps
@@ -116,6 +117,29 @@ def _melpower(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
     return np.concatenate((power @ fb.T, np.mean(frames**2, axis=1, keepdims=True)), axis=1)
 
 
+@functools.lru_cache(maxsize=8)
+def _psf_filterbank(nfilt: int, nfft: int, sample_rate: int, lowfreq: float, highfreq: float) -> np.ndarray:
+    return psf.get_filterbanks(nfilt, nfft, sample_rate, lowfreq, highfreq)
+
+
+def _psf_mfcc(emphasised: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
+    """``python_speech_features.mfcc`` (appendEnergy, no pre-emphasis) of the first ``n``
+    frames, step for step, except that its filterbank is built once per setting, not on
+    every call: on 20 ms of audio at a time, rebuilding it was most of the features' cost.
+    tests/test_features.py checks the result equals python_speech_features' bit for bit."""
+    p = params
+    frames = _frames(np.asarray(emphasised, np.float64), p, n) * _window(p)(p.frame_len)
+    pspec = 1.0 / p.nfft * np.square(np.absolute(np.fft.rfft(frames, p.nfft)))
+    energy = np.sum(pspec, 1)
+    energy = np.where(energy == 0, np.finfo(float).eps, energy)
+    feat = np.dot(pspec, _psf_filterbank(p.nfilt, p.nfft, p.sample_rate, p.lowfreq, p.highfreq or p.sample_rate / 2).T)
+    feat = np.where(feat == 0, np.finfo(float).eps, feat)
+    feat = dct(np.log(feat), type=2, axis=1, norm="ortho")[:, : p.numcep]
+    feat = psf.lifter(feat, p.ceplifter)
+    feat[:, 0] = np.log(energy)
+    return feat
+
+
 def preemphasis(signal: np.ndarray, coeff: float, previous: float | None = None) -> np.ndarray:
     """y[n] = x[n] - coeff * x[n-1]; the first sample of a stream is kept as is."""
     x = np.asarray(signal, dtype=np.float64)
@@ -134,22 +158,7 @@ def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.
         return np.zeros((0, params.stored_dims), dtype=np.float64)
     if params.kind == "melpower":
         return _melpower(emphasised, params, n)
-    used = params.frame_len + (n - 1) * params.frame_step
-    feats = psf.mfcc(
-        emphasised[:used],
-        samplerate=params.sample_rate,
-        winlen=params.winlen,
-        winstep=params.winstep,
-        numcep=params.numcep,
-        nfilt=params.nfilt,
-        nfft=params.nfft,
-        lowfreq=params.lowfreq,
-        highfreq=params.highfreq,
-        preemph=0.0,
-        ceplifter=params.ceplifter,
-        appendEnergy=True,
-        winfunc=_window(params),
-    )
+    feats = _psf_mfcc(emphasised, params, n)
     feats[:, 0] = np.maximum(feats[:, 0], LOG_ENERGY_FLOOR)
     return feats
 
@@ -183,40 +192,57 @@ class StreamingMfcc:
     exactly as :func:`mfcc` frames the same audio offline.
     """
 
-    def __init__(self, params: FeatureParams, capacity_frames: int):
+    def __init__(self, params: FeatureParams, capacity_frames: int, chunk_samples: int = 0):
         if capacity_frames <= 0:
             raise ValueError("capacity_frames must be positive")
         self.params = params
         self.capacity = capacity_frames
+        # Audio waits until this much is pending (or features are asked for): one numpy pass
+        # per chunk instead of per 20 ms frame; the features are the same either way.
+        self.chunk_samples = min(chunk_samples, capacity_frames * params.frame_step)
         self._ring = np.zeros((capacity_frames, params.stored_dims), dtype=np.float64)
         self.reset()
 
     def reset(self) -> None:
-        self._pending = np.zeros(0, dtype=np.float64)  # emphasised samples not yet framed away
+        self._pending: list[np.ndarray] = []  # emphasised samples not yet framed away
+        self._pending_len = 0
         self._previous: float | None = None
-        self.num_frames = 0  # frames computed since reset
+        self._count = 0  # frames computed since reset
 
     def push(self, samples: np.ndarray) -> int:
-        """Add audio; returns how many new frames were computed."""
+        """Add audio; returns how many new frames were computed now."""
         if len(samples) == 0:
             return 0
-        emphasised = preemphasis(samples, self.params.preemph, self._previous)
+        self._pending.append(preemphasis(samples, self.params.preemph, self._previous))
+        self._pending_len += len(samples)
         self._previous = float(samples[-1])
-        self._pending = np.concatenate((self._pending, emphasised))
-        feats = features_of_emphasised(self._pending, self.params)
+        return self._compute() if self._pending_len >= self.chunk_samples else 0
+
+    def _compute(self) -> int:
+        if self._pending_len < self.params.frame_len:
+            return 0
+        pending = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        feats = features_of_emphasised(pending, self.params)
         n = len(feats)
+        rest = pending[n * self.params.frame_step :]
+        self._pending, self._pending_len = [rest], len(rest)
         if n:
             self._store(feats)
-            self._pending = self._pending[n * self.params.frame_step :]
         return n
+
+    @property
+    def num_frames(self) -> int:
+        """Frames of the audio pushed since reset (computing what is pending)."""
+        self._compute()
+        return self._count
 
     def _store(self, feats: np.ndarray) -> None:
         if len(feats) > self.capacity:
-            self.num_frames += len(feats) - self.capacity
+            self._count += len(feats) - self.capacity
             feats = feats[-self.capacity :]
-        idx = (self.num_frames + np.arange(len(feats))) % self.capacity
+        idx = (self._count + np.arange(len(feats))) % self.capacity
         self._ring[idx] = feats
-        self.num_frames += len(feats)
+        self._count += len(feats)
 
     @property
     def oldest_frame(self) -> int:

@@ -32,6 +32,9 @@ class Recent:
     embedding: np.ndarray
 
 
+FEATURE_CHUNK_S = 0.2  # features computed per 0.2 s of speech (and whenever a decision needs them)
+
+
 class StreamPipeline:
     """Frames in, events out. Model work goes to the Batcher shared by all streams, which
     the Engine runs."""
@@ -55,7 +58,8 @@ class StreamPipeline:
         self._next_partial = 0.0  # seconds of it after which the next speaker.partial is due
         self.segmenter = Segmenter(cfg.vad)
         # One ring per front end the models need; each sample's features are computed once.
-        self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep))
+        self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep),
+                                              int(FEATURE_CHUNK_S * m.params.sample_rate))
                       for m in (models.speaker, models.digits)}
         metrics.add_stream(stream)
         # Children resolved once: silence costs only these increments and the VAD.

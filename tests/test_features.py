@@ -6,8 +6,8 @@ from streamd.features import FeatureParams, StreamingMfcc, mfcc, normalize
 from conftest import DATA
 
 
-def stream_features(audio: np.ndarray, params: FeatureParams, chunks) -> np.ndarray:
-    s = StreamingMfcc(params, capacity_frames=100_000)
+def stream_features(audio: np.ndarray, params: FeatureParams, chunks, chunk_samples: int = 0) -> np.ndarray:
+    s = StreamingMfcc(params, capacity_frames=100_000, chunk_samples=chunk_samples)
     pos = 0
     for size in chunks:
         s.push(audio[pos : pos + size])
@@ -18,12 +18,13 @@ def stream_features(audio: np.ndarray, params: FeatureParams, chunks) -> np.ndar
 
 @pytest.mark.parametrize("clip", ["parity.flac", "demo.flac"])
 @pytest.mark.parametrize("chunk", [160, 320, 480, 37])
-def test_streaming_features_equal_offline_on_real_speech(clip, chunk):
+@pytest.mark.parametrize("chunk_samples", [0, 3200])  # computed per push, or per 0.2 s as the daemon does
+def test_streaming_features_equal_offline_on_real_speech(clip, chunk, chunk_samples):
     audio, rate = sf.read(DATA / clip, dtype="int16")
     assert rate == 16000
     params = FeatureParams()
     offline = mfcc(audio, params)
-    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk))
+    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk), chunk_samples)
     assert streamed.shape == offline.shape
     assert offline.shape[0] == params.frames_in(len(audio))
     np.testing.assert_allclose(streamed, offline, rtol=0, atol=1e-5)
@@ -45,10 +46,11 @@ def test_each_frame_is_computed_once():
     assert sum(new) == s.num_frames == FeatureParams().frames_in(16000)
 
 
-def test_ring_buffer_keeps_the_latest_frames():
+@pytest.mark.parametrize("chunk_samples", [0, 3200])
+def test_ring_buffer_keeps_the_latest_frames(chunk_samples):
     audio, _ = sf.read(DATA / "demo.flac", dtype="int16", frames=32000)
     params = FeatureParams()
-    s = StreamingMfcc(params, capacity_frames=50)
+    s = StreamingMfcc(params, capacity_frames=50, chunk_samples=chunk_samples)
     for i in range(0, len(audio), 320):
         s.push(audio[i : i + 320])
     offline = mfcc(audio, params)
@@ -74,13 +76,14 @@ def test_silence_does_not_produce_infinite_features():
 
 
 @pytest.mark.parametrize("chunk", [160, 333])
-def test_mel_front_end_streams_like_offline(chunk):
+@pytest.mark.parametrize("chunk_samples", [0, 3200])
+def test_mel_front_end_streams_like_offline(chunk, chunk_samples):
     from streamd.features import mel_params
 
     audio, _ = sf.read(DATA / "demo.flac", dtype="int16")
     params = mel_params()
     offline = mfcc(audio, params)
-    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk))
+    streamed = stream_features(audio, params, [chunk] * (len(audio) // chunk), chunk_samples)
     assert offline.shape == (params.frames_in(len(audio)), params.nfilt + 1)
     np.testing.assert_allclose(streamed, offline, rtol=1e-9, atol=1e-12)
 
@@ -102,3 +105,24 @@ def test_mel_filterbank_is_slaney_and_normalisation_only_raises_gain():
     np.testing.assert_allclose(quietest.sum(), quieter.sum(), rtol=0.02)
     as_is = normalize(mfcc(audio, params), params)
     assert as_is.sum() > 2 * quieter.sum()  # louder than the target: never turned down
+
+
+def test_mfcc_equals_python_speech_features_bit_for_bit():
+    """streamd.features computes python_speech_features' MFCC step by step (its filterbank
+    built once, not per call): the numbers must not move at all."""
+    import python_speech_features as psf
+
+    from streamd import config
+    from streamd.features import LOG_ENERGY_FLOOR, _window, features_of_emphasised
+
+    p = config.load(None).feature_params("mfcc")
+    rng = np.random.default_rng(3)
+    for signal in (rng.standard_normal(16000) * 3000, np.zeros(4000), np.r_[np.zeros(800), rng.standard_normal(1700)]):
+        n = p.frames_in(len(signal))
+        used = p.frame_len + (n - 1) * p.frame_step
+        want = psf.mfcc(signal[:used], samplerate=p.sample_rate, winlen=p.winlen, winstep=p.winstep,
+                        numcep=p.numcep, nfilt=p.nfilt, nfft=p.nfft, lowfreq=p.lowfreq, highfreq=p.highfreq,
+                        preemph=0.0, ceplifter=p.ceplifter, appendEnergy=True, winfunc=_window(p))
+        want[:, 0] = np.maximum(want[:, 0], LOG_ENERGY_FLOOR)
+        got = features_of_emphasised(signal, p)
+        assert got.shape == want.shape and np.array_equal(got, want)
