@@ -53,6 +53,35 @@ def test_batcher_waits_a_bounded_time_then_runs_every_job(models):
     assert all((l is None) == (i % 2 == 0) for i, _, l in got)
 
 
+def test_models_on_their_own_thread_give_the_same_results_on_the_callers_thread(models):
+    import threading
+
+    feats = utterance_features(models.speaker)
+    digit_feats = utterance_features(models.digits)
+    want = [(models.speaker.run(s), models.digits.run(d)) for s, d in zip(feats, digit_feats)]
+    got, threads, woken = [], set(), threading.Event()
+    batcher = Batcher(models, max_batch=64, wait_s=0.0)
+    batcher.wake = woken.set
+    batcher.start()
+    try:
+        for i, (s, d) in enumerate(zip(feats, digit_feats)):
+            batcher.submit(Job("s", s, d, lambda e, l, i=i: (got.append((i, e, l)), threads.add(threading.get_ident()))))
+            batcher.pump()  # the first goes alone; the rest wait for the models to be free
+        assert woken.wait(10)
+        batcher.drain()
+        assert len(batcher) == 0 and [i for i, _, _ in got] == list(range(len(feats)))
+        assert threads == {threading.get_ident()}  # finish() runs on the caller's thread
+        for (_, e, l), (we, wl) in zip(got, want):
+            np.testing.assert_allclose(e, we, atol=2e-5)
+            np.testing.assert_allclose(l, wl, atol=2e-5)
+        batcher.submit(Job("s", np.zeros((0, 3), np.float32), None, lambda e, l: None))  # models refuse it
+        batcher.pump(force=True)
+        with pytest.raises(Exception):
+            batcher.drain()  # the models' error comes out here, not lost on their thread
+    finally:
+        batcher.close()
+
+
 def test_two_streams_in_one_daemon_and_a_failing_one_does_not_stop_them(tmp_path, iso):
     conf = tmp_path / "streams.toml"
     conf.write_text(
