@@ -84,6 +84,7 @@ def report(book: SpeakerBook, t: dict) -> dict:
             "probes": len(probes), "eer": rate, "min_dcf_p0.01": min_dcf(scores.ravel(), same.ravel()),
             "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
             "open_set_identified": named, "open_set_strangers_named": strangers,
+            "at_1pct_strangers_named": operating_point(scores, truth, 0.01),
             "_scores": scores.ravel(), "_same": same.ravel(),
         }
     return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": PHRASE_CLIPS,
@@ -121,6 +122,21 @@ def det_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def operating_point(scores: np.ndarray, truth: np.ndarray, strangers_at_most: float) -> dict:
+    """The DET curve read at the lowest threshold that names at most ``strangers_at_most`` of
+    strangers (read off these scores: a measurement, not a setting the daemon can know)."""
+    thresholds = np.unique(scores.ravel())
+    lo, hi = 0, len(thresholds) - 1  # strangers named falls as the threshold rises: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if open_set_rates(scores, truth, lambda n: thresholds[mid])[1] <= strangers_at_most:
+            hi = mid
+        else:
+            lo = mid + 1
+    named, strangers = open_set_rates(scores, truth, lambda n: thresholds[lo])
+    return {"threshold": float(thresholds[lo]), "identified": named, "strangers_named": strangers}
+
+
 def public(result: dict) -> dict:
     """The report without the raw score arrays."""
     return {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
@@ -139,5 +155,6 @@ def format_report(r: dict) -> str:
             m = r[kind]
             lines.append(f"{label} ({m['probes']} probes): EER {m['eer']:.1%}, minDCF(0.01) {m['min_dcf_p0.01']:.3f}, "
                          f"closed-set top-1 {m['closed_set_top1']:.1%}, open-set identified {m['open_set_identified']:.1%} "
-                         f"with {m['open_set_strangers_named']:.1%} of strangers named")
+                         f"with {m['open_set_strangers_named']:.1%} of strangers named; at the threshold naming "
+                         f"<= 1% of strangers {m['at_1pct_strangers_named']['identified']:.1%} identified")
     return "\n".join(lines)

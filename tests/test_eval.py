@@ -60,4 +60,22 @@ def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     for key in ("eer", "open_set_identified", "open_set_strangers_named", "closed_set_top1"):
         assert 0.0 <= single[key] <= 1.0
     assert single["closed_set_top1"] >= 2 / 3
+    point = single["at_1pct_strangers_named"]
+    assert point["strangers_named"] <= 0.01 and 0.0 <= point["identified"] <= 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
+    import numpy as np
+
+    from streamd.eval_speakers import operating_point
+    from streamd.evaluate import open_set_rates
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), 50)
+    scores = rng.normal(0, 1, (200, 4))
+    scores[np.arange(200), truth] += 2.5
+    point = operating_point(scores, truth, 0.05)
+    assert point["strangers_named"] <= 0.05
+    lower = np.max(scores[scores < point["threshold"]])  # one step lower names too many strangers
+    assert open_set_rates(scores, truth, lambda n: lower)[1] > 0.05
