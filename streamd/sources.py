@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -265,6 +267,44 @@ def find_input_device(pa, device: str | None) -> dict:
     return match[0]
 
 
+class PulseSourceWatch:
+    """Whether the PulseAudio source named by ``PULSE_SOURCE`` is there.
+
+    Through PortAudio's PulseAudio device, a source that goes away (unplugged, module
+    unloaded) does not fail the capture: PulseAudio moves the stream to its fallback source
+    and streamd would go on hearing another microphone. So when ``PULSE_SOURCE`` names the
+    source, it is checked (``pactl``) before capture starts and every ``every_s`` during it."""
+
+    def __init__(self, name: str, every_s: float = 2.0):
+        self.name = name
+        self.every_s = every_s
+        self._next = 0.0
+
+    @classmethod
+    def for_device(cls, device_name: str) -> PulseSourceWatch | None:
+        name = os.environ.get("PULSE_SOURCE", "")
+        if not name or device_name not in ("pulse", "default") or not shutil.which("pactl"):
+            return None
+        return cls(name)
+
+    def present(self) -> bool:
+        try:
+            out = subprocess.run(["pactl", "list", "short", "sources"], capture_output=True, text=True,
+                                 timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return any(line.split("\t")[1:2] == [self.name] for line in out.splitlines())
+
+    def check(self) -> None:
+        """Raise SourceError when the source is gone (at most one look every ``every_s``)."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        if not self.present():
+            raise SourceError(f"mic: PulseAudio source {self.name!r} (PULSE_SOURCE) is not there")
+
+
 class MicSource:
     """pyaudio capture in callback mode: the audio thread never waits for the pipeline.
 
@@ -287,6 +327,9 @@ class MicSource:
         try:
             info = find_input_device(self._pa, device)
             self.device_name = info["name"]
+            self._watch = PulseSourceWatch.for_device(self.device_name)
+            if self._watch is not None:
+                self._watch.check()  # PulseAudio would quietly capture from another source
             self.rate = self._open(pyaudio, info, rate)
         except Exception:
             self._pa.terminate()
@@ -342,6 +385,8 @@ class MicSource:
                 if not self._pa_stream.is_active():
                     raise SourceError(f"mic: capture from {self.device_name!r} stopped")
                 continue
+            if self._watch is not None:
+                self._watch.check()
             self._pending = np.concatenate((self._pending, self._convert(data)))
             while len(self._pending) >= self.frame_samples:
                 block, self._pending = self._pending[: self.frame_samples], self._pending[self.frame_samples :]
