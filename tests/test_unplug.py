@@ -34,63 +34,45 @@ def unload_sink(sink: str) -> None:
         pactl("unload-module", module)
 
 
-@pytest.mark.pulse
-def test_unplugged_microphone_is_reported_retried_and_found_again_by_name(iso):
-    """The sink is unloaded under a running daemon (PulseAudio moves the capture to its
-    fallback source, so only the named source's absence tells), then loaded again."""
-    if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-        start_pulse()
-    sink = f"streamd_unplug_{os.getpid()}"
-    load = ("load-module", "module-null-sink", f"sink_name={sink}", "rate=16000", "channels=1", "format=s16le")
-    pactl(*load)
-    sub = subscribe(iso.endpoint)
-    proc = start_streamd("run", *iso.sets(), "--source", "mic:pulse", env={"PULSE_SOURCE": f"{sink}.monitor"})
-    try:
-        deadline = time.monotonic() + 60
-        while frames_seen(iso.metrics_url) < 50:
-            assert time.monotonic() < deadline and proc.poll() is None, "no audio frames captured"
-            time.sleep(0.2)
-        unload_sink(sink)
-        down = collect(sub, until=lambda ev: any(e.get("state") == "down" for e in ev), timeout=20)
-        assert any(e["type"] == "status" and e["state"] == "down" and sink in e["reason"] for e in down), down
-        assert metric(iso.metrics_url, "streamd_stream_up", "default") == 0
-        time.sleep(2)
-        pactl(*load)  # plugged in again, under the same name
-        up = collect(sub, until=lambda ev: any(e.get("state") == "up" for e in ev), timeout=40)
-        assert any(e["type"] == "status" and e["state"] == "up" for e in up), up
-        assert metric(iso.metrics_url, "streamd_stream_up", "default") == 1
-        subprocess.run(["paplay", f"--device={sink}", str(DATA / "demo.flac")], check=True, timeout=60)
-        events = collect(sub, until=lambda ev: len(by_type(ev, "digit")) >= 10, timeout=15)
-        assert len(by_type(events, "digit")) == 10
-        assert proc.poll() is None
-    finally:
-        assert stop(proc) == 0
-        sub.close(0)
-        with contextlib.suppress(AssertionError, subprocess.CalledProcessError):
-            unload_sink(sink)
+def server_restart(sink: str, load: tuple) -> tuple:
+    """The audio server goes away (and comes back, with the sink)."""
+    def unplug():
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True, timeout=20)
 
-
-@pytest.mark.pulse
-def test_audio_server_restart_is_reported_retried_and_recovered(iso):
-    if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-        start_pulse()
-    sink = f"streamd_unplug_{os.getpid()}"
-    load = ("load-module", "module-null-sink", f"sink_name={sink}", "rate=16000", "channels=1", "format=s16le")
-    pactl(*load)
-    sub = subscribe(iso.endpoint)
-    proc = start_streamd("run", *iso.sets(), "--source", "mic:pulse", env={"PULSE_SOURCE": f"{sink}.monitor"})
-    try:
-        deadline = time.monotonic() + 60
-        while frames_seen(iso.metrics_url) < 50:
-            assert time.monotonic() < deadline and proc.poll() is None, "no audio frames captured"
-            time.sleep(0.2)
-        subprocess.run(["pulseaudio", "--kill"], capture_output=True, timeout=20)  # the microphone is gone
-        down = collect(sub, until=lambda ev: any(e.get("state") == "down" for e in ev), timeout=20)
-        assert any(e["type"] == "status" and e["state"] == "down" for e in down), down
-        assert metric(iso.metrics_url, "streamd_stream_up", "default") == 0
-        time.sleep(2)
+    def plug():
         start_pulse()
         pactl(*load)
+    return unplug, plug
+
+
+def sink_unloaded(sink: str, load: tuple) -> tuple:
+    """The sink is unloaded while the server runs (PulseAudio moves the capture to its fallback
+    source, so only the named source's absence tells), then loaded again under its name."""
+    return (lambda: unload_sink(sink)), (lambda: pactl(*load))
+
+
+@pytest.mark.pulse
+@pytest.mark.parametrize("fault", [sink_unloaded, server_restart])
+def test_lost_microphone_is_reported_retried_and_found_again_by_name(iso, fault):
+    if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
+        start_pulse()
+    sink = f"streamd_unplug_{os.getpid()}"
+    load = ("load-module", "module-null-sink", f"sink_name={sink}", "rate=16000", "channels=1", "format=s16le")
+    unplug, plug = fault(sink, load)
+    pactl(*load)
+    sub = subscribe(iso.endpoint)
+    proc = start_streamd("run", *iso.sets(), "--source", "mic:pulse", env={"PULSE_SOURCE": f"{sink}.monitor"})
+    try:
+        deadline = time.monotonic() + 60
+        while frames_seen(iso.metrics_url) < 50:
+            assert time.monotonic() < deadline and proc.poll() is None, "no audio frames captured"
+            time.sleep(0.2)
+        unplug()
+        down = collect(sub, until=lambda ev: any(e.get("state") == "down" for e in ev), timeout=20)
+        assert any(e["type"] == "status" and e["state"] == "down" and e["reason"] for e in down), down
+        assert metric(iso.metrics_url, "streamd_stream_up", "default") == 0
+        time.sleep(2)
+        plug()
         up = collect(sub, until=lambda ev: any(e.get("state") == "up" for e in ev), timeout=40)
         assert any(e["type"] == "status" and e["state"] == "up" for e in up), up
         assert metric(iso.metrics_url, "streamd_stream_up", "default") == 1
@@ -104,3 +86,5 @@ def test_audio_server_restart_is_reported_retried_and_recovered(iso):
         sub.close(0)
         if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
             start_pulse()  # leave a sound server running, as found
+        with contextlib.suppress(AssertionError, subprocess.CalledProcessError):
+            unload_sink(sink)
