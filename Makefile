@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng systemd prometheus
 DEMO_STATE := var/demo-state
 DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
+# The demo speaks single words, which the default identity.far (0.01, calibrated on 2-3 s
+# phrases) mostly leaves "unknown" (docs/measurements.md): the run shows a looser setting.
+DEMO_RUN_SET := $(DEMO_SET) --set identity.far=0.2
 
 .PHONY: all sysdeps venv demo test soak run train bench clean
 
@@ -42,7 +45,7 @@ demo: venv
 	$(BIN)/streamd enroll $(DEMO_SET) asc07 tests/data/enroll_asc07.flac
 	@echo "--- events published for tests/data/demo.flac (who spoke what: tests/data/demo.csv) ---"
 	@$(BIN)/streamd listen --endpoint tcp://127.0.0.1:5599 --timeout 3 --format text & listener=$$!; \
-	$(BIN)/streamd run $(DEMO_SET) --source file:tests/data/demo.flac --pace realtime --wait-subscriber 10; rc=$$?; \
+	$(BIN)/streamd run $(DEMO_RUN_SET) --source file:tests/data/demo.flac --pace realtime --wait-subscriber 10; rc=$$?; \
 	wait $$listener; exit $$rc
 
 test: venv

@@ -178,8 +178,12 @@ def cmd_listen(args, cfg) -> int:
 
 def describe(event: dict) -> str:
     """A short human line for an event (``listen --format text``)."""
+    kind = event.get("type", "?")
+    if "utterance" not in event:  # stream status, or a type newer than this listener
+        state = f" {event['state']}" if "state" in event else ""
+        reason = f" ({event['reason']})" if event.get("reason") else ""
+        return f"[{event.get('stream', '?')}] {kind}{state}{reason}"
     head = f"[{event['stream']}] #{event['utterance']:<3} {event['t_start']:7.2f}-{event['t_end']:<7.2f}"
-    kind = event["type"]
     if kind in ("speaker", "speaker.partial"):
         best = event["candidates"][0] if event["candidates"] else None
         who = event.get("cluster") or event["speaker"]

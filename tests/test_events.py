@@ -46,3 +46,31 @@ def test_a_subscriber_that_never_reads_does_not_block_publishing():
     stuck.close(0)
     late.close(0)
     pub.close(0)
+
+
+def test_listen_text_describes_every_event_type_a_daemon_publishes():
+    """`streamd listen --format text` (what `make demo` shows) reads real published events,
+    status events included, without stopping on any of them."""
+    import subprocess
+    import sys
+
+    from streamd.events import StatusEvent, VadStart
+
+    pub = Publisher("tcp://127.0.0.1:*", hwm=100)
+    listener = subprocess.Popen([sys.executable, "-m", "streamd", "listen", "--endpoint", pub.endpoint,
+                                 "--format", "text", "--count", "3", "--timeout", "20"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert pub.wait_for_subscriber(20)
+        time.sleep(0.3)
+        pub.publish(VadStart("kitchen", 0, 1.0, 1.2))
+        pub.publish(SpeakerEvent("kitchen", 0, 1.0, 2.0, speaker="unknown", candidates=[], latency_s=0.01))
+        pub.publish(StatusEvent("kitchen", "ended", "end of file"))
+        out, err = listener.communicate(timeout=30)
+    finally:
+        listener.kill()
+        pub.close(0)
+    assert listener.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and "speech started" in lines[0] and "speaker unknown" in lines[1]
+    assert lines[2] == "[kitchen] status ended (end of file)"
