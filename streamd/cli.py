@@ -70,11 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="replace existing key files of that name")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
-    ev.add_argument("what", nargs="?", choices=("all", "speakers"), default="all",
-                    help="all: digits and speaker summary; speakers: open-set identification, DET curve")
+    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers"), default="all",
+                    help="all: digits and speaker summary; digits: per speaker, per digit, confusion, "
+                         "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve")
     ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--plot", type=Path, default=Path("det.png"), help="speakers: DET curve PNG (default det.png)")
+    ev.add_argument("--plot", type=Path, help="picture: DET curve (speakers, default det.png) or "
+                                                "confusion matrices (digits, default confusion.png)")
 
     send = sub.add_parser("send", parents=[common], help="capture here, recognise on a daemon elsewhere")
     send.add_argument("--source", default="mic", help="mic[:DEVICE], file:PATH or stdin (default mic)")
@@ -305,6 +307,8 @@ def cmd_eval(args, cfg) -> int:
         return EX_DATAERR
     if args.what == "speakers":
         return eval_speakers(args, cfg)
+    if args.what == "digits":
+        return eval_digits(args, cfg)
     models = load_models(cfg, "cpu")
 
     def progress(n: int, total: int) -> None:
@@ -316,6 +320,21 @@ def cmd_eval(args, cfg) -> int:
     return 0
 
 
+def eval_digits(args, cfg) -> int:
+    from streamd import eval_digits as ed
+    from streamd.inference import load_model
+
+    def progress(condition: str, n: int, total: int) -> None:
+        if n % 500 == 0 or n == total:
+            print(f"\r{condition}: {n}/{total} clips", end="\n" if n == total else "", file=sys.stderr, flush=True)
+
+    report = ed.evaluate_digits(args.data, cfg, load_model(cfg, "digits", "cpu"), progress=progress)
+    plot = args.plot or Path("confusion.png")
+    ed.confusion_plot(report, plot)
+    print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")
+    return 0
+
+
 def eval_speakers(args, cfg) -> int:
     from streamd import eval_speakers as es
     from streamd.inference import load_model
@@ -323,9 +342,10 @@ def eval_speakers(args, cfg) -> int:
 
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
     result = es.evaluate_speakers(args.data, cfg, book)
-    es.det_plot(result, args.plot)
+    plot = args.plot or Path("det.png")
+    es.det_plot(result, plot)
     report = es.public(result)
-    print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\nDET curve: {args.plot}")
+    print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\nDET curve: {plot}")
     return 0
 
 

@@ -1,0 +1,141 @@
+"""``streamd eval digits``: the digit model on held-out speakers, clean and in noise.
+
+Each clip goes through the daemon's path (VAD cut, features, ONNX, the daemon's decision rule
+with ``digits.min_confidence``). Noisy conditions add noise to the whole recorded clip before
+any of that, at a signal-to-noise ratio measured against the clip's speech (the VAD-cut part),
+so the VAD has to find the word in the noise as it would live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from streamd import digits as digit_rule
+from streamd.config import Config
+from streamd.evaluate import Clip, held_out_clips
+from streamd.features import mfcc, normalize
+from streamd.inference import OnnxModel
+from streamd.vad import utterance_audio
+
+CONDITIONS = ("clean", 10.0, 0.0)  # SNR in dB
+NOT_A_DIGIT = 10  # the confusion matrix's last column: the daemon said `digit: null`
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-power noise with a 1/f spectrum (more speech-like than white noise)."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    noise = np.fft.irfft(spectrum, n)
+    return noise / max(float(np.sqrt(np.mean(noise**2))), 1e-12)
+
+
+def add_noise(audio: np.ndarray, speech: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``audio`` (int16) plus pink noise whose power is ``snr_db`` below the power of ``speech``."""
+    speech_power = float(np.mean(speech.astype(np.float64) ** 2)) if len(speech) else 0.0
+    noise = pink_noise(len(audio), rng) * np.sqrt(speech_power / 10 ** (snr_db / 10))
+    return np.clip(np.round(audio + noise), -32768, 32767).astype(np.int16)
+
+
+def clip_logits(clip: Clip, cfg: Config, model: OnnxModel, snr_db: float | None, seed: int) -> np.ndarray:
+    audio, rate = sf.read(clip.path, dtype="int16")
+    assert rate == 16000, clip.path
+    if snr_db is not None:
+        audio = add_noise(audio, utterance_audio(audio, cfg.vad), snr_db, np.random.default_rng(seed))
+    cut = utterance_audio(audio, cfg.vad)
+    return model.run(normalize(mfcc(cut, model.params), model.params))
+
+
+def condition_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
+    out: dict = {}
+    said = np.array([_said(row, min_conf) for row in logits])
+    for corpus in ("fsdd", "asc"):
+        idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
+        if not idx:
+            continue
+        truth = np.array([clips[i].digit for i in idx])
+        best = np.argmax(logits[idx, :10], axis=1)
+        speakers = np.array([clips[i].speaker for i in idx])
+        confusion = np.zeros((10, 11), int)
+        np.add.at(confusion, (truth, said[idx]), 1)
+        out[corpus] = {
+            "clips": len(idx),
+            "accuracy": float(np.mean(best == truth)),
+            "accuracy_with_rejection": float(np.mean(said[idx] == truth)),
+            "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
+            "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
+            "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
+            "confusion_with_rejection": confusion.tolist(),
+        }
+    words = [i for i, c in enumerate(clips) if c.digit is None]
+    out["non_digit_called_digit"] = {"clips": len(words),
+                                     "rate": float(np.mean(said[words] != NOT_A_DIGIT)) if words else None}
+    return out
+
+
+def _said(logits: np.ndarray, min_conf: float) -> int:
+    digit = digit_rule.decide(logits, min_conf).digit
+    return NOT_A_DIGIT if digit is None else digit
+
+
+def evaluate_digits(data: Path, cfg: Config, model: OnnxModel, conditions=CONDITIONS, progress=None) -> dict:
+    clips = held_out_clips(data)
+    out: dict = {"split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
+                 "model": model.card.sha256, "min_confidence": cfg.digits.min_confidence,
+                 "noise": "pink, added to the whole clip, SNR against the clip's VAD-cut speech", "conditions": {}}
+    for condition in conditions:
+        snr = None if condition == "clean" else float(condition)
+        logits = []
+        for n, clip in enumerate(clips):
+            logits.append(clip_logits(clip, cfg, model, snr, seed=n))
+            if progress is not None:
+                progress(str(condition), n + 1, len(clips))
+        name = "clean" if snr is None else f"snr_{snr:g}db"
+        out["conditions"][name] = condition_report(clips, np.stack(logits), cfg.digits.min_confidence)
+    return out
+
+
+def format_report(r: dict) -> str:
+    lines = [f"split: {r['split']}; noise: {r['noise']}"]
+    for name, c in r["conditions"].items():
+        for corpus, label in (("fsdd", "English"), ("asc", "Arabic")):
+            if corpus in c:
+                m = c[corpus]
+                lines.append(f"{name:>10} {label}: {m['accuracy']:.1%} of {m['clips']} "
+                             f"(daemon's rule: {m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null)")
+        n = c["non_digit_called_digit"]
+        if n["rate"] is not None:
+            lines.append(f"{name:>10} other words called a digit: {n['rate']:.1%} of {n['clips']}")
+    return "\n".join(lines)
+
+
+def confusion_plot(r: dict, path: Path) -> None:
+    """One confusion matrix per condition and corpus (rows: digit said; columns: the daemon's
+    answer, the last one `null`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = [c for c in ("fsdd", "asc") if any(c in cond for cond in r["conditions"].values())]
+    names = list(r["conditions"])
+    fig, axes = plt.subplots(len(corpora), len(names), figsize=(3.4 * len(names), 3.4 * len(corpora)), squeeze=False)
+    for row, corpus in enumerate(corpora):
+        for col, name in enumerate(names):
+            ax, m = axes[row][col], r["conditions"][name].get(corpus)
+            if m is None:
+                ax.axis("off")
+                continue
+            matrix = np.array(m["confusion_with_rejection"])
+            ax.imshow(matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"{'English' if corpus == 'fsdd' else 'Arabic'}, {name}: "
+                         f"{m['accuracy_with_rejection']:.0%} right", fontsize=9)
+            ax.set_xticks(range(11), [str(d) for d in range(10)] + ["null"], fontsize=7)
+            ax.set_yticks(range(10), [str(d) for d in range(10)], fontsize=7)
+            ax.set_xlabel("daemon said", fontsize=8)
+            ax.set_ylabel("digit spoken", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
