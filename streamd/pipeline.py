@@ -35,6 +35,25 @@ class Recent:
 FEATURE_CHUNK_S = 0.2  # features computed per 0.2 s of speech (and whenever a decision needs them)
 
 
+METRICS_EVERY = 25  # frames (0.5 s) counted here, then added to the Prometheus counters in one go
+
+
+@dataclass
+class FrameCounts:
+    """Per-frame counts not yet added to the metrics: a counter increment takes a lock, and
+    silence should cost little more than the VAD."""
+
+    frames: int = 0
+    audio_s: float = 0.0
+    speech_s: float = 0.0
+
+    def add(self, seconds: float, speech: bool) -> None:
+        self.frames += 1
+        self.audio_s += seconds
+        if speech:
+            self.speech_s += seconds
+
+
 class StreamPipeline:
     """Frames in, events out. Model work goes to the Batcher shared by all streams, which
     the Engine runs."""
@@ -68,6 +87,7 @@ class StreamPipeline:
         self._m_speech = metrics.speech_seconds.labels(stream=stream)
         self._m_latency = metrics.latency.labels(stream=stream)
         self._m_stage = {stage: metrics.stage.labels(stream=stream, stage=stage) for stage in STAGES}
+        self._counted = FrameCounts()
 
     @contextmanager
     def _timed(self, stage: str):
@@ -76,18 +96,27 @@ class StreamPipeline:
         self._m_stage[stage].observe(time.perf_counter() - start)
 
     def push(self, frame: Frame) -> None:
-        self._m_frames.inc()
-        self._m_audio.inc(frame.duration)
-        start = time.perf_counter()
+        timed = self._counted.frames % METRICS_EVERY == 0
+        start = time.perf_counter() if timed else 0.0
         outputs = self.segmenter.push(frame)
-        self._m_stage["vad"].observe(time.perf_counter() - start)
-        if self.segmenter.in_speech:
-            self._m_speech.inc(frame.duration)
+        if timed:  # one frame in METRICS_EVERY: the VAD's time is a sample, not a total
+            self._m_stage["vad"].observe(time.perf_counter() - start)
+        self._counted.add(frame.duration, self.segmenter.in_speech)
+        if self._counted.frames >= METRICS_EVERY:
+            self._publish_counts()
         if outputs:
             self._handle(outputs, frame)
 
+    def _publish_counts(self) -> None:
+        c, self._counted = self._counted, FrameCounts()
+        self._m_frames.inc(c.frames)
+        self._m_audio.inc(c.audio_s)
+        if c.speech_s:
+            self._m_speech.inc(c.speech_s)
+
     def flush(self) -> None:
         """End of stream: close and recognise an utterance still open."""
+        self._publish_counts()
         self._handle(self.segmenter.flush(), None)
 
     def _handle(self, outputs, frame: Frame | None) -> None:

@@ -94,6 +94,8 @@ class Segmenter:
         self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
             maxlen=self.params.frames(self.params.preroll_ms) + self._onset
         )
+        self._onset_votes: collections.deque[bool] = collections.deque(maxlen=self._onset)
+        self._voiced_in_onset = 0  # voiced frames among the last onset frames (kept as they come)
         self._active: SpeechStart | None = None
         self._silent_run = 0
         self._last_voiced_end = 0.0
@@ -126,9 +128,15 @@ class Segmenter:
             self._continue = False
             return [self._start(frame.t, [frame], frame)]
         self._history.append((frame, voiced))
+        if len(self._onset_votes) == self._onset:
+            self._voiced_in_onset -= self._onset_votes[0]
+        self._onset_votes.append(voiced)
+        self._voiced_in_onset += voiced
+        if len(self._onset_votes) < self._onset or self._voiced_in_onset < self.params.onset_ratio * self._onset:
+            return []  # the common case in silence: no list is built
         recent = list(self._history)[-self._onset :]
-        if len(recent) < self._onset or sum(v for _, v in recent) < self.params.onset_ratio * self._onset:
-            return []
+        self._onset_votes.clear()
+        self._voiced_in_onset = 0
         first_voiced = next(f for f, v in recent if v)
         frames = [f for f, _ in self._history]
         self._history.clear()
