@@ -128,22 +128,21 @@ class Batcher:
                 self._done.put((jobs, exc))
             self.wake()
 
-    def pump(self, force: bool = False) -> int:
-        """Finish the jobs whose results are back, then hand over the waiting jobs when
-        they are due (or ``force``) and the models are free. Returns the jobs finished."""
+    def pump(self, force: bool = False, wait_s: float = 0.0) -> int:
+        """Finish the jobs whose results are back (waiting up to ``wait_s`` for a batch in
+        flight), then hand over the waiting jobs when they are due (or ``force``) and the
+        models are free. Returns the jobs finished."""
         if self._thread is None:
             return self.run() if self.jobs and (force or self.due()) else 0
         finished = 0
-        while True:
-            try:
-                jobs, result = self._done.get_nowait()
-            except queue.Empty:
-                break
-            self._in_flight -= 1
-            if isinstance(result, BaseException):
-                raise result
-            self._finish(jobs, *result)
-            finished += len(jobs)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                jobs, result = self._done.get(timeout=wait_s) if self._in_flight and wait_s else self._done.get_nowait()
+                self._in_flight -= 1
+                if isinstance(result, BaseException):
+                    raise result
+                self._finish(jobs, *result)
+                finished += len(jobs)
         if self.jobs and not self._in_flight and (force or self.due()):
             jobs, self.jobs = self.jobs, []
             self._in_flight += 1
@@ -155,10 +154,7 @@ class Batcher:
         deadline = time.monotonic() + timeout
         self.pump(force=True)
         while (self.jobs or self._in_flight) and time.monotonic() < deadline:
-            if self._in_flight:
-                with contextlib.suppress(queue.Empty):
-                    self._done.put(self._done.get(timeout=0.05))  # wait for it, leave it for pump
-            self.pump(force=True)
+            self.pump(force=True, wait_s=max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         if self._thread is not None:

@@ -161,8 +161,6 @@ class ControlServer:
         if ipc_path is not None:
             os.chmod(ipc_path, stat.S_IRUSR | stat.S_IWUSR)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.requests = 0
-        self.errors = 0
 
     def _curve(self, curve: ServerCurve) -> None:
         """Before bind: with no ZAP handler running, libzmq would let any CURVE client in."""
@@ -187,7 +185,6 @@ class ControlServer:
                 continue  # not a REQ/DEALER envelope: nobody to answer
             pending = Pending(tuple(frames[: split + 1]))
             served += 1
-            self.requests += 1
             self._serve(handler, frames[split + 1 :], pending)
         return served
 
@@ -204,8 +201,6 @@ class ControlServer:
             self.reply(pending, reply)
 
     def reply(self, pending: Pending, reply: dict[str, Any]) -> None:
-        if not reply.get("ok", False):
-            self.errors += 1
         data = json.dumps(reply, ensure_ascii=False).encode("utf-8")
         try:
             self._sock.send_multipart([*pending.envelope, data], zmq.NOBLOCK)

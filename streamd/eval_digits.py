@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from streamd import digits as digit_rule
 from streamd.config import Config
-from streamd.evaluate import Clip, held_out_clips
+from streamd.evaluate import Clip, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import OnnxModel
 from streamd.vad import utterance_audio
 
 CONDITIONS = ("clean", 10.0, 0.0)  # SNR in dB
-NOT_A_DIGIT = 10  # the confusion matrix's last column: the daemon said `digit: null`
 
 
 def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -48,38 +46,6 @@ def clip_logits(clip: Clip, cfg: Config, model: OnnxModel, snr_db: float | None,
     return model.run(normalize(mfcc(cut, model.params), model.params))
 
 
-def condition_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
-    out: dict = {}
-    said = np.array([_said(row, min_conf) for row in logits])
-    for corpus in ("fsdd", "asc"):
-        idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
-        if not idx:
-            continue
-        truth = np.array([clips[i].digit for i in idx])
-        best = np.argmax(logits[idx, :10], axis=1)
-        speakers = np.array([clips[i].speaker for i in idx])
-        confusion = np.zeros((10, 11), int)
-        np.add.at(confusion, (truth, said[idx]), 1)
-        out[corpus] = {
-            "clips": len(idx),
-            "accuracy": float(np.mean(best == truth)),
-            "accuracy_with_rejection": float(np.mean(said[idx] == truth)),
-            "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
-            "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
-            "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
-            "confusion_with_rejection": confusion.tolist(),
-        }
-    words = [i for i, c in enumerate(clips) if c.digit is None]
-    out["non_digit_called_digit"] = {"clips": len(words),
-                                     "rate": float(np.mean(said[words] != NOT_A_DIGIT)) if words else None}
-    return out
-
-
-def _said(logits: np.ndarray, min_conf: float) -> int:
-    digit = digit_rule.decide(logits, min_conf).digit
-    return NOT_A_DIGIT if digit is None else digit
-
-
 def evaluate_digits(data: Path, cfg: Config, model: OnnxModel, conditions=CONDITIONS, progress=None) -> dict:
     clips = held_out_clips(data)
     out: dict = {"split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
@@ -93,7 +59,7 @@ def evaluate_digits(data: Path, cfg: Config, model: OnnxModel, conditions=CONDIT
             if progress is not None:
                 progress(str(condition), n + 1, len(clips))
         name = "clean" if snr is None else f"snr_{snr:g}db"
-        out["conditions"][name] = condition_report(clips, np.stack(logits), cfg.digits.min_confidence)
+        out["conditions"][name] = digit_report(clips, np.stack(logits), cfg.digits.min_confidence)
     return out
 
 

@@ -83,27 +83,41 @@ def open_set_rates(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery)
     return float(np.mean(named)), float(np.mean(strangers))
 
 
+NOT_A_DIGIT = 10  # the confusion matrix's last column: the daemon said `digit: null`
+
+
 def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
+    """Per corpus: the model's choice among 0-9, and what the daemon says with its rejection
+    rule (per speaker, per digit, confusion with a `null` column); other words taken for a digit."""
     out: dict = {}
+    said = np.array([_said(row, min_conf) for row in logits])
     for corpus in ("fsdd", "asc"):
         idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
+        if not idx:
+            continue
         truth = np.array([clips[i].digit for i in idx])
-        pred = np.argmax(logits[idx, :10], axis=1)
-        decided = [digit_rule.decide(logits[i], min_conf).digit for i in idx]
+        best = np.argmax(logits[idx, :10], axis=1)
+        speakers = np.array([clips[i].speaker for i in idx])
+        confusion = np.zeros((10, 11), int)
+        np.add.at(confusion, (truth, said[idx]), 1)
         out[corpus] = {
             "clips": len(idx),
-            "accuracy": float(np.mean(pred == truth)),
-            "accuracy_with_rejection": float(np.mean([d == t for d, t in zip(decided, truth)])),
-            "rejected": float(np.mean([d is None for d in decided])),
-            "per_speaker": {s: float(np.mean(pred[[clips[i].speaker == s for i in idx]] == truth[[clips[i].speaker == s for i in idx]]))
-                            for s in sorted({clips[i].speaker for i in idx})},
+            "accuracy": float(np.mean(best == truth)),
+            "accuracy_with_rejection": float(np.mean(said[idx] == truth)),
+            "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
+            "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
+            "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
+            "confusion_with_rejection": confusion.tolist(),
         }
     words = [i for i, c in enumerate(clips) if c.digit is None]
-    out["non_digit_called_digit"] = {
-        "clips": len(words),
-        "rate": float(np.mean([digit_rule.decide(logits[i], min_conf).digit is not None for i in words])),
-    }
+    out["non_digit_called_digit"] = {"clips": len(words),
+                                     "rate": float(np.mean(said[words] != NOT_A_DIGIT)) if words else None}
     return out
+
+
+def _said(logits: np.ndarray, min_conf: float) -> int:
+    digit = digit_rule.decide(logits, min_conf).digit
+    return NOT_A_DIGIT if digit is None else digit
 
 
 def speaker_report(clips: list[Clip], emb: np.ndarray) -> dict:
@@ -142,11 +156,14 @@ def format_report(r: dict) -> str:
     d, s = r["digits"], r["speaker_single_clips"]
     lines = [f"split: {r['split']}"]
     for corpus, label in (("fsdd", "English (FSDD)"), ("asc", "Arabic (ASC)")):
+        if corpus not in d:
+            continue
         c = d[corpus]
         lines.append(f"digits {label}: accuracy {c['accuracy']:.1%} on {c['clips']} clips "
                      f"(with the daemon's rejection rule: {c['accuracy_with_rejection']:.1%}, rejected {c['rejected']:.1%})")
     n = d["non_digit_called_digit"]
-    lines.append(f"non-digit words called a digit: {n['rate']:.1%} of {n['clips']}")
+    if n["rate"] is not None:
+        lines.append(f"non-digit words called a digit: {n['rate']:.1%} of {n['clips']}")
     for name, v in s.items():
         lines.append(f"speaker EER, single clips, {name}: {v['eer']:.1%} ({v['speakers']} speakers, {v['pairs']} pairs; "
                      f"threshold at EER {v['threshold_at_eer']:.3f}, at 1% FAR {v['threshold_at_far_1pct']:.3f})")

@@ -23,7 +23,6 @@ SAMPLE_RATE = 16000
 LOG_ENERGY_FLOOR = 0.0
 # The speaker encoder was trained on utterances brought up to -30 dBFS (never down).
 MEL_TARGET_DBFS = -30.0
-FEATURE_KINDS = ("mfcc", "melpower")
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,14 @@ class FeatureParams:
         if num_samples < self.frame_len:
             return 0
         return 1 + (num_samples - self.frame_len) // self.frame_step
+
+
+@functools.lru_cache(maxsize=8)
+def _window_array(params: FeatureParams) -> np.ndarray:
+    """The analysis window, built once per setting (not per 0.2 s of audio)."""
+    window = _window(params)(params.frame_len)
+    window.flags.writeable = False
+    return window
 
 
 def _window(params: FeatureParams):
@@ -112,7 +119,7 @@ def _frames(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
 def _melpower(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
     """Mel power of each frame (samples scaled to [-1, 1]) plus the frame's mean square."""
     frames = _frames(np.asarray(signal, np.float64) / 32768.0, params, n)
-    power = np.abs(np.fft.rfft(frames * _window(params)(params.frame_len), params.nfft)) ** 2
+    power = np.abs(np.fft.rfft(frames * _window_array(params), params.nfft)) ** 2
     fb = slaney_filterbank(params.sample_rate, params.nfft, params.nfilt, params.lowfreq, params.highfreq)
     return np.concatenate((power @ fb.T, np.mean(frames**2, axis=1, keepdims=True)), axis=1)
 
@@ -128,7 +135,7 @@ def _psf_mfcc(emphasised: np.ndarray, params: FeatureParams, n: int) -> np.ndarr
     every call: on 20 ms of audio at a time, rebuilding it was most of the features' cost.
     tests/test_features.py checks the result equals python_speech_features' bit for bit."""
     p = params
-    frames = _frames(np.asarray(emphasised, np.float64), p, n) * _window(p)(p.frame_len)
+    frames = _frames(np.asarray(emphasised, np.float64), p, n) * _window_array(p)
     pspec = 1.0 / p.nfft * np.square(np.absolute(np.fft.rfft(frames, p.nfft)))
     energy = np.sum(pspec, 1)
     energy = np.where(energy == 0, np.finfo(float).eps, energy)

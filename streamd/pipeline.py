@@ -96,7 +96,7 @@ class StreamPipeline:
         self._m_stage[stage].observe(time.perf_counter() - start)
 
     def push(self, frame: Frame) -> None:
-        timed = self._counted.frames % METRICS_EVERY == 0
+        timed = self._counted.frames == 0  # the first frame of each METRICS_EVERY
         start = time.perf_counter() if timed else 0.0
         outputs = self.segmenter.push(frame)
         if timed:  # one frame in METRICS_EVERY: the VAD's time is a sample, not a total
