@@ -295,6 +295,7 @@ def calibration(sets: list[dict]) -> dict:
 def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01) -> dict:
     """eval_speakers' open-set figures on the held-out speakers (for the card): at the
     calibrated threshold for ``far``, and at the threshold that names <= 1% of strangers."""
+    from streamd.eval_speakers import operating_point
     from streamd.identity import Calibration
 
     table = Calibration(tuple(cal["far"]), tuple(cal["threshold"]))
@@ -304,16 +305,10 @@ def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float =
         same = truth[:, None] == np.arange(scores.shape[1])[None, :]
         rate, _, _ = evaluate.eer(scores.ravel(), same.ravel())
         named, strangers = evaluate.open_set_rates(scores, truth, lambda n: table.threshold_for(far / max(1, n)))
-        best = None
-        for thr in np.quantile(scores.ravel(), np.linspace(0.5, 1, 1001)):
-            n1, s1 = evaluate.open_set_rates(scores, truth, lambda n, thr=thr: thr)
-            if s1 <= 0.01:
-                best = {"threshold": float(thr), "identified": n1, "strangers_named": s1}
-                break
         out[kind] = {"probes": int(len(scores)), "eer_as_norm": rate,
                      "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
                      f"identified_at_far_{far}": named, f"strangers_named_at_far_{far}": strangers,
-                     "at_1pct_strangers_named": best}
+                     "at_1pct_strangers_named": operating_point(scores, truth, 0.01)}
     return out
 
 

@@ -1,0 +1,34 @@
+"""Time one session call of each shipped model on one CPU thread (models.threads = 1):
+the speaker encoder per 1.6 s window alone and in a batch of 8, the digit model per second
+of audio. Run from the repo root: python scripts/time_models.py"""
+
+import time
+
+import numpy as np
+
+from streamd import config
+from streamd.inference import load_models
+
+CALLS = 50
+
+
+def per_row_ms(model, shape: tuple[int, ...]) -> float:
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    model.infer(x)  # warm-up: the first call plans the shape
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        model.infer(x)
+    return (time.perf_counter() - start) / CALLS / shape[0] * 1000
+
+
+def main() -> None:
+    models = load_models(config.load(None), "cpu")
+    window = models.speaker.card.window[0]
+    print(f"speaker, one {window}-frame window alone: {per_row_ms(models.speaker, (1, window, 40)):.1f} ms")
+    print(f"speaker, per window in a batch of 8:    {per_row_ms(models.speaker, (8, window, 40)):.1f} ms")
+    digits = models.digits
+    print(f"digits, one 1 s utterance:               {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
