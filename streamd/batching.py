@@ -12,13 +12,12 @@ import contextlib
 import queue
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from streamd.inference import Models, OnnxModel
+from streamd.inference import Models, run_batched
 
 Finish = Callable[[np.ndarray, "np.ndarray | None"], None]
 
@@ -32,25 +31,6 @@ class Job:
     digit_feats: np.ndarray | None  # None: speaker only (a partial decision)
     finish: Finish  # called with the embedding and the digit logits (or None)
     ready_at: float = field(default_factory=time.monotonic)
-
-
-def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) -> list[np.ndarray]:
-    """The model's output for each utterance, with one session call per input shape and
-    ``max_batch`` rows."""
-    inputs = [model.inputs(f) for f in utterances]
-    by_shape: dict[tuple, list[int]] = defaultdict(list)
-    for i, rows in enumerate(inputs):
-        by_shape[rows.shape[1:]].append(i)
-    results: list[np.ndarray | None] = [None] * len(inputs)
-    for members in by_shape.values():
-        rows = np.concatenate([inputs[i] for i in members])
-        out = np.concatenate([model.infer(rows[k : k + max_batch]) for k in range(0, len(rows), max_batch)])
-        start = 0
-        for i in members:
-            n = len(inputs[i])
-            results[i] = model.combine(out[start : start + n])
-            start += n
-    return results  # type: ignore[return-value]
 
 
 class Batcher:
@@ -104,7 +84,7 @@ class Batcher:
         start = time.perf_counter()
         embeddings = run_batched(self.models.speaker, [j.speaker_feats for j in jobs], self.max_batch)
         with_digits = [i for i, j in enumerate(jobs) if j.digit_feats is not None]
-        logits = run_batched(self.models.digits, [jobs[i].digit_feats for i in with_digits], self.max_batch)
+        logits = self.models.digits.run_many([jobs[i].digit_feats for i in with_digits], self.max_batch)
         return embeddings, dict(zip(with_digits, logits)), time.perf_counter() - start
 
     def _finish(self, jobs: list[Job], embeddings: list[np.ndarray], logits: dict[int, np.ndarray],

@@ -321,14 +321,20 @@ def cmd_eval(args, cfg) -> int:
 
 
 def eval_digits(args, cfg) -> int:
+    from dataclasses import replace
+
     from streamd import eval_digits as ed
-    from streamd.inference import load_model
+    from streamd.inference import digit_plan, load_digits
 
     def progress(condition: str, n: int, total: int) -> None:
         if n % 500 == 0 or n == total:
             print(f"\r{condition}: {n}/{total} clips", end="\n" if n == total else "", file=sys.stderr, flush=True)
 
-    report = ed.evaluate_digits(args.data, cfg, load_model(cfg, "digits", "cpu"), progress=progress)
+    in_use = digit_plan(cfg).choice
+    every = replace(cfg, digits=replace(cfg.digits, model="fused")) if in_use != "single" else cfg
+    digits = load_digits(every, "cpu")
+    report = ed.evaluate_digits(args.data, cfg, digits, in_use if in_use != "single" else next(iter(digits.members)),
+                                progress=progress)
     plot = args.plot or Path("confusion.png")
     ed.confusion_plot(report, plot)
     print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")

@@ -72,6 +72,7 @@ class ModelsConfig:
     dir: str = "models"
     speaker: str = "speaker.card.json"
     digits: str = "digits.card.json"
+    digits_fusion: str = "digits.fusion.json"  # "" or missing file: models.digits alone
     provider: str = "auto"
     threads: int = 1
     bucket_frames: int = 8
@@ -108,7 +109,8 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class DigitsConfig:
-    min_confidence: float = 0.5
+    model: str = "auto"  # auto | fused | cnn | rnn (see docs/models.md)
+    min_confidence: float = -1.0  # below 0: the value chosen on validation speakers
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "identity.cluster_min_seconds": (0.0, 60.0),
     "identity.cluster_max": (1, 100000),
     "identity.cluster_keep": (1, 1000),
-    "digits.min_confidence": (0.0, 1.0),
+    "digits.min_confidence": (-1.0, 1.0),
     "events.hwm": (1, 1_000_000),
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
@@ -251,6 +253,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mel.kind": ("melpower",),
     "mel.window": ("hamming", "hann", "rect"),
     "models.provider": ("auto", "cpu", "cuda"),
+    "digits.model": ("auto", "fused", "cnn", "rnn"),
     "streams.pace": ("", "realtime", "fast"),
     "log.level": ("debug", "info", "warning", "error"),
 }

@@ -113,7 +113,7 @@ class Daemon:
     def _run(self, specs: list[StreamSpec], failed: list[StreamStatus]) -> int:
         cfg = self.cfg
         models = load_models(cfg, on_fallback=self.metrics.provider_fallback)
-        for m in (models.speaker, models.digits):
+        for m in models.all():
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None
         publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
@@ -267,8 +267,10 @@ class Daemon:
                         "network", "streams"):
             if getattr(new, section) != getattr(self.cfg, section):
                 log.warning("reload: [%s] changed; restart streamd to apply it", section)
+        if new.digits.model != self.cfg.digits.model:
+            log.warning("reload: digits.model changed; restart streamd to apply it")
         for pipeline in self.engine.pipelines.values():
-            pipeline.min_digit_confidence = new.digits.min_confidence
+            pipeline.min_digit_confidence = self.engine.models.digits.min_confidence(new.digits.min_confidence)
             pipeline.partial_every_s = new.identity.partial_every_s
         for key, value in book_settings(new.identity).items():
             setattr(self.book, key, value)

@@ -15,6 +15,30 @@ class DigitDecision:
     candidates: list[dict]
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """Late fusion of several classifiers' logits into one: a weighted sum of their
+    log-probabilities plus a per-class bias (fitted on validation speakers by
+    ``streamd train fusion``). The result is used as logits."""
+
+    weights: tuple[float, ...]
+    bias: tuple[float, ...]
+
+    def __call__(self, logits: list[np.ndarray]) -> np.ndarray:
+        if len(logits) != len(self.weights):
+            raise ValueError(f"fusion of {len(self.weights)} models given {len(logits)} outputs")
+        z = np.array(self.bias, np.float64)
+        for w, out in zip(self.weights, logits):
+            z = z + w * log_softmax(out)
+        return z
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64) - np.max(logits)
     e = np.exp(z)

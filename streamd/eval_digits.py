@@ -4,6 +4,10 @@ Each clip goes through the daemon's path (VAD cut, features, ONNX, the daemon's 
 with ``digits.min_confidence``). Noisy conditions add noise to the whole recorded clip before
 any of that, at a signal-to-noise ratio measured against the clip's speech (the VAD-cut part),
 so the VAD has to find the word in the noise as it would live.
+
+With a fusion card, every model family alone and the fused decision are scored on the same
+clips (each at its own threshold chosen on validation speakers); ``conditions`` is the
+decision the daemon uses (``digits.model``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import soundfile as sf
 from streamd.config import Config
 from streamd.evaluate import Clip, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
-from streamd.inference import OnnxModel
+from streamd.inference import DigitModels
 from streamd.vad import utterance_audio
 
 CONDITIONS = ("clean", 10.0, 0.0)  # SNR in dB
@@ -37,34 +41,71 @@ def add_noise(audio: np.ndarray, speech: np.ndarray, snr_db: float, rng: np.rand
     return np.clip(np.round(audio + noise), -32768, 32767).astype(np.int16)
 
 
-def clip_logits(clip: Clip, cfg: Config, model: OnnxModel, snr_db: float | None, seed: int) -> np.ndarray:
+def clip_logits(clip: Clip, cfg: Config, digits: DigitModels, snr_db: float | None, seed: int) -> list[np.ndarray]:
+    """Each member model's logits for one clip (features computed once)."""
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
     if snr_db is not None:
         audio = add_noise(audio, utterance_audio(audio, cfg.vad), snr_db, np.random.default_rng(seed))
-    cut = utterance_audio(audio, cfg.vad)
-    return model.run(normalize(mfcc(cut, model.params), model.params))
+    feats = normalize(mfcc(utterance_audio(audio, cfg.vad), digits.params), digits.params)
+    return [m.run(feats) for m in digits.members.values()]
 
 
-def evaluate_digits(data: Path, cfg: Config, model: OnnxModel, conditions=CONDITIONS, progress=None) -> dict:
-    clips = held_out_clips(data)
-    out: dict = {"split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
-                 "model": model.card.sha256, "min_confidence": cfg.digits.min_confidence,
-                 "noise": "pink, added to the whole clip, SNR against the clip's VAD-cut speech", "conditions": {}}
-    for condition in conditions:
-        snr = None if condition == "clean" else float(condition)
-        logits = []
-        for n, clip in enumerate(clips):
-            logits.append(clip_logits(clip, cfg, model, snr, seed=n))
-            if progress is not None:
-                progress(str(condition), n + 1, len(clips))
-        name = "clean" if snr is None else f"snr_{snr:g}db"
-        out["conditions"][name] = digit_report(clips, np.stack(logits), cfg.digits.min_confidence)
+def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Logits of every decision on offer: each member alone, and fused when there is a fusion."""
+    out = dict(zip(digits.members, outputs))
+    if digits.fusion is not None:
+        out["fused"] = digits.fusion(outputs)
     return out
 
 
+def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, conditions=CONDITIONS,
+                    progress=None) -> dict:
+    """``digits`` holds every member (and the fusion); ``in_use`` names the daemon's choice."""
+    clips = held_out_clips(data)
+    out: dict = {"split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
+                 "models": {name: m.card.sha256 for name, m in digits.members.items()}, "in_use": in_use,
+                 "noise": "pink, added to the whole clip, SNR against the clip's VAD-cut speech", "variants": {}}
+    for condition in conditions:
+        snr = None if condition == "clean" else float(condition)
+        by_variant: dict[str, list[np.ndarray]] = {}
+        for n, clip in enumerate(clips):
+            for name, logits in variants(digits, clip_logits(clip, cfg, digits, snr, seed=n)).items():
+                by_variant.setdefault(name, []).append(logits)
+            if progress is not None:
+                progress(str(condition), n + 1, len(clips))
+        name = "clean" if snr is None else f"snr_{snr:g}db"
+        for variant, logits in by_variant.items():
+            threshold = digits.min_confidence(cfg.digits.min_confidence, variant)
+            entry = out["variants"].setdefault(variant, {"min_confidence": threshold, "conditions": {}})
+            entry["conditions"][name] = digit_report(clips, np.stack(logits), threshold)
+    out["min_confidence"] = out["variants"][in_use]["min_confidence"]
+    out["conditions"] = out["variants"][in_use]["conditions"]
+    return out
+
+
+def comparison(r: dict) -> list[str]:
+    """One line per condition and corpus: each decision's accuracy (daemon's rule) side by side."""
+    if len(r["variants"]) < 2:
+        return []
+    lines = ["each decision alone (daemon's rule, own threshold): " + ", ".join(
+        f"{v} (>= {e['min_confidence']:.2f})" for v, e in r["variants"].items())]
+    for name in r["conditions"]:
+        for corpus, label in (("fsdd", "English"), ("asc", "Arabic")):
+            cells = [f"{v} {e['conditions'][name][corpus]['accuracy_with_rejection']:.1%}"
+                     for v, e in r["variants"].items() if corpus in e["conditions"][name]]
+            if cells:
+                lines.append(f"{name:>10} {label}: " + " | ".join(cells))
+        cells = [f"{v} {e['conditions'][name]['non_digit_called_digit']['rate']:.1%}"
+                 for v, e in r["variants"].items() if e["conditions"][name]["non_digit_called_digit"]["rate"] is not None]
+        if cells:
+            lines.append(f"{name:>10} other words called a digit: " + " | ".join(cells))
+    return lines
+
+
 def format_report(r: dict) -> str:
-    lines = [f"split: {r['split']}; noise: {r['noise']}"]
+    lines = [f"split: {r['split']}; noise: {r['noise']}",
+             f"decision in use: {r['in_use']} (min_confidence {r['min_confidence']:.2f})"]
     for name, c in r["conditions"].items():
         for corpus, label in (("fsdd", "English"), ("asc", "Arabic")):
             if corpus in c:
@@ -74,7 +115,7 @@ def format_report(r: dict) -> str:
         n = c["non_digit_called_digit"]
         if n["rate"] is not None:
             lines.append(f"{name:>10} other words called a digit: {n['rate']:.1%} of {n['clips']}")
-    return "\n".join(lines)
+    return "\n".join(lines + comparison(r))
 
 
 def confusion_plot(r: dict, path: Path) -> None:

@@ -147,7 +147,7 @@ def evaluate(data: Path, cfg: Config, models: Models, progress=None) -> dict:
     return {
         "split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
         "models": {"speaker": models.speaker.card.sha256, "digits": models.digits.card.sha256},
-        "digits": digit_report(clips, np.stack(logits), cfg.digits.min_confidence),
+        "digits": digit_report(clips, np.stack(logits), models.digits.min_confidence(cfg.digits.min_confidence)),
         "speaker_single_clips": speaker_report(clips, np.stack(emb)),
     }
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from streamd.digits import Fusion
 from streamd.features import FeatureParams
 
 log = logging.getLogger(__name__)
@@ -229,10 +230,75 @@ class OnnxModel:
         return self.combine(self.infer(self.inputs(feats)))
 
 
+def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) -> list[np.ndarray]:
+    """The model's output for each utterance, with one session call per input shape and
+    ``max_batch`` rows."""
+    inputs = [model.inputs(f) for f in utterances]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, rows in enumerate(inputs):
+        by_shape.setdefault(rows.shape[1:], []).append(i)
+    results: list[np.ndarray | None] = [None] * len(inputs)
+    for members in by_shape.values():
+        rows = np.concatenate([inputs[i] for i in members])
+        out = np.concatenate([model.infer(rows[k : k + max_batch]) for k in range(0, len(rows), max_batch)])
+        start = 0
+        for i in members:
+            n = len(inputs[i])
+            results[i] = model.combine(out[start : start + n])
+            start += n
+    return results  # type: ignore[return-value]
+
+
+class DigitModels:
+    """What decides the digit: one model family, or several whose outputs are fused
+    (``streamd.digits.Fusion``). All members read the same features."""
+
+    def __init__(self, members: dict[str, OnnxModel], fusion: Fusion | None = None, choice: str = "",
+                 thresholds: dict[str, float] | None = None):
+        params = {m.params for m in members.values()}
+        if len(params) != 1:
+            raise ModelError(f"digit models {', '.join(members)} read different features: cannot fuse them")
+        if fusion is None and len(members) != 1:
+            raise ModelError("several digit models need a fusion")
+        self.members = members
+        self.fusion = fusion
+        self.choice = choice or next(iter(members))
+        self.params = params.pop()
+        self.card = next(iter(members.values())).card
+        self.thresholds = thresholds or {}
+
+    def min_confidence(self, configured: float, choice: str = "") -> float:
+        """``digits.min_confidence``; below 0: the one chosen on validation speakers for the
+        model in use, or ``choice`` (fusion card, else model card, else 0.5)."""
+        choice = choice or self.choice
+        if configured >= 0:
+            return configured
+        if choice in self.thresholds:
+            return self.thresholds[choice]
+        card = self.members[choice].card if choice in self.members else self.card
+        value = card.data.get("suggested_threshold", {}).get("value")
+        return float(value) if isinstance(value, (int, float)) else 0.5
+
+    def _combine(self, outputs: list[np.ndarray]) -> np.ndarray:
+        return outputs[0] if self.fusion is None else self.fusion(outputs)
+
+    def run(self, feats: np.ndarray) -> np.ndarray:
+        return self._combine([m.run(feats) for m in self.members.values()])
+
+    def run_many(self, utterances: list[np.ndarray], max_batch: int) -> list[np.ndarray]:
+        if not utterances:
+            return []
+        per_model = [run_batched(m, utterances, max_batch) for m in self.members.values()]
+        return [self._combine(list(outs)) for outs in zip(*per_model)]
+
+
 @dataclass
 class Models:
     speaker: OnnxModel
-    digits: OnnxModel
+    digits: DigitModels
+
+    def all(self) -> list[OnnxModel]:
+        return [self.speaker, *self.digits.members.values()]
 
 
 def load_model(cfg, kind: str, provider: str | None = None, on_fallback: FallbackListener | None = None) -> OnnxModel:
@@ -244,18 +310,83 @@ def load_model(cfg, kind: str, provider: str | None = None, on_fallback: Fallbac
                      on_fallback)
 
 
-def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> Models:
-    """Both models; every file is checked before any session is created."""
-    provider = provider or cfg.models.provider
-    cards = {kind: load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind) for kind in ("speaker", "digits")}
-    for card in cards.values():
+@dataclass(frozen=True)
+class DigitPlan:
+    """Which digit model cards to load and how to combine them (from config and the fusion card)."""
+
+    cards: dict[str, ModelCard]
+    fusion: Fusion | None
+    choice: str
+    thresholds: dict[str, float]  # min_confidence per choice, chosen on validation speakers
+
+
+def _fusion_card(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read fusion card: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: fusion card is not valid JSON: {exc}") from None
+    for key in ("kind", "members", "weights", "bias", "choice", "min_confidence"):
+        if key not in data:
+            raise ModelError(f"{path}: fusion card lacks {key!r}")
+    if data["kind"] != "digits-fusion" or len(data["weights"]) != len(data["members"]):
+        raise ModelError(f"{path}: not a digits-fusion card with one weight per member")
+    return data
+
+
+def digit_plan(cfg) -> DigitPlan:
+    """``digits.model``: auto (what the fusion card found best on validation speakers), fused,
+    or one family by name. Without a fusion card, the single ``models.digits`` model."""
+    models_dir = cfg.path(cfg.models.dir)
+    want = cfg.digits.model
+    fusion_path = models_dir / cfg.models.digits_fusion if cfg.models.digits_fusion else None
+    if fusion_path is None or not fusion_path.exists():
+        if want == "fused":
+            raise ModelError(f"digits.model = 'fused' needs a fusion card (models.digits_fusion: {fusion_path})")
+        card = load_card(models_dir / cfg.models.digits, "digits")
+        return DigitPlan({str(card.data.get("family", "digits")): card}, None, "single", {})
+    data = _fusion_card(fusion_path)
+    cards = {m["name"]: load_card(models_dir / m["card"], "digits") for m in data["members"]}
+    for m in data["members"]:
+        if cards[m["name"]].sha256 != m["sha256"]:
+            raise ModelError(f"{fusion_path}: fitted on {m['card']} sha256 {m['sha256'][:12]}, which now has "
+                             f"{cards[m['name']].sha256[:12]}: run `streamd train fusion`")
+    choice = data["choice"] if want == "auto" else want
+    thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
+    if choice == "fused":
+        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds)
+    if choice not in cards:
+        raise ModelError(f"digits.model = {want!r}: {fusion_path} offers {', '.join(cards)} and fused")
+    return DigitPlan({choice: cards[choice]}, None, choice, thresholds)
+
+
+def load_digits(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> DigitModels:
+    """The digit model(s) the config chooses, verified, on sessions."""
+    plan = digit_plan(cfg)
+    for card in plan.cards.values():
         verify(card, cfg.feature_params(card.feature_kind))
-    loaded: dict[str, OnnxModel] = {}
-    for kind, card in cards.items():
-        loaded[kind] = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads,
-                                 cfg.models.bucket_frames, on_fallback)
-        if provider == "auto" and loaded[kind].provider == "CPUExecutionProvider":
-            provider = "cpu"  # CUDA failed once: do not try (and fail) again
-        log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name,
-                 card.sha256[:12], loaded[kind].provider)
-    return Models(**loaded)
+    members = {name: _session_for(cfg, card, provider or cfg.models.provider, on_fallback)
+               for name, card in plan.cards.items()}
+    return DigitModels(members, plan.fusion, plan.choice, plan.thresholds)
+
+
+def _session_for(cfg, card: ModelCard, provider: str, on_fallback: FallbackListener | None) -> OnnxModel:
+    model = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads,
+                      cfg.models.bucket_frames, on_fallback)
+    log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name, card.sha256[:12], model.provider)
+    return model
+
+
+def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> Models:
+    """The speaker and digit models; every file is checked before any session is created."""
+    provider = provider or cfg.models.provider
+    speaker = load_card(cfg.path(cfg.models.dir) / cfg.models.speaker, "speaker")
+    plan = digit_plan(cfg)
+    for card in [speaker, *plan.cards.values()]:
+        verify(card, cfg.feature_params(card.feature_kind))
+    speaker_model = _session_for(cfg, speaker, provider, on_fallback)
+    if provider == "auto" and speaker_model.provider == CPU:
+        provider = "cpu"  # CUDA failed once: do not try (and fail) again
+    members = {name: _session_for(cfg, card, provider, on_fallback) for name, card in plan.cards.items()}
+    return Models(speaker_model, DigitModels(members, plan.fusion, plan.choice, plan.thresholds))

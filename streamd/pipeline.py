@@ -66,7 +66,7 @@ class StreamPipeline:
         self.book = book
         self.publisher = publisher
         self.metrics = metrics
-        self.min_digit_confidence = cfg.digits.min_confidence
+        self.min_digit_confidence = models.digits.min_confidence(cfg.digits.min_confidence)
         self.partial_every_s = cfg.identity.partial_every_s
         self.recent: collections.deque[Recent] = collections.deque(maxlen=cfg.identity.recent_utterances)
         self.collector = None  # streamd.commands.Collector while enroll_next gathers speech

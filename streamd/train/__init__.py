@@ -1,6 +1,7 @@
-"""Training code for streamd's ONNX models (optional ``[train]`` extra: needs torch).
+"""Training code for streamd's ONNX models (optional ``[train]`` extra: torch and onnx).
 
-Only this package imports torch; the daemon itself runs the exported ONNX files.
+Only this package imports torch (not its fusion, adaptation and scoring modules, which need
+onnx and numpy only); the daemon itself runs the exported ONNX files.
 Features always come from :mod:`streamd.features` and :mod:`streamd.vad`, exactly as the
 daemon computes them, so training and serving cannot drift.
 """

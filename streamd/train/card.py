@@ -7,10 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from streamd.features import FeatureParams
-from streamd.train import common, data
+from streamd.train import common, data, scoring
 from streamd.vad import VadParams
 
 SPLIT_TEXT = (
@@ -19,6 +17,18 @@ SPLIT_TEXT = (
     "00000012, 00000021, 00000025) are held out (train: the 18 'train' speakers). Synthetic "
     "espeak-ng speech is used for training only. All metrics are on clean held-out clips, "
     "computed with the exported ONNX model in onnxruntime (CPU), features made by "
+    "streamd.vad.utterance_audio + streamd.features.mfcc/normalize as in the daemon."
+)
+
+
+DIGITS_SPLIT_TEXT = (
+    "Speaker-disjoint, three ways. Test (every reported figure): FSDD speaker 'theo' and the ASC "
+    "speakers of the authors' 'val' split (00000002, 00000007, 00000008, 00000012, 00000021, "
+    "00000025). Validation (fits the rejection threshold and the late-fusion layer; never "
+    "trained on): ASC 'train' speakers 00000006, 00000016, 00000022, 00000030 and 10 espeak-ng "
+    "voices. Training: FSDD jackson, nicolas, yweweler, the other 14 ASC 'train' speakers, and "
+    "80 espeak-ng voices. Synthetic speech is never reported on. Metrics are computed with "
+    "the exported ONNX model in onnxruntime (CPU) on features made by "
     "streamd.vad.utterance_audio + streamd.features.mfcc/normalize as in the daemon."
 )
 
@@ -41,15 +51,17 @@ class TrainingInfo:
     train_seconds: float
     data_dir: Path
     out_dir: Path
+    family: str = ""
 
     @property
     def command(self) -> str:
         cmd = f"streamd train {self.kind} --data {self.data_dir} --out {self.out_dir} --epochs {self.epochs} --seed {self.seed}"
         cmd += " --scratch" if self.kind == "speaker" else ""  # the from-scratch baseline
+        cmd += f" --family {self.family}" if self.family else ""
         return cmd + ("" if self.synth else " --no-synth")
 
 
-def data_section(train: data.FeatureSet, heldout: data.FeatureSet) -> dict:
+def data_section(train: data.FeatureSet, heldout: data.FeatureSet, validation: data.FeatureSet | None = None) -> dict:
     def count(clips: list[data.Clip], corpus: str) -> int:
         return sum(c.corpus == corpus for c in clips)
 
@@ -63,6 +75,9 @@ def data_section(train: data.FeatureSet, heldout: data.FeatureSet) -> dict:
             "train_speakers": sorted(c.split("/")[1] for c in data.speakers(train.clips, False) if c.startswith(corpus)),
             "heldout_speakers": sorted(c.split("/")[1] for c in data.speakers(heldout.clips, True) if c.startswith(corpus)),
         }
+        if validation is not None:
+            corpora[corpus]["validation_speakers"] = sorted(
+                {c.speaker.split("/")[1] for c in validation.clips if c.corpus == corpus})
     return {
         "corpora": corpora,
         "synthetic": {
@@ -82,7 +97,7 @@ def base_card(kind: str, path: Path, output: dict, train: data.FeatureSet, heldo
         "name": f"streamd-{kind}",
         "kind": kind,
         "file": path.name,
-        "sha256": common.sha256(path),
+        "sha256": scoring.sha256(path),
         "size_bytes": path.stat().st_size,
         "input": {"name": "feats", "shape": ["batch", "time", FeatureParams().numcep], "dtype": "float32",
                   "notes": "time >= 10 frames; tested up to 1500 frames"},
@@ -102,19 +117,33 @@ def base_card(kind: str, path: Path, output: dict, train: data.FeatureSet, heldo
         "metrics": metrics,
         "suggested_threshold": threshold,
         "created": dt.date.today().isoformat(),
-        "torch_version": torch.__version__,
+        "torch_version": _torch_version(),
         "onnx_opset": common.OPSET,
         "onnxruntime_version": onnxruntime.__version__,
     }
 
 
-def digits_card(path: Path, train: data.FeatureSet, heldout: data.FeatureSet, metrics: dict,
-                threshold: dict, info: TrainingInfo) -> dict:
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def digits_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dict, info: TrainingInfo,
+                net) -> dict:
     out = {"name": "logits", "shape": ["batch", len(data.CLASSES)], "dtype": "float32",
            "notes": "raw logits; apply softmax"}
-    card = base_card("digits", path, out, train, heldout, metrics, threshold, info)
+    card = base_card("digits", path, out, split.train, split.test, metrics, threshold, info)
+    card["name"] = "streamd-digits" if info.family == "cnn" else f"streamd-digits-{info.family}"
+    card["family"] = info.family
+    card["architecture"] = type(net).__name__ + ": " + (type(net).__doc__ or "").split("\n")[0]
+    card["parameters"] = sum(p.numel() for p in net.parameters())
     card["classes"] = data.CLASSES
-    card["training"]["notes"] = DIGITS_TUNING_NOTE
+    card["split"] = DIGITS_SPLIT_TEXT
+    card["data"] = data_section(split.train, split.test, split.validation)
+    card["data"]["synthetic"]["validation_voices"] = sorted(
+        {c.speaker.split("/", 1)[1] for c in split.validation.clips if c.corpus == "synth"})
+    card["training"]["features_from_cache"] = bool(split.train.cached and split.test.cached)
     return card
 
 
@@ -151,7 +180,7 @@ def _digits_md(c: dict) -> list[str]:
     en, ar = m["english_fsdd_heldout"], m["arabic_asc_heldout"]
     t = c["suggested_threshold"]
     return [
-        "## digits.onnx — spoken digit classifier", "",
+        f"## {c['file']} — spoken digit classifier ({c.get('family', 'cnn')} family: {c.get('architecture', '')})", "",
         f"Input `feats` float32 [batch, time, 20]; output `logits` [batch, 11] (classes "
         f"{', '.join(c['classes'])}). {c['size_bytes'] / 1e6:.2f} MB, sha256 `{c['sha256'][:16]}…`.", "",
         "| held-out set | clips | digit acc. (argmax 0-9) | digit acc. (11-class) | non-digit → digit |",
@@ -170,6 +199,21 @@ def _digits_md(c: dict) -> list[str]:
          f"{_pct(p['non_digit_accepted'])} |" for p in t["operating_points"]] + [
         "", f"Input length: any number of frames >= 10 (checked against torch up to 1500). "
         f"{c['training'].get('notes', '')}", ""]
+
+
+def _fusion_md(f: dict) -> list[str]:
+    weights = ", ".join(f"{m['name']} {w:.3f}" for m, w in zip(f["members"], f["weights"]))
+    lines = ["## digits.fusion.json — the two families, one decision", "",
+             f"Rule: {f['rule']}. Weights {weights}; fitted on {f['fitted_on']}. Thresholds: "
+             f"{f['min_confidence_rule']}. `digits.model = \"auto\"` uses **{f['choice']}** ({f['choice_rule']}).", "",
+             "| decision | threshold | validation: digits right | validation: other words → digit | "
+             "test English right | test Arabic right | test other words → digit |", "|---|---|---|---|---|---|---|"]
+    for name, d in f["decisions"].items():
+        v, t = d["validation"], d["test"]["at_threshold"]
+        lines.append(f"| {name} | {f['min_confidence'][name]:.2f} | {_pct(v['digit_correct'])} | "
+                     f"{_pct(v['non_digit_accepted'])} | {_pct(t['fsdd_digits_right'])} | {_pct(t['asc_digits_right'])} | "
+                     f"{_pct(t['non_digit_accepted'])} |")
+    return lines + ["", f"Reproduce: `{f['command']}`", ""]
 
 
 def _eer_rows(metrics: dict, prefix: str = "") -> list[tuple[str, dict]]:
@@ -222,8 +266,9 @@ def write_docs(models_dir: Path) -> Path | None:
     docs = models_dir.resolve().parent / "docs"
     if not docs.is_dir():
         return None
-    cards = {k: json.loads(p.read_text()) for k in ("digits", "speaker")
+    cards = {k: json.loads(p.read_text()) for k in ("digits", "digits-rnn", "speaker")
              if (p := models_dir / f"{k}.card.json").exists()}
+    fusion = models_dir / "digits.fusion.json"
     lines = ["# streamd models", "",
              "Generated by `streamd train` (streamd/train/card.py) from the model cards "
              "`models/*.card.json`, which hold the full details.", "",
@@ -231,8 +276,11 @@ def write_docs(models_dir: Path) -> Path | None:
              "computed by `streamd.features` with the parameters in its card's `features` entry "
              "(digits: per-utterance mean/variance normalised 20-dim MFCC), exactly as the daemon "
              "computes them.", "", "## Held-out split", "", SPLIT_TEXT, ""]
-    if "digits" in cards:
-        lines += _digits_md(cards["digits"])
+    for k in ("digits", "digits-rnn"):
+        if k in cards:
+            lines += _digits_md(cards[k])
+    if fusion.exists():
+        lines += _fusion_md(json.loads(fusion.read_text()))
     if "speaker" in cards:
         lines += _speaker_md(cards["speaker"])
     lines += ["## Data and licences", "",

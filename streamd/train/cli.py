@@ -19,7 +19,8 @@ DEFAULT_EPOCHS = {"digits": 30, "speaker": 30}
 def register(subparsers) -> None:
     """Add the ``train`` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser("train", help="train a model (needs the [train] extra: torch)")
-    p.add_argument("model", choices=("digits", "speaker"), help="which model to train")
+    p.add_argument("model", choices=("digits", "fusion", "speaker"),
+                   help="which model to train (fusion: fit the late fusion of the two digit families)")
     p.add_argument("--data", type=Path, default=Path("../shared/datasets"),
                    help="folder holding fsdd/ and arabic-speech-commands/ (default ../shared/datasets)")
     p.add_argument("--out", type=Path, default=Path("models"),
@@ -33,6 +34,19 @@ def register(subparsers) -> None:
     p.add_argument("--cache", type=Path, default=None,
                    help="speaker: folder for the encoder's per-window outputs on the corpora "
                         "(default $STREAMD_TRAIN_WORK/speaker-ge2e)")
+    p.add_argument("--family", choices=("cnn", "rnn"), default="cnn",
+                   help="digits: which model family to train: cnn (digits.onnx, default) or rnn "
+                        "(digits-rnn.onnx); `streamd train fusion` then fuses the two")
+    p.add_argument("--english-only", action="store_true",
+                   help="digits: train on English (FSDD, synthetic) only, as digits[-rnn]-en.onnx")
+    p.add_argument("--adapt", type=Path, default=None, metavar="CORPUS",
+                   help="digits: adapt --from's model to the digits in CORPUS (a folder with manifest.csv) "
+                        "instead of training; writes <model>-adapted.onnx to --out")
+    p.add_argument("--from", dest="base", type=Path, default=Path("models/digits.onnx"),
+                   help="digits --adapt: the ONNX model to adapt (default models/digits.onnx)")
+    p.add_argument("--adapt-speakers", type=int, default=5, help="digits --adapt: speakers to use (default 5)")
+    p.add_argument("--adapt-reps", type=int, default=5,
+                   help="digits --adapt: clips per digit (and of other words) per speaker (default 5)")
     p.add_argument("--scratch", action="store_true",
                    help="speaker: train the x-vector baseline from scratch instead of converting "
                         "the pretrained GE2E encoder (the shipped model)")
@@ -40,21 +54,36 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run ``streamd train``; returns the exit code."""
+    needs_torch = args.model == "speaker" or (args.model == "digits" and args.adapt is None)
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("streamd train needs torch: install the [train] extra")
+        import onnx  # noqa: F401
+
+        if needs_torch:
+            import torch  # noqa: F401
+    except ImportError as exc:
+        print(f"streamd train {args.model} needs {exc.name}: install the [train] extra")
         return 2
     for corpus in ("fsdd", "arabic-speech-commands"):
         if not (args.data / corpus / "manifest.csv").exists():
             print(f"no {corpus}/manifest.csv under {args.data}")
             return 2
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.model]
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(args.model, 0)
     t0 = time.time()
-    if args.model == "digits":
+    if args.model == "fusion":
+        from streamd.train import fusion
+
+        code = fusion.run(fusion.Options(args.data, args.out, args.seed, args.synth))
+    elif args.model == "digits" and args.adapt is not None:
+        from streamd.train import adapt
+
+        out = args.out / (args.base.stem + "-adapted.onnx")
+        code = adapt.run(adapt.Options(args.adapt, args.base, out, args.data, args.adapt_speakers,
+                                       args.adapt_reps, args.seed))
+    elif args.model == "digits":
         from streamd.train import digits
 
-        code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth))
+        code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth, args.family,
+                                         args.english_only))
     elif args.scratch:
         from streamd.train import speaker
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from streamd.train.scoring import ort_session
 
 OPSET = 17
 PARITY_TOL = 1e-4
@@ -61,20 +62,6 @@ def export_onnx(model: nn.Module, path: Path, output: str, numcep: int = 20) -> 
     )
 
 
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_outputs(session, mats: list[np.ndarray]) -> np.ndarray:
-    """Run the ONNX model on each matrix alone (batch of one, as the daemon does)."""
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: m[None].astype(np.float32)})[0] for m in mats])
-
-
 def check_parity(model: nn.Module, path: Path, seed: int = 0) -> float:
     """Largest |torch - onnxruntime| over random inputs of several lengths and batch sizes."""
     model.eval()
@@ -90,7 +77,3 @@ def check_parity(model: nn.Module, path: Path, seed: int = 0) -> float:
     if worst > PARITY_TOL:
         raise RuntimeError(f"ONNX export differs from torch by {worst:.2e} > {PARITY_TOL}")
     return worst
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

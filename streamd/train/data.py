@@ -9,6 +9,7 @@ on the (augmented) waveform, so training sees exactly what the daemon will compu
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -27,12 +28,18 @@ from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
 from streamd.vad import VadParams, utterance_audio
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
-AUG_VERSION = 3  # bump when augmentation or synthesis changes: invalidates the cache
+AUG_VERSION = 4  # bump when augmentation or synthesis changes: invalidates the cache
 
 NOT_DIGIT = 10
 CLASSES = [str(d) for d in range(10)] + ["not_digit"]
 FSDD_HELDOUT = ("theo",)
 ASC_HELDOUT_SPLIT = "val"
+# Validation speakers, out of both digit models' training: the late-fusion layer and the
+# rejection threshold are fitted on them (every fifth ASC 'train' speaker from the third, and
+# the synthetic voices after the first SYNTH_TRAIN_VOICES). Test speakers stay untouched.
+ASC_VALIDATION = ("00000006", "00000016", "00000022", "00000030")
+SYNTH_TRAIN_VOICES = 80
+SYNTH_VALIDATION_VOICES = 10
 LICENCES = {"fsdd": "CC BY-SA 4.0", "asc": "CC BY 4.0"}
 CORPUS_DIRS = {"fsdd": "fsdd", "asc": "arabic-speech-commands"}
 
@@ -80,6 +87,16 @@ def real_clips(data_dir: Path) -> list[Clip]:
 
 def speakers(clips: list[Clip], heldout: bool) -> list[str]:
     return sorted({c.speaker for c in clips if c.heldout == heldout})
+
+
+def is_validation(clip: Clip) -> bool:
+    """A digit-validation speaker (see ASC_VALIDATION): neither trained on nor tested on."""
+    return clip.speaker in {f"asc/{s}" for s in ASC_VALIDATION} or clip.speaker in _synth_validation_names()
+
+
+def _synth_validation_names() -> set[str]:
+    voices = synth_voices(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, 0)[SYNTH_TRAIN_VOICES:]
+    return {f"synth/{v.name}" for v in voices}
 
 
 # --------------------------------------------------------------------------- synthetic speech
@@ -140,7 +157,7 @@ def synthesize(voice: SynthVoice, word: str, out: Path) -> None:
     sf.write(out, np.clip(y * 32767, -32768, 32767).astype(np.int16), SAMPLE_RATE, subtype="PCM_16")
 
 
-def synth_clips(n_voices: int = 80, words_per_voice: int = 24, seed: int = 0) -> list[Clip]:
+def synth_clips(n_voices: int = SYNTH_TRAIN_VOICES, words_per_voice: int = 24, seed: int = 0) -> list[Clip]:
     """English digits and non-digit words in ``n_voices`` espeak-ng voices (training only)."""
     rng = np.random.default_rng([seed, 11])
     root = WORK_DIR / "synth"
@@ -173,12 +190,17 @@ TRAIN_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(2, 1.0, True), Variant(3
 SYNTH_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(3, 0.9, True), Variant(5, 1.1, True))
 AUGMENTATION_TEXT = (
     "speed perturbation 0.9/1.1 (resampling; a new speaker class for the speaker model); "
+    "vocal-tract length perturbation (p=0.5, spectral warp 0.9-1.1 at constant duration); "
     "random leading/trailing silence 0-0.3 s (time shift); simulated reverb (p=0.3, RT60 "
-    "0.15-0.6 s); low-pass at 3.9 kHz for ASC and synthetic clips (p=0.5, FSDD is 8 kHz "
-    "material); white/pink/brown noise at 5-30 dB SNR (p=0.8); gain -18..+6 dB; "
-    "every clip also kept clean; 7 versions per real training clip, 4 per synthetic clip"
+    "0.15-0.6 s); channel (p=0.5): telephone (300-3400 Hz, 8 kHz, 8-bit mu-law) one time in "
+    "three, else low-pass at 3.9 kHz for ASC and synthetic clips (FSDD is 8 kHz material); noise "
+    "(p=0.8) at 0-30 dB SNR: babble of 3-7 training-speaker clips (p=0.4) or white/pink/brown; "
+    "gain -18..+6 dB; every clip also kept clean; 7 versions per real training clip, 4 per "
+    "synthetic clip"
 )
 _LOWPASS = signal.butter(10, 3900, fs=SAMPLE_RATE, output="sos")
+_TELEPHONE = signal.butter(6, (300, 3400), btype="bandpass", fs=SAMPLE_RATE, output="sos")
+BABBLE_SECONDS = 120
 
 
 def speed_perturb(x: np.ndarray, speed: float) -> np.ndarray:
@@ -186,6 +208,28 @@ def speed_perturb(x: np.ndarray, speed: float) -> np.ndarray:
         return x
     up, down = 10, int(round(10 * speed))
     return signal.resample_poly(x, up, down)
+
+
+def vtlp(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Vocal-tract length perturbation: the spectrum of each 32 ms frame stretched by ``alpha``
+    along frequency (formants and pitch move, duration stays)."""
+    _, _, spec = signal.stft(x, fs=SAMPLE_RATE, nperseg=512)
+    bins = np.arange(spec.shape[0], dtype=np.float64)
+    source = np.clip(bins / alpha, 0, bins[-1])
+    mag = np.stack([np.interp(source, bins, col) for col in np.abs(spec).T], axis=1)
+    warped = mag * np.exp(1j * np.angle(spec[np.round(source).astype(int)]))
+    _, y = signal.istft(warped, fs=SAMPLE_RATE, nperseg=512)
+    return y[: len(x)]
+
+
+def telephone(x: np.ndarray) -> np.ndarray:
+    """A narrow-band phone line: 300-3400 Hz, 8 kHz sampling, 8-bit mu-law."""
+    y = signal.resample_poly(signal.sosfilt(_TELEPHONE, x), 1, 2)
+    peak = max(float(np.abs(y).max()), 1e-9)
+    mu = np.sign(y / peak) * np.log1p(255 * np.abs(y / peak)) / np.log1p(255)
+    mu = np.round(mu * 127) / 127
+    y = np.sign(mu) * np.expm1(np.abs(mu) * np.log1p(255)) / 255 * peak
+    return signal.resample_poly(y, 2, 1)[: len(x)]
 
 
 def speech_power(x: np.ndarray) -> float:
@@ -216,18 +260,61 @@ def reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return y * np.sqrt(speech_power(x) / speech_power(y))
 
 
-def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool) -> np.ndarray:
+def babble_path(seed: int) -> Path:
+    return WORK_DIR / f"babble-v{AUG_VERSION}-{seed}.npy"
+
+
+def build_babble(data_dir: Path, seed: int = 0) -> None:
+    """BABBLE_SECONDS of babble: each second a sum of 3-7 random training-speaker clips, each
+    scaled to unit speech power, from the real training corpora only (never validation or
+    test speakers); stored beside the features for the augmentation workers."""
+    path = babble_path(seed)
+    if path.exists():
+        return
+    clips = [c for c in real_clips(data_dir) if not c.heldout and not is_validation(c)]
+    rng = np.random.default_rng([seed, 13])
+    bank = np.zeros(BABBLE_SECONDS * SAMPLE_RATE)
+    for start in range(0, len(bank), SAMPLE_RATE):
+        for k in rng.choice(len(clips), size=int(rng.integers(3, 8)), replace=False):
+            x, _ = sf.read(clips[k].path, dtype="float64")
+            x = x[:SAMPLE_RATE] / np.sqrt(speech_power(x))
+            seg = bank[start + int(rng.integers(0, SAMPLE_RATE // 2)) :][: len(x)]
+            seg += x[: len(seg)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, (bank / (bank.std() + 1e-12)).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=2)
+def babble_bank(seed: int) -> np.ndarray | None:
+    path = babble_path(seed)
+    return np.load(path).astype(np.float64) if path.exists() else None
+
+
+def noise(n: int, rng: np.random.Generator, babble: np.ndarray | None) -> np.ndarray:
+    if babble is not None and len(babble) > n and rng.random() < 0.4:
+        at = int(rng.integers(0, len(babble) - n))
+        return babble[at : at + n]
+    return colored_noise(n, rng)
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool,
+            babble: np.ndarray | None = None) -> np.ndarray:
     """Waveform augmentation of float samples (int16 scale); returns float samples."""
     lead, tail = (rng.uniform(0, 0.3, size=2) * SAMPLE_RATE).astype(int)
+    if rng.random() < 0.5:
+        x = vtlp(x, rng.uniform(0.9, 1.1))
     if rng.random() < 0.3:
         x = reverb(x, rng)
-    if band_limit and rng.random() < 0.5:
-        x = signal.sosfilt(_LOWPASS, x)
+    if rng.random() < 0.5:
+        if rng.random() < 1 / 3:
+            x = telephone(x)
+        elif band_limit:
+            x = signal.sosfilt(_LOWPASS, x)
     power = speech_power(x)
     x = np.concatenate((np.zeros(lead), x, np.zeros(tail)))
     if rng.random() < 0.8:
-        snr_db = rng.uniform(5, 30)
-        x = x + colored_noise(len(x), rng) * np.sqrt(power / 10 ** (snr_db / 10))
+        snr_db = rng.uniform(0, 30)
+        x = x + noise(len(x), rng, babble) * np.sqrt(power / 10 ** (snr_db / 10))
     return x * 10 ** (rng.uniform(-18, 6) / 20)
 
 
@@ -249,7 +336,7 @@ def variant_audio(clip: Clip, variant: Variant, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(clip.path.encode()), variant.index])
     y = speed_perturb(x.astype(np.float64), variant.speed)
     if variant.augment:
-        y = augment(y, rng, band_limit=clip.corpus != "fsdd")
+        y = augment(y, rng, band_limit=clip.corpus != "fsdd", babble=babble_bank(seed))
     return to_int16(y)
 
 
@@ -379,3 +466,50 @@ def load_all(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, Featur
     if synth:
         train = merge([train, build_features(synth_clips(seed=seed), "train-synth", seed)])
     return train, build_features([c for c in real if c.heldout], "heldout", seed)
+
+
+@dataclass
+class DigitSplit:
+    train: FeatureSet  # augmented; real training speakers (+ synthetic voices)
+    validation: FeatureSet  # clean; validation speakers: fits fusion and rejection threshold
+    test: FeatureSet  # clean; held-out speakers: every reported figure
+
+
+def validation_clips(data_dir: Path, seed: int, synth: bool) -> list[Clip]:
+    clips = [c for c in real_clips(data_dir) if is_validation(c)]
+    if synth:
+        voices = synth_clips(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, seed=seed)
+        clips += [c for c in voices if is_validation(c)]
+    return clips
+
+
+def load_test_set(data_dir: Path, seed: int) -> FeatureSet:
+    """Clean features of the held-out (test) speakers."""
+    return build_features([c for c in real_clips(data_dir) if c.heldout], "heldout", seed)
+
+
+def load_digit_split(data_dir: Path, seed: int, synth: bool) -> DigitSplit:
+    """The digit models' three speaker-disjoint sets (see ASC_VALIDATION)."""
+    build_babble(data_dir, seed)
+    real = real_clips(data_dir)
+    train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed)
+    if synth:
+        voices = synth_clips(SYNTH_TRAIN_VOICES, seed=seed)
+        train = merge([train, build_features(voices, "digits-synth", seed)])
+    return DigitSplit(train, build_features(validation_clips(data_dir, seed, synth), "digits-val", seed,
+                                            augment_train=False), load_test_set(data_dir, seed))
+
+
+def load_digit_eval_sets(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, FeatureSet]:
+    """(validation, test) of :func:`load_digit_split`, without the training features."""
+    return (build_features(validation_clips(data_dir, seed, synth), "digits-val", seed, augment_train=False),
+            load_test_set(data_dir, seed))
+
+
+def select(fs: FeatureSet, keep) -> FeatureSet:
+    """The items of ``fs`` whose clip ``keep(clip)`` accepts (clips list unchanged)."""
+    items = np.array([i for i, c in enumerate(fs.clip_index) if keep(fs.clips[c])], dtype=np.int64)
+    lengths = np.diff(fs.offsets)[items]
+    feats = np.concatenate([fs.item(i) for i in items]) if len(items) else fs.feats[:0]
+    return FeatureSet(fs.clips, feats, np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
+                      fs.clip_index[items], fs.speed[items], fs.variant[items], fs.cached)

@@ -102,6 +102,33 @@ class DigitNet(nn.Module):
         return self.head(mean_max_pool(self.trunk(feats, mask), mask))
 
 
+class DigitRNN(nn.Module):
+    """The recurrent family of digit classifier: a strided convolution (10 ms -> 20 ms steps),
+    a bidirectional GRU, mean+max pooling over time. Same input and output as DigitNet.
+
+    ``lengths`` (training only) are the real frame counts of a zero-padded batch: the GRU runs
+    on packed sequences, so padding never reaches the backward direction or the pooling."""
+
+    def __init__(self, numcep: int = 20, channels: int = 96, hidden: int = 96, n_classes: int = 11):
+        super().__init__()
+        self.front = nn.Sequential(
+            nn.Conv1d(numcep, channels, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(channels), nn.ReLU(),
+        )
+        self.gru = nn.GRU(channels, hidden, num_layers=2, batch_first=True, bidirectional=True, dropout=0.1)
+        self.head = nn.Sequential(nn.Linear(4 * hidden, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, n_classes))
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.front(feats.transpose(1, 2)).transpose(1, 2)  # (batch, steps, channels)
+        if lengths is None:
+            y, _ = self.gru(x)
+            return self.head(torch.cat((y.mean(dim=1), y.amax(dim=1)), dim=1))
+        steps = (lengths + 1) // 2
+        packed = nn.utils.rnn.pack_padded_sequence(x, steps.cpu(), batch_first=True, enforce_sorted=False)
+        y, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])
+        mask = (torch.arange(x.shape[1])[None, :] < steps[:, None]).unsqueeze(2).to(y.dtype)
+        return self.head(mean_max_pool(y.transpose(1, 2), mask.transpose(1, 2)))
+
+
 class SpeakerNet(nn.Module):
     """x-vector-like speaker embedder; returns the (unnormalised) embedding."""
 

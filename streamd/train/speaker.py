@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from streamd.features import FeatureParams, mfcc, normalize
-from streamd.train import card, common, data
+from streamd.train import card, common, data, scoring
 from streamd.train.digits import spec_augment
 from streamd.train.nets import AAMSoftmax, NormalizedEmbedding, SpeakerNet
 from streamd.vad import VadParams, utterance_audio
@@ -179,15 +179,15 @@ def concatenated_features(clips: list[data.Clip]) -> np.ndarray:
 
 
 def evaluate(onnx_path: Path, heldout: data.FeatureSet, seed: int) -> tuple[dict, dict]:
-    session = common.ort_session(onnx_path)
-    emb = common.ort_outputs(session, [heldout.item(i) for i in range(len(heldout))])
+    session = scoring.ort_session(onnx_path)
+    emb = scoring.ort_outputs(session, [heldout.item(i) for i in range(len(heldout))])
     spk = np.array(heldout.speakers())
     asc = np.array([s.startswith("asc/") for s in spk])
     groups = phrases(heldout, seed)
     g_spk = np.array([spk[g[0]] for g in groups])
     mean3 = unit(np.stack([emb[g].mean(axis=0) for g in groups]))
     concat_feats = [concatenated_features([heldout.clips[heldout.clip_index[i]] for i in g]) for g in groups]
-    concat = common.ort_outputs(session, concat_feats)
+    concat = scoring.ort_outputs(session, concat_feats)
     metrics = {
         "single_clip": pair_metrics(emb, spk),
         "single_clip_asc_only": pair_metrics(emb[asc], spk[asc]),

@@ -1,0 +1,118 @@
+"""``streamd train fusion``: one digit decision from the two model families.
+
+The late-fusion layer (``streamd.digits.Fusion``: a weight per family on its log-probabilities
+and a bias per class) is fitted on the validation speakers, which neither family was trained
+on, by minimising the cross-entropy. On the same speakers each decision (each family alone,
+and fused) gets its rejection threshold, and the one identifying most digits there at <= 2%
+non-digits accepted becomes ``choice`` (what ``digits.model = "auto"`` uses). The held-out
+test speakers only report: the card shows every decision on them, side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+
+from streamd.digits import Fusion, log_softmax
+from streamd.train import card, data, scoring
+from streamd.train.scoring import confidence_threshold, corpus_metrics, onnx_logits, softmax
+
+FUSION_CARD = "digits.fusion.json"
+MAX_NON_DIGIT = 0.02
+BIAS_L2 = 1e-3
+
+
+@dataclass
+class Options:
+    data_dir: Path
+    out_dir: Path
+    seed: int = 0
+    synth: bool = True
+
+
+def fit(member_logits: list[np.ndarray], labels: np.ndarray) -> Fusion:
+    """Weights and biases minimising the mean cross-entropy of the fused logits."""
+    logp = [log_softmax(z) for z in member_logits]
+    k, n_classes = len(logp), logp[0].shape[1]
+
+    def loss(theta: np.ndarray) -> float:
+        z = sum(w * lp for w, lp in zip(theta[:k], logp)) + theta[k:]
+        return float(-np.mean(log_softmax(z)[np.arange(len(labels)), labels]) + BIAS_L2 * np.sum(theta[k:] ** 2))
+
+    start = np.concatenate((np.full(k, 1.0 / k), np.zeros(n_classes)))
+    theta = minimize(loss, start, method="L-BFGS-B", bounds=[(0, 10)] * k + [(-5, 5)] * n_classes).x
+    return Fusion(tuple(round(float(w), 6) for w in theta[:k]), tuple(round(float(b), 6) for b in theta[k:]))
+
+
+def decisions(members: dict[str, np.ndarray], fusion: Fusion) -> dict[str, np.ndarray]:
+    return {**members, "fused": fusion(list(members.values()))}
+
+
+def run(opts: Options) -> int:
+    validation, test = data.load_digit_eval_sets(opts.data_dir, opts.seed, opts.synth)
+    cards = {name: opts.out_dir / file for name, file in scoring.FAMILY_FILES.items()}
+    missing = [str(p) for p in cards.values() if not p.exists()]
+    if missing:
+        print(f"streamd train fusion: train both families first; missing {', '.join(missing)}")
+        return 2
+    val = {name: onnx_logits(path, validation) for name, path in cards.items()}
+    fusion = fit(list(val.values()), validation.labels())
+    tested = decisions({name: onnx_logits(path, test) for name, path in cards.items()}, fusion)
+    report, thresholds = {}, {}
+    for name, logits in decisions(val, fusion).items():
+        t = confidence_threshold(softmax(logits), validation.labels(), MAX_NON_DIGIT)
+        thresholds[name] = t["value"]
+        report[name] = {"validation": t["at_value"], "test": test_report(tested[name], test, t["value"])}
+    choice = max(report, key=lambda n: report[n]["validation"]["digit_correct"])
+    write(opts, cards, fusion, thresholds, report, choice)
+    card.write_docs(opts.out_dir)
+    for name, r in report.items():
+        print(f"{name:>6}: validation {r['validation']['digit_correct']:.1%} right at threshold {thresholds[name]:.2f}; "
+              f"test {json.dumps(r['test']['at_threshold'])}")
+    print(f"choice (auto): {choice}")
+    return 0
+
+
+def test_report(logits: np.ndarray, test: data.FeatureSet, threshold: float) -> dict:
+    """Held-out figures of one decision: per corpus, and at its validation threshold."""
+    probs, labels = softmax(logits), test.labels()
+    corpus = np.array([test.clips[c].corpus for c in test.clip_index])
+    pred, conf = probs.argmax(1), probs.max(1)
+    accept = (pred != data.NOT_DIGIT) & (conf >= threshold)
+    digit = labels != data.NOT_DIGIT
+    at = {f"{c}_digits_right": float((accept & (pred == labels))[digit & (corpus == c)].mean())
+          for c in ("fsdd", "asc")}
+    at["non_digit_accepted"] = float(accept[~digit].mean())
+    return {"per_corpus": corpus_metrics(logits, test), "at_threshold": at}
+
+
+def write(opts: Options, cards: dict[str, Path], fusion: Fusion, thresholds: dict, report: dict, choice: str) -> Path:
+    fusion_card = {
+        "name": "streamd-digits-fusion",
+        "kind": "digits-fusion",
+        "members": [{"name": name, "card": path.with_suffix(".card.json").name, "sha256": scoring.sha256(path)}
+                    for name, path in cards.items()],
+        "rule": "z = bias + sum_k weights[k] * log_softmax(logits_k); z is used as the logits (streamd.digits.Fusion)",
+        "weights": list(fusion.weights),
+        "bias": list(fusion.bias),
+        "fitted_on": "validation speakers (clean clips): " + ", ".join(
+            f"ASC {s}" for s in data.ASC_VALIDATION) + f", {data.SYNTH_VALIDATION_VOICES} espeak-ng voices",
+        "min_confidence": thresholds,
+        "min_confidence_rule": f"smallest threshold (step 0.01) accepting <= {MAX_NON_DIGIT:.0%} of the validation "
+                               "speakers' non-digit words",
+        "choice": choice,
+        "choice_rule": "the decision naming most validation digits right at its threshold",
+        "decisions": report,
+        "test_split": "held-out speakers: FSDD theo; ASC val speakers (00000002, 00000007, 00000008, 00000012, "
+                      "00000021, 00000025); clean clips, onnxruntime CPU",
+        "command": f"streamd train fusion --data {opts.data_dir} --out {opts.out_dir}",
+        "created": dt.date.today().isoformat(),
+    }
+    path = opts.out_dir / FUSION_CARD
+    path.write_text(json.dumps(fusion_card, indent=2) + "\n")
+    return path

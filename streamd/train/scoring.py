@@ -1,0 +1,96 @@
+"""Scoring digit models on feature sets: onnxruntime outputs, held-out metrics, operating
+points and thresholds. No torch here: adaptation and fusion run without it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from streamd.train import data
+
+# The two digit model families (streamd.train.nets DigitNet and DigitRNN) and their files.
+FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx"}
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(session, mats: list[np.ndarray]) -> np.ndarray:
+    """Run the ONNX model on each matrix alone (batch of one, as the daemon does)."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: m[None].astype(np.float32)})[0] for m in mats])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def operating_points(probs: np.ndarray, labels: np.ndarray,
+                     thresholds=(0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> list[dict]:
+    """For confidence thresholds: share of digit clips accepted with the right digit, with a
+    wrong digit, and share of non-digit clips accepted as some digit (daemon rule: the 11-class
+    argmax must be a digit and its probability >= threshold)."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    digit = labels != data.NOT_DIGIT
+    points = []
+    for thr in thresholds:
+        accept = (pred != data.NOT_DIGIT) & (conf >= thr)
+        points.append({
+            "threshold": thr,
+            "digit_correct": float((accept & (pred == labels))[digit].mean()),
+            "digit_wrong": float((accept & (pred != labels))[digit].mean()),
+            "non_digit_accepted": float(accept[~digit].mean()),
+        })
+    return points
+
+
+def confidence_threshold(probs: np.ndarray, labels: np.ndarray, max_fa: float = 0.02) -> dict:
+    """Smallest threshold (in steps of 0.01) letting at most ``max_fa`` of the non-digit clips
+    through."""
+    points = operating_points(probs, labels, tuple(np.round(np.arange(0, 1, 0.01), 2)))
+    ok = [p for p in points if p["non_digit_accepted"] <= max_fa] or points[-1:]
+    best = ok[0]
+    return {"value": best["threshold"],
+            "rule": "daemon emits the 11-class argmax digit if its softmax prob >= value "
+                    f"(smallest value keeping held-out non-digit acceptance <= {max_fa:.0%})",
+            "at_value": best, "operating_points": operating_points(probs, labels)}
+
+
+def group_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    digit = labels != data.NOT_DIGIT
+    out: dict = {}
+    if digit.any():
+        out["n_digit_clips"] = int(digit.sum())
+        out["digit_accuracy_argmax_0_9"] = float((logits[digit, :10].argmax(1) == labels[digit]).mean())
+        out["digit_accuracy_11_class"] = float((logits[digit].argmax(1) == labels[digit]).mean())
+    if (~digit).any():
+        out["n_non_digit_clips"] = int((~digit).sum())
+        out["non_digit_predicted_as_digit"] = float((logits[~digit].argmax(1) != data.NOT_DIGIT).mean())
+    out["accuracy_11_class_all_clips"] = float((logits.argmax(1) == labels).mean())
+    out["n_clips"] = int(len(labels))
+    return out
+
+
+def onnx_logits(onnx_path: Path, fs: data.FeatureSet) -> np.ndarray:
+    return ort_outputs(ort_session(onnx_path), [fs.item(i) for i in range(len(fs))])
+
+
+def corpus_metrics(logits: np.ndarray, fs: data.FeatureSet) -> dict:
+    labels = fs.labels()
+    corpus = np.array([fs.clips[c].corpus for c in fs.clip_index])
+    out = {}
+    for name, key in (("english_fsdd_heldout", "fsdd"), ("arabic_asc_heldout", "asc")):
+        if (corpus == key).any():
+            out[name] = group_metrics(logits[corpus == key], labels[corpus == key])
+    return out
