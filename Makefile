@@ -66,7 +66,9 @@ train: venv
 	# The speaker encoder's pretrained weights ship in this wheel (Apache-2.0). Its own
 	# dependencies (librosa, webrtcvad) are not needed and webrtcvad would clash with ours.
 	$(BIN)/pip install -q --no-deps Resemblyzer==0.1.4
-	$(BIN)/streamd train digits --data ../shared/datasets --out models
+	$(BIN)/streamd train digits --family cnn --data ../shared/datasets --out models
+	$(BIN)/streamd train digits --family rnn --data ../shared/datasets --out models
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
 
 clean:

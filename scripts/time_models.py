@@ -1,8 +1,9 @@
 """Time one session call of each shipped model on one CPU thread (models.threads = 1):
-the speaker encoder per 1.6 s window alone and in a batch of 8, the digit model per second
-of audio. Run from the repo root: python scripts/time_models.py"""
+the speaker encoder per 1.6 s window alone and in a batch of 8, each digit model family per
+second of audio. Run from the repo root: python scripts/time_models.py"""
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -22,12 +23,13 @@ def per_row_ms(model, shape: tuple[int, ...]) -> float:
 
 
 def main() -> None:
-    models = load_models(config.load(None), "cpu")
+    cfg = config.load(None)
+    models = load_models(replace(cfg, digits=replace(cfg.digits, model="fused")), "cpu")
     window = models.speaker.card.window[0]
     print(f"speaker, one {window}-frame window alone: {per_row_ms(models.speaker, (1, window, 40)):.1f} ms")
     print(f"speaker, per window in a batch of 8:    {per_row_ms(models.speaker, (8, window, 40)):.1f} ms")
-    digits = models.digits
-    print(f"digits, one 1 s utterance:               {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
+    for name, digits in models.digits.members.items():
+        print(f"digits {name}, one 1 s utterance:           {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
 from streamd.vad import utterance_audio
 
-CONDITIONS = ("clean", 10.0, 0.0)  # SNR in dB
+NOISY = (10.0, 0.0)  # SNR in dB
+CONDITIONS = ("clean", *NOISY)
 
 
 def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -76,16 +76,24 @@ class ModelCard:
         return int(spec["frames"]), int(spec["hop_frames"]), float(spec.get("min_coverage", 0.75))
 
 
-def load_card(path: Path, kind: str) -> ModelCard:
+def read_card(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+    """A JSON card with ``keys``; anything else is a one-line ModelError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ModelError(f"{path}: cannot read model card: {exc.strerror or exc}") from None
+        raise ModelError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: model card is not valid JSON: {exc}") from None
-    for key in ("kind", "file", "sha256", "features", "input", "output"):
+        raise ModelError(f"{path}: {what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: {what} is not a JSON object")
+    for key in keys:
         if key not in data:
-            raise ModelError(f"{path}: model card lacks {key!r}")
+            raise ModelError(f"{path}: {what} lacks {key!r}")
+    return data
+
+
+def load_card(path: Path, kind: str) -> ModelCard:
+    data = read_card(path, "model card", ("kind", "file", "sha256", "features", "input", "output"))
     if data["kind"] != kind:
         raise ModelError(f"{path}: model card is for a {data['kind']!r} model, expected {kind!r}")
     return ModelCard(path, data)
@@ -321,15 +329,7 @@ class DigitPlan:
 
 
 def _fusion_card(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read fusion card: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: fusion card is not valid JSON: {exc}") from None
-    for key in ("kind", "members", "weights", "bias", "choice", "min_confidence"):
-        if key not in data:
-            raise ModelError(f"{path}: fusion card lacks {key!r}")
+    data = read_card(path, "fusion card", ("kind", "members", "weights", "bias", "choice", "min_confidence"))
     if data["kind"] != "digits-fusion" or len(data["weights"]) != len(data["members"]):
         raise ModelError(f"{path}: not a digits-fusion card with one weight per member")
     return data
@@ -352,6 +352,9 @@ def digit_plan(cfg) -> DigitPlan:
         if cards[m["name"]].sha256 != m["sha256"]:
             raise ModelError(f"{fusion_path}: fitted on {m['card']} sha256 {m['sha256'][:12]}, which now has "
                              f"{cards[m['name']].sha256[:12]}: run `streamd train fusion`")
+    classes = {c.data["output"]["shape"][-1] for c in cards.values()}
+    if classes != {len(data["bias"])}:
+        raise ModelError(f"{fusion_path}: {len(data['bias'])} biases for models with {sorted(classes)} classes")
     choice = data["choice"] if want == "auto" else want
     thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
     if choice == "fused":

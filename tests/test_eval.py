@@ -62,6 +62,11 @@ def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     assert single["closed_set_top1"] >= 2 / 3
     point = single["at_1pct_strangers_named"]
     assert point["strangers_named"] <= 0.01 and 0.0 <= point["identified"] <= 1.0
+    assert list(report["noisy_probes"]) == ["snr_10db", "snr_0db"]
+    noisy = [report["noisy_probes"][k]["single"] for k in ("snr_10db", "snr_0db")]
+    assert all(n["probes"] == 9 and "_scores" not in n for n in noisy)
+    # noise can only blur the same voices: at 0 dB the speakers are no easier to tell apart
+    assert noisy[1]["eer"] >= single["eer"] - 1e-9 or noisy[1]["closed_set_top1"] <= single["closed_set_top1"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -110,6 +115,9 @@ def test_eval_digits_reports_each_condition_and_draws_confusion_matrices(tmp_pat
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert list(report["conditions"]) == ["clean", "snr_10db", "snr_0db"]
+    # each family alone and fused, on the same clips; the daemon's choice is the main report
+    assert set(report["variants"]) == {"cnn", "rnn", "fused"}
+    assert report["conditions"] == report["variants"][report["in_use"]]["conditions"]
     english = [t for t in truth if t["corpus"] == "fsdd"]
     arabic = [t for t in truth if t["corpus"] != "fsdd" and t["digit"] != ""]
     for condition in report["conditions"].values():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +74,10 @@ def trunk_session(base: Path):
     model = onnx.load(str(base))
     name = head_input(model)
     model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    path = base.with_suffix(".trunk.tmp.onnx")
-    onnx.save(model, str(path))
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trunk.onnx"
+        onnx.save(model, str(path))
         return scoring.ort_session(path)
-    finally:
-        path.unlink()
 
 
 def pooled(session, fs: data.FeatureSet) -> np.ndarray:

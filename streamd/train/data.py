@@ -28,7 +28,7 @@ from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
 from streamd.vad import VadParams, utterance_audio
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
-AUG_VERSION = 4  # bump when augmentation or synthesis changes: invalidates the cache
+AUG_VERSION = 5  # bump when augmentation or synthesis changes: invalidates the cache
 
 NOT_DIGIT = 10
 CLASSES = [str(d) for d in range(10)] + ["not_digit"]
@@ -190,11 +190,11 @@ TRAIN_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(2, 1.0, True), Variant(3
 SYNTH_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(3, 0.9, True), Variant(5, 1.1, True))
 AUGMENTATION_TEXT = (
     "speed perturbation 0.9/1.1 (resampling; a new speaker class for the speaker model); "
-    "vocal-tract length perturbation (p=0.5, spectral warp 0.9-1.1 at constant duration); "
+    "vocal-tract length perturbation (p=0.3, spectral warp 0.9-1.1 at constant duration); "
     "random leading/trailing silence 0-0.3 s (time shift); simulated reverb (p=0.3, RT60 "
     "0.15-0.6 s); channel (p=0.5): telephone (300-3400 Hz, 8 kHz, 8-bit mu-law) one time in "
     "three, else low-pass at 3.9 kHz for ASC and synthetic clips (FSDD is 8 kHz material); noise "
-    "(p=0.8) at 0-30 dB SNR: babble of 3-7 training-speaker clips (p=0.4) or white/pink/brown; "
+    "(p=0.8) at 5-30 dB SNR: babble of 3-7 training-speaker clips (p=0.3) or white/pink/brown; "
     "gain -18..+6 dB; every clip also kept clean; 7 versions per real training clip, 4 per "
     "synthetic clip"
 )
@@ -291,7 +291,7 @@ def babble_bank(seed: int) -> np.ndarray | None:
 
 
 def noise(n: int, rng: np.random.Generator, babble: np.ndarray | None) -> np.ndarray:
-    if babble is not None and len(babble) > n and rng.random() < 0.4:
+    if babble is not None and len(babble) > n and rng.random() < 0.3:
         at = int(rng.integers(0, len(babble) - n))
         return babble[at : at + n]
     return colored_noise(n, rng)
@@ -301,7 +301,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool,
             babble: np.ndarray | None = None) -> np.ndarray:
     """Waveform augmentation of float samples (int16 scale); returns float samples."""
     lead, tail = (rng.uniform(0, 0.3, size=2) * SAMPLE_RATE).astype(int)
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         x = vtlp(x, rng.uniform(0.9, 1.1))
     if rng.random() < 0.3:
         x = reverb(x, rng)
@@ -313,7 +313,7 @@ def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool,
     power = speech_power(x)
     x = np.concatenate((np.zeros(lead), x, np.zeros(tail)))
     if rng.random() < 0.8:
-        snr_db = rng.uniform(0, 30)
+        snr_db = rng.uniform(5, 30)
         x = x + noise(len(x), rng, babble) * np.sqrt(power / 10 ** (snr_db / 10))
     return x * 10 ** (rng.uniform(-18, 6) / 20)
 

@@ -63,7 +63,7 @@ def confidence_threshold(probs: np.ndarray, labels: np.ndarray, max_fa: float = 
     best = ok[0]
     return {"value": best["threshold"],
             "rule": "daemon emits the 11-class argmax digit if its softmax prob >= value "
-                    f"(smallest value keeping held-out non-digit acceptance <= {max_fa:.0%})",
+                    f"(smallest value keeping validation speakers' non-digit acceptance <= {max_fa:.0%})",
             "at_value": best, "operating_points": operating_points(probs, labels)}
 
 

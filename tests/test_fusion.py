@@ -1,0 +1,103 @@
+"""Two digit model families, one decision: the late-fusion layer, its card, and config's choice."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from streamd.config import Config
+from streamd.digits import Fusion, log_softmax
+from streamd.inference import ModelError, digit_plan, load_digits
+from streamd.train.fusion import fit
+from conftest import MODELS
+from test_streams import utterance_features
+
+FUSION = json.loads((MODELS / "digits.fusion.json").read_text())
+
+
+def cfg_with(model="auto", models_dir=MODELS, fusion="digits.fusion.json"):
+    cfg = Config()
+    return replace(cfg, models=replace(cfg.models, dir=str(models_dir), digits_fusion=fusion),
+                   digits=replace(cfg.digits, model=model))
+
+
+def test_fused_logits_are_the_weighted_sum_of_log_probabilities_plus_bias():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(11), rng.standard_normal(11)
+    bias = tuple(rng.standard_normal(11))
+    got = Fusion((0.5, 2.0), bias)([a, b])
+    np.testing.assert_allclose(got, 0.5 * log_softmax(a) + 2.0 * log_softmax(b) + np.array(bias))
+    with pytest.raises(ValueError, match="2 models given 1"):
+        Fusion((0.5, 2.0), bias)([a])
+
+
+def test_fit_leans_on_the_family_that_knows_and_beats_each_alone():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 11, size=2000)
+    onehot = np.eye(11)[labels]
+    good = 2.0 * onehot + rng.standard_normal((2000, 11))  # informative, noisy
+    other = 1.0 * onehot + rng.standard_normal((2000, 11))  # less informative, independent noise
+    noise = rng.standard_normal((2000, 11))
+    fusion = fit([good, other, noise], labels)
+    assert fusion.weights[0] > fusion.weights[1] > fusion.weights[2]
+    assert fusion.weights[2] < 0.2 * fusion.weights[0]
+
+    def nll(z):
+        return -np.mean(log_softmax(z)[np.arange(len(labels)), labels])
+
+    fused = fusion([good, other, noise])
+    assert nll(fused) < min(nll(good), nll(other))
+    assert np.mean(fused.argmax(1) == labels) > np.mean(good.argmax(1) == labels)
+
+
+def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
+    names = [m["name"] for m in FUSION["members"]]
+    assert names == ["cnn", "rnn"] and len(FUSION["weights"]) == 2 and len(FUSION["bias"]) == 11
+    assert FUSION["choice"] in ("fused", "cnn", "rnn")
+    best = max(FUSION["decisions"], key=lambda n: FUSION["decisions"][n]["validation"]["digit_correct"])
+    assert FUSION["choice"] == best  # "auto" takes what was best on the validation speakers
+    for name in ("cnn", "rnn", "fused"):
+        assert 0 <= FUSION["min_confidence"][name] < 1
+        assert FUSION["decisions"][name]["validation"]["non_digit_accepted"] <= 0.02
+
+
+@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn"])
+def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choice):
+    digits = load_digits(cfg_with(choice), "cpu")
+    expected = FUSION["choice"] if choice == "auto" else choice
+    assert digits.choice == expected
+    assert list(digits.members) == (["cnn", "rnn"] if expected == "fused" else [expected])
+    assert digits.min_confidence(-1.0) == FUSION["min_confidence"][expected]
+    assert digits.min_confidence(0.3) == 0.3  # an explicit setting wins
+    every = load_digits(cfg_with("fused"), "cpu")
+    for feats in utterance_features(digits)[:4]:
+        outputs = [m.run(feats) for m in every.members.values()]
+        want = every.fusion(outputs) if expected == "fused" else outputs[list(every.members).index(expected)]
+        np.testing.assert_allclose(digits.run(feats), want, rtol=1e-6, atol=1e-6)
+
+
+def test_without_a_fusion_card_the_single_model_is_used(tmp_path):
+    digits = load_digits(cfg_with("auto", fusion="absent.json"), "cpu")
+    assert list(digits.members) == ["cnn"] and digits.fusion is None and digits.choice == "single"
+    with pytest.raises(ModelError, match="digits.model = 'fused' needs a fusion card"):
+        load_digits(cfg_with("fused", fusion=""), "cpu")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda card: card["members"][1].update(sha256="0" * 64), "run `streamd train fusion`"),
+    (lambda card: card.pop("bias"), "fusion card lacks 'bias'"),
+    (lambda card: card.update(weights=[1.0]), "one weight per member"),
+    (lambda card: card.update(bias=[0.0] * 10), "10 biases for models with \\[11\\] classes"),
+    (lambda card: card["members"][1].update(card="gone.card.json"), "gone.card.json: cannot read model card"),
+])
+def test_a_stale_or_broken_fusion_card_is_refused_in_one_line(tmp_path, damage, message):
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    card = json.loads((models / "digits.fusion.json").read_text())
+    damage(card)
+    (models / "digits.fusion.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=message) as err:
+        digit_plan(cfg_with("auto", models))
+    assert "\n" not in str(err.value)
