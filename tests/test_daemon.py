@@ -83,9 +83,13 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     speakers, digits = by_type(events, "speaker"), by_type(events, "digit")
     assert len(by_type(events, "vad.start")) == len(by_type(events, "vad.end")) == len(truth)
     assert len(speakers) == len(digits) == len(truth)
-    spoken = [(t["digit"], d["digit"]) for t, d in zip(truth, digits)]
-    right = sum(str(got) == want for want, got in spoken if want != "")
-    assert right >= 8, spoken
+    spoken = [(t["digit"], d["digit"], d["candidates"][0]["digit"]) for t, d in zip(truth, digits)]
+    said = [(want, got, best) for want, got, best in spoken if want != ""]
+    # A digit is named right or not at all ("null": not sure enough); never named wrong. Nine
+    # digits are little to go on: docs/measurements.md has the held-out figures.
+    assert all(str(got) in (want, "None") for want, got, _ in said), spoken
+    assert sum(str(best) == want for want, _, best in said) >= 8, spoken
+    assert sum(str(got) == want for want, got, _ in said) >= 7, spoken
     named = [(DEMO_NAMES[t["speaker"]], s["speaker"]) for t, s in zip(truth, speakers)]
     assert sum(want == got for want, got in named) >= 7, named
     # Open set: the speaker who is not enrolled is never given an enrolled name, and no

@@ -296,7 +296,8 @@ def write_docs(models_dir: Path) -> Path | None:
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
               "- Synthetic English speech from espeak-ng voices, training only; never used for metrics.", "",
-              "## Training", "", f"Augmentation: {data.AUGMENTATION_TEXT}.", ""]
+              "## Training", "", f"Augmentation in the current training code (each card's `training.augmentation` "
+              f"says what its model was trained with): {data.AUGMENTATION_TEXT}.", ""]
     for k, c in cards.items():
         tr = c.get("training", {})
         if "loss" not in tr:  # a card written by another tool (e.g. a pretrained encoder)

@@ -28,7 +28,7 @@ from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
 from streamd.vad import VadParams, utterance_audio
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
-AUG_VERSION = 5  # bump when augmentation or synthesis changes: invalidates the cache
+AUG_VERSION = 6  # bump when augmentation or synthesis changes: invalidates the cache
 
 NOT_DIGIT = 10
 CLASSES = [str(d) for d in range(10)] + ["not_digit"]
@@ -212,13 +212,26 @@ def speed_perturb(x: np.ndarray, speed: float) -> np.ndarray:
 
 def vtlp(x: np.ndarray, alpha: float) -> np.ndarray:
     """Vocal-tract length perturbation: the spectrum of each 32 ms frame stretched by ``alpha``
-    along frequency (formants and pitch move, duration stays)."""
-    _, _, spec = signal.stft(x, fs=SAMPLE_RATE, nperseg=512)
+    along frequency (formants and pitch move, duration stays). A phase vocoder: each output
+    bin turns at ``alpha`` times its source bin's instantaneous frequency, so partials stay
+    coherent from frame to frame."""
+    if alpha == 1.0:
+        return np.asarray(x, np.float64).copy()
+    n, hop = 512, 256
+    _, _, spec = signal.stft(x, fs=SAMPLE_RATE, nperseg=n, noverlap=n - hop)
     bins = np.arange(spec.shape[0], dtype=np.float64)
     source = np.clip(bins / alpha, 0, bins[-1])
     mag = np.stack([np.interp(source, bins, col) for col in np.abs(spec).T], axis=1)
-    warped = mag * np.exp(1j * np.angle(spec[np.round(source).astype(int)]))
-    _, y = signal.istft(warped, fs=SAMPLE_RATE, nperseg=512)
+    phase = np.angle(spec)
+    expected = 2 * np.pi * bins * hop / n
+    drift = np.diff(phase, axis=1) - expected[:, None]
+    advance = expected[:, None] + (drift + np.pi) % (2 * np.pi) - np.pi  # per hop, unwrapped
+    nearest = np.round(source).astype(int)
+    out = np.empty_like(phase)
+    out[:, 0] = phase[nearest, 0]
+    for t in range(1, phase.shape[1]):
+        out[:, t] = out[:, t - 1] + alpha * advance[nearest, t - 1]
+    _, y = signal.istft(mag * np.exp(1j * out), fs=SAMPLE_RATE, nperseg=n, noverlap=n - hop)
     return y[: len(x)]
 
 
@@ -275,7 +288,8 @@ def build_babble(data_dir: Path, seed: int = 0) -> None:
     rng = np.random.default_rng([seed, 13])
     bank = np.zeros(BABBLE_SECONDS * SAMPLE_RATE)
     for start in range(0, len(bank), SAMPLE_RATE):
-        for k in rng.choice(len(clips), size=int(rng.integers(3, 8)), replace=False):
+        voices = int(rng.integers(3, 8))
+        for k in rng.choice(len(clips), size=voices, replace=voices > len(clips)):
             x, _ = sf.read(clips[k].path, dtype="float64")
             x = x[:SAMPLE_RATE] / np.sqrt(speech_power(x))
             seg = bank[start + int(rng.integers(0, SAMPLE_RATE // 2)) :][: len(x)]
@@ -287,7 +301,7 @@ def build_babble(data_dir: Path, seed: int = 0) -> None:
 @functools.lru_cache(maxsize=2)
 def babble_bank(seed: int) -> np.ndarray | None:
     path = babble_path(seed)
-    return np.load(path).astype(np.float64) if path.exists() else None
+    return np.load(path, allow_pickle=False).astype(np.float64) if path.exists() else None
 
 
 def noise(n: int, rng: np.random.Generator, babble: np.ndarray | None) -> np.ndarray:

@@ -1,0 +1,76 @@
+"""Training-time augmentation (streamd.train.data): each effect does what its name says, and
+babble is made of training speakers only."""
+
+import numpy as np
+import soundfile as sf
+
+from streamd.train import data
+from test_eval import make_digit_corpus
+
+RATE = 16000
+
+
+def band_energy(x: np.ndarray, lo: float, hi: float) -> float:
+    spec = np.abs(np.fft.rfft(x)) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / RATE)
+    return float(spec[(f >= lo) & (f < hi)].sum())
+
+
+def f0(x: np.ndarray) -> float:
+    """The strongest frequency between 100 and 200 Hz (the fundamental of ``harmonics()``)."""
+    middle = x[len(x) // 8 : -len(x) // 8]
+    spec = np.abs(np.fft.rfft(middle))
+    f = np.fft.rfftfreq(len(middle), 1 / RATE)
+    band = (f >= 100) & (f <= 200)
+    return float(f[band][np.argmax(spec[band])])
+
+
+def harmonics(f0: float = 150.0, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 20)) * 3000
+
+
+def test_vtlp_moves_the_spectrum_and_keeps_the_duration():
+    x = harmonics()
+    assert np.allclose(data.vtlp(x, 1.0), x, atol=1e-6)
+    for alpha in (0.9, 1.1):
+        y = data.vtlp(x, alpha)
+        assert len(y) == len(x)
+        assert abs(f0(y) - 150 * alpha) < 3, (alpha, f0(y))  # the partials move, coherently
+
+
+def test_telephone_keeps_300_to_3400_hz_only():
+    x = np.random.default_rng(0).standard_normal(RATE) * 3000
+    y = data.telephone(x)
+    assert len(y) == len(x)
+    kept = band_energy(y, 500, 3000) / band_energy(x, 500, 3000)
+    assert kept > 0.5
+    assert band_energy(y, 20, 150) / band_energy(x, 20, 150) < 0.05 * kept
+    assert band_energy(y, 4200, 8000) / band_energy(x, 4200, 8000) < 0.01 * kept
+
+
+def test_noise_is_babble_three_times_in_ten_else_unit_coloured_noise():
+    rng = np.random.default_rng(1)
+    babble = np.full(5 * RATE, 7.0)  # recognisable: a constant
+    picked = [data.noise(RATE, rng, babble) for _ in range(200)]
+    share = np.mean([np.all(p == 7.0) for p in picked])
+    assert 0.2 < share < 0.4  # babble p=0.3, otherwise coloured noise
+    assert all(abs(p.std() - 1) < 0.2 for p in picked if not np.all(p == 7.0))
+
+
+def test_babble_comes_from_training_speakers_only(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    truth = make_digit_corpus(root)  # theo (held out) + ASC words marked held out
+    train = root / "fsdd" / "jackson"
+    train.mkdir()
+    rows = (root / "fsdd" / "manifest.csv").read_text().splitlines()
+    tone = (np.sin(np.arange(RATE) * 2 * np.pi * 440 / RATE) * 8000).astype(np.int16)
+    sf.write(train / "a.flac", tone, RATE)
+    (root / "fsdd" / "manifest.csv").write_text("\n".join(rows + ["jackson/a.flac,jackson,3,0,1.0"]) + "\n")
+    monkeypatch.setattr(data, "WORK_DIR", tmp_path / "work")
+    data.build_babble(root, seed=0)
+    bank = np.load(data.babble_path(0), allow_pickle=False)
+    assert len(bank) == data.BABBLE_SECONDS * RATE and abs(bank.std() - 1) < 1e-3
+    # the only training clip is a 440 Hz tone: held-out voices (theo, ASC val) are not in it
+    assert band_energy(bank, 430, 450) > 0.95 * band_energy(bank, 20, 8000)
+    assert len(truth) > 0
