@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import Config
-from streamd.evaluate import Clip, digit_report, held_out_clips
+from streamd.evaluate import Clip, digit_lines, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
 from streamd.vad import utterance_audio
@@ -108,14 +108,7 @@ def format_report(r: dict) -> str:
     lines = [f"split: {r['split']}; noise: {r['noise']}",
              f"decision in use: {r['in_use']} (min_confidence {r['min_confidence']:.2f})"]
     for name, c in r["conditions"].items():
-        for corpus, label in (("fsdd", "English"), ("asc", "Arabic")):
-            if corpus in c:
-                m = c[corpus]
-                lines.append(f"{name:>10} {label}: {m['accuracy']:.1%} of {m['clips']} "
-                             f"(daemon's rule: {m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null)")
-        n = c["non_digit_called_digit"]
-        if n["rate"] is not None:
-            lines.append(f"{name:>10} other words called a digit: {n['rate']:.1%} of {n['clips']}")
+        lines += digit_lines(c, f"{name:>10} ")
     return "\n".join(lines + comparison(r))
 
 

@@ -48,13 +48,12 @@ def embed(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
     return book.model.run(normalize(mfcc(audio, p), p))
 
 
-def trials(book: SpeakerBook, clips: list[Clip], cfg, seed: int = 0, snr_db: float | None = None) -> dict:
-    """Enrolment from clean clips; probes (the other clips, alone and as phrases) clean or at
-    ``snr_db``."""
+def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: list[np.ndarray],
+           seed: int = 0) -> dict:
+    """Enrolment from the ``clean`` cuts; probes (the other clips, alone and as phrases) from
+    ``cuts`` (the same, or the clips in noise)."""
     rng = np.random.default_rng(seed)
     names = sorted({c.speaker for c in clips})
-    clean = [clip_cut(c, cfg) for c in clips]
-    cuts = clean if snr_db is None else [clip_cut(c, cfg, snr_db, n) for n, c in enumerate(clips)]
     spk = np.array([c.speaker for c in clips])
     enrolled, singles, phrases = {}, [], []
     for name in names:
@@ -153,9 +152,12 @@ def public(result: dict) -> dict:
 
 def evaluate_speakers(data: Path, cfg, book: SpeakerBook, noisy: tuple[float, ...] = NOISY) -> dict:
     clips = held_out_clips(data)
-    result = report(book, trials(book, clips, cfg))
-    result["noisy_probes"] = {f"snr_{snr:g}db": public(report(book, trials(book, clips, cfg, snr_db=snr)))
-                              for snr in noisy}
+    clean = [clip_cut(c, cfg) for c in clips]
+    result = report(book, trials(book, clips, clean, clean))
+    result["noisy_probes"] = {}
+    for snr in noisy:
+        noisy_cuts = [clip_cut(c, cfg, snr, n) for n, c in enumerate(clips)]
+        result["noisy_probes"][f"snr_{snr:g}db"] = public(report(book, trials(book, clips, clean, noisy_cuts)))
     return result
 
 

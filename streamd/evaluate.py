@@ -152,18 +152,24 @@ def evaluate(data: Path, cfg: Config, models: Models, progress=None) -> dict:
     }
 
 
-def format_report(r: dict) -> str:
-    d, s = r["digits"], r["speaker_single_clips"]
-    lines = [f"split: {r['split']}"]
-    for corpus, label in (("fsdd", "English (FSDD)"), ("asc", "Arabic (ASC)")):
-        if corpus not in d:
-            continue
-        c = d[corpus]
-        lines.append(f"digits {label}: accuracy {c['accuracy']:.1%} on {c['clips']} clips "
-                     f"(with the daemon's rejection rule: {c['accuracy_with_rejection']:.1%}, rejected {c['rejected']:.1%})")
+def digit_lines(d: dict, prefix: str) -> list[str]:
+    """A ``digit_report`` in lines: per corpus the model's choice and the daemon's rule, then
+    the other words taken for a digit."""
+    lines = []
+    for corpus, label in (("fsdd", "English"), ("asc", "Arabic")):
+        if corpus in d:
+            m = d[corpus]
+            lines.append(f"{prefix}{label}: {m['accuracy']:.1%} of {m['clips']} (daemon's rule: "
+                         f"{m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null)")
     n = d["non_digit_called_digit"]
     if n["rate"] is not None:
-        lines.append(f"non-digit words called a digit: {n['rate']:.1%} of {n['clips']}")
+        lines.append(f"{prefix}other words called a digit: {n['rate']:.1%} of {n['clips']}")
+    return lines
+
+
+def format_report(r: dict) -> str:
+    s = r["speaker_single_clips"]
+    lines = [f"split: {r['split']}"] + digit_lines(r["digits"], "digits ")
     for name, v in s.items():
         lines.append(f"speaker EER, single clips, {name}: {v['eer']:.1%} ({v['speakers']} speakers, {v['pairs']} pairs; "
                      f"threshold at EER {v['threshold_at_eer']:.3f}, at 1% FAR {v['threshold_at_far_1pct']:.3f})")

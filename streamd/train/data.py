@@ -91,12 +91,13 @@ def speakers(clips: list[Clip], heldout: bool) -> list[str]:
 
 def is_validation(clip: Clip) -> bool:
     """A digit-validation speaker (see ASC_VALIDATION): neither trained on nor tested on."""
-    return clip.speaker in {f"asc/{s}" for s in ASC_VALIDATION} or clip.speaker in _synth_validation_names()
+    return clip.speaker in _validation_speakers()
 
 
-def _synth_validation_names() -> set[str]:
+@functools.cache
+def _validation_speakers() -> frozenset[str]:
     voices = synth_voices(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, 0)[SYNTH_TRAIN_VOICES:]
-    return {f"synth/{v.name}" for v in voices}
+    return frozenset([f"asc/{s}" for s in ASC_VALIDATION] + [f"synth/{v.name}" for v in voices])
 
 
 # --------------------------------------------------------------------------- synthetic speech

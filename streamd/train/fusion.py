@@ -67,7 +67,7 @@ def run(opts: Options) -> int:
     for name, logits in decisions(val, fusion).items():
         t = confidence_threshold(softmax(logits), validation.labels(), MAX_NON_DIGIT)
         thresholds[name] = t["value"]
-        report[name] = {"validation": t["at_value"], "test": test_report(tested[name], test, t["value"])}
+        report[name] = {"validation": t["at_value"], "test": held_out_report(tested[name], test, t["value"])}
     choice = max(report, key=lambda n: report[n]["validation"]["digit_correct"])
     write(opts, cards, fusion, thresholds, report, choice)
     card.write_docs(opts.out_dir)
@@ -78,7 +78,7 @@ def run(opts: Options) -> int:
     return 0
 
 
-def test_report(logits: np.ndarray, test: data.FeatureSet, threshold: float) -> dict:
+def held_out_report(logits: np.ndarray, test: data.FeatureSet, threshold: float) -> dict:
     """Held-out figures of one decision: per corpus, and at its validation threshold."""
     probs, labels = softmax(logits), test.labels()
     corpus = np.array([test.clips[c].corpus for c in test.clip_index])
