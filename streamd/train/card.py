@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from streamd.features import FeatureParams
-from streamd.train import common, data, scoring
+from streamd.train import data, scoring
 from streamd.vad import VadParams
 
 SPLIT_TEXT = (
@@ -125,7 +125,7 @@ def base_card(kind: str, path: Path, output: dict, train: data.FeatureSet, heldo
         "suggested_threshold": threshold,
         "created": dt.date.today().isoformat(),
         "torch_version": _torch_version(),
-        "onnx_opset": common.OPSET,
+        "onnx_opset": scoring.OPSET,
         "onnxruntime_version": onnxruntime.__version__,
     }
 

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from streamd.train.scoring import ort_session
+from streamd.train.scoring import OPSET, ort_session
 
-OPSET = 17
 PARITY_TOL = 1e-4
 
 

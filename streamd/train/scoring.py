@@ -12,6 +12,8 @@ from streamd.train import data
 
 # The two digit model families (streamd.train.nets DigitNet and DigitRNN) and their files.
 FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx"}
+# The ONNX opset every exported model uses (streamd.train.common exports with it).
+OPSET = 17
 
 def ort_session(path: Path):
     import onnxruntime as ort
