@@ -31,6 +31,11 @@ class Job:
     digit_feats: np.ndarray | None  # None: speaker only (a partial decision)
     finish: Finish  # called with the embedding and the digit logits (or None)
     ready_at: float = field(default_factory=time.monotonic)
+    utterance: int | None = None  # with stream: what a newer job for the same utterance supersedes
+
+    @property
+    def partial(self) -> bool:
+        return self.digit_feats is None
 
 
 class Batcher:
@@ -56,12 +61,25 @@ class Batcher:
         self._todo: queue.Queue = queue.Queue(maxsize=1)
         self._done: queue.Queue = queue.Queue()
         self._in_flight = 0
+        self.superseded = 0  # partial decisions dropped for a newer job of their utterance
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def submit(self, job: Job) -> None:
-        self.jobs.append(job)
+        """Queue a job. A partial decision still waiting for the models when a newer job of the
+        same utterance arrives is dropped: under load, stale partials would only delay the rest."""
+        stale = [i for i, j in enumerate(self.jobs) if job.utterance is not None and j.partial
+                 and (j.stream, j.utterance) == (job.stream, job.utterance)]
+        if not stale:
+            self.jobs.append(job)
+            return
+        # The new job takes the first stale one's place and wait, so the batch is not held back.
+        job.ready_at = min(job.ready_at, self.jobs[stale[0]].ready_at)
+        self.jobs[stale[0]] = job
+        for i in reversed(stale[1:]):
+            del self.jobs[i]
+        self.superseded += len(stale)
 
     def due(self, now: float | None = None) -> bool:
         return bool(self.jobs) and (now or time.monotonic()) - self.jobs[0].ready_at >= self.wait_s

@@ -178,6 +178,7 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         "latency_s_p99": float(np.percentile(lat, 99)) if len(lat) else None,
         "stage_s_p99": {s: histogram_quantile(metrics, s, 0.99) for s in STAGES},
         "batch_mean": _mean_batch(metrics),
+        "partials_superseded": 0 if naive else engine.batcher.superseded,
         "cpu_per_audio_s": result["cpu"] / audio_s,
         "cpu_cores": result["cpu"] / result["wall"],
         "realtime_factor": (audio_s / streams) / result["wall"],

@@ -164,7 +164,7 @@ class StreamPipeline:
                 cluster=who.cluster))
 
         feats = self._utterance_features(self.models.speaker.params, self._heard)
-        self.batcher.submit(Job(self.stream, feats, None, finish))
+        self.batcher.submit(Job(self.stream, feats, None, finish, utterance=start.utterance))
 
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -183,7 +183,8 @@ class StreamPipeline:
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
         self.batcher.submit(Job(self.stream, speaker_feats, digit_feats,
-                                lambda embedding, logits: self._decide(end, utt, embedding, logits)))
+                                lambda embedding, logits: self._decide(end, utt, embedding, logits),
+                                utterance=end.utterance))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
         with self._timed("identity"):
