@@ -1,0 +1,46 @@
+"""`streamd bench`: the whole pipeline, many streams in one process, real models and sockets.
+Only what the run produced is checked here; its speed figures belong in BENCHMARKS.md."""
+
+import json
+
+import pytest
+
+from conftest import streamd
+
+KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
+        "cpu_per_audio_s", "rss_mb", "events", "partials_superseded", "provider"}
+
+
+def bench(*args: str) -> dict:
+    done = streamd("bench", "--seconds", "8", "--pace", "fast", "--json", *args,
+                   capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return bench("--streams", "3")
+
+
+def test_bench_runs_every_stream_through_the_models(speech):
+    assert KEYS <= set(speech)
+    assert speech["streams"] == 3 and speech["audio_s"] == pytest.approx(24.0)
+    assert speech["overruns"] == 0 and speech["dropped_events"] == 0
+    # 8 s of the bundled words and phrases hold several utterances per stream, each giving
+    # vad.start, vad.end, speaker and digit events.
+    assert speech["events"] >= 3 * 3 * 4
+    assert 0 < speech["latency_s_p50"] <= speech["latency_s_p99"]
+    assert speech["stage_s_p99"]["inference"] > 0 and speech["cpu_per_audio_s"] > 0
+
+
+def test_silent_streams_do_almost_no_model_work(speech):
+    silent = bench("--streams", "3", "--silent")
+    assert silent["silent"] and silent["overruns"] == 0
+    assert silent["events"] < speech["events"] / 4
+
+
+def test_the_naive_pipeline_runs_the_same_audio():
+    naive = bench("--streams", "2", "--naive")
+    assert naive["mode"] == "naive" and naive["events"] >= 2 * 3 * 4
+    assert 0 < naive["latency_s_p50"] <= naive["latency_s_p99"]
