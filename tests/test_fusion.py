@@ -10,7 +10,8 @@ import pytest
 from streamd.config import Config
 from streamd.digits import Fusion, log_softmax
 from streamd.inference import ModelError, digit_plan, load_digits
-from streamd.train.fusion import fit
+from streamd.train.fusion import fit, shift_non_digit
+from streamd.train.scoring import operating_points, softmax
 from conftest import MODELS
 from test_streams import utterance_features
 
@@ -31,6 +32,25 @@ def test_fused_logits_are_the_weighted_sum_of_log_probabilities_plus_bias():
     np.testing.assert_allclose(got, 0.5 * log_softmax(a) + 2.0 * log_softmax(b) + np.array(bias))
     with pytest.raises(ValueError, match="2 models given 1"):
         Fusion((0.5, 2.0), bias)([a])
+
+
+def test_the_non_digit_bias_moves_to_name_more_digits_within_the_false_accept_budget():
+    rng = np.random.default_rng(2)
+    labels = np.concatenate((rng.integers(0, 10, 600), np.full(600, 10)))
+    z = rng.standard_normal((1200, 11))
+    z[np.arange(1200), labels] += 4.0
+    z[:600, 10] += 3.5  # many digits look like "not a digit" to this model
+    fusion = Fusion((1.0,), tuple([0.0] * 11))
+
+    def at_budget(f):
+        points = operating_points(softmax(f([z])), labels, tuple(np.round(np.arange(0, 1, 0.01), 2)))
+        return next(p for p in points if p["non_digit_accepted"] <= 0.02)
+
+    shifted, shift = shift_non_digit(fusion, [z], labels, 0.02)
+    assert shift < 0 and shifted.bias[10] == pytest.approx(shift) and shifted.bias[:10] == fusion.bias[:10]
+    before, after = at_budget(fusion), at_budget(shifted)
+    assert after["digit_correct"] > before["digit_correct"] + 0.05
+    assert after["non_digit_accepted"] <= 0.02
 
 
 def test_fit_leans_on_the_family_that_knows_and_beats_each_alone():
