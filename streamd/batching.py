@@ -61,15 +61,16 @@ class Batcher:
         self._todo: queue.Queue = queue.Queue(maxsize=1)
         self._done: queue.Queue = queue.Queue()
         self._in_flight = 0
-        self.superseded = 0  # partial decisions dropped for a newer job of their utterance
+        self.superseded = 0  # partial decisions dropped for a newer partial of their utterance
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def submit(self, job: Job) -> None:
-        """Queue a job. A partial decision still waiting for the models when a newer job of the
-        same utterance arrives is dropped: under load, stale partials would only delay the rest."""
-        stale = [i for i, j in enumerate(self.jobs) if job.utterance is not None and j.partial
+        """Queue a job. A partial decision still waiting for the models when a newer partial of
+        the same utterance arrives is dropped: under load it would only delay the rest. (The
+        final decision does not drop it: each long utterance keeps its partial.)"""
+        stale = [i for i, j in enumerate(self.jobs) if job.partial and job.utterance is not None and j.partial
                  and (j.stream, j.utterance) == (job.stream, job.utterance)]
         if not stale:
             self.jobs.append(job)

@@ -54,7 +54,7 @@ def test_batcher_waits_a_bounded_time_then_runs_every_job(models):
     assert all((l is None) == (i % 2 == 0) for i, _, l in got)
 
 
-def test_a_waiting_partial_is_dropped_for_a_newer_job_of_its_utterance(models):
+def test_a_waiting_partial_is_dropped_for_a_newer_partial_of_its_utterance(models):
     s = utterance_features(models.speaker)[0]
     d = utterance_features(models.digits)[0]
     got = []
@@ -63,12 +63,13 @@ def test_a_waiting_partial_is_dropped_for_a_newer_job_of_its_utterance(models):
     first_ready = batcher.jobs[0].ready_at
     batcher.submit(Job("b", s, None, lambda e, l: got.append("b1 partial"), utterance=1))
     batcher.submit(Job("a", s, None, lambda e, l: got.append("a1 partial 2"), utterance=1))
+    batcher.submit(Job("a", s, None, lambda e, l: got.append("a1 partial 3"), utterance=1))
     batcher.submit(Job("a", s, d, lambda e, l: got.append("a1 final"), utterance=1))
     batcher.submit(Job("a", s, None, lambda e, l: got.append("a2 partial"), utterance=2))
-    assert batcher.superseded == 2 and len(batcher) == 3
+    assert batcher.superseded == 2 and len(batcher) == 4
     assert batcher.jobs[0].ready_at == first_ready  # the batch does not wait longer for it
     batcher.run()
-    assert got == ["a1 final", "b1 partial", "a2 partial"]
+    assert got == ["a1 partial 3", "b1 partial", "a1 final", "a2 partial"]
 
 
 def test_models_on_their_own_thread_give_the_same_results_on_the_callers_thread(models):
