@@ -1,5 +1,5 @@
 """Time one session call of each shipped model on one CPU thread (models.threads = 1):
-the speaker encoder per 1.6 s window alone and in a batch of 8, each digit model family per
+the speaker encoder per 1.6 s window alone, in a batch of 8 and per second of speech, each digit model family per
 second of audio. Run from the repo root: python scripts/time_models.py"""
 
 import time
@@ -25,9 +25,12 @@ def per_row_ms(model, shape: tuple[int, ...]) -> float:
 def main() -> None:
     cfg = config.load(None)
     models = load_models(replace(cfg, digits=replace(cfg.digits, model="fused")), "cpu")
-    window = models.speaker.card.window[0]
-    print(f"speaker, one {window}-frame window alone: {per_row_ms(models.speaker, (1, window, 40)):.1f} ms")
+    window, hop, _ = models.speaker.card.window
+    alone = per_row_ms(models.speaker, (1, window, 40))
+    print(f"speaker, one {window}-frame window alone: {alone:.1f} ms")
     print(f"speaker, per window in a batch of 8:    {per_row_ms(models.speaker, (8, window, 40)):.1f} ms")
+    # A long utterance gets a window every hop frames: cost per second of speech.
+    print(f"speaker, per second of speech (a window per {hop * 10} ms): {alone * 100 / hop:.1f} ms")
     for name, digits in models.digits.members.items():
         print(f"digits {name}, one 1 s utterance:           {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
 

@@ -75,6 +75,13 @@ class ModelCard:
             return None
         return int(spec["frames"]), int(spec["hop_frames"]), float(spec.get("min_coverage", 0.75))
 
+    @property
+    def rows_alone(self) -> bool:
+        """Whether each input row must go through the model alone. Dynamically quantised
+        layers scale their inputs by the whole batch's range, so a row's output would depend
+        on the other rows in its batch (other windows, other streams)."""
+        return self.data["input"].get("batch_invariant", True) is False
+
 
 def read_card(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     """A JSON card with ``keys``; anything else is a one-line ModelError naming the file."""
@@ -190,8 +197,15 @@ class OnnxModel:
                 self.on_fallback(self.card.name, self.card.sha256, self.requested, stage, CUDA, CPU)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """One session call on a batch of model inputs. A CUDA session that fails (GPU lost,
-        out of GPU memory, driver reset) is replaced by a CPU one and the call repeated."""
+        """The model's outputs for a batch of inputs: one session call, or one per row for a
+        model whose rows must run alone (``ModelCard.rows_alone``)."""
+        if self.card.rows_alone and len(batch) > 1:
+            return np.concatenate([self._call(batch[i : i + 1]) for i in range(len(batch))])
+        return self._call(batch)
+
+    def _call(self, batch: np.ndarray) -> np.ndarray:
+        """One session call. A CUDA session that fails (GPU lost, out of GPU memory, driver
+        reset) is replaced by a CPU one and the call repeated."""
         feed = {self.input_name: np.ascontiguousarray(batch, np.float32)}
         try:
             return self.session.run([self.output_name], feed)[0]

@@ -253,6 +253,11 @@ def _speaker_md(c: dict) -> list[str]:
     if "provenance" in c:
         lines += [f"Provenance: {c['provenance'].get('source', '')}; licence "
                   f"{c['provenance'].get('licence', '')}.", ""]
+    if q := c.get("quantization"):
+        agree = q["agreement_with_float_on_speech"]
+        lines += [f"Quantised: {q['kind']}; {q['quantized']}. Cosine to the float model's embeddings on "
+                  f"{agree['windows']} speech windows: mean {agree['cosine_mean']}, min {agree['cosine_min']}. "
+                  "Back end, cohort and calibration were fitted on the quantised encoder's outputs.", ""]
     if "back_end" in c:
         lines += [f"Back end (in the graph): {c['back_end']['kind'].upper()}, {c['back_end']['dims_removed']} "
                   f"within-speaker directions removed; {c['back_end']['graph']}. Fitted on "

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--adapt-speakers", type=int, default=5, help="digits --adapt: speakers to use (default 5)")
     p.add_argument("--adapt-reps", type=int, default=5,
                    help="digits --adapt: clips per digit (and of other words) per speaker (default 5)")
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="speaker: ship the float encoder instead of the int8 one (e.g. for CUDA, where "
+                        "onnxruntime runs the int8 LSTM layers on the CPU)")
     p.add_argument("--scratch", action="store_true",
                    help="speaker: train the x-vector baseline from scratch instead of converting "
                         "the pretrained GE2E encoder (the shipped model)")
@@ -91,7 +94,7 @@ def run(args) -> int:
     else:
         from streamd.train import speaker_encoder
 
-        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out, cache_dir=args.cache))
+        code = speaker_encoder.run(speaker_encoder.Options(args.data, args.out, cache_dir=args.cache, int8=args.int8))
     print(f"streamd train {args.model}: done in {time.time() - t0:.0f} s")
     return code
 
