@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-DEFAULT_EPOCHS = {"digits": 30, "speaker": 30}
+DEFAULT_EPOCHS = {"digits": 60, "speaker": 30}
 
 
 def register(subparsers) -> None:
