@@ -8,7 +8,7 @@ import pytest
 from conftest import streamd
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
-        "cpu_per_audio_s", "rss_mb", "events", "partials_superseded", "provider"}
+        "cpu_per_audio_s", "rss_mb", "events", "partials_superseded", "provider", "end_of_streams"}
 
 
 def bench(*args: str) -> dict:
@@ -31,6 +31,11 @@ def test_bench_runs_every_stream_through_the_models(speech):
     # vad.start, vad.end, speaker and digit events.
     assert speech["events"] >= 3 * 3 * 4
     assert 0 < speech["latency_s_p50"] <= speech["latency_s_p99"]
+    # The end of the streams cuts utterances (the bundled audio is deterministic): their
+    # decisions, a speaker and a digit each, are counted apart from the rest.
+    ended = speech["end_of_streams"]["decisions"]
+    assert ended > 0 and ended % 2 == 0 and speech["end_of_streams"]["latency_s_max"] > 0
+    assert speech["events"] - 2 * speech["end_of_streams"]["decisions"] >= 3 * 3 * 4
     assert speech["stage_s_p99"]["inference"] > 0 and speech["cpu_per_audio_s"] > 0
 
 
