@@ -19,6 +19,8 @@ import numpy as np
 
 from streamd.inference import Models, run_batched
 
+PARTIALS_PER_BATCH = 4  # partial decisions handed to the models' thread at once when no final waits
+
 Finish = Callable[[np.ndarray, "np.ndarray | None"], None]
 
 
@@ -113,6 +115,20 @@ class Batcher:
         for i, job in enumerate(jobs):
             job.finish(embeddings[i], logits.get(i))
 
+    def _take(self) -> list[Job]:
+        """The next batch for the models' thread: every final decision waiting (with the
+        partials of the same utterances, so a partial never comes after its final), else a
+        few partials. A final then waits for at most a small batch of partials, and partials
+        left waiting are superseded by newer ones rather than piling up."""
+        finals = {(j.stream, j.utterance) for j in self.jobs if not j.partial}
+        if finals:
+            take = [j for j in self.jobs if (j.stream, j.utterance) in finals]
+        else:
+            take = self.jobs[:PARTIALS_PER_BATCH]
+        taken = {id(j) for j in take}
+        self.jobs = [j for j in self.jobs if id(j) not in taken]
+        return take
+
     # ---- models on their own thread
 
     def start(self) -> None:
@@ -143,7 +159,7 @@ class Batcher:
                 self._finish(jobs, *result)
                 finished += len(jobs)
         if self.jobs and not self._in_flight and (force or self.due()):
-            jobs, self.jobs = self.jobs, []
+            jobs = self._take()
             self._in_flight += 1
             self._todo.put(jobs)
         return finished

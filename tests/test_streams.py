@@ -72,6 +72,23 @@ def test_a_waiting_partial_is_dropped_for_a_newer_partial_of_its_utterance(model
     assert got == ["a1 partial 3", "b1 partial", "a1 final", "a2 partial"]
 
 
+def test_final_decisions_go_to_the_models_before_waiting_partials(models):
+    from streamd.batching import PARTIALS_PER_BATCH
+
+    s = utterance_features(models.speaker)[0]
+    d = utterance_features(models.digits)[0]
+    batcher = Batcher(models, max_batch=64, wait_s=0.0)
+    for i in range(PARTIALS_PER_BATCH + 2):
+        batcher.submit(Job(f"p{i}", s, None, lambda e, l: None, utterance=1))
+    batcher.submit(Job("c", s, None, lambda e, l: None, utterance=7))
+    batcher.submit(Job("c", s, d, lambda e, l: None, utterance=7))
+    first = batcher._take()
+    assert [(j.stream, j.partial) for j in first] == [("c", True), ("c", False)]  # its partial first
+    second = batcher._take()
+    assert [j.stream for j in second] == [f"p{i}" for i in range(PARTIALS_PER_BATCH)]
+    assert [j.stream for j in batcher.jobs] == [f"p{i}" for i in range(PARTIALS_PER_BATCH, PARTIALS_PER_BATCH + 2)]
+
+
 def test_models_on_their_own_thread_give_the_same_results_on_the_callers_thread(models):
     import threading
 
