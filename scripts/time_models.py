@@ -1,6 +1,6 @@
 """Time one session call of each shipped model on one CPU thread (models.threads = 1):
-the speaker encoder per 1.6 s window alone, in a batch of 8 and per second of speech, each digit model family per
-second of audio. Run from the repo root: python scripts/time_models.py"""
+the speaker encoder per 1.6 s window alone, in a batch of 8 and per second of speech, each
+digit model family per second of audio. Run from the repo root: python scripts/time_models.py"""
 
 import time
 from dataclasses import replace

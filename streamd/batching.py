@@ -33,7 +33,7 @@ class Job:
     digit_feats: np.ndarray | None  # None: speaker only (a partial decision)
     finish: Finish  # called with the embedding and the digit logits (or None)
     ready_at: float = field(default_factory=time.monotonic)
-    utterance: int | None = None  # with stream: what a newer job for the same utterance supersedes
+    utterance: int | None = None  # with stream: which utterance (partials superseded, finals first)
 
     @property
     def partial(self) -> bool:
@@ -72,8 +72,9 @@ class Batcher:
         """Queue a job. A partial decision still waiting for the models when a newer partial of
         the same utterance arrives is dropped: under load it would only delay the rest. (The
         final decision does not drop it: each long utterance keeps its partial.)"""
-        stale = [i for i, j in enumerate(self.jobs) if job.partial and job.utterance is not None and j.partial
-                 and (j.stream, j.utterance) == (job.stream, job.utterance)]
+        key = (job.stream, job.utterance)
+        stale = [i for i, j in enumerate(self.jobs) if j.partial and (j.stream, j.utterance) == key] \
+            if job.partial and job.utterance is not None else []
         if not stale:
             self.jobs.append(job)
             return

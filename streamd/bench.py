@@ -100,6 +100,7 @@ class NaivePipeline:
 
     def __init__(self, stream: str, cfg: Config, models, book: SpeakerBook, publisher: Publisher):
         self.stream, self.cfg, self.models, self.book, self.publisher = stream, cfg, models, book, publisher
+        self.min_digit_confidence = models.digits.min_confidence(cfg.digits.min_confidence)
         self.segmenter = Segmenter(cfg.vad)
         self.audio: list[np.ndarray] = []
         self.start: SpeechStart | None = None
@@ -140,7 +141,7 @@ class NaivePipeline:
         embedding = sp.run(normalize(mfcc(audio, sp.params), sp.params))  # features computed twice, as such code does
         logits = dg.run(normalize(mfcc(audio, dg.params), dg.params))
         utt = Utterance(normalize(mfcc(audio, sp.params), sp.params), end.t_end - end.t_start, *audio_level(audio))
-        who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.models.digits.min_confidence(self.cfg.digits.min_confidence))
+        who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.min_digit_confidence)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self.publisher.publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score,
                                             latency_s=time.monotonic() - end.closed_at))

@@ -43,6 +43,7 @@ from streamd import evaluate
 from streamd.features import mel_params, mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import ModelCard, OnnxModel
+from streamd.train.scoring import OPSET, ort_session
 from streamd.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
@@ -119,10 +120,8 @@ def export(enc: nn.Module, path: Path, sample: torch.Tensor | None = None) -> fl
     x = sample if sample is not None else torch.rand(3, WINDOW["frames"], 40) * 0.1
     torch.onnx.export(enc, (x,), str(path), input_names=["feats"], output_names=["embedding"],
                       dynamic_axes={"feats": {0: "batch", 1: "time"}, "embedding": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                      opset_version=OPSET, dynamo=False)
+    sess = ort_session(path)
     with torch.no_grad():
         ref = enc(x).numpy()
     return float(np.abs(sess.run(None, {"feats": x.numpy()})[0] - ref).max())
@@ -143,12 +142,10 @@ def quantize(src: Path, dst: Path) -> None:
 
 def agreement(float_path: Path, int8_path: Path, windows: torch.Tensor) -> dict:
     """Cosine between the float and int8 models' embeddings of the same speech windows."""
-    import onnxruntime as ort
-
     x = windows.numpy()
 
     def each_alone(path: Path) -> np.ndarray:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         return np.concatenate([sess.run(None, {"feats": x[i : i + 1]})[0] for i in range(len(x))])
 
     a, b = each_alone(float_path), each_alone(int8_path)
