@@ -12,6 +12,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,36 +35,48 @@ class Job:
     finish: Finish  # called with the embedding and the digit logits (or None)
     ready_at: float = field(default_factory=time.monotonic)
     utterance: int | None = None  # with stream: which utterance (partials superseded, finals first)
+    early: bool = False  # a final decision computed before the utterance closed (it may never be used)
 
     @property
     def partial(self) -> bool:
         return self.digit_feats is None
+
+    def supersedes(self, waiting: "Job") -> bool:
+        """Whether this job makes ``waiting`` (same stream and utterance) useless: a newer
+        partial replaces a partial; a final or newer early final replaces an early final."""
+        if (waiting.stream, waiting.utterance) != (self.stream, self.utterance) or self.utterance is None:
+            return False
+        return waiting.partial if self.partial else waiting.early
 
 
 class Batcher:
     """Collects jobs and runs them through the models in batches.
 
     ``run()`` runs every waiting job at once on the calling thread. After ``start()`` the
-    models run on a thread of their own instead (onnxruntime releases the GIL, so model work
-    uses another core while the calling thread goes on with capture, VAD and features):
-    ``pump()`` hands the waiting jobs over when the oldest has waited ``wait_s`` and the
-    thread is free (jobs that arrive meanwhile make the next batch larger), and calls the
-    ``finish`` of jobs whose results are back, always on the calling thread, in order.
-    ``wake`` is called from the model thread when results are back."""
+    models run on ``workers`` threads of their own instead (onnxruntime releases the GIL, so
+    model work uses other cores while the calling thread goes on with capture, VAD and
+    features): ``pump()`` hands the waiting jobs over when the oldest has waited ``wait_s``
+    and a worker is free (jobs that arrive meanwhile make the next batch larger), and calls
+    the ``finish`` of jobs whose results are back, always on the calling thread. A stream has
+    at most one batch in flight, so each stream's results are finished in the order its jobs
+    were submitted. ``wake`` is called from a worker when results are back."""
 
     def __init__(self, models: Models, max_batch: int = 64, wait_s: float = 0.002,
-                 observe: Callable[[list[Job], float], None] | None = None):
+                 observe: Callable[[list[Job], float], None] | None = None, workers: int = 1):
         self.models = models
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.observe = observe  # told each batch and how long the models took
+        self.workers = max(1, workers)
         self.jobs: list[Job] = []
         self.wake: Callable[[], None] = lambda: None
-        self._thread: threading.Thread | None = None
-        self._todo: queue.Queue = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
+        self._todo: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         self._in_flight = 0
-        self.superseded = 0  # partial decisions dropped for a newer partial of their utterance
+        self._busy: Counter[str] = Counter()  # streams with a batch in flight
+        self.superseded = 0  # jobs dropped for a newer one of their utterance
+        self.model_cpu_s: Counter[str] = Counter()  # CPU seconds each model has taken (threads' own time)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -71,10 +84,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job. A partial decision still waiting for the models when a newer partial of
         the same utterance arrives is dropped: under load it would only delay the rest. (The
-        final decision does not drop it: each long utterance keeps its partial.)"""
-        key = (job.stream, job.utterance)
-        stale = [i for i, j in enumerate(self.jobs) if j.partial and (j.stream, j.utterance) == key] \
-            if job.partial and job.utterance is not None else []
+        final decision does not drop it: each long utterance keeps its partial.) So is an
+        early final when the utterance went on and a newer one (or the final) arrives."""
+        stale = [i for i, j in enumerate(self.jobs) if job.supersedes(j)] if job.utterance is not None else []
         if not stale:
             self.jobs.append(job)
             return
@@ -85,15 +97,21 @@ class Batcher:
             del self.jobs[i]
         self.superseded += len(stale)
 
+    def _ready(self) -> list[Job]:
+        """The waiting jobs that can go now: none of a stream whose last batch is in flight."""
+        return [j for j in self.jobs if j.stream not in self._busy] if self._busy else self.jobs
+
     def due(self, now: float | None = None) -> bool:
-        return bool(self.jobs) and (now or time.monotonic()) - self.jobs[0].ready_at >= self.wait_s
+        ready = self._ready()
+        return bool(ready) and (now or time.monotonic()) - ready[0].ready_at >= self.wait_s
 
     def wait_left(self, now: float | None = None) -> float:
-        """Seconds until the oldest job can be handed over (0 when due; inf when nothing
-        waits or the model thread is busy: ``wake`` says when it is free)."""
-        if not self.jobs or self._in_flight:
+        """Seconds until the oldest job that can go can be handed over (0 when due; inf when
+        none waits or every worker is busy: ``wake`` says when one is free)."""
+        ready = self._ready() if self._in_flight < self.workers else []
+        if not ready:
             return float("inf")
-        return max(0.0, self.jobs[0].ready_at + self.wait_s - (now or time.monotonic()))
+        return max(0.0, ready[0].ready_at + self.wait_s - (now or time.monotonic()))
 
     def run(self) -> int:
         """Run every waiting job now, on this thread."""
@@ -102,39 +120,44 @@ class Batcher:
             self._finish(jobs, *self._compute(jobs))
         return len(jobs)
 
-    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], float]:
-        start = time.perf_counter()
+    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], float, dict[str, float]]:
+        """The models' outputs, the seconds the batch took, and each model's CPU seconds."""
+        start, cpu0 = time.perf_counter(), time.thread_time()
         embeddings = run_batched(self.models.speaker, [j.speaker_feats for j in jobs], self.max_batch)
+        cpu1 = time.thread_time()
         with_digits = [i for i, j in enumerate(jobs) if j.digit_feats is not None]
         logits = self.models.digits.run_many([jobs[i].digit_feats for i in with_digits], self.max_batch)
-        return embeddings, dict(zip(with_digits, logits)), time.perf_counter() - start
+        cpu = {"speaker": cpu1 - cpu0, "digits": time.thread_time() - cpu1}
+        return embeddings, dict(zip(with_digits, logits)), time.perf_counter() - start, cpu
 
     def _finish(self, jobs: list[Job], embeddings: list[np.ndarray], logits: dict[int, np.ndarray],
-                seconds: float) -> None:
+                seconds: float, cpu: dict[str, float]) -> None:
+        self.model_cpu_s.update(cpu)
         if self.observe is not None:
             self.observe(jobs, seconds)
         for i, job in enumerate(jobs):
             job.finish(embeddings[i], logits.get(i))
 
     def _take(self) -> list[Job]:
-        """The next batch for the models' thread: every final decision waiting (with the
-        partials of the same utterances, so a partial never comes after its final), else a
-        few partials. A final then waits for at most a small batch of partials, and partials
-        left waiting are superseded by newer ones rather than piling up."""
-        finals = {(j.stream, j.utterance) for j in self.jobs if not j.partial}
-        if finals:
-            take = [j for j in self.jobs if (j.stream, j.utterance) in finals]
-        else:
-            take = self.jobs[:PARTIALS_PER_BATCH]
+        """The next batch for the models: every final decision waiting, with the jobs of the
+        same streams before them (so a stream's results keep their order: a partial never
+        comes after a final), else a few partials. A final then waits for at most a small
+        batch of partials, and partials left waiting are superseded by newer ones rather than
+        piling up."""
+        ready = self._ready()
+        with_finals = {j.stream for j in ready if not j.partial}
+        take = [j for j in ready if j.stream in with_finals] if with_finals else ready[:PARTIALS_PER_BATCH]
         taken = {id(j) for j in take}
         self.jobs = [j for j in self.jobs if id(j) not in taken]
         return take
 
-    # ---- models on their own thread
+    # ---- models on their own threads
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="streamd-models", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._serve, name=f"streamd-models-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def _serve(self) -> None:
         while (jobs := self._todo.get()) is not None:
@@ -148,20 +171,22 @@ class Batcher:
         """Finish the jobs whose results are back (waiting up to ``wait_s`` for a batch in
         flight), then hand over the waiting jobs when they are due (or ``force``) and the
         models are free. Returns the jobs finished."""
-        if self._thread is None:
+        if not self._threads:
             return self.run() if self.jobs and (force or self.due()) else 0
         finished = 0
         with contextlib.suppress(queue.Empty):
             while True:
                 jobs, result = self._done.get(timeout=wait_s) if self._in_flight and wait_s else self._done.get_nowait()
                 self._in_flight -= 1
+                self._busy.subtract(j.stream for j in jobs)
+                self._busy += Counter()  # drops the streams no longer in flight
                 if isinstance(result, BaseException):
                     raise result
                 self._finish(jobs, *result)
                 finished += len(jobs)
-        if self.jobs and not self._in_flight and (force or self.due()):
-            jobs = self._take()
+        while self._in_flight < self.workers and (force or self.due()) and (jobs := self._take()):
             self._in_flight += 1
+            self._busy.update(j.stream for j in jobs)
             self._todo.put(jobs)
         return finished
 
@@ -173,7 +198,8 @@ class Batcher:
             self.pump(force=True, wait_s=max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        if self._thread is not None:
+        for _ in self._threads:
             self._todo.put(None)
-            self._thread.join(5)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(5)
+        self._threads = []

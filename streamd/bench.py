@@ -187,8 +187,11 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
                            "latency_s_max": max(publisher.end_latencies, default=None)},
         "stage_s_p99": {s: histogram_quantile(metrics, s, 0.99) for s in STAGES},
         "batch_mean": _mean_batch(metrics),
-        "partials_superseded": 0 if naive else engine.batcher.superseded,
+        "jobs_superseded": 0 if naive else engine.batcher.superseded,
+        "early_finals": _early_finals(metrics),
         "cpu_per_audio_s": result["cpu"] / audio_s,
+        "model_cpu_ms_per_audio_s": {} if naive else
+            {m: round(1000 * s / audio_s, 3) for m, s in sorted(engine.batcher.model_cpu_s.items())},
         "cpu_cores": result["cpu"] / result["wall"],
         "realtime_factor": (audio_s / streams) / result["wall"],
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -243,3 +246,13 @@ def _mean_batch(metrics: Metrics) -> float | None:
     samples = {s.name: s.value for m in metrics.batch_size.collect() for s in m.samples}
     count = samples.get("streamd_batch_size_count", 0)
     return samples["streamd_batch_size_sum"] / count if count else None
+
+
+def _early_finals(metrics: Metrics) -> dict[str, int]:
+    """Final decisions computed before their utterance closed: used, or wasted (speech went on)."""
+    out = {"used": 0, "wasted": 0}
+    for m in metrics.early_finals.collect():
+        for s in m.samples:
+            if s.name == "streamd_early_finals_total":
+                out[s.labels["outcome"]] += int(s.value)
+    return out

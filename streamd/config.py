@@ -75,6 +75,8 @@ class ModelsConfig:
     digits_fusion: str = "digits.fusion.json"  # "" or missing file: models.digits alone
     provider: str = "auto"
     threads: int = 1
+    workers: int = 2
+    early_finals: bool = True
     bucket_frames: int = 8
     batch_wait_ms: float = 2.0
     max_batch: int = 64
@@ -224,6 +226,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mel.preemph": (0.0, 1.0),
     "mel.ceplifter": (0, 100),
     "models.threads": (1, 64),
+    "models.workers": (1, 64),
     "models.bucket_frames": (0, 1000),
     "models.batch_wait_ms": (0.0, 100.0),
     "models.max_batch": (1, 4096),

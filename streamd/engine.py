@@ -28,8 +28,9 @@ class Engine:
         self.publisher = publisher
         self.metrics = metrics
         self.max_streams = max_streams
-        self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe)
-        self.batcher.start()  # the models run on their own thread: another core
+        self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe,
+                               cfg.models.workers)
+        self.batcher.start()  # the models run on threads of their own: other cores
         self.pipelines: dict[str, StreamPipeline] = {}
 
     def _observe(self, jobs: list[Job], seconds: float) -> None:

@@ -41,6 +41,9 @@ class Metrics:
         self.source_failures = Counter("streamd_source_failures_total",
                                        "Times a stream's source failed or disappeared (then retried).",
                                        ["stream"], registry=r)
+        self.early_finals = Counter(
+            "streamd_early_finals_total", "Final decisions computed once speech had been silent for vad.tail_ms: "
+            "used when the utterance then closed, wasted when speech went on.", ["stream", "outcome"], registry=r)
         self.batch_size = Histogram("streamd_batch_size", "Utterances per batched model run (all streams).",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.network_frames = Counter("streamd_network_frames_total", "Audio frames received from the network.",

@@ -6,6 +6,7 @@ import collections
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from streamd.identity import UNKNOWN, Decision
 from streamd.inference import Models
 from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook
-from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
+from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, model_span
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,30 @@ class Recent:
     utterance: int
     utt: Utterance
     embedding: np.ndarray
+
+
+@dataclass
+class EarlyFinal:
+    """An utterance's final decision computed once speech has been silent for ``vad.tail_ms``:
+    the audio the models see is complete then, so the rest of the hangover is spent on the
+    models instead of waiting. Used if the utterance then closes with no more speech;
+    wasted (and a newer one computed) if speech goes on."""
+
+    utterance: int
+    samples: int  # of the audio the models see: what the final decision would compute
+    result: tuple[np.ndarray, np.ndarray] | None = None
+    waiting: Callable[[np.ndarray, np.ndarray], None] | None = None  # the close came before the result
+
+    def done(self, embedding: np.ndarray, logits: np.ndarray) -> None:
+        self.result = (embedding, logits)
+        if self.waiting is not None:
+            self.waiting(embedding, logits)
+
+    def use(self, decide: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        if self.result is not None:
+            decide(*self.result)
+        else:
+            self.waiting = decide
 
 
 FEATURE_CHUNK_S = 0.2  # features computed per 0.2 s of speech (and whenever a decision needs them)
@@ -68,6 +93,8 @@ class StreamPipeline:
         self.metrics = metrics
         self.min_digit_confidence = models.digits.min_confidence(cfg.digits.min_confidence)
         self.partial_every_s = cfg.identity.partial_every_s
+        self.early_finals = cfg.models.early_finals
+        self._early: EarlyFinal | None = None
         self.recent: collections.deque[Recent] = collections.deque(maxlen=cfg.identity.recent_utterances)
         self.collector = None  # streamd.commands.Collector while enroll_next gathers speech
         self.utterances_seen = 0
@@ -135,6 +162,7 @@ class StreamPipeline:
                 self._add_audio(out.audio)
                 if frame is not None and not ending:
                     self._maybe_partial(frame)
+                    self._maybe_early_final(frame)
             elif isinstance(out, SpeechEnd):
                 self._open = None
                 self._end(out)
@@ -166,6 +194,33 @@ class StreamPipeline:
         feats = self._utterance_features(self.models.speaker.params, self._heard)
         self.batcher.submit(Job(self.stream, feats, None, finish, utterance=start.utterance))
 
+    def _model_samples(self, audio_t: float, t_end: float) -> int:
+        """Samples the models see of an utterance whose audio starts at ``audio_t`` and whose
+        speech ends at ``t_end`` (SpeechEnd.model_span: the pre-roll, the speech, the tail)."""
+        start_t, end_t = model_span(audio_t, t_end, self.segmenter.params)
+        return int(round((end_t - start_t) * SAMPLE_RATE))
+
+    def _maybe_early_final(self, frame: Frame) -> None:
+        """Once the tail after the last voiced frame is heard: the final decision, computed now."""
+        vad, start = self.segmenter.params, self._open
+        t_end = self.segmenter.last_voiced_end
+        if not self.early_finals or start is None or frame.t_end + 1e-6 < t_end + vad.tail_ms / 1000:
+            return
+        if (t_end - start.t_start) * 1000 < vad.min_utterance_ms:
+            return
+        samples = self._model_samples(start.audio_t, t_end)
+        if self._early is not None and (self._early.utterance, self._early.samples) == (start.utterance, samples):
+            return
+        self._count_early("wasted", self._early)  # speech went on after the last one
+        self._early = early = EarlyFinal(start.utterance, samples)
+        self.batcher.submit(Job(self.stream, self._utterance_features(self.models.speaker.params, samples),
+                                self._utterance_features(self.models.digits.params, samples), early.done,
+                                utterance=start.utterance, early=True))
+
+    def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
+        if early is not None:
+            self.metrics.early_finals.labels(stream=self.stream, outcome=outcome).inc()
+
     def _end(self, end: SpeechEnd) -> None:
         self.metrics.utterances.labels(stream=self.stream, reason=end.reason).inc()
         self._publish(VadEnd(self.stream, end.utterance, end.t_start, end.t_end, reason=end.reason))
@@ -175,16 +230,23 @@ class StreamPipeline:
     def _recognise(self, end: SpeechEnd) -> None:
         # The models see the utterance from its pre-roll to the end of speech: the same
         # cut that streamd.vad.utterance_audio makes for training clips.
-        start_t, end_t = end.model_span(self.segmenter.params)
-        samples = int(round((end_t - start_t) * SAMPLE_RATE))
+        samples = self._model_samples(end.audio_t, end.t_end)
         self.utterances_seen += 1
         speaker_feats = self._utterance_features(self.models.speaker.params, samples)
-        digit_feats = self._utterance_features(self.models.digits.params, samples)
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
-        self.batcher.submit(Job(self.stream, speaker_feats, digit_feats,
-                                lambda embedding, logits: self._decide(end, utt, embedding, logits),
-                                utterance=end.utterance))
+
+        def decide(embedding: np.ndarray, logits: np.ndarray) -> None:
+            self._decide(end, utt, embedding, logits)
+
+        early, self._early = self._early, None
+        if early is not None and (early.utterance, early.samples) == (end.utterance, samples):
+            self._count_early("used", early)
+            early.use(decide)  # the same audio: the same result
+            return
+        self._count_early("wasted", early)
+        self.batcher.submit(Job(self.stream, speaker_feats, self._utterance_features(self.models.digits.params, samples),
+                                decide, utterance=end.utterance))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
         with self._timed("identity"):

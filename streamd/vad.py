@@ -69,8 +69,13 @@ class SpeechEnd:
         return self.reason != "too_short"
 
     def model_span(self, params: VadParams) -> tuple[float, float]:
-        """Audio times the models see: from the pre-roll start to the end of speech plus the tail."""
-        return self.audio_t, self.t_end + params.tail_ms / 1000
+        return model_span(self.audio_t, self.t_end, params)
+
+
+def model_span(audio_t: float, t_end: float, params: VadParams) -> tuple[float, float]:
+    """Audio times the models see of an utterance whose audio (pre-roll included) starts at
+    ``audio_t`` and whose speech ends at ``t_end``: up to the end of speech plus the tail."""
+    return audio_t, t_end + params.tail_ms / 1000
 
 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd

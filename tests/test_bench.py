@@ -8,7 +8,7 @@ import pytest
 from conftest import streamd
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
-        "cpu_per_audio_s", "rss_mb", "events", "partials_superseded", "provider", "end_of_streams"}
+        "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "end_of_streams"}
 
 
 def bench(*args: str) -> dict:
@@ -37,6 +37,11 @@ def test_bench_runs_every_stream_through_the_models(speech):
     assert ended > 0 and ended % 2 == 0 and speech["end_of_streams"]["latency_s_max"] > 0
     assert speech["events"] - 2 * speech["end_of_streams"]["decisions"] >= 3 * 3 * 4
     assert speech["stage_s_p99"]["inference"] > 0 and speech["cpu_per_audio_s"] > 0
+    # Utterances that closed on their own had their final decision computed in the hangover.
+    assert speech["early_finals"]["used"] > 0
+    cost = speech["model_cpu_ms_per_audio_s"]
+    assert set(cost) == {"speaker", "digits"} and all(v > 0 for v in cost.values())
+    assert sum(cost.values()) / 1000 < speech["cpu_per_audio_s"]  # a part of the whole
 
 
 def test_silent_streams_do_almost_no_model_work(speech):

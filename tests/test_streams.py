@@ -138,3 +138,102 @@ def test_two_streams_in_one_daemon_and_a_failing_one_does_not_stop_them(tmp_path
     (attic,) = per_stream["attic"]
     assert attic["type"] == "status" and attic["state"] == "ended" and "missing.flac" in attic["reason"]
     assert [e["seq"] for e in events] == list(range(len(events)))
+
+
+def engine_run(models, audio: np.ndarray, *overrides: str):
+    """Feed ``audio`` through the daemon's Engine (models on their threads) as one stream;
+    returns each utterance's embedding, the digit events and the early-final counts."""
+    import io
+
+    from streamd.bench import _early_finals
+    from streamd.config import load
+    from streamd.engine import Engine
+    from streamd.events import Publisher
+    from streamd.frames import Frame
+    from streamd.metrics import Metrics
+
+    cfg = load(None, [f'models.dir="{MODELS}"', *overrides])
+    out, metrics = io.StringIO(), Metrics()
+    publisher = Publisher("tcp://127.0.0.1:*", jsonl=out)
+    engine = Engine(cfg, models, None, publisher, metrics)
+    try:
+        pipe = engine.add_stream("room")
+        step = cfg.vad.frame_samples
+        for i in range(len(audio) // step):
+            pipe.push(Frame("room", i, audio[i * step : (i + 1) * step], i * step / 16000, 0.0))
+            engine.pump()
+        engine.flush()
+        events = [json.loads(line) for line in out.getvalue().splitlines()]
+    finally:
+        engine.close()
+        publisher.close(0)
+    return [r.embedding for r in pipe.recent], by_type(events, "digit"), _early_finals(metrics)
+
+
+def test_early_finals_give_the_decisions_computed_at_the_close(models):
+    """The final decision computed when the tail after speech is heard is the one the close
+    would compute; when speech comes back inside the hangover it is wasted, not used."""
+    cfg = Config()
+    demo = read_audio(str(DATA / "demo.flac"))
+    words = [demo[int(e.t_start * 16000) : int(e.t_end * 16000)] for e in segment_clip(demo, cfg.vad)][:4]
+    pause = np.zeros(int(0.2 * 16000), np.int16)  # longer than vad.tail_ms, shorter than the hangover
+    silence = np.zeros(16000, np.int16)
+    audio = np.concatenate([words[0], pause, words[1], silence, words[2], silence, words[3], silence])
+
+    late_emb, late_digits, late_counts = engine_run(models, audio, "models.early_finals=false")
+    emb, got_digits, counts = engine_run(models, audio)
+    assert late_counts == {"used": 0, "wasted": 0}
+    assert counts["used"] == len(emb) == 3 and counts["wasted"] >= 1  # the pause: speech went on
+    assert len(late_emb) == 3
+    for a, b in zip(emb, late_emb):
+        np.testing.assert_array_equal(a, b)
+    assert [(d["digit"], d["confidence"], d["t_end"]) for d in got_digits] == \
+        [(d["digit"], d["confidence"], d["t_end"]) for d in late_digits]
+
+
+def test_an_early_final_waiting_is_dropped_for_the_final_or_a_newer_one(models):
+    s = utterance_features(models.speaker)[0]
+    d = utterance_features(models.digits)[0]
+    got = []
+    batcher = Batcher(models, max_batch=64, wait_s=10.0)
+    batcher.submit(Job("a", s, d, lambda e, l: got.append("early 1"), utterance=1, early=True))
+    batcher.submit(Job("a", s, None, lambda e, l: got.append("partial"), utterance=1))
+    batcher.submit(Job("a", s, d, lambda e, l: got.append("early 2"), utterance=1, early=True))
+    batcher.submit(Job("b", s, d, lambda e, l: got.append("b early"), utterance=1, early=True))
+    batcher.submit(Job("a", s, d, lambda e, l: got.append("final"), utterance=1))
+    assert batcher.superseded == 2
+    batcher.run()
+    assert got == ["final", "partial", "b early"]
+
+
+def test_two_model_workers_keep_each_streams_results_in_order(models):
+    import threading
+
+    feats = utterance_features(models.speaker)
+    digit_feats = utterance_features(models.digits)
+    got, threads = [], set()
+    batcher = Batcher(models, max_batch=64, wait_s=0.0, workers=2)
+    compute = batcher._compute
+
+    def spy(jobs):
+        threads.add(threading.get_ident())
+        return compute(jobs)
+
+    batcher._compute = spy
+    batcher.start()
+    try:
+        for i in range(24):
+            stream = "abc"[i % 3]
+            s, d = feats[i % len(feats)], digit_feats[i % len(feats)]
+            batcher.submit(Job(stream, s, d if i % 2 else None, lambda e, l, i=i, st=stream: got.append((st, i)),
+                               utterance=i))
+            batcher.pump()
+            assert batcher._in_flight <= 2 and all(n == 1 for n in batcher._busy.values())
+        batcher.drain()
+    finally:
+        batcher.close()
+    assert sorted(i for _, i in got) == list(range(24))
+    for stream in "abc":
+        mine = [i for st, i in got if st == stream]
+        assert mine == sorted(mine)  # a stream's results in the order its jobs came
+    assert len(threads) == 2
