@@ -81,6 +81,11 @@ class Batcher:
     def __len__(self) -> int:
         return len(self.jobs)
 
+    @property
+    def backlog(self) -> int:
+        """Jobs waiting or in flight."""
+        return len(self.jobs) + sum(self._busy.values())
+
     def submit(self, job: Job) -> None:
         """Queue a job. A partial decision still waiting for the models when a newer partial of
         the same utterance arrives is dropped: under load it would only delay the rest. (The

@@ -221,6 +221,8 @@ def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pac
         for name, samples in zip(names, audio):
             pipes[name].push(Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured))
         engine.pump(force=pace != "realtime")
+        while pace != "realtime" and engine.backlogged():  # as the daemon holds a fast file back
+            engine.pump(force=True, wait_s=0.05)
     engine.batcher.drain()  # what the audio itself closed, then the streams end
     publisher.ended = True
     for pipe in pipes.values():

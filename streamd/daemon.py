@@ -175,6 +175,10 @@ class Daemon:
                 self._reload.clear()
                 self._apply_reload(gallery)
             self._serve_control()
+            if self.engine.backlogged():
+                if self.engine.pump(force=True, wait_s=0.05):
+                    watchdog.processed()
+                continue
             try:
                 item = self.frames.get(timeout=min(0.05, self.engine.wait_left()))
             except queue.Empty:

@@ -18,6 +18,12 @@ from streamd.speakers import SpeakerBook
 
 log = logging.getLogger(__name__)
 
+# Jobs a stream may have waiting for the models (a partial, an early final, a final, the next
+# utterance's) before the sources are held back: a file or stdin read faster than the models
+# run would otherwise pile utterances up in memory without bound.
+BACKLOG_PER_STREAM = 4
+MIN_BACKLOG = 16
+
 
 class Engine:
     def __init__(self, cfg: Config, models: Models, book: SpeakerBook | None, publisher: Publisher,
@@ -62,10 +68,15 @@ class Engine:
         self.publisher.publish(StatusEvent(status.stream, status.state, status.reason))
         self.metrics.events.labels(stream=status.stream, type=StatusEvent.type).inc()
 
-    def pump(self, force: bool = False) -> int:
-        """Publish what the models have finished; hand the waiting utterances to the models
-        when the oldest has waited long enough (or ``force``)."""
-        return self.batcher.pump(force)
+    def pump(self, force: bool = False, wait_s: float = 0.0) -> int:
+        """Publish what the models have finished (waiting up to ``wait_s`` for it); hand the
+        waiting utterances to the models when the oldest has waited long enough (or ``force``)."""
+        return self.batcher.pump(force, wait_s)
+
+    def backlogged(self) -> bool:
+        """Too much waits for the models: take no more audio until they catch up (a fast file
+        source then waits; a microphone that outruns them counts overruns)."""
+        return self.batcher.backlog >= max(MIN_BACKLOG, BACKLOG_PER_STREAM * len(self.pipelines))
 
     def on_results(self, wake) -> None:
         """``wake()`` is called (from the models' thread) when results are ready for pump()."""

@@ -237,3 +237,30 @@ def test_two_model_workers_keep_each_streams_results_in_order(models):
         mine = [i for st, i in got if st == stream]
         assert mine == sorted(mine)  # a stream's results in the order its jobs came
     assert len(threads) == 2
+
+
+def test_the_engine_holds_the_sources_back_while_too_much_waits_for_the_models(models):
+    """A file read faster than the models run must not pile utterances up without bound: the
+    daemon takes no frames while the engine is backlogged (scripts/soak.py measures the RSS)."""
+    from streamd.config import load
+    from streamd.engine import MIN_BACKLOG, Engine
+    from streamd.events import Publisher
+    from streamd.metrics import Metrics
+
+    cfg = load(None, [f'models.dir="{MODELS}"', "models.batch_wait_ms=100"])
+    publisher = Publisher("tcp://127.0.0.1:*")
+    engine = Engine(cfg, models, None, publisher, Metrics())
+    try:
+        engine.add_stream("room")
+        s = utterance_features(models.speaker)[0]
+        done = []
+        for i in range(MIN_BACKLOG):
+            assert not engine.backlogged()
+            engine.batcher.submit(Job("room", s, None, lambda e, l, i=i: done.append(i), utterance=i))
+        assert engine.backlogged()
+        while engine.backlogged():
+            engine.pump(force=True, wait_s=1.0)
+        assert done and done == sorted(done)
+    finally:
+        engine.close()
+        publisher.close(0)
