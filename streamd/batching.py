@@ -91,7 +91,7 @@ class Batcher:
         the same utterance arrives is dropped: under load it would only delay the rest. (The
         final decision does not drop it: each long utterance keeps its partial.) So is an
         early final when the utterance went on and a newer one (or the final) arrives."""
-        stale = [i for i, j in enumerate(self.jobs) if job.supersedes(j)] if job.utterance is not None else []
+        stale = [i for i, j in enumerate(self.jobs) if job.supersedes(j)]
         if not stale:
             self.jobs.append(job)
             return
@@ -183,8 +183,7 @@ class Batcher:
             while True:
                 jobs, result = self._done.get(timeout=wait_s) if self._in_flight and wait_s else self._done.get_nowait()
                 self._in_flight -= 1
-                self._busy.subtract(j.stream for j in jobs)
-                self._busy += Counter()  # drops the streams no longer in flight
+                self._busy -= Counter(j.stream for j in jobs)  # streams at 0 leave the Counter
                 if isinstance(result, BaseException):
                     raise result
                 self._finish(jobs, *result)
