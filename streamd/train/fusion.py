@@ -20,7 +20,7 @@ from scipy.optimize import minimize
 
 from streamd.digits import Fusion, log_softmax
 from streamd.train import card, data, scoring
-from streamd.train.scoring import confidence_threshold, corpus_metrics, onnx_logits, softmax
+from streamd.train.scoring import accepted, confidence_threshold, corpus_metrics, onnx_logits, softmax
 
 FUSION_CARD = "digits.fusion.json"
 MAX_NON_DIGIT = 0.02
@@ -106,8 +106,7 @@ def held_out_report(logits: np.ndarray, test: data.FeatureSet, threshold: float)
     """Held-out figures of one decision: per corpus, and at its validation threshold."""
     probs, labels = softmax(logits), test.labels()
     corpus = np.array([test.clips[c].corpus for c in test.clip_index])
-    pred, conf = probs.argmax(1), probs.max(1)
-    accept = (pred != data.NOT_DIGIT) & (conf >= threshold)
+    pred, accept = accepted(probs, threshold)
     digit = labels != data.NOT_DIGIT
     at = {f"{c}_digits_right": float((accept & (pred == labels))[digit & (corpus == c)].mean())
           for c in ("fsdd", "asc")}

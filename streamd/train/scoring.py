@@ -38,16 +38,22 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def accepted(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The daemon's rule: (11-class argmax, whether it is emitted as a digit: it is one and its
+    probability >= threshold)."""
+    pred = probs.argmax(1)
+    return pred, (pred != data.NOT_DIGIT) & (probs.max(1) >= threshold)
+
+
 def operating_points(probs: np.ndarray, labels: np.ndarray,
                      thresholds=(0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> list[dict]:
     """For confidence thresholds: share of digit clips accepted with the right digit, with a
     wrong digit, and share of non-digit clips accepted as some digit (daemon rule: the 11-class
     argmax must be a digit and its probability >= threshold)."""
-    pred, conf = probs.argmax(1), probs.max(1)
     digit = labels != data.NOT_DIGIT
     points = []
     for thr in thresholds:
-        accept = (pred != data.NOT_DIGIT) & (conf >= thr)
+        pred, accept = accepted(probs, thr)
         points.append({
             "threshold": thr,
             "digit_correct": float((accept & (pred == labels))[digit].mean()),

@@ -43,7 +43,7 @@ from streamd import evaluate
 from streamd.features import mel_params, mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import ModelCard, OnnxModel
-from streamd.train.scoring import OPSET, ort_session
+from streamd.train.scoring import OPSET, ort_session, sha256
 from streamd.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
@@ -101,10 +101,6 @@ def onnxruntime_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_encoder(path: Path) -> VoiceEncoder:
