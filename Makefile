@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: portaudio headers to build pyaudio, libsndfile for soundfile, PulseAudio and
-# ALSA's pulse plugin so tests capture through a real (null-sink) microphone, espeak-ng for
+# ALSA's pulse plugin so tests capture through a real (null-sink) microphone, espeak-ng and flite for
 # training data, systemd for systemd-analyze, prometheus for the dashboard test (the test runs
 # its own instance on a free loopback port; the package's service is not needed).
-SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng systemd prometheus
+SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng flite systemd prometheus
 DEMO_STATE := var/demo-state
 DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
 # The demo speaks single words, which the default identity.far (0.01, calibrated on 2-3 s

@@ -73,3 +73,26 @@ def test_babble_comes_from_training_speakers_only(tmp_path, monkeypatch):
     assert len(bank) == data.BABBLE_SECONDS * RATE and abs(bank.std() - 1) < 1e-3
     # the only training clip is a 440 Hz tone: held-out voices (theo, ASC val) are not in it
     assert band_energy(bank, 430, 450) > 0.95 * band_energy(bank, 20, 8000)
+
+
+def pitch(x: np.ndarray) -> float:
+    """Median autocorrelation pitch (60-300 Hz) of the loudest 30 ms frames."""
+    frames = np.lib.stride_tricks.sliding_window_view(x, 480)[::160]
+    loud = frames[np.argsort((frames ** 2).sum(1))[-len(frames) // 3:]]
+    lags = np.arange(RATE // 300, RATE // 60)
+    picks = [lags[np.argmax([np.dot(f[:-lag], f[lag:]) for lag in lags])] for f in loud - loud.mean(1, keepdims=True)]
+    return RATE / float(np.median(picks))
+
+
+def test_flite_voices_are_stored_as_16_khz_speech_with_their_duration_and_pitch(tmp_path):
+    clips = {}
+    for name, voice in {"slow": data.FliteVoice("kal", 1.3, 100), "fast": data.FliteVoice("kal", 0.8, 100),
+                        "high": data.FliteVoice("kal", 0.8, 140), "slt": data.FliteVoice("slt", 1.0, 170)}.items():
+        data.synthesize(voice, "seven", tmp_path / f"{name}.flac")
+        clips[name], rate = sf.read(tmp_path / f"{name}.flac", dtype="int16")
+        assert rate == RATE and 0.3 < len(clips[name]) / RATE < 2.0
+        assert np.abs(clips[name]).max() > 3000  # speech, not silence
+    assert len(clips["slow"]) > 1.3 * len(clips["fast"])
+    assert pitch(clips["high"].astype(float)) > 1.2 * pitch(clips["fast"].astype(float))
+    voices = data.flite_voices(seed=0)
+    assert {v.voice for v in voices} == set(data.FLITE_VOICES) and len({v.name for v in voices}) == len(voices)

@@ -39,6 +39,9 @@ ARCHITECTURES = {
 }
 
 
+FLITE_SPLIT_TEXT = " Training also: 40 flite voices (5 voices x 8 duration/pitch variants; --flite)."
+
+
 DIGITS_TUNING_NOTE = (
     "No model selection on test speakers (the last epoch is shipped; thresholds and fusion come "
     "from the validation speakers), but the augmentation was made milder once (noise floor 0 -> "
@@ -88,7 +91,8 @@ def data_section(train: data.FeatureSet, heldout: data.FeatureSet, validation: d
     return {
         "corpora": corpora,
         "synthetic": {
-            "tool": "espeak-ng (training only)", "clips": count(train.clips, "synth"),
+            "tool": ("espeak-ng and flite" if any(v.startswith("flite-") for v in synth_voices) else "espeak-ng")
+                    + " (training only)", "clips": count(train.clips, "synth"),
             "voices": synth_voices, "words": "English digits zero..nine and "
             f"{len(data.NON_DIGIT_WORDS)} English non-digit words (as 'not_digit')",
         },
@@ -300,7 +304,7 @@ def write_docs(models_dir: Path) -> Path | None:
         lines += _speaker_md(cards["speaker"])
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
-              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics.", "",
+              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training.", "",
               "## Training", "", f"Augmentation in the current training code (each card's `training.augmentation` "
               f"says what its model was trained with): {data.AUGMENTATION_TEXT}.", ""]
     for k, c in cards.items():

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                         "(digits-rnn.onnx); `streamd train fusion` then fuses the two")
     p.add_argument("--english-only", action="store_true",
                    help="digits: train on English (FSDD, synthetic) only, as digits[-rnn]-en.onnx")
+    p.add_argument("--flite", action="store_true",
+                   help="digits: add English words in 40 flite voices to training (needs Debian's flite; "
+                        "no gain measured, so the shipped models go without: docs/measurements.md)")
     p.add_argument("--adapt", type=Path, default=None, metavar="CORPUS",
                    help="digits: adapt --from's model to the digits in CORPUS (a folder with manifest.csv) "
                         "instead of training; writes <model>-adapted.onnx to --out")
@@ -86,7 +89,7 @@ def run(args) -> int:
         from streamd.train import digits
 
         code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth, args.family,
-                                         args.english_only))
+                                         args.english_only, args.flite))
     elif args.scratch:
         from streamd.train import speaker
 

@@ -12,6 +12,7 @@ import csv
 import functools
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import subprocess
@@ -144,26 +145,65 @@ def synth_voices(n: int, seed: int) -> list[SynthVoice]:
     ]
 
 
-def synthesize(voice: SynthVoice, word: str, out: Path) -> None:
-    """Speak ``word`` with espeak-ng and store it as 16 kHz int16 FLAC."""
+# flite's voices (Debian package flite), each built from one real speaker's recordings: unlike
+# espeak-ng's formant voices they carry a human voice's spectrum. Variants stretch the duration
+# and move the mean pitch around the voice's own (Hz).
+FLITE_VOICES = {"awb": 105, "kal": 100, "kal16": 100, "rms": 100, "slt": 170}
+FLITE_VARIANTS = 8
+
+
+@dataclass(frozen=True)
+class FliteVoice:
+    voice: str
+    stretch: float  # duration_stretch: > 1 speaks slower
+    f0: int  # int_f0_target_mean, Hz
+
+    @property
+    def name(self) -> str:
+        return f"flite-{self.voice}-d{self.stretch:.2f}-f{self.f0}"
+
+    def command(self, word: str, wav: str) -> list[str]:
+        return ["flite", "-voice", self.voice, "--setf", f"duration_stretch={self.stretch}",
+                "--setf", f"int_f0_target_mean={self.f0}", "-t", word, "-o", wav]
+
+
+def flite_voices(per_voice: int = FLITE_VARIANTS, seed: int = 0) -> list[FliteVoice]:
+    rng = np.random.default_rng([seed, 13])
+    return [FliteVoice(voice, round(float(rng.uniform(0.8, 1.3)), 2), int(f0 * rng.uniform(0.8, 1.3)))
+            for voice, f0 in FLITE_VOICES.items() for _ in range(per_voice)]
+
+
+def _espeak_command(voice: SynthVoice, word: str, wav: str) -> list[str]:
+    return ["espeak-ng", "-v", f"{voice.voice}+{voice.variant}", "-s", str(voice.speed),
+            "-p", str(voice.pitch), "-w", wav, word]
+
+
+def synthesize(voice: SynthVoice | FliteVoice, word: str, out: Path) -> None:
+    """Speak ``word`` with espeak-ng or flite and store it as 16 kHz int16 FLAC."""
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        cmd = ["espeak-ng", "-v", f"{voice.voice}+{voice.variant}", "-s", str(voice.speed),
-               "-p", str(voice.pitch), "-w", tmp.name, word]
+        cmd = voice.command(word, tmp.name) if isinstance(voice, FliteVoice) else _espeak_command(voice, word, tmp.name)
         subprocess.run(cmd, check=True, capture_output=True)
         x, sr = sf.read(tmp.name, dtype="float64")
-    if sr != 22050:
-        raise RuntimeError(f"espeak-ng produced {sr} Hz, expected 22050")
-    y = signal.resample_poly(x, 320, 441)  # 22050 -> 16000
+    g = math.gcd(SAMPLE_RATE, sr)
+    y = x if sr == SAMPLE_RATE else signal.resample_poly(x, SAMPLE_RATE // g, sr // g)
     out.parent.mkdir(parents=True, exist_ok=True)
     sf.write(out, np.clip(y * 32767, -32768, 32767).astype(np.int16), SAMPLE_RATE, subtype="PCM_16")
 
 
 def synth_clips(n_voices: int = SYNTH_TRAIN_VOICES, words_per_voice: int = 24, seed: int = 0) -> list[Clip]:
     """English digits and non-digit words in ``n_voices`` espeak-ng voices (training only)."""
-    rng = np.random.default_rng([seed, 11])
+    return _spoken(synth_voices(n_voices, seed), np.random.default_rng([seed, 11]), words_per_voice)
+
+
+def flite_clips(seed: int = 0, words_per_voice: int = 24) -> list[Clip]:
+    """English digits and non-digit words in flite's voices (training only)."""
+    return _spoken(flite_voices(seed=seed), np.random.default_rng([seed, 17]), words_per_voice)
+
+
+def _spoken(voices: list, rng: np.random.Generator, words_per_voice: int) -> list[Clip]:
     root = WORK_DIR / "synth"
     clips = []
-    for voice in synth_voices(n_voices, seed):
+    for voice in voices:
         others = rng.choice(len(NON_DIGIT_WORDS), size=words_per_voice, replace=False)
         words = [(w, d) for d, w in enumerate(DIGIT_WORDS)]
         words += [(NON_DIGIT_WORDS[i], NOT_DIGIT) for i in others]
@@ -503,14 +543,17 @@ def load_test_set(data_dir: Path, seed: int) -> FeatureSet:
     return build_features([c for c in real_clips(data_dir) if c.heldout], "heldout", seed)
 
 
-def load_digit_split(data_dir: Path, seed: int, synth: bool) -> DigitSplit:
-    """The digit models' three speaker-disjoint sets (see ASC_VALIDATION)."""
+def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False) -> DigitSplit:
+    """The digit models' three speaker-disjoint sets (see ASC_VALIDATION); ``flite`` adds the
+    flite voices to training."""
     build_babble(data_dir, seed)
     real = real_clips(data_dir)
     train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed)
     if synth:
         voices = synth_clips(SYNTH_TRAIN_VOICES, seed=seed)
         train = merge([train, build_features(voices, "digits-synth", seed)])
+    if flite:
+        train = merge([train, build_features(flite_clips(seed), "digits-flite", seed)])
     return DigitSplit(train, build_features(validation_clips(data_dir, seed, synth), "digits-val", seed,
                                             augment_train=False), load_test_set(data_dir, seed))
 

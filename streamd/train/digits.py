@@ -32,6 +32,7 @@ class Options:
     synth: bool = True
     family: str = "cnn"
     english_only: bool = False  # FSDD and synthetic English only: the base of the adaptation experiment
+    flite: bool = False  # add the flite voices to training (measured: no gain; docs/measurements.md)
 
 
 def epoch_items(fs: data.FeatureSet, rng: np.random.Generator) -> np.ndarray:
@@ -100,7 +101,7 @@ def evaluate(onnx_path: Path, split: data.DigitSplit) -> tuple[dict, dict]:
 
 def run(opts: Options) -> int:
     t0 = time.time()
-    split = data.load_digit_split(opts.data_dir, opts.seed, opts.synth)
+    split = data.load_digit_split(opts.data_dir, opts.seed, opts.synth, opts.flite)
     if opts.english_only:
         split.train = data.select(split.train, lambda clip: clip.corpus != "asc")
     t_feats = time.time() - t0
@@ -116,6 +117,9 @@ def run(opts: Options) -> int:
     info = card.TrainingInfo("digits", opts.epochs, opts.seed, opts.synth, LOSS_TEXT,
                              t_feats, t_train, opts.data_dir, opts.out_dir, opts.family)
     c = card.digits_card(path, split, metrics, threshold, info, net)
+    if opts.flite:
+        c["training"]["command"] += " --flite"
+        c["split"] += card.FLITE_SPLIT_TEXT
     if opts.english_only:
         c["name"] += "-en"
         c["training"]["command"] += " --english-only"
