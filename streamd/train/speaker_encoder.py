@@ -43,7 +43,7 @@ from streamd import evaluate
 from streamd.features import mel_params, mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import ModelCard, OnnxModel
-from streamd.train.scoring import OPSET, ort_session, sha256
+from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
 from streamd.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
@@ -138,13 +138,8 @@ def quantize(src: Path, dst: Path) -> None:
 
 def agreement(float_path: Path, int8_path: Path, windows: torch.Tensor) -> dict:
     """Cosine between the float and int8 models' embeddings of the same speech windows."""
-    x = windows.numpy()
-
-    def each_alone(path: Path) -> np.ndarray:
-        sess = ort_session(path)
-        return np.concatenate([sess.run(None, {"feats": x[i : i + 1]})[0] for i in range(len(x))])
-
-    a, b = each_alone(float_path), each_alone(int8_path)
+    x = list(windows.numpy())
+    a, b = (ort_outputs(ort_session(path), x) for path in (float_path, int8_path))
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     return {"windows": len(x), "cosine_min": round(float(cos.min()), 5), "cosine_mean": round(float(cos.mean()), 5)}
 
