@@ -42,6 +42,7 @@ class EarlyFinal:
 
     utterance: int
     samples: int  # of the audio the models see: what the final decision would compute
+    speaker_feats: np.ndarray  # the final decision's too (its Utterance record keeps them)
     result: tuple[np.ndarray, np.ndarray] | None = None
     waiting: Callable[[np.ndarray, np.ndarray], None] | None = None  # the close came before the result
 
@@ -212,10 +213,10 @@ class StreamPipeline:
         if self._early is not None and (self._early.utterance, self._early.samples) == (start.utterance, samples):
             return
         self._count_early("wasted", self._early)  # speech went on after the last one
-        self._early = early = EarlyFinal(start.utterance, samples)
-        self.batcher.submit(Job(self.stream, self._utterance_features(self.models.speaker.params, samples),
-                                self._utterance_features(self.models.digits.params, samples), early.done,
-                                utterance=start.utterance, early=True))
+        speaker_feats = self._utterance_features(self.models.speaker.params, samples)
+        self._early = early = EarlyFinal(start.utterance, samples, speaker_feats)
+        self.batcher.submit(Job(self.stream, speaker_feats, self._utterance_features(self.models.digits.params, samples),
+                                early.done, utterance=start.utterance, early=True))
 
     def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
         if early is not None:
@@ -232,15 +233,16 @@ class StreamPipeline:
         # cut that streamd.vad.utterance_audio makes for training clips.
         samples = self._model_samples(end.audio_t, end.t_end)
         self.utterances_seen += 1
-        speaker_feats = self._utterance_features(self.models.speaker.params, samples)
+        early, self._early = self._early, None
+        same_audio = early is not None and (early.utterance, early.samples) == (end.utterance, samples)
+        speaker_feats = early.speaker_feats if same_audio else self._utterance_features(self.models.speaker.params, samples)
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
 
         def decide(embedding: np.ndarray, logits: np.ndarray) -> None:
             self._decide(end, utt, embedding, logits)
 
-        early, self._early = self._early, None
-        if early is not None and (early.utterance, early.samples) == (end.utterance, samples):
+        if same_audio:
             self._count_early("used", early)
             early.use(decide)  # the same audio: the same result
             return

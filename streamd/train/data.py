@@ -135,6 +135,10 @@ class SynthVoice:
     def name(self) -> str:
         return f"{self.voice}+{self.variant}-s{self.speed}-p{self.pitch}"
 
+    def command(self, word: str, wav: str) -> list[str]:
+        return ["espeak-ng", "-v", f"{self.voice}+{self.variant}", "-s", str(self.speed),
+                "-p", str(self.pitch), "-w", wav, word]
+
 
 def synth_voices(n: int, seed: int) -> list[SynthVoice]:
     rng = np.random.default_rng([seed, 7])
@@ -173,16 +177,10 @@ def flite_voices(per_voice: int = FLITE_VARIANTS, seed: int = 0) -> list[FliteVo
             for voice, f0 in FLITE_VOICES.items() for _ in range(per_voice)]
 
 
-def _espeak_command(voice: SynthVoice, word: str, wav: str) -> list[str]:
-    return ["espeak-ng", "-v", f"{voice.voice}+{voice.variant}", "-s", str(voice.speed),
-            "-p", str(voice.pitch), "-w", wav, word]
-
-
 def synthesize(voice: SynthVoice | FliteVoice, word: str, out: Path) -> None:
     """Speak ``word`` with espeak-ng or flite and store it as 16 kHz int16 FLAC."""
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-        cmd = voice.command(word, tmp.name) if isinstance(voice, FliteVoice) else _espeak_command(voice, word, tmp.name)
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(voice.command(word, tmp.name), check=True, capture_output=True)
         x, sr = sf.read(tmp.name, dtype="float64")
     g = math.gcd(SAMPLE_RATE, sr)
     y = x if sr == SAMPLE_RATE else signal.resample_poly(x, SAMPLE_RATE // g, sr // g)
