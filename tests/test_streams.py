@@ -208,16 +208,29 @@ def test_an_early_final_waiting_is_dropped_for_the_final_or_a_newer_one(models):
 
 def test_two_model_workers_keep_each_streams_results_in_order(models):
     import threading
+    import time
 
     feats = utterance_features(models.speaker)
     digit_feats = utterance_features(models.digits)
-    got, threads = [], set()
+    got, threads, overlaps = [], set(), []
+    running: list[set[str]] = []  # the streams of each batch the models are computing now
+    lock = threading.Lock()
     batcher = Batcher(models, max_batch=64, wait_s=0.0, workers=2)
     compute = batcher._compute
 
     def spy(jobs):
-        threads.add(threading.get_ident())
-        return compute(jobs)
+        mine = {j.stream for j in jobs}
+        with lock:
+            threads.add(threading.get_ident())
+            overlaps.extend(mine & other for other in running if mine & other)
+            running.append(mine)
+        try:
+            # Stream a's batches are slow, so its next jobs arrive while one is in flight.
+            time.sleep(0.03 if "a" in mine else 0.002)
+            return compute(jobs)
+        finally:
+            with lock:
+                running.remove(mine)
 
     batcher._compute = spy
     batcher.start()
@@ -228,10 +241,11 @@ def test_two_model_workers_keep_each_streams_results_in_order(models):
             batcher.submit(Job(stream, s, d if i % 2 else None, lambda e, l, i=i, st=stream: got.append((st, i)),
                                utterance=i))
             batcher.pump()
-            assert batcher._in_flight <= 2 and all(n == 1 for n in batcher._busy.values())
+            time.sleep(0.004)
         batcher.drain()
     finally:
         batcher.close()
+    assert overlaps == []  # never two batches of one stream in flight at once
     assert sorted(i for _, i in got) == list(range(24))
     for stream in "abc":
         mine = [i for st, i in got if st == stream]
