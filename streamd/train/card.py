@@ -182,6 +182,16 @@ def summary(metrics: dict) -> str:
 
 # --------------------------------------------------------------------------- docs/models.md
 
+# Settled from the licence texts inside the wheel (issue 4 asked: use it, or leave it out).
+OPENWAKEWORD_TEXT = (
+    "- Left out: the speech embedding in the `openwakeword` 0.5.1 wheel (`resources/models/"
+    "melspectrogram.onnx`, `embedding_model.onnx`). Its README (the wheel's METADATA) says Google's "
+    "speech_embedding is Apache-2.0 on TFHub but that openWakeWord re-implemented it, and that \"all "
+    "of the included pre-trained models are licensed under\" CC BY-NC-SA 4.0; the wheel's LICENSE "
+    "(Apache-2.0) covers its code. The files the wheel holds are thus offered to us non-commercially, "
+    "whatever Google's original allows, and Google's original cannot be fetched here (no download), "
+    "so no streamd model starts from them.")
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -304,7 +314,8 @@ def write_docs(models_dir: Path) -> Path | None:
         lines += _speaker_md(cards["speaker"])
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
-              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training.", "",
+              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training.",
+              OPENWAKEWORD_TEXT, "",
               "## Training", "", f"Augmentation in the current training code (each card's `training.augmentation` "
               f"says what its model was trained with): {data.AUGMENTATION_TEXT}.", ""]
     for k, c in cards.items():
