@@ -49,6 +49,31 @@ def test_telephone_keeps_300_to_3400_hz_only():
     assert band_energy(y, 4200, 8000) / band_energy(x, 4200, 8000) < 0.01 * kept
 
 
+def test_peaking_eq_lifts_its_own_band_by_its_gain():
+    from scipy import signal
+
+    x = np.random.default_rng(0).standard_normal(RATE * 4)
+    y = signal.lfilter(*data.peaking_eq(1000, 9.0, 1.0), x)
+    gain = lambda lo, hi: 10 * np.log10(band_energy(y, lo, hi) / band_energy(x, lo, hi))
+    assert abs(gain(950, 1050) - 9.0) < 1.0
+    assert abs(gain(5000, 7000)) < 1.0
+
+
+def test_random_channels_keep_the_speech_and_its_power_but_colour_it_each_their_own_way():
+    x = np.clip(harmonics(), -32768, 32767).astype(np.int16)
+    a = data.random_channel(x, np.random.default_rng(1))
+    b = data.random_channel(x, np.random.default_rng(2))
+    assert a.dtype == np.int16 and len(a) == len(b) == len(x)
+    assert np.array_equal(a, data.random_channel(x, np.random.default_rng(1)))  # the seed picks the channel
+    power = lambda v: data.speech_power(v.astype(np.float64))
+    assert abs(10 * np.log10(power(a) / power(x))) < 0.5
+    bands = [(lo, lo * 2) for lo in (150, 300, 600, 1200, 2400)]
+    tilt = lambda v: np.array([10 * np.log10(band_energy(v.astype(np.float64), lo, hi) / band_energy(x, lo, hi))
+                               for lo, hi in bands])
+    assert np.abs(tilt(a) - tilt(b)).max() > 3  # two channels differ by more than a few dB somewhere
+    assert abs(f0(a) - 150) < 3  # the voice's pitch stays
+
+
 def test_noise_is_babble_three_times_in_ten_else_unit_coloured_noise():
     rng = np.random.default_rng(1)
     babble = np.full(5 * RATE, 7.0)  # recognisable: a constant

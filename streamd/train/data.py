@@ -312,6 +312,30 @@ def reverb(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return y * np.sqrt(speech_power(x) / speech_power(y))
 
 
+def peaking_eq(f0: float, gain_db: float, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """A peaking equaliser biquad (b, a) at ``f0`` Hz (RBJ audio EQ cookbook)."""
+    amp, w = 10 ** (gain_db / 40), 2 * np.pi * f0 / SAMPLE_RATE
+    alpha = np.sin(w) / (2 * q)
+    b = np.array([1 + alpha * amp, -2 * np.cos(w), 1 - alpha * amp])
+    a = np.array([1 + alpha / amp, -2 * np.cos(w), 1 - alpha / amp])
+    return b / a[0], a / a[0]
+
+
+def random_channel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same speech through another microphone and room: three random peaking EQs
+    (150-6000 Hz, +-9 dB), reverb one time in 2.5, a phone line one time in 4; the speech
+    power kept. int16 in, int16 out."""
+    y = x.astype(np.float64)
+    for _ in range(3):
+        y = signal.lfilter(*peaking_eq(rng.uniform(150, 6000), rng.uniform(-9, 9), rng.uniform(0.5, 2)), y)
+    if rng.random() < 0.4:
+        y = reverb(y, rng)
+    if rng.random() < 0.25:
+        y = telephone(y)
+    y *= np.sqrt(speech_power(x.astype(np.float64)) / speech_power(y))
+    return np.clip(np.round(y), -32768, 32767).astype(np.int16)
+
+
 def babble_path(seed: int) -> Path:
     return WORK_DIR / f"babble-v{AUG_VERSION}-{seed}.npy"
 

@@ -15,9 +15,10 @@ scale the enrollment gates were set for; centring also did worse on training-spe
 fitted on windows of single words, 3-clip phrases and 8 kHz band-limited copies of the ASC
 training clips, so duration/word content and the telephone-like FSDD channel stop looking
 like a change of speaker. The AS-norm cohort holds single words and phrases of the training
-speakers (and their band-limited copies); the calibration table is fitted on phrase trials
-of training speakers, cross-fitted (back end and cohort re-fitted without the two speakers
-of each trial), never on held-out speakers. Nothing is downloaded: the wheel is installed by
+speakers, of their band-limited copies and of copies through random channels (EQ, reverb,
+phone line: ``COHORT_SELECTION``); the calibration table is fitted on phrase trials of
+training speakers, cross-fitted (back end and cohort re-fitted without the two speakers of
+each trial), never on held-out speakers. Nothing is downloaded: the wheel is installed by
 ``make train`` (``pip install --no-deps Resemblyzer==0.1.4``; its own dependencies are not
 needed).
 """
@@ -47,11 +48,20 @@ from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
 from streamd.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
-COHORT_PER_SPEAKER = 40  # single words, and as many 3-clip phrases, of each training speaker (and band-limited copy)
+COHORT_PER_SPEAKER = 40  # single words, and as many 3-clip phrases, of each training speaker (and of each copy)
+CHANNEL_SEED = 1  # the random channel of each clip's copy in the cohort (streamd.train.data.random_channel)
+CHANNEL_VERSION = 1  # part of the copies' cache name: raise it when random_channel changes
 NAP_DIMS = 2
 ENROLL_CLIPS = 10
 PHRASE_CLIPS = 3
 TOP_K = 100  # streamd.identity.Scorer's default, which the daemon uses
+COHORT_SELECTION = (
+    "chosen on the leave-pair-out phrase trials of the training speakers (the calibration's): share of "
+    "target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
+    "enrolled speakers) was 33.1% with a cohort of the clips and band-limited copies, 34.3% with 60 "
+    "instead of 40 of them per speaker, 26.4% and 28.4% with random-channel copies added (two draws "
+    "of the channels; 27.2% with both; top-k 100, the daemon's: 25.7% at 50, 27.4% at 150, 28.2% at "
+    "200); fitting the NAP on the channel copies too did worse (29.4%)")
 
 
 class WithBackEnd(nn.Module):
@@ -195,9 +205,21 @@ def window_outputs(model: OnnxModel, audio: np.ndarray) -> np.ndarray:
     return model.infer(np.stack([padded[s : s + window] for s in starts])).astype(np.float32)
 
 
-def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], band: bool = False, seed: int = 0) -> dict:
+def band_copy(audio: np.ndarray, index: int) -> np.ndarray:
+    return band_limit(audio)
+
+
+def channel_copy(audio: np.ndarray, index: int) -> np.ndarray:
+    """Clip ``index`` through a random channel of its own (the same one on every run)."""
+    from streamd.train.data import random_channel
+
+    return random_channel(audio, np.random.default_rng([CHANNEL_SEED, index]))
+
+
+def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: int = 0) -> dict:
     """Each speaker's clips as eval_speakers forms them: ``ENROLL_CLIPS`` enrollment clips,
-    the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs."""
+    the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
+    ``copy(audio, clip index)``, when given, changes each clip's audio first."""
     vad = VadParams()
     rng = np.random.default_rng(seed)
     names = sorted({c.speaker for c in clips})
@@ -208,7 +230,7 @@ def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], band: bool = Fals
         cuts = {}
         for i in idx:
             audio, _ = sf.read(clips[i].path, dtype="int16")
-            cuts[i] = utterance_audio(band_limit(audio) if band else audio, vad)
+            cuts[i] = utterance_audio(copy(audio, int(i)) if copy else audio, vad)
         out["enrolled"][name] = [window_outputs(model, cuts[i]) for i in idx[:ENROLL_CLIPS]]
         rest = idx[ENROLL_CLIPS:]
         out["single"] += [(name, window_outputs(model, cuts[i])) for i in rest]
@@ -282,13 +304,14 @@ def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: s
 CALIBRATION_FARS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-def calibration(sets: list[dict]) -> dict:
+def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
     """AS-norm score threshold per false-accept rate (one stranger's utterance against one
     enrolled speaker), from trials of *training* speakers only, leave-two-speakers-out: for
     every pair of training speakers the back end and the cohort are re-fitted without both,
     each is enrolled from ``ENROLL_CLIPS`` clips, and each one's 3-clip phrases are scored
     against the other (impostor) and itself (target). Thresholds come from the phrase trials,
-    the kind of utterance the daemon sees (1-3 s)."""
+    the kind of utterance the daemon sees (1-3 s). The back end is fitted on ``sets``, the
+    cohort drawn from ``cohort_sets``."""
     import itertools
 
     names = sorted(set(sets[0]["names"]))
@@ -296,7 +319,7 @@ def calibration(sets: list[dict]) -> dict:
     for pair in itertools.combinations(names, 2):
         rest = set(names) - set(pair)
         proj = fit_nap(*windows_of(sets, rest))
-        cohort = make_cohort(sets, rest, proj)
+        cohort = make_cohort(cohort_sets, rest, proj)
         for kind in ("phrase", "single"):
             scores, truth = trial_scores(sets[0], list(pair), proj, cohort, kind)
             same = truth[:, None] == np.arange(scores.shape[1])[None, :]
@@ -453,7 +476,9 @@ def run(opts: Options) -> int:
         train = training_clips(opts.data_dir)
         sets = [cached_sets(cache_dir, f"train-{key}", lambda: speaker_sets(raw, train)),
                 cached_sets(cache_dir, f"train-band-{key}",
-                            lambda: speaker_sets(raw, [c for c in train if c.corpus == "asc"], band=True))]
+                            lambda: speaker_sets(raw, [c for c in train if c.corpus == "asc"], band_copy))]
+        channel = cached_sets(cache_dir, f"train-channel-v{CHANNEL_VERSION}-s{CHANNEL_SEED}-{key}",
+                              lambda: speaker_sets(raw, train, channel_copy))
         held = evaluate.held_out_clips(opts.data_dir)
         held_sets = cached_sets(cache_dir, f"held-{key}", lambda: speaker_sets(raw, held))
     t_embed = time.time() - t0
@@ -461,8 +486,9 @@ def run(opts: Options) -> int:
     assert not names & set(held_sets["names"]), "a held-out speaker among the training speakers"
     x, y = windows_of(sets, names)
     proj = fit_nap(x, y)
-    cohort = make_cohort(sets, names, proj)
-    cal = calibration(sets)
+    cohort_sets = sets + [channel]
+    cohort = make_cohort(cohort_sets, names, proj)
+    cal = calibration(sets, cohort_sets)
 
     onnx_path = opts.out_dir / "speaker.onnx"
     full = WithBackEnd(enc, proj).eval()
@@ -529,8 +555,10 @@ def run(opts: Options) -> int:
                                   "nothing was fitted on them"},
         "cohort": {"file": cohort_path.name, "sha256": sha256(cohort_path), "vectors": len(cohort),
                    "source": f"{COHORT_PER_SPEAKER} single words and {COHORT_PER_SPEAKER} 3-clip phrases of each "
-                             "training speaker, and of the band-limited copies of the ASC training speakers "
-                             "(never held-out speakers)"},
+                             "training speaker, of the band-limited copies of the ASC training speakers and of "
+                             "copies of every training speaker through random channels (streamd.train.data."
+                             f"random_channel, seed {CHANNEL_SEED}); never held-out speakers",
+                   "selection": COHORT_SELECTION},
         "calibration": cal,
         "data": {"validation": "FSDD (CC BY-SA 4.0) speaker theo; Arabic Speech Commands (CC BY 4.0) val-split speakers",
                  "training": "encoder pretrained (not re-trained here); back end, cohort and calibration "
