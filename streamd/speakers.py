@@ -62,7 +62,7 @@ def load_cohort(model: OnnxModel) -> np.ndarray | None:
     actual = sha256_of(path)
     if actual != spec["sha256"]:
         raise ModelError(f"{path}: sha256 mismatch: expected {spec['sha256']}, got {actual}")
-    return np.load(path, allow_pickle=False)
+    return np.load(path, allow_pickle=False).astype(np.float32)  # shipped as float16
 
 
 def load_calibration(model: OnnxModel) -> Calibration | None:

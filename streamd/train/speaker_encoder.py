@@ -15,8 +15,9 @@ scale the enrollment gates were set for; centring also did worse on training-spe
 fitted on windows of single words, 3-clip phrases and 8 kHz band-limited copies of the ASC
 training clips, so duration/word content and the telephone-like FSDD channel stop looking
 like a change of speaker. The AS-norm cohort holds single words and phrases of the training
-speakers, of their band-limited copies and of copies through random channels (EQ, reverb,
-phone line: ``COHORT_SELECTION``); the calibration table is fitted on phrase trials of
+speakers, of their band-limited copies, of copies through random channels (EQ, reverb,
+phone line) and of speed-perturbed copies, which sound like other people near the real voices
+(``COHORT_SELECTION``); the calibration table is fitted on phrase trials of
 training speakers, cross-fitted (back end and cohort re-fitted without the two speakers of
 each trial), never on held-out speakers. Nothing is downloaded: the wheel is installed by
 ``make train`` (``pip install --no-deps Resemblyzer==0.1.4``; its own dependencies are not
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -51,6 +53,7 @@ WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer'
 COHORT_PER_SPEAKER = 40  # single words, and as many 3-clip phrases, of each training speaker (and of each copy)
 CHANNEL_SEED = 1  # the random channel of each clip's copy in the cohort (streamd.train.data.random_channel)
 CHANNEL_VERSION = 1  # part of the copies' cache name: raise it when random_channel changes
+COHORT_SPEEDS = (0.9, 1.1)  # speed-perturbed training speakers: more cohort voices, near real ones
 NAP_DIMS = 2
 ENROLL_CLIPS = 10
 PHRASE_CLIPS = 3
@@ -58,10 +61,12 @@ TOP_K = 100  # streamd.identity.Scorer's default, which the daemon uses
 COHORT_SELECTION = (
     "chosen on the leave-pair-out phrase trials of the training speakers (the calibration's): share of "
     "target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
-    "enrolled speakers) was 33.1% with a cohort of the clips and band-limited copies, 34.3% with 60 "
-    "instead of 40 of them per speaker, 26.4% and 28.4% with random-channel copies added (two draws "
-    "of the channels; 27.2% with both; top-k 100, the daemon's: 25.7% at 50, 27.4% at 150, 28.2% at "
-    "200); fitting the NAP on the channel copies too did worse (29.4%)")
+    "enrolled speakers): clips + band-limited copies 33.1%; 34.3% with 60 instead of 40 of them per "
+    "speaker; random-channel copies added 26.4-28.4% (three draws of the channels); channel copies and "
+    "speeds 0.9 and 1.1 added 20.2% (shipped); also 0.85 and 1.15 19.0% (but 3x the cohort's CPU per "
+    "utterance: 1.0 vs 0.35 ms); also 0.95 and 1.05 22.3% (copies too near the real voices); NAP fitted "
+    "on the channel copies too 29.4%; noisy copies (0-20 dB SNR) took 10 dB probes' misses from 98% to "
+    "100%; top-k 100 (the daemon's) vs 50/150/200 within 1.5 points")
 
 
 class WithBackEnd(nn.Module):
@@ -216,6 +221,13 @@ def channel_copy(audio: np.ndarray, index: int) -> np.ndarray:
     return random_channel(audio, np.random.default_rng([CHANNEL_SEED, index]))
 
 
+def speed_copy(audio: np.ndarray, index: int, speed: float) -> np.ndarray:
+    """The clip played ``speed`` times as fast (pitch and formants move with it: another voice)."""
+    from streamd.train.data import speed_perturb
+
+    return np.clip(np.round(speed_perturb(audio.astype(np.float64), speed)), -32768, 32767).astype(np.int16)
+
+
 def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: int = 0) -> dict:
     """Each speaker's clips as eval_speakers forms them: ``ENROLL_CLIPS`` enrollment clips,
     the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
@@ -282,7 +294,7 @@ def make_cohort(sets: list[dict], speakers: set[str], proj, per: int = COHORT_PE
                 mine = [w for m, w in t[kind] if m == n]
                 for i in rng.choice(len(mine), size=min(per, len(mine)), replace=False):
                     out.append(utterance(mine[i], proj))
-    return np.stack(out).astype(np.float32)
+    return np.stack(out).astype(np.float16).astype(np.float32)  # as shipped: float16
 
 
 def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -477,8 +489,11 @@ def run(opts: Options) -> int:
         sets = [cached_sets(cache_dir, f"train-{key}", lambda: speaker_sets(raw, train)),
                 cached_sets(cache_dir, f"train-band-{key}",
                             lambda: speaker_sets(raw, [c for c in train if c.corpus == "asc"], band_copy))]
-        channel = cached_sets(cache_dir, f"train-channel-v{CHANNEL_VERSION}-s{CHANNEL_SEED}-{key}",
-                              lambda: speaker_sets(raw, train, channel_copy))
+        copies = [cached_sets(cache_dir, f"train-channel-v{CHANNEL_VERSION}-s{CHANNEL_SEED}-{key}",
+                              lambda: speaker_sets(raw, train, channel_copy))]
+        copies += [cached_sets(cache_dir, f"train-speed{speed}-{key}",
+                               lambda speed=speed: speaker_sets(raw, train, functools.partial(speed_copy, speed=speed)))
+                   for speed in COHORT_SPEEDS]
         held = evaluate.held_out_clips(opts.data_dir)
         held_sets = cached_sets(cache_dir, f"held-{key}", lambda: speaker_sets(raw, held))
     t_embed = time.time() - t0
@@ -486,7 +501,7 @@ def run(opts: Options) -> int:
     assert not names & set(held_sets["names"]), "a held-out speaker among the training speakers"
     x, y = windows_of(sets, names)
     proj = fit_nap(x, y)
-    cohort_sets = sets + [channel]
+    cohort_sets = sets + copies
     cohort = make_cohort(cohort_sets, names, proj)
     cal = calibration(sets, cohort_sets)
 
@@ -514,7 +529,7 @@ def run(opts: Options) -> int:
     single = evaluate.speaker_report(held, emb)
     spk = np.array([c.speaker for c in held])
     cohort_path = opts.out_dir / "speaker.cohort.npy"
-    np.save(cohort_path, cohort, allow_pickle=False)
+    np.save(cohort_path, cohort.astype(np.float16), allow_pickle=False)
     dim = int(proj.shape[1])
 
     card = {
@@ -557,7 +572,9 @@ def run(opts: Options) -> int:
                    "source": f"{COHORT_PER_SPEAKER} single words and {COHORT_PER_SPEAKER} 3-clip phrases of each "
                              "training speaker, of the band-limited copies of the ASC training speakers and of "
                              "copies of every training speaker through random channels (streamd.train.data."
-                             f"random_channel, seed {CHANNEL_SEED}); never held-out speakers",
+                             f"random_channel, seed {CHANNEL_SEED}) and played at speeds {COHORT_SPEEDS} (each "
+                             "a voice of its own); never held-out speakers",
+                   "dtype": "float16 (the daemon scores in float32; calibration used the same rounded vectors)",
                    "selection": COHORT_SELECTION},
         "calibration": cal,
         "data": {"validation": "FSDD (CC BY-SA 4.0) speaker theo; Arabic Speech Commands (CC BY 4.0) val-split speakers",
