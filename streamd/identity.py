@@ -6,6 +6,7 @@ Pure logic on arrays; storage is streamd.gallery.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,11 +34,18 @@ class Scorer:
     """Adaptive s-norm (AS-norm): a cosine score is standardised against the top-k scores
     each side (the utterance, the enrolled speaker) gets from an impostor cohort, so one
     threshold means the same false-accept rate for every speaker. Without a cohort the
-    score is the cosine itself."""
+    score is the cosine itself.
 
-    def __init__(self, cohort: np.ndarray | None, top_k: int = 100):
+    The statistics of the last ``memo`` vectors are kept: a final decision asks for its
+    utterance's twice (enrolled speakers, then clusters of unknown voices), and the gallery's
+    centroids are asked for again whenever the database changes, mostly when it did not
+    change them (a cluster was written)."""
+
+    def __init__(self, cohort: np.ndarray | None, top_k: int = 100, memo: int = 512):
         self.cohort = None if cohort is None or len(cohort) == 0 else l2_normalize(cohort)
         self.top_k = top_k
+        self.memo = memo
+        self._known: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     @property
     def normalised(self) -> bool:
@@ -45,10 +53,23 @@ class Scorer:
 
     def stats(self, vectors: np.ndarray) -> np.ndarray:
         """(n, 2): mean and std of each vector's top-k cohort scores."""
-        vectors = np.atleast_2d(vectors)
+        vectors = l2_normalize(np.atleast_2d(vectors))
         if self.cohort is None:
             return np.tile([0.0, 1.0], (len(vectors), 1))
-        scores = l2_normalize(vectors) @ self.cohort.T
+        keys = [row.tobytes() for row in vectors]
+        todo = [i for i, key in enumerate(keys) if key not in self._known]
+        if todo:
+            for i, row in zip(todo, self._top_stats(vectors[todo])):
+                self._known[keys[i]] = row
+        for key in keys:
+            self._known.move_to_end(key)
+        out = np.stack([self._known[key] for key in keys])
+        while len(self._known) > max(self.memo, len(keys)):
+            self._known.popitem(last=False)
+        return out
+
+    def _top_stats(self, unit: np.ndarray) -> np.ndarray:
+        scores = unit @ self.cohort.T
         k = min(self.top_k, scores.shape[1])
         top = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k:]  # the k best, unordered
         return np.stack([top.mean(axis=1), np.maximum(top.std(axis=1), 1e-4)], axis=1)

@@ -167,6 +167,25 @@ def test_as_norm_standardises_against_the_cohort():
     assert best[0] > 3
 
 
+def test_as_norm_statistics_are_worked_out_once_per_vector_and_the_memo_stays_bounded():
+    rng = np.random.default_rng(1)
+    cohort = rng.normal(size=(300, 16))
+    vectors = rng.normal(size=(6, 16))
+    fresh = Scorer(cohort, top_k=50).stats(vectors)
+    scorer = Scorer(cohort, top_k=50, memo=4)
+    rows = []
+    work = scorer._top_stats
+    scorer._top_stats = lambda unit: rows.append(len(unit)) or work(unit)
+    assert np.allclose(scorer.stats(vectors[:3]), fresh[:3])
+    assert np.allclose(scorer.stats(vectors[0]), fresh[:1])  # known: not worked out again
+    assert np.allclose(scorer.stats(vectors[1:3]), fresh[1:3])
+    assert rows == [3]
+    assert np.allclose(scorer.stats(vectors[3:]), fresh[3:])  # 6 > memo 4: the oldest go
+    assert rows == [3, 3] and len(scorer._known) == 4
+    assert np.allclose(scorer.stats(vectors), fresh)
+    assert rows == [3, 3, 2]  # vectors 0 and 1 were forgotten, and worked out again
+
+
 def test_calibration_maps_false_accept_rate_to_threshold():
     from streamd.identity import Calibration
 
