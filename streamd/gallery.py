@@ -45,6 +45,19 @@ CREATE TABLE IF NOT EXISTS embeddings (
     PRIMARY KEY (enrollment_id, model_sha256)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Counts every change to the speakers (from any connection or process), so the daemon re-reads
+-- them only then and not when unknown-voice clusters, in the same file, are written.
+CREATE TABLE IF NOT EXISTS speaker_changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
+INSERT OR IGNORE INTO speaker_changes VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS speakers_insert_counted AFTER INSERT ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS speakers_update_counted AFTER UPDATE ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS speakers_delete_counted AFTER DELETE ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS enrollments_insert_counted AFTER INSERT ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS enrollments_update_counted AFTER UPDATE ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS enrollments_delete_counted AFTER DELETE ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS embeddings_insert_counted AFTER INSERT ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS embeddings_update_counted AFTER UPDATE ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
+CREATE TRIGGER IF NOT EXISTS embeddings_delete_counted AFTER DELETE ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
 """
 UNKNOWN = "unknown"
 
@@ -213,10 +226,12 @@ class Gallery:
         self._version = None
 
     def changed(self) -> bool:
-        """True when the database changed (in any connection) since the last call."""
-        (version,) = self.db.execute("PRAGMA data_version").fetchone()
-        total = self.db.total_changes
-        key = hash((version, total))
+        """True when the speakers changed (in any connection) since the last call."""
+        try:
+            (key,) = self.db.execute("SELECT n FROM speaker_changes").fetchone()
+        except sqlite3.Error:  # a gallery made before the counter, opened read-only: any change
+            (version,) = self.db.execute("PRAGMA data_version").fetchone()
+            key = hash((version, self.db.total_changes))
         changed = key != self._version
         self._version = key
         return changed

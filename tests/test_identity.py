@@ -57,6 +57,23 @@ def test_changes_by_another_process_are_seen(tmp_path):
     assert list(daemon_side.embeddings("sha")) == ["carol"]
 
 
+def test_only_changes_to_the_speakers_make_the_gallery_re_read(tmp_path):
+    from streamd.cluster_store import ClusterStore
+
+    path = tmp_path / "g.sqlite3"
+    daemon_side = Gallery(path)
+    enroll(daemon_side, "dave", [[1, 0, 0]])
+    assert daemon_side.changed() and not daemon_side.changed()
+    clusters = ClusterStore(path)  # unknown voices, written to the same file by its own connection
+    clusters.add(None, utt(), unit([0, 1, 0]), "sha", "k", 20, 1.0)
+    assert not daemon_side.changed()
+    cli_side = Gallery(path)
+    cli_side.rename("dave", "david")
+    assert daemon_side.changed() and list(daemon_side.embeddings("sha")) == ["david"]
+    cli_side.remove("david")
+    assert daemon_side.changed() and daemon_side.embeddings("sha") == {}
+
+
 def test_rename_and_remove(tmp_path):
     g = Gallery(tmp_path / "g.sqlite3")
     enroll(g, "alice", [[1, 0, 0]])
