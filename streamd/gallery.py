@@ -49,16 +49,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- them only then and not when unknown-voice clusters, in the same file, are written.
 CREATE TABLE IF NOT EXISTS speaker_changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
 INSERT OR IGNORE INTO speaker_changes VALUES (1, 0);
-CREATE TRIGGER IF NOT EXISTS speakers_insert_counted AFTER INSERT ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS speakers_update_counted AFTER UPDATE ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS speakers_delete_counted AFTER DELETE ON speakers BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS enrollments_insert_counted AFTER INSERT ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS enrollments_update_counted AFTER UPDATE ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS enrollments_delete_counted AFTER DELETE ON enrollments BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS embeddings_insert_counted AFTER INSERT ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS embeddings_update_counted AFTER UPDATE ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
-CREATE TRIGGER IF NOT EXISTS embeddings_delete_counted AFTER DELETE ON embeddings BEGIN UPDATE speaker_changes SET n = n + 1; END;
-"""
+""" + "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()}_counted AFTER {event} ON {table} "
+    "BEGIN UPDATE speaker_changes SET n = n + 1; END;\n"
+    for table in ("speakers", "enrollments", "embeddings") for event in ("INSERT", "UPDATE", "DELETE"))
 UNKNOWN = "unknown"
 
 

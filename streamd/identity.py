@@ -36,10 +36,8 @@ class Scorer:
     threshold means the same false-accept rate for every speaker. Without a cohort the
     score is the cosine itself.
 
-    The statistics of the last ``memo`` vectors are kept: a final decision asks for its
-    utterance's twice (enrolled speakers, then clusters of unknown voices), and the gallery's
-    centroids are asked for again whenever the database changes, mostly when it did not
-    change them (a cluster was written)."""
+    The statistics of the last ``memo`` vectors are kept: the final decision on an unknown
+    voice asks for its utterance's twice (enrolled speakers, then clusters of unknown voices)."""
 
     def __init__(self, cohort: np.ndarray | None, top_k: int = 100, memo: int = 512):
         self.cohort = None if cohort is None or len(cohort) == 0 else l2_normalize(cohort)

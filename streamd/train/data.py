@@ -332,8 +332,7 @@ def random_channel(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         y = reverb(y, rng)
     if rng.random() < 0.25:
         y = telephone(y)
-    y *= np.sqrt(speech_power(x.astype(np.float64)) / speech_power(y))
-    return np.clip(np.round(y), -32768, 32767).astype(np.int16)
+    return to_int16(y * np.sqrt(speech_power(x.astype(np.float64)) / speech_power(y)))
 
 
 def babble_path(seed: int) -> Path:

@@ -193,8 +193,9 @@ def band_limit(audio: np.ndarray) -> np.ndarray:
     """Through 8 kHz and back, as FSDD was recorded: nothing above 4 kHz."""
     from scipy.signal import resample_poly
 
-    y = resample_poly(resample_poly(audio.astype(np.float64), 1, 2), 2, 1)
-    return np.clip(np.round(y), -32768, 32767).astype(np.int16)
+    from streamd.train.data import to_int16
+
+    return to_int16(resample_poly(resample_poly(audio.astype(np.float64), 1, 2), 2, 1))
 
 
 def window_outputs(model: OnnxModel, audio: np.ndarray) -> np.ndarray:
@@ -223,9 +224,9 @@ def channel_copy(audio: np.ndarray, index: int) -> np.ndarray:
 
 def speed_copy(audio: np.ndarray, index: int, speed: float) -> np.ndarray:
     """The clip played ``speed`` times as fast (pitch and formants move with it: another voice)."""
-    from streamd.train.data import speed_perturb
+    from streamd.train.data import speed_perturb, to_int16
 
-    return np.clip(np.round(speed_perturb(audio.astype(np.float64), speed)), -32768, 32767).astype(np.int16)
+    return to_int16(speed_perturb(audio.astype(np.float64), speed))
 
 
 def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: int = 0) -> dict:
