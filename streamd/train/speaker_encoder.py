@@ -59,14 +59,13 @@ ENROLL_CLIPS = 10
 PHRASE_CLIPS = 3
 TOP_K = 100  # streamd.identity.Scorer's default, which the daemon uses
 COHORT_SELECTION = (
-    "chosen on the leave-pair-out phrase trials of the training speakers (the calibration's): share of "
-    "target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
+    "chosen on the leave-pair-out phrase trials of the training speakers (the calibration's; "
+    "python scripts/speaker_cohorts.py): share of target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
     "enrolled speakers): clips + band-limited copies 33.1%; 34.3% with 60 instead of 40 of them per "
-    "speaker; random-channel copies added 26.4-28.4% (three draws of the channels); channel copies and "
+    "speaker; random-channel copies added 27.6%; the NAP fitted on them too 32.8%; channel copies and "
     "speeds 0.9 and 1.1 added 20.2% (shipped); also 0.85 and 1.15 19.0% (but 3x the cohort's CPU per "
-    "utterance: 1.0 vs 0.35 ms); also 0.95 and 1.05 22.3% (copies too near the real voices); NAP fitted "
-    "on the channel copies too 29.4%; noisy copies (0-20 dB SNR) took 10 dB probes' misses from 98% to "
-    "100%; top-k 100 (the daemon's) vs 50/150/200 within 1.5 points")
+    "utterance: 1.0 vs 0.35 ms); also 0.95 and 1.05 22.3% (copies too near the real voices); noisy "
+    "copies (0-20 dB SNR) 20.6%, and 10 dB probes' misses 97.1% -> 99.9%")
 
 
 class WithBackEnd(nn.Module):
@@ -459,6 +458,37 @@ def cached_sets(cache: Path | None, key: str, make) -> dict:
     return sets
 
 
+def window_model(enc: nn.Module, folder: Path, int8: bool) -> OnnxModel:
+    """The bare encoder (no back end) as the ONNX model the cached per-window outputs come from."""
+    path = folder / "encoder.onnx"
+    export(enc, path)
+    if int8:  # back end, cohort and calibration see the encoder the daemon runs
+        quantize(path, path.with_suffix(".int8.onnx"))
+        path = path.with_suffix(".int8.onnx")
+    window_input = {"name": "feats", "window": WINDOW, "batch_invariant": not int8}
+    return OnnxModel(ModelCard(folder / "encoder.card.json",
+                               {"kind": "speaker", "file": path.name, "sha256": sha256(path),
+                                "features": mel_params().as_dict(), "input": window_input, "output": {}}),
+                     mel_params(), "cpu")
+
+
+def cache_key(weights: Path, data_dir: Path, int8: bool) -> str:
+    """Same weights, front end, VAD and data folder: same per-window outputs."""
+    return hashlib.sha256(json.dumps([sha256(weights), mel_params().as_dict(), dataclasses.asdict(VadParams()),
+                                      str(data_dir.resolve()), ENROLL_CLIPS, PHRASE_CLIPS]
+                                     + (["int8 rows alone", onnxruntime_version()] if int8 else []),
+                                     sort_keys=True).encode()).hexdigest()[:12]
+
+
+def copy_sets(cache_dir: Path, key: str, raw, train: list[evaluate.Clip], speeds=COHORT_SPEEDS) -> list[dict]:
+    """The cohort's copies of the training speakers: random channels, then each speed."""
+    sets = [cached_sets(cache_dir, f"train-channel-v{CHANNEL_VERSION}-s{CHANNEL_SEED}-{key}",
+                        lambda: speaker_sets(raw(), train, channel_copy))]
+    return sets + [cached_sets(cache_dir, f"train-speed{speed}-{key}",
+                               lambda speed=speed: speaker_sets(raw(), train, functools.partial(speed_copy, speed=speed)))
+                   for speed in speeds]
+
+
 def run(opts: Options) -> int:
     import tempfile
 
@@ -467,34 +497,18 @@ def run(opts: Options) -> int:
     weights = opts.pretrained or pretrained_path()
     enc = load_encoder(weights)
     params = mel_params()
+    window_input = {"name": "feats", "window": WINDOW, "batch_invariant": not opts.int8}
     with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "encoder.onnx"
-        export(enc, raw_path)
-        window_input = {"name": "feats", "window": WINDOW, "batch_invariant": not opts.int8}
-        if opts.int8:  # back end, cohort and calibration see the encoder the daemon runs
-            quantize(raw_path, raw_path.with_suffix(".int8.onnx"))
-            raw_path = raw_path.with_suffix(".int8.onnx")
-        raw = OnnxModel(ModelCard(Path(tmp) / "encoder.card.json",
-                                  {"kind": "speaker", "file": raw_path.name, "sha256": sha256(raw_path),
-                                   "features": params.as_dict(), "input": window_input,
-                                   "output": {}}), params, "cpu")
+        raw = window_model(enc, Path(tmp), opts.int8)
         from streamd.train.data import WORK_DIR
 
         cache_dir = opts.cache_dir or WORK_DIR / "speaker-ge2e"
-        # same weights, front end, VAD and data folder: same per-window outputs
-        key = hashlib.sha256(json.dumps([sha256(weights), params.as_dict(), dataclasses.asdict(VadParams()),
-                                         str(opts.data_dir.resolve()), ENROLL_CLIPS, PHRASE_CLIPS]
-                                        + (["int8 rows alone", onnxruntime_version()] if opts.int8 else []),
-                                        sort_keys=True).encode()).hexdigest()[:12]
+        key = cache_key(weights, opts.data_dir, opts.int8)
         train = training_clips(opts.data_dir)
         sets = [cached_sets(cache_dir, f"train-{key}", lambda: speaker_sets(raw, train)),
                 cached_sets(cache_dir, f"train-band-{key}",
                             lambda: speaker_sets(raw, [c for c in train if c.corpus == "asc"], band_copy))]
-        copies = [cached_sets(cache_dir, f"train-channel-v{CHANNEL_VERSION}-s{CHANNEL_SEED}-{key}",
-                              lambda: speaker_sets(raw, train, channel_copy))]
-        copies += [cached_sets(cache_dir, f"train-speed{speed}-{key}",
-                               lambda speed=speed: speaker_sets(raw, train, functools.partial(speed_copy, speed=speed)))
-                   for speed in COHORT_SPEEDS]
+        copies = copy_sets(cache_dir, key, lambda: raw, train)
         held = evaluate.held_out_clips(opts.data_dir)
         held_sets = cached_sets(cache_dir, f"held-{key}", lambda: speaker_sets(raw, held))
     t_embed = time.time() - t0
