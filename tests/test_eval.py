@@ -8,7 +8,7 @@ import soundfile as sf
 from streamd.frames import SAMPLE_RATE
 from streamd.sources import read_audio
 from streamd.vad import VadParams, segment_clip
-from conftest import DATA, streamd
+from conftest import DATA, MODELS, streamd
 
 DEMO_SPEAKER = {"theo": "theo", "00000002": "asc02", "00000007": "asc07"}
 
@@ -116,7 +116,8 @@ def test_eval_digits_reports_each_condition_and_draws_confusion_matrices(tmp_pat
     report = json.loads(r.stdout)
     assert list(report["conditions"]) == ["clean", "snr_10db", "snr_0db"]
     # each family alone and fused, on the same clips; the daemon's choice is the main report
-    assert set(report["variants"]) == {"cnn", "rnn", "fused"}
+    members = [m["name"] for m in json.loads((MODELS / "digits.fusion.json").read_text())["members"]]
+    assert set(report["variants"]) == {*members, "fused"} and {"cnn", "rnn"} <= set(members)
     assert report["conditions"] == report["variants"][report["in_use"]]["conditions"]
     english = [t for t in truth if t["corpus"] == "fsdd"]
     arabic = [t for t in truth if t["corpus"] != "fsdd" and t["digit"] != ""]

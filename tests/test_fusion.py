@@ -1,4 +1,4 @@
-"""Two digit model families, one decision: the late-fusion layer, its card, and config's choice."""
+"""Digit models of two families (trained with one or more seeds), one decision: the late-fusion layer, its card, and config's choice."""
 
 import json
 import shutil
@@ -10,7 +10,8 @@ import pytest
 from streamd.config import Config
 from streamd.digits import Fusion, log_softmax
 from streamd.inference import ModelError, digit_plan, load_digits
-from streamd.train.fusion import fit, shift_non_digit
+from streamd.train import data
+from streamd.train.fusion import Options, fit, member_cards, shift_non_digit
 from streamd.train.scoring import operating_points, softmax
 from conftest import MODELS
 from test_streams import utterance_features
@@ -72,13 +73,36 @@ def test_fit_leans_on_the_family_that_knows_and_beats_each_alone():
     assert np.mean(fused.argmax(1) == labels) > np.mean(good.argmax(1) == labels)
 
 
+def test_models_trained_with_other_seeds_are_fused_under_their_own_names(tmp_path):
+    cards = member_cards(Options(tmp_path, tmp_path, seeds=(0, 1)))
+    assert {name: path.name for name, path in cards.items()} == {
+        "cnn": "digits.onnx", "rnn": "digits-rnn.onnx", "cnn-s1": "digits-s1.onnx", "rnn-s1": "digits-rnn-s1.onnx"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_seed_trains_on_a_validation_voice(seed):
+    """The fusion is fitted on the validation voices; a model that heard one of them (even at
+    another speed or pitch) would get more than its share of the weight."""
+    validation = {(v.voice, v.variant) for v in data.validation_voices()}
+    training = data.digit_training_voices(seed)
+    assert len(training) == data.SYNTH_TRAIN_VOICES == len({v.name for v in training})
+    assert not validation & {(v.voice, v.variant) for v in training}
+    drawn = data.synth_voices(data.SYNTH_TRAIN_VOICES, seed)
+    assert (training == drawn) == (not validation & {(v.voice, v.variant) for v in drawn})
+    if seed == 0:  # the shipped models' voices are unchanged
+        assert training == drawn
+
+
 def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
     names = [m["name"] for m in FUSION["members"]]
-    assert names == ["cnn", "rnn"] and len(FUSION["weights"]) == 2 and len(FUSION["bias"]) == 11
-    assert FUSION["choice"] in ("fused", "cnn", "rnn")
+    seeds = sorted({0} | {int(n.split("-s")[1]) for n in names if "-s" in n})
+    assert names == list(member_cards(Options(MODELS, MODELS, tuple(seeds))))  # both families, each seed
+    assert all((MODELS / m["card"]).exists() for m in FUSION["members"])
+    assert len(FUSION["weights"]) == len(names) and len(FUSION["bias"]) == 11
+    assert FUSION["choice"] in (*names, "fused")
     best = max(FUSION["decisions"], key=lambda n: FUSION["decisions"][n]["validation"]["digit_correct"])
     assert FUSION["choice"] == best  # "auto" takes what was best on the validation speakers
-    for name in ("cnn", "rnn", "fused"):
+    for name in (*names, "fused"):
         assert 0 <= FUSION["min_confidence"][name] < 1
         assert FUSION["decisions"][name]["validation"]["non_digit_accepted"] <= 0.02
 
@@ -88,7 +112,7 @@ def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choic
     digits = load_digits(cfg_with(choice), "cpu")
     expected = FUSION["choice"] if choice == "auto" else choice
     assert digits.choice == expected
-    assert list(digits.members) == (["cnn", "rnn"] if expected == "fused" else [expected])
+    assert list(digits.members) == ([m["name"] for m in FUSION["members"]] if expected == "fused" else [expected])
     assert digits.min_confidence(-1.0) == FUSION["min_confidence"][expected]
     assert digits.min_confidence(0.3) == 0.3  # an explicit setting wins
     every = load_digits(cfg_with("fused"), "cpu")

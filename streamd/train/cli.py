@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=None,
                    help=f"training epochs (default {DEFAULT_EPOCHS['digits']} digits, "
                         f"{DEFAULT_EPOCHS['speaker']} speaker)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (default 0); digits: seeds other than 0 write digits[-rnn]-sN.onnx")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="fusion: fuse both families trained with each of these seeds (default 0)")
     p.add_argument("--no-synth", dest="synth", action="store_false",
                    help="do not add synthetic espeak-ng speech to the training data")
     p.add_argument("--cache", type=Path, default=None,
@@ -78,7 +81,7 @@ def run(args) -> int:
     if args.model == "fusion":
         from streamd.train import fusion
 
-        code = fusion.run(fusion.Options(args.data, args.out, args.seed, args.synth))
+        code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth))
     elif args.model == "digits" and args.adapt is not None:
         from streamd.train import adapt
 

@@ -97,8 +97,22 @@ def is_validation(clip: Clip) -> bool:
 
 @functools.cache
 def _validation_speakers() -> frozenset[str]:
-    voices = synth_voices(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, 0)[SYNTH_TRAIN_VOICES:]
-    return frozenset([f"asc/{s}" for s in ASC_VALIDATION] + [f"synth/{v.name}" for v in voices])
+    return frozenset([f"asc/{s}" for s in ASC_VALIDATION] + [f"synth/{v.name}" for v in validation_voices()])
+
+
+def validation_voices() -> list[SynthVoice]:
+    """The synthetic validation voices: the same for every training seed, so models trained
+    with different seeds can be fused and compared on one validation set."""
+    return synth_voices(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, 0)[SYNTH_TRAIN_VOICES:]
+
+
+def digit_training_voices(seed: int) -> list[SynthVoice]:
+    """``SYNTH_TRAIN_VOICES`` voices drawn with ``seed``, skipping any with a validation voice's
+    espeak-ng voice and variant (the same voice at another speed or pitch would leak it into
+    training). Seed 0 draws none of them, so its voices are synth_voices' first 80."""
+    taken = {(v.voice, v.variant) for v in validation_voices()}
+    pool = [v for v in synth_voices(4 * SYNTH_TRAIN_VOICES, seed) if (v.voice, v.variant) not in taken]
+    return pool[:SYNTH_TRAIN_VOICES]
 
 
 # --------------------------------------------------------------------------- synthetic speech
@@ -188,9 +202,11 @@ def synthesize(voice: SynthVoice | FliteVoice, word: str, out: Path) -> None:
     sf.write(out, np.clip(y * 32767, -32768, 32767).astype(np.int16), SAMPLE_RATE, subtype="PCM_16")
 
 
-def synth_clips(n_voices: int = SYNTH_TRAIN_VOICES, words_per_voice: int = 24, seed: int = 0) -> list[Clip]:
-    """English digits and non-digit words in ``n_voices`` espeak-ng voices (training only)."""
-    return _spoken(synth_voices(n_voices, seed), np.random.default_rng([seed, 11]), words_per_voice)
+def synth_clips(n_voices: int = SYNTH_TRAIN_VOICES, words_per_voice: int = 24, seed: int = 0,
+                voices: list[SynthVoice] | None = None) -> list[Clip]:
+    """English digits and non-digit words in ``n_voices`` espeak-ng voices drawn with ``seed``
+    (or in ``voices``)."""
+    return _spoken(voices or synth_voices(n_voices, seed), np.random.default_rng([seed, 11]), words_per_voice)
 
 
 def flite_clips(seed: int = 0, words_per_voice: int = 24) -> list[Clip]:
@@ -551,10 +567,11 @@ class DigitSplit:
     test: FeatureSet  # clean; held-out speakers: every reported figure
 
 
-def validation_clips(data_dir: Path, seed: int, synth: bool) -> list[Clip]:
+def validation_clips(data_dir: Path, synth: bool) -> list[Clip]:
+    """The validation speakers' clips: the same words whatever the training seed."""
     clips = [c for c in real_clips(data_dir) if is_validation(c)]
     if synth:
-        voices = synth_clips(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, seed=seed)
+        voices = synth_clips(SYNTH_TRAIN_VOICES + SYNTH_VALIDATION_VOICES, seed=0)
         clips += [c for c in voices if is_validation(c)]
     return clips
 
@@ -571,17 +588,17 @@ def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False
     real = real_clips(data_dir)
     train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed)
     if synth:
-        voices = synth_clips(SYNTH_TRAIN_VOICES, seed=seed)
+        voices = synth_clips(seed=seed, voices=digit_training_voices(seed))
         train = merge([train, build_features(voices, "digits-synth", seed)])
     if flite:
         train = merge([train, build_features(flite_clips(seed), "digits-flite", seed)])
-    return DigitSplit(train, build_features(validation_clips(data_dir, seed, synth), "digits-val", seed,
+    return DigitSplit(train, build_features(validation_clips(data_dir, synth), "digits-val", 0,
                                             augment_train=False), load_test_set(data_dir, seed))
 
 
 def load_digit_eval_sets(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, FeatureSet]:
     """(validation, test) of :func:`load_digit_split`, without the training features."""
-    return (build_features(validation_clips(data_dir, seed, synth), "digits-val", seed, augment_train=False),
+    return (build_features(validation_clips(data_dir, synth), "digits-val", 0, augment_train=False),
             load_test_set(data_dir, seed))
 
 

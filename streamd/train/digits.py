@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from streamd.train import card, common, data
-from streamd.train.scoring import FAMILY_FILES, confidence_threshold, corpus_metrics, onnx_logits, operating_points, softmax
+from streamd.train.scoring import confidence_threshold, corpus_metrics, member_file, onnx_logits, operating_points, softmax
 from streamd.train.nets import DigitNet, DigitRNN
 
 # The two model families: a convolutional (TDNN) and a recurrent (GRU) classifier.
@@ -107,7 +107,7 @@ def run(opts: Options) -> int:
     t_feats = time.time() - t0
     net = train(split.train, opts)
     t_train = time.time() - t0 - t_feats
-    path = opts.out_dir / FAMILY_FILES[opts.family]
+    path = opts.out_dir / member_file(opts.family, opts.seed)
     if opts.english_only:
         path = path.with_name(path.stem + "-en.onnx")
     common.export_onnx(net, path, "logits")

@@ -35,8 +35,13 @@ BIAS_L2 = 1e-3
 class Options:
     data_dir: Path
     out_dir: Path
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # fuse both families trained with each of these seeds
     synth: bool = True
+
+
+def member_cards(opts: Options) -> dict[str, Path]:
+    return {scoring.member_name(family, seed): opts.out_dir / scoring.member_file(family, seed)
+            for seed in opts.seeds for family in scoring.FAMILY_FILES}
 
 
 def fit(member_logits: list[np.ndarray], labels: np.ndarray) -> Fusion:
@@ -77,12 +82,12 @@ def decisions(members: dict[str, np.ndarray], fusion: Fusion) -> dict[str, np.nd
 
 
 def run(opts: Options) -> int:
-    validation, test = data.load_digit_eval_sets(opts.data_dir, opts.seed, opts.synth)
-    cards = {name: opts.out_dir / file for name, file in scoring.FAMILY_FILES.items()}
+    cards = member_cards(opts)
     missing = [str(p) for p in cards.values() if not p.exists()]
     if missing:
-        print(f"streamd train fusion: train both families first; missing {', '.join(missing)}")
+        print(f"streamd train fusion: train both families with each seed first; missing {', '.join(missing)}")
         return 2
+    validation, test = data.load_digit_eval_sets(opts.data_dir, 0, opts.synth)
     val = {name: onnx_logits(path, validation) for name, path in cards.items()}
     fusion, shift = shift_non_digit(fit(list(val.values()), validation.labels()), list(val.values()),
                                     validation.labels(), SHIFT_NON_DIGIT)
@@ -138,7 +143,8 @@ def write(opts: Options, cards: dict[str, Path], fusion: Fusion, shift: float, t
         "decisions": report,
         "test_split": "held-out speakers: FSDD theo; ASC val speakers (00000002, 00000007, 00000008, 00000012, "
                       "00000021, 00000025); clean clips, onnxruntime CPU",
-        "command": f"streamd train fusion --data {opts.data_dir} --out {opts.out_dir}",
+        "command": f"streamd train fusion --data {opts.data_dir} --out {opts.out_dir}"
+                   + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds != (0,) else ""),
         "created": dt.date.today().isoformat(),
     }
     path = opts.out_dir / FUSION_CARD

@@ -12,6 +12,17 @@ from streamd.train import data
 
 # The two digit model families (streamd.train.nets DigitNet and DigitRNN) and their files.
 FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx"}
+
+
+def member_name(family: str, seed: int) -> str:
+    """A trained digit model's name in the fusion: its family, and its seed unless 0."""
+    return family if seed == 0 else f"{family}-s{seed}"
+
+
+def member_file(family: str, seed: int) -> str:
+    """digits.onnx, digits-rnn.onnx for seed 0; digits-s1.onnx, digits-rnn-s1.onnx for seed 1."""
+    name = FAMILY_FILES[family]
+    return name if seed == 0 else name.replace(".onnx", f"-s{seed}.onnx")
 # The ONNX opset every exported model uses (streamd.train.common exports with it).
 OPSET = 17
 
