@@ -32,7 +32,7 @@ def main() -> None:
     # A long utterance gets a window every hop frames: cost per second of speech.
     print(f"speaker, per second of speech (a window per {hop * 10} ms): {alone * 100 / hop:.1f} ms")
     for name, digits in models.digits.members.items():
-        print(f"digits {name}, one 1 s utterance:           {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
+        print(f"digits {name + ',':<7} one 1 s utterance:          {per_row_ms(digits, (1, 100, digits.params.numcep)):.2f} ms")
 
 
 if __name__ == "__main__":

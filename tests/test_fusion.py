@@ -122,6 +122,16 @@ def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choic
         np.testing.assert_allclose(digits.run(feats), want, rtol=1e-6, atol=1e-6)
 
 
+def test_the_lighter_fusion_card_runs_the_seed_0_pair_alone():
+    full = load_digits(cfg_with("fused"), "cpu")
+    pair = load_digits(cfg_with("fused", fusion="digits.fusion-pair.json"), "cpu")
+    assert list(pair.members) == ["cnn", "rnn"] and len(full.members) > 2
+    for feats in utterance_features(pair)[:3]:
+        outputs = [m.run(feats) for m in pair.members.values()]
+        np.testing.assert_allclose(pair.run(feats), pair.fusion(outputs), rtol=1e-6, atol=1e-6)
+        assert not np.allclose(pair.run(feats), full.run(feats))
+
+
 def test_without_a_fusion_card_the_single_model_is_used(tmp_path):
     digits = load_digits(cfg_with("auto", fusion="absent.json"), "cpu")
     assert list(digits.members) == ["cnn"] and digits.fusion is None and digits.choice == "single"

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                    help="random seed (default 0); digits: seeds other than 0 write digits[-rnn]-sN.onnx")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="fusion: fuse both families trained with each of these seeds (default 0)")
+    p.add_argument("--card", default="digits.fusion.json",
+                   help="fusion: the fusion card's file name in --out (default digits.fusion.json, the "
+                        "one config's models.digits_fusion names)")
     p.add_argument("--no-synth", dest="synth", action="store_false",
                    help="do not add synthetic espeak-ng speech to the training data")
     p.add_argument("--cache", type=Path, default=None,
@@ -81,7 +84,7 @@ def run(args) -> int:
     if args.model == "fusion":
         from streamd.train import fusion
 
-        code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth))
+        code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth, args.card))
     elif args.model == "digits" and args.adapt is not None:
         from streamd.train import adapt
 

@@ -37,6 +37,7 @@ class Options:
     out_dir: Path
     seeds: tuple[int, ...] = (0,)  # fuse both families trained with each of these seeds
     synth: bool = True
+    card_name: str = FUSION_CARD  # another name keeps the daemon's default card as it is
 
 
 def member_cards(opts: Options) -> dict[str, Path]:
@@ -99,7 +100,8 @@ def run(opts: Options) -> int:
         report[name] = {"validation": t["at_value"], "test": held_out_report(tested[name], test, t["value"])}
     choice = max(report, key=lambda n: report[n]["validation"]["digit_correct"])
     write(opts, cards, fusion, shift, thresholds, report, choice)
-    card.write_docs(opts.out_dir)
+    if opts.card_name == FUSION_CARD:
+        card.write_docs(opts.out_dir)
     for name, r in report.items():
         print(f"{name:>6}: validation {r['validation']['digit_correct']:.1%} right at threshold {thresholds[name]:.2f}; "
               f"test {json.dumps(r['test']['at_threshold'])}")
@@ -144,9 +146,10 @@ def write(opts: Options, cards: dict[str, Path], fusion: Fusion, shift: float, t
         "test_split": "held-out speakers: FSDD theo; ASC val speakers (00000002, 00000007, 00000008, 00000012, "
                       "00000021, 00000025); clean clips, onnxruntime CPU",
         "command": f"streamd train fusion --data {opts.data_dir} --out {opts.out_dir}"
-                   + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds != (0,) else ""),
+                   + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds != (0,) else "")
+                   + (f" --card {opts.card_name}" if opts.card_name != FUSION_CARD else ""),
         "created": dt.date.today().isoformat(),
     }
-    path = opts.out_dir / FUSION_CARD
+    path = opts.out_dir / opts.card_name
     path.write_text(json.dumps(fusion_card, indent=2) + "\n")
     return path
