@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, help="picture: DET curve (speakers, default det.png) or "
                                                 "confusion matrices (digits, default confusion.png)")
+    ev.add_argument("--card", action="store_true",
+                    help="digits, speakers: also keep the figures in the model card (digits: the fusion "
+                         "card, or the digit card without one; speakers: the speaker card), as heldout_eval")
 
     send = sub.add_parser("send", parents=[common], help="capture here, recognise on a daemon elsewhere")
     send.add_argument("--source", default="mic", help="mic[:DEVICE], file:PATH or stdin (default mic)")
@@ -338,7 +341,16 @@ def eval_digits(args, cfg) -> int:
     plot = args.plot or Path("confusion.png")
     ed.confusion_plot(report, plot)
     print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")
+    if args.card:
+        return keep_in_card(digit_card(cfg), report, f"streamd eval digits --data {args.data} --card")
     return 0
+
+
+def digit_card(cfg) -> Path:
+    """The card of the digit decision: the fusion card, or the single model's without one."""
+    models = cfg.path(cfg.models.dir)
+    fusion = models / cfg.models.digits_fusion if cfg.models.digits_fusion else None
+    return fusion if fusion is not None and fusion.exists() else models / cfg.models.digits
 
 
 def eval_speakers(args, cfg) -> int:
@@ -352,6 +364,20 @@ def eval_speakers(args, cfg) -> int:
     es.det_plot(result, plot)
     report = es.public(result)
     print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\nDET curve: {plot}")
+    if args.card:
+        return keep_in_card(cfg.path(cfg.models.dir) / cfg.models.speaker, report,
+                            f"streamd eval speakers --data {args.data} --card")
+    return 0
+
+
+def keep_in_card(card: Path, report: dict, command: str) -> int:
+    from streamd.evaluate import record_in_card
+
+    try:
+        record_in_card(card, report, command)
+    except (OSError, ValueError) as e:
+        print(f"streamd: cannot keep the figures in {card}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return EX_CANTCREAT
     return 0
 
 

@@ -178,3 +178,19 @@ def format_report(r: dict) -> str:
 
 def to_json(r: dict) -> str:
     return json.dumps(r, indent=2)
+
+
+def record_in_card(card: Path, report: dict, command: str) -> None:
+    """Keep held-out figures in a model card, under ``heldout_eval`` (confusion matrices left to
+    the pictures). Written beside it and renamed over it: the card is never half-written."""
+    data = json.loads(card.read_text())
+    data["heldout_eval"] = {"command": command, "figures": _without(report, "confusion_with_rejection")}
+    tmp = card.with_name(card.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(card)
+
+
+def _without(value, key: str):
+    if isinstance(value, dict):
+        return {k: _without(v, key) for k, v in value.items() if k != key}
+    return value

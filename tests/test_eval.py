@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import soundfile as sf
 
@@ -51,9 +52,12 @@ def make_corpus(root):
 def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     make_corpus(tmp_path / "data")
     png = tmp_path / "det.png"
-    r = streamd("eval", "speakers", "--data", str(tmp_path / "data"), "--json", "--plot", str(png))
+    models = copy_models(tmp_path)
+    r = streamd("eval", "speakers", "--data", str(tmp_path / "data"), "--json", "--plot", str(png), "--card",
+                "--set", f'models.dir="{models}"')
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    assert json.loads((models / "speaker.card.json").read_text())["heldout_eval"]["figures"] == report
     assert report["speakers"] == 3 and report["calibrated"] is True
     single = report["single"]
     assert single["probes"] == 9
@@ -108,12 +112,27 @@ def make_digit_corpus(root):
     return truth
 
 
+def copy_models(tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    return models
+
+
 def test_eval_digits_reports_each_condition_and_draws_confusion_matrices(tmp_path):
     truth = make_digit_corpus(tmp_path / "data")
     png = tmp_path / "confusion.png"
-    r = streamd("eval", "digits", "--data", str(tmp_path / "data"), "--json", "--plot", str(png))
+    models = copy_models(tmp_path)
+    r = streamd("eval", "digits", "--data", str(tmp_path / "data"), "--json", "--plot", str(png), "--card",
+                "--set", f'models.dir="{models}"')
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    kept = json.loads((models / "digits.fusion.json").read_text())
+    assert kept["heldout_eval"]["figures"]["variants"]["fused"]["conditions"]["clean"]["fsdd"] == {
+        k: v for k, v in report["variants"]["fused"]["conditions"]["clean"]["fsdd"].items()
+        if k != "confusion_with_rejection"}
+    shipped = json.loads((MODELS / "digits.fusion.json").read_text())
+    assert kept["heldout_eval"] != shipped.get("heldout_eval")  # this corpus's figures replaced the shipped ones
+    assert {k: v for k, v in kept.items() if k != "heldout_eval"} == {k: v for k, v in shipped.items() if k != "heldout_eval"}
     assert list(report["conditions"]) == ["clean", "snr_10db", "snr_0db"]
     # each family alone and fused, on the same clips; the daemon's choice is the main report
     members = [m["name"] for m in json.loads((MODELS / "digits.fusion.json").read_text())["members"]]
@@ -130,6 +149,18 @@ def test_eval_digits_reports_each_condition_and_draws_confusion_matrices(tmp_pat
     clean = report["conditions"]["clean"]
     assert clean["fsdd"]["accuracy"] >= 0.75 and clean["asc"]["accuracy"] >= 0.75  # held-out voices, real models
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_card_that_cannot_be_written_is_one_line_and_left_as_it_was(tmp_path):
+    make_digit_corpus(tmp_path / "data")
+    models = copy_models(tmp_path)
+    before = (models / "digits.fusion.json").read_bytes()
+    (models / "digits.fusion.json.tmp").mkdir()  # where the new card would be written
+    r = streamd("eval", "digits", "--data", str(tmp_path / "data"), "--plot", str(tmp_path / "c.png"), "--card",
+                "--set", f'models.dir="{models}"')
+    assert r.returncode == 73
+    assert r.stderr.strip().splitlines()[-1].startswith(f"streamd: cannot keep the figures in {models}")
+    assert (models / "digits.fusion.json").read_bytes() == before
 
 
 def test_noise_is_added_at_the_asked_snr_against_the_speech():
