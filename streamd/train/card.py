@@ -332,12 +332,16 @@ def write_docs(models_dir: Path) -> Path | None:
                   f"{tr['feature_seconds']:.0f} s ({how}), training {tr['train_seconds']:.0f} s "
                   f"on 2 CPU cores; torch {c['torch_version']}."]
     lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed:", "", "```"]
-    lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards] + ["```", "",
+    lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards]
+    lines += [json.loads(f.read_text())["command"] for f in sorted(models_dir.glob("digits.fusion*.json"))] + ["```", "",
               "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`). "
               "Without a cache the first run synthesises the espeak-ng clips (~40 s) and computes the "
               "features of every clip version (71,780 training items + 2,900 held-out clips: ~6.5 min "
               "on 2 cores). A cache is reused only if a random sample of its items, recomputed with "
-              "the current streamd code, matches.", ""]
+              "the current streamd code, matches.", "",
+              "Training writes fresh cards; their held-out figures clean and in noise (`heldout_eval`) "
+              "come from `streamd eval digits --data ../shared/datasets --card` and `streamd eval speakers "
+              "--data ../shared/datasets --card`.", ""]
     path = docs / "models.md"
     path.write_text("\n".join(lines))
     return path
