@@ -333,7 +333,8 @@ def eval_digits(args, cfg) -> int:
         if n % 500 == 0 or n == total:
             print(f"\r{condition}: {n}/{total} clips", end="\n" if n == total else "", file=sys.stderr, flush=True)
 
-    in_use = digit_plan(cfg).choice
+    plan = digit_plan(cfg)
+    in_use = plan.choice
     every = replace(cfg, digits=replace(cfg.digits, model="fused")) if in_use != "single" else cfg
     digits = load_digits(every, "cpu")
     report = ed.evaluate_digits(args.data, cfg, digits, in_use if in_use != "single" else next(iter(digits.members)),
@@ -342,15 +343,8 @@ def eval_digits(args, cfg) -> int:
     ed.confusion_plot(report, plot)
     print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")
     if args.card:
-        return keep_in_card(digit_card(cfg), report, f"streamd eval digits --data {args.data} --card")
+        return keep_in_card(plan.source, report, f"streamd eval digits --data {args.data} --card")
     return 0
-
-
-def digit_card(cfg) -> Path:
-    """The card of the digit decision: the fusion card, or the single model's without one."""
-    models = cfg.path(cfg.models.dir)
-    fusion = models / cfg.models.digits_fusion if cfg.models.digits_fusion else None
-    return fusion if fusion is not None and fusion.exists() else models / cfg.models.digits
 
 
 def eval_speakers(args, cfg) -> int:

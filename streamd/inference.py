@@ -340,6 +340,7 @@ class DigitPlan:
     fusion: Fusion | None
     choice: str
     thresholds: dict[str, float]  # min_confidence per choice, chosen on validation speakers
+    source: Path  # the card the plan was read from: the fusion card, or the single model's
 
 
 def _fusion_card(path: Path) -> dict:
@@ -359,7 +360,7 @@ def digit_plan(cfg) -> DigitPlan:
         if want == "fused":
             raise ModelError(f"digits.model = 'fused' needs a fusion card (models.digits_fusion: {fusion_path})")
         card = load_card(models_dir / cfg.models.digits, "digits")
-        return DigitPlan({str(card.data.get("family", "digits")): card}, None, "single", {})
+        return DigitPlan({str(card.data.get("family", "digits")): card}, None, "single", {}, card.path)
     data = _fusion_card(fusion_path)
     cards = {m["name"]: load_card(models_dir / m["card"], "digits") for m in data["members"]}
     for m in data["members"]:
@@ -372,10 +373,10 @@ def digit_plan(cfg) -> DigitPlan:
     choice = data["choice"] if want == "auto" else want
     thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
     if choice == "fused":
-        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds)
+        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds, fusion_path)
     if choice not in cards:
         raise ModelError(f"digits.model = {want!r}: {fusion_path} offers {', '.join(cards)} and fused")
-    return DigitPlan({choice: cards[choice]}, None, choice, thresholds)
+    return DigitPlan({choice: cards[choice]}, None, choice, thresholds, fusion_path)
 
 
 def load_digits(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> DigitModels:

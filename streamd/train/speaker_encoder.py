@@ -458,6 +458,11 @@ def cached_sets(cache: Path | None, key: str, make) -> dict:
     return sets
 
 
+def window_input(int8: bool) -> dict:
+    """The card's input entry: 1.6 s windows; int8 outputs depend on the batch they run in."""
+    return {"name": "feats", "window": WINDOW, "batch_invariant": not int8}
+
+
 def window_model(enc: nn.Module, folder: Path, int8: bool) -> OnnxModel:
     """The bare encoder (no back end) as the ONNX model the cached per-window outputs come from."""
     path = folder / "encoder.onnx"
@@ -465,10 +470,9 @@ def window_model(enc: nn.Module, folder: Path, int8: bool) -> OnnxModel:
     if int8:  # back end, cohort and calibration see the encoder the daemon runs
         quantize(path, path.with_suffix(".int8.onnx"))
         path = path.with_suffix(".int8.onnx")
-    window_input = {"name": "feats", "window": WINDOW, "batch_invariant": not int8}
     return OnnxModel(ModelCard(folder / "encoder.card.json",
                                {"kind": "speaker", "file": path.name, "sha256": sha256(path),
-                                "features": mel_params().as_dict(), "input": window_input, "output": {}}),
+                                "features": mel_params().as_dict(), "input": window_input(int8), "output": {}}),
                      mel_params(), "cpu")
 
 
@@ -497,7 +501,6 @@ def run(opts: Options) -> int:
     weights = opts.pretrained or pretrained_path()
     enc = load_encoder(weights)
     params = mel_params()
-    window_input = {"name": "feats", "window": WINDOW, "batch_invariant": not opts.int8}
     with tempfile.TemporaryDirectory() as tmp:
         raw = window_model(enc, Path(tmp), opts.int8)
         from streamd.train.data import WORK_DIR
@@ -538,7 +541,7 @@ def run(opts: Options) -> int:
     else:
         parity = export(full, onnx_path, windows)
     card_data = {"kind": "speaker", "file": onnx_path.name, "sha256": sha256(onnx_path),
-                 "features": params.as_dict(), "input": window_input, "output": {}}
+                 "features": params.as_dict(), "input": window_input(opts.int8), "output": {}}
     model = OnnxModel(ModelCard(opts.out_dir / "speaker.card.json", card_data), params, "cpu")
     emb = embed_clips(model, held)
     single = evaluate.speaker_report(held, emb)
