@@ -66,9 +66,10 @@ train: venv
 	# The speaker encoder's pretrained weights ship in this wheel (Apache-2.0). Its own
 	# dependencies (librosa, webrtcvad) are not needed and webrtcvad would clash with ours.
 	$(BIN)/pip install -q --no-deps Resemblyzer==0.1.4
-	$(BIN)/streamd train digits --family cnn --data ../shared/datasets --out models
-	$(BIN)/streamd train digits --family rnn --data ../shared/datasets --out models
-	$(BIN)/streamd train fusion --data ../shared/datasets --out models
+	set -e; for seed in 0 1; do for family in cnn rnn; do \
+		$(BIN)/streamd train digits --family $$family --seed $$seed --data ../shared/datasets --out models; done; done
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models --card digits.fusion-pair.json
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
 
 clean:
