@@ -36,6 +36,9 @@ DIGITS_SPLIT_TEXT = (
 ARCHITECTURES = {
     "cnn": "DigitNet: 5 residual 1-D convolution (TDNN) blocks of 128 channels, mean+max pooling over time, 2-layer head",
     "rnn": "DigitRNN: strided convolution (20 ms steps), 2-layer bidirectional GRU (96 per direction), mean+max pooling over time, 2-layer head",
+    "kd": "DigitNet (as cnn), trained also to predict a pretrained word embedding's output (the teacher, "
+          "card entry 'teacher') from its pooled features; that map is dropped at export",
+    "kd-rnn": "DigitRNN (as rnn), trained also to predict the teacher's embedding (as kd)",
 }
 
 
@@ -193,6 +196,15 @@ OPENWAKEWORD_TEXT = (
     "whatever Google's original allows, and Google's original cannot be fetched here (no download), "
     "so no streamd model starts from them.")
 
+TEACHER_TEXT = (
+    "- Teacher of the distilled digit models (`streamd train digits --family kd|kd-rnn`; not used by the "
+    "shipped models, docs/measurements.md says why): the ResNet-50 word embedding in the "
+    "`EfficientWord-Net` 1.0.5 wheel (`eff_word_net/models/resnet_50_arc/…_qint8.onnx`, by Ant-Brain). "
+    "The wheel's LICENSE.md is Apache-2.0 and names no other terms for its models; its README says the "
+    "model was trained on the Multilingual Spoken Words Corpus (MLCommons, CC BY 4.0). It is over the "
+    "per-model budget (22 MB, ~11 ms per second of audio), so only its outputs on our training clips "
+    "reach a model, as distillation targets (`streamd/train/teacher.py`).")
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -319,7 +331,7 @@ def write_docs(models_dir: Path) -> Path | None:
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
               "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training.",
-              OPENWAKEWORD_TEXT, "",
+              OPENWAKEWORD_TEXT, TEACHER_TEXT, "",
               "## Training", "", f"Augmentation in the current training code (each card's `training.augmentation` "
               f"says what its model was trained with): {data.AUGMENTATION_TEXT}.", ""]
     for k, c in cards.items():

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
                    help="random seed (default 0); digits: seeds other than 0 write digits[-rnn]-sN.onnx")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="fusion: fuse both families trained with each of these seeds (default 0)")
+    p.add_argument("--with", dest="extra", nargs="+", default=[], metavar="MEMBER",
+                   help="fusion: fuse these digit models too, by name (e.g. kd: digits-kd.onnx)")
     p.add_argument("--card", default="digits.fusion.json",
                    help="fusion: the fusion card's file name in --out (default digits.fusion.json, the "
                         "one config's models.digits_fusion names)")
@@ -40,9 +42,11 @@ def register(subparsers) -> None:
     p.add_argument("--cache", type=Path, default=None,
                    help="speaker: folder for the encoder's per-window outputs on the corpora "
                         "(default $STREAMD_TRAIN_WORK/speaker-ge2e)")
-    p.add_argument("--family", choices=("cnn", "rnn"), default="cnn",
-                   help="digits: which model family to train: cnn (digits.onnx, default) or rnn "
-                        "(digits-rnn.onnx); `streamd train fusion` then fuses the two")
+    p.add_argument("--family", choices=("cnn", "rnn", "kd", "kd-rnn"), default="cnn",
+                   help="digits: which model family to train: cnn (digits.onnx, default), rnn "
+                        "(digits-rnn.onnx), kd or kd-rnn (digits-kd[-rnn].onnx: cnn or rnn distilled from a "
+                        "pretrained word embedding; needs EfficientWord-Net, see make train); "
+                        "`streamd train fusion` then fuses them")
     p.add_argument("--english-only", action="store_true",
                    help="digits: train on English (FSDD, synthetic) only, as digits[-rnn]-en.onnx")
     p.add_argument("--flite", action="store_true",
@@ -84,7 +88,8 @@ def run(args) -> int:
     if args.model == "fusion":
         from streamd.train import fusion
 
-        code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth, args.card))
+        code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth, args.card,
+                                            tuple(args.extra)))
     elif args.model == "digits" and args.adapt is not None:
         from streamd.train import adapt
 

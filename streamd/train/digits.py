@@ -10,17 +10,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamd.train import card, common, data
+from streamd.train import card, common, data, teacher
+from streamd.train import scoring
 from streamd.train.scoring import confidence_threshold, corpus_metrics, member_file, onnx_logits, operating_points, softmax
-from streamd.train.nets import DigitNet, DigitRNN
+from streamd.train.nets import DigitNet, DigitRNN, DistilledDigitNet, DistilledDigitRNN
 
-# The two model families: a convolutional (TDNN) and a recurrent (GRU) classifier.
-FAMILIES = {"cnn": DigitNet, "rnn": DigitRNN}
+# The model families: a convolutional (TDNN) and a recurrent (GRU) classifier, and each of them
+# distilled from a pretrained word embedding (streamd.train.teacher).
+FAMILIES = {"cnn": DigitNet, "rnn": DigitRNN, "kd": DistilledDigitNet, "kd-rnn": DistilledDigitRNN}
+DISTILLED = ("kd", "kd-rnn")
 
 BATCH = 64
 PEAK_LR = 3e-3
 NON_DIGIT_FRACTION = 0.35  # share of "not a digit" clips drawn each epoch
 LOSS_TEXT = "cross-entropy, label smoothing 0.05, AdamW (wd 1e-3), one-cycle cosine LR"
+KD_WEIGHT = 1.0
+KD_LOSS_TEXT = (f"{LOSS_TEXT}, plus {KD_WEIGHT} x (1 - cosine) between a linear map of the pooled features "
+                "and the teacher's embedding of the same augmented clip")
 
 
 @dataclass
@@ -61,7 +67,22 @@ def batch_logits(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> t
     return net(x * mask.transpose(1, 2), mask)
 
 
-def train(fs: data.FeatureSet, opts: Options) -> torch.nn.Module:
+def batch_loss(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+               teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one batch; with ``teacher`` embeddings, the distillation term too."""
+    if teacher is None:
+        logits = batch_logits(net, x, mask)
+        return F.cross_entropy(logits, y, label_smoothing=0.05), logits
+    if isinstance(net, DigitRNN):
+        logits, emb = net.logits_and_embedding(x, mask.sum(dim=(1, 2)).long())
+    else:
+        logits, emb = net.logits_and_embedding(x * mask.transpose(1, 2), mask)
+    kd = (1 - F.cosine_similarity(emb, teacher, dim=1)).mean()
+    return F.cross_entropy(logits, y, label_smoothing=0.05) + KD_WEIGHT * kd, logits
+
+
+def train(fs: data.FeatureSet, opts: Options, teacher: np.ndarray | None = None) -> torch.nn.Module:
+    """``teacher``: the teacher's embedding of every item of ``fs`` (family kd only)."""
     rng = common.seed_everything(opts.seed)
     net = FAMILIES[opts.family]()
     opt = torch.optim.AdamW(net.parameters(), lr=PEAK_LR, weight_decay=1e-3)
@@ -75,8 +96,8 @@ def train(fs: data.FeatureSet, opts: Options) -> torch.nn.Module:
             x, mask = common.pad_batch([fs.item(i) for i in batch])
             y = torch.from_numpy(labels[batch])
             common.cosine_lr(opt, step, total, PEAK_LR, warmup=steps_per_epoch)
-            logits = batch_logits(net, spec_augment(x, rng), mask)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+            targets = None if teacher is None else torch.from_numpy(teacher[batch].astype(np.float32))
+            loss, logits = batch_loss(net, spec_augment(x, rng), mask, y, targets)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -104,8 +125,9 @@ def run(opts: Options) -> int:
     split = data.load_digit_split(opts.data_dir, opts.seed, opts.synth, opts.flite)
     if opts.english_only:
         split.train = data.select(split.train, lambda clip: clip.corpus != "asc")
+    targets = teacher.targets(split.train, "digits-train", opts.seed) if opts.family in DISTILLED else None
     t_feats = time.time() - t0
-    net = train(split.train, opts)
+    net = train(split.train, opts, targets)
     t_train = time.time() - t0 - t_feats
     path = opts.out_dir / member_file(opts.family, opts.seed)
     if opts.english_only:
@@ -114,9 +136,11 @@ def run(opts: Options) -> int:
     parity = common.check_parity(net, path)
     metrics, threshold = evaluate(path, split)
     metrics["onnx_vs_torch_max_abs_diff"] = parity
-    info = card.TrainingInfo("digits", opts.epochs, opts.seed, opts.synth, LOSS_TEXT,
+    info = card.TrainingInfo("digits", opts.epochs, opts.seed, opts.synth, KD_LOSS_TEXT if targets is not None else LOSS_TEXT,
                              t_feats, t_train, opts.data_dir, opts.out_dir, opts.family)
     c = card.digits_card(path, split, metrics, threshold, info, net)
+    if targets is not None:
+        c["teacher"] = teacher.PROVENANCE | {"sha256": scoring.sha256(teacher.model_path())}
     if opts.flite:
         c["training"]["command"] += " --flite"
         c["split"] += card.FLITE_SPLIT_TEXT

@@ -35,14 +35,16 @@ BIAS_L2 = 1e-3
 class Options:
     data_dir: Path
     out_dir: Path
-    seeds: tuple[int, ...] = (0,)  # fuse both families trained with each of these seeds
+    seeds: tuple[int, ...] = (0,)  # fuse the cnn and rnn families trained with each of these seeds
     synth: bool = True
     card_name: str = FUSION_CARD  # another name keeps the daemon's default card as it is
+    extra: tuple[str, ...] = ()  # and these members too, by name (e.g. "kd")
 
 
 def member_cards(opts: Options) -> dict[str, Path]:
-    return {scoring.member_name(family, seed): opts.out_dir / scoring.member_file(family, seed)
-            for seed in opts.seeds for family in scoring.FAMILY_FILES}
+    names = [scoring.member_name(family, seed) for seed in opts.seeds for family in ("cnn", "rnn")]
+    names += [n for n in opts.extra if n not in names]
+    return {name: opts.out_dir / scoring.member_file(*scoring.parse_member(name)) for name in names}
 
 
 def fit(member_logits: list[np.ndarray], labels: np.ndarray) -> Fusion:
@@ -86,7 +88,7 @@ def run(opts: Options) -> int:
     cards = member_cards(opts)
     missing = [str(p) for p in cards.values() if not p.exists()]
     if missing:
-        print(f"streamd train fusion: train both families with each seed first; missing {', '.join(missing)}")
+        print(f"streamd train fusion: train every member first; missing {', '.join(missing)}")
         return 2
     validation, test = data.load_digit_eval_sets(opts.data_dir, 0, opts.synth)
     val = {name: onnx_logits(path, validation) for name, path in cards.items()}
@@ -147,6 +149,7 @@ def write(opts: Options, cards: dict[str, Path], fusion: Fusion, shift: float, t
                       "00000021, 00000025); clean clips, onnxruntime CPU",
         "command": f"streamd train fusion --data {opts.data_dir} --out {opts.out_dir}"
                    + (f" --seeds {' '.join(map(str, opts.seeds))}" if opts.seeds != (0,) else "")
+                   + (f" --with {' '.join(opts.extra)}" if opts.extra else "")
                    + (f" --card {opts.card_name}" if opts.card_name != FUSION_CARD else ""),
         "created": dt.date.today().isoformat(),
     }

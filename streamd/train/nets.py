@@ -102,6 +102,19 @@ class DigitNet(nn.Module):
         return self.head(mean_max_pool(self.trunk(feats, mask), mask))
 
 
+class DistilledDigitNet(DigitNet):
+    """A DigitNet that also predicts a teacher's embedding from its pooled features (training
+    only: the exported graph is DigitNet's, logits alone)."""
+
+    def __init__(self, teacher_dim: int = 2048):
+        super().__init__()
+        self.distill = nn.Linear(self.head[0].in_features, teacher_dim)
+
+    def logits_and_embedding(self, feats: torch.Tensor, mask: Mask = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = mean_max_pool(self.trunk(feats, mask), mask)
+        return self.head(pooled), self.distill(pooled)
+
+
 class DigitRNN(nn.Module):
     """The recurrent family of digit classifier: a strided convolution (10 ms -> 20 ms steps),
     a bidirectional GRU, mean+max pooling over time. Same input and output as DigitNet.
@@ -118,15 +131,30 @@ class DigitRNN(nn.Module):
         self.head = nn.Sequential(nn.Linear(4 * hidden, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, n_classes))
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.pooled(feats, lengths))
+
+    def pooled(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.front(feats.transpose(1, 2)).transpose(1, 2)  # (batch, steps, channels)
         if lengths is None:
             y, _ = self.gru(x)
-            return self.head(torch.cat((y.mean(dim=1), y.amax(dim=1)), dim=1))
+            return torch.cat((y.mean(dim=1), y.amax(dim=1)), dim=1)
         steps = (lengths + 1) // 2
         packed = nn.utils.rnn.pack_padded_sequence(x, steps.cpu(), batch_first=True, enforce_sorted=False)
         y, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])
         mask = (torch.arange(x.shape[1])[None, :] < steps[:, None]).unsqueeze(2).to(y.dtype)
-        return self.head(mean_max_pool(y.transpose(1, 2), mask.transpose(1, 2)))
+        return mean_max_pool(y.transpose(1, 2), mask.transpose(1, 2))
+
+
+class DistilledDigitRNN(DigitRNN):
+    """A DigitRNN that also predicts a teacher's embedding (as DistilledDigitNet)."""
+
+    def __init__(self, teacher_dim: int = 2048):
+        super().__init__()
+        self.distill = nn.Linear(self.head[0].in_features, teacher_dim)
+
+    def logits_and_embedding(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pooled(feats, lengths)
+        return self.head(pooled), self.distill(pooled)
 
 
 class SpeakerNet(nn.Module):

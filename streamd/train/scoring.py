@@ -10,8 +10,10 @@ import numpy as np
 
 from streamd.train import data
 
-# The two digit model families (streamd.train.nets DigitNet and DigitRNN) and their files.
-FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx"}
+# The digit model families (streamd.train.nets DigitNet, DigitRNN, and each distilled from a
+# pretrained word embedding: DistilledDigitNet, DistilledDigitRNN) and their files.
+FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx", "kd": "digits-kd.onnx",
+                "kd-rnn": "digits-kd-rnn.onnx"}
 
 
 def member_name(family: str, seed: int) -> str:
@@ -23,6 +25,17 @@ def member_file(family: str, seed: int) -> str:
     """digits.onnx, digits-rnn.onnx for seed 0; digits-s1.onnx, digits-rnn-s1.onnx for seed 1."""
     name = FAMILY_FILES[family]
     return name if seed == 0 else name.replace(".onnx", f"-s{seed}.onnx")
+
+
+def parse_member(name: str) -> tuple[str, int]:
+    """(family, seed) of a member name: "rnn" -> ("rnn", 0), "cnn-s1" -> ("cnn", 1)."""
+    family, _, seed = name.partition("-s")
+    if family not in FAMILY_FILES or (seed and not seed.isdigit()):
+        raise ValueError(f"{name!r} is no digit model: a family ({', '.join(FAMILY_FILES)}), "
+                         "optionally with -sN for seed N")
+    return family, int(seed or 0)
+
+
 # The ONNX opset every exported model uses (streamd.train.common exports with it).
 OPSET = 17
 
