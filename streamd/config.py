@@ -256,9 +256,16 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mel.kind": ("melpower",),
     "mel.window": ("hamming", "hann", "rect"),
     "models.provider": ("auto", "cpu", "cuda"),
-    "digits.model": ("auto", "fused", "cnn", "rnn"),
     "streams.pace": ("", "realtime", "fast"),
     "log.level": ("debug", "info", "warning", "error"),
+}
+
+
+# Values checked by form; what they name is checked where it is loaded.
+PATTERNS: dict[str, tuple[str, str]] = {
+    # Any model the fusion card lists: a family, with -sN for a seed other than 0.
+    "digits.model": (r"auto|fused|[a-z]+(-[a-z]+)*(-s[0-9]+)?",
+                     "auto, fused or a digit model's name (cnn, rnn, cnn-s1, rnn-s1, ...)"),
 }
 
 
@@ -279,6 +286,8 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is out of range [{lo}, {hi}]")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, CHOICES[key]))}")
+    if key in PATTERNS and not re.fullmatch(PATTERNS[key][0], value):
+        raise ConfigError(f"{key}: {value!r} is not {PATTERNS[key][1]}")
     return value
 
 

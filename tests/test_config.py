@@ -47,6 +47,9 @@ def test_set_overrides_take_toml_values(tmp_path):
     ("state.dir=var/state", "state.dir"),
     ("vad.tail_ms=900", "vad.tail_ms"),
     ("features.numcep=0", "features.numcep"),
+    ('digits.model="RNN"', "digits.model"),
+    ('digits.model="rnn s1"', "digits.model"),
+    ('digits.model=""', "digits.model"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:

@@ -107,7 +107,7 @@ def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
         assert FUSION["decisions"][name]["validation"]["non_digit_accepted"] <= 0.02
 
 
-@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn"])
+@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1"])
 def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choice):
     digits = load_digits(cfg_with(choice), "cpu")
     expected = FUSION["choice"] if choice == "auto" else choice
@@ -130,6 +130,11 @@ def test_the_lighter_fusion_card_runs_the_seed_0_pair_alone():
         outputs = [m.run(feats) for m in pair.members.values()]
         np.testing.assert_allclose(pair.run(feats), pair.fusion(outputs), rtol=1e-6, atol=1e-6)
         assert not np.allclose(pair.run(feats), full.run(feats))
+
+
+def test_a_model_the_fusion_card_does_not_list_is_refused_by_name():
+    with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1 and fused"):
+        digit_plan(cfg_with("kd"))
 
 
 def test_without_a_fusion_card_the_single_model_is_used(tmp_path):
