@@ -10,8 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamd.train import card, common, data, teacher
-from streamd.train import scoring
+from streamd.train import card, common, data, scoring, teacher
 from streamd.train.scoring import confidence_threshold, corpus_metrics, member_file, onnx_logits, operating_points, softmax
 from streamd.train.nets import DigitNet, DigitRNN, DistilledDigitNet, DistilledDigitRNN
 
@@ -68,21 +67,21 @@ def batch_logits(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def batch_loss(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
-               teacher: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits) of one batch; with ``teacher`` embeddings, the distillation term too."""
-    if teacher is None:
+               teacher_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of one batch; with the teacher's embeddings, the distillation term too."""
+    if teacher_emb is None:
         logits = batch_logits(net, x, mask)
         return F.cross_entropy(logits, y, label_smoothing=0.05), logits
     if isinstance(net, DigitRNN):
         logits, emb = net.logits_and_embedding(x, mask.sum(dim=(1, 2)).long())
     else:
         logits, emb = net.logits_and_embedding(x * mask.transpose(1, 2), mask)
-    kd = (1 - F.cosine_similarity(emb, teacher, dim=1)).mean()
+    kd = (1 - F.cosine_similarity(emb, teacher_emb, dim=1)).mean()
     return F.cross_entropy(logits, y, label_smoothing=0.05) + KD_WEIGHT * kd, logits
 
 
-def train(fs: data.FeatureSet, opts: Options, teacher: np.ndarray | None = None) -> torch.nn.Module:
-    """``teacher``: the teacher's embedding of every item of ``fs`` (family kd only)."""
+def train(fs: data.FeatureSet, opts: Options, teacher_emb: np.ndarray | None = None) -> torch.nn.Module:
+    """``teacher_emb``: the teacher's embedding of every item of ``fs`` (families kd, kd-rnn)."""
     rng = common.seed_everything(opts.seed)
     net = FAMILIES[opts.family]()
     opt = torch.optim.AdamW(net.parameters(), lr=PEAK_LR, weight_decay=1e-3)
@@ -96,8 +95,8 @@ def train(fs: data.FeatureSet, opts: Options, teacher: np.ndarray | None = None)
             x, mask = common.pad_batch([fs.item(i) for i in batch])
             y = torch.from_numpy(labels[batch])
             common.cosine_lr(opt, step, total, PEAK_LR, warmup=steps_per_epoch)
-            targets = None if teacher is None else torch.from_numpy(teacher[batch].astype(np.float32))
-            loss, logits = batch_loss(net, spec_augment(x, rng), mask, y, targets)
+            emb = None if teacher_emb is None else torch.from_numpy(teacher_emb[batch].astype(np.float32))
+            loss, logits = batch_loss(net, spec_augment(x, rng), mask, y, emb)
             opt.zero_grad()
             loss.backward()
             opt.step()
