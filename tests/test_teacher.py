@@ -56,7 +56,8 @@ def test_targets_are_the_teachers_embeddings_of_each_augmented_item_and_a_stale_
     got = teacher.targets(fs, "t", 0, workers=1, model=model)
     t = teacher.Teacher(model)
     for i in (0, 3, len(fs) - 1):
-        audio = data.variant_audio(fs.clips[fs.clip_index[i]], teacher._VARIANTS[int(fs.variant[i])], 0)
+        variant = next(v for v in data.TRAIN_VARIANTS if v.index == fs.variant[i])
+        audio = data.variant_audio(fs.clips[fs.clip_index[i]], variant, 0)
         assert np.allclose(got[i], t.embed(audio), atol=2e-3)
     clean = sf.read(paths[0], dtype="int16")[0]
     vad_cut = t.session.run(None, {"input": teacher.teacher_input(utterance_audio(clean, VadParams()))})[0][0]

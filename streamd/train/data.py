@@ -490,15 +490,22 @@ def _compute(tasks: list[tuple[Clip, Variant, int]], workers: int) -> list[np.nd
         return pool.map(_job, tasks, chunksize=64)
 
 
+_VARIANTS = {v.index: v for v in TRAIN_VARIANTS}
+
+
+def item_audio(fs: FeatureSet, i: int, seed: int) -> np.ndarray:
+    """The (augmented) audio feature item ``i`` was computed from."""
+    return variant_audio(fs.clips[fs.clip_index[i]], _VARIANTS[int(fs.variant[i])], seed)
+
+
 def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:
     """Recompute a random sample of cached items with today's streamd code: the cache is only
     trusted if they match, whatever changed (features.py, vad.py, python_speech_features)."""
     if len(fs) == 0:
         return True
     rng = np.random.default_rng()
-    variants = {v.index: v for v in TRAIN_VARIANTS}
     for i in rng.choice(len(fs), size=min(n, len(fs)), replace=False):
-        fresh = _job((fs.clips[fs.clip_index[i]], variants[int(fs.variant[i])], seed))
+        fresh = clip_features(item_audio(fs, int(i), seed))
         cached = fs.item(i)
         if fresh.shape != cached.shape or not np.allclose(fresh, cached, rtol=0, atol=1e-4):
             return False

@@ -59,23 +59,20 @@ def spec_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return x
 
 
-def batch_logits(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A zero-padded training batch through either family, padding ignored."""
+def batch_inputs(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero-padded training batch as either family's arguments, so that padding is ignored."""
     if isinstance(net, DigitRNN):
-        return net(x, mask.sum(dim=(1, 2)).long())
-    return net(x * mask.transpose(1, 2), mask)
+        return x, mask.sum(dim=(1, 2)).long()
+    return x * mask.transpose(1, 2), mask
 
 
 def batch_loss(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
                teacher_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits) of one batch; with the teacher's embeddings, the distillation term too."""
     if teacher_emb is None:
-        logits = batch_logits(net, x, mask)
+        logits = net(*batch_inputs(net, x, mask))
         return F.cross_entropy(logits, y, label_smoothing=0.05), logits
-    if isinstance(net, DigitRNN):
-        logits, emb = net.logits_and_embedding(x, mask.sum(dim=(1, 2)).long())
-    else:
-        logits, emb = net.logits_and_embedding(x * mask.transpose(1, 2), mask)
+    logits, emb = net.logits_and_embedding(*batch_inputs(net, x, mask))
     kd = (1 - F.cosine_similarity(emb, teacher_emb, dim=1)).mean()
     return F.cross_entropy(logits, y, label_smoothing=0.05) + KD_WEIGHT * kd, logits
 

@@ -1,10 +1,10 @@
-"""A pretrained word embedding as the teacher of the distilled digit model (``--family kd``).
+"""A pretrained word embedding as the teacher of the distilled digit models (``--family kd|kd-rnn``).
 
 The teacher is EfficientWord-Net's ResNet-50 word embedding (ArcFace loss, trained on the
 Multilingual Spoken Words Corpus, CC BY 4.0), shipped inside the ``EfficientWord-Net`` 1.0.5
-wheel under Apache-2.0. It never reaches ``models/``: at 22 MB (int8) and ~11 ms per second of
+wheel under Apache-2.0. It never reaches ``models/``: at 22 MB (int8) and ~9 ms per second of
 audio it is over each model's budget (10 MB, 5 ms), so it only makes training targets. The
-student, a DigitNet on the daemon's MFCC, learns to predict the teacher's embedding of the same
+student, a DigitNet or DigitRNN on the daemon's MFCC, learns to predict the teacher's embedding of the same
 (augmented) audio besides the labels, and ships alone.
 
 The teacher reads its own front end: 64 log mel filterbanks (25 ms / 10 ms) of a 1.5 s window,
@@ -81,18 +81,12 @@ class Teacher:
         return self.session.run(None, {"input": x})[0][0]
 
 
-_VARIANTS = {v.index: v for v in data.TRAIN_VARIANTS}
 _worker: tuple[Teacher, data.FeatureSet, int] | None = None
-
-
-def _item_audio(fs: data.FeatureSet, i: int, seed: int) -> np.ndarray:
-    """The (augmented) audio of feature item ``i``: what its MFCC was computed from."""
-    return data.variant_audio(fs.clips[fs.clip_index[i]], _VARIANTS[int(fs.variant[i])], seed)
 
 
 def _embed_item(i: int) -> np.ndarray:
     teacher, fs, seed = _worker
-    return teacher.embed(_item_audio(fs, i, seed)).astype(np.float16)
+    return teacher.embed(data.item_audio(fs, i, seed)).astype(np.float16)
 
 
 def _embed_items(fs: data.FeatureSet, items: list[int], seed: int, workers: int, model: Path | None) -> np.ndarray:
@@ -107,8 +101,8 @@ def _embed_items(fs: data.FeatureSet, items: list[int], seed: int, workers: int,
         _worker = None
 
 
-def _key(fs: data.FeatureSet, seed: int) -> str:
-    blob = json.dumps({"teacher": f"{DISTRIBUTION}=={VERSION}/{MODEL_FILE}", "seed": seed, "aug": data.AUG_VERSION,
+def _key(fs: data.FeatureSet, seed: int, model: Path | None) -> str:
+    blob = json.dumps({"teacher": str(model or f"{DISTRIBUTION}=={VERSION}/{MODEL_FILE}"), "seed": seed, "aug": data.AUG_VERSION,
                        "items": [[fs.clips[c].path, int(v)] for c, v in zip(fs.clip_index, fs.variant)]})
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -118,7 +112,7 @@ def targets(fs: data.FeatureSet, name: str, seed: int, workers: int = 2, check: 
     """The teacher's embedding of every item of ``fs`` (float16, (items, DIM)), cached as
     ``WORK_DIR/teacher/{name}-{key}.npy``. A cache is used only if ``check`` random items,
     embedded afresh, match it. ``model``: another teacher ONNX file (tests)."""
-    path = data.WORK_DIR / "teacher" / f"{name}-{_key(fs, seed)}.npy"
+    path = data.WORK_DIR / "teacher" / f"{name}-{_key(fs, seed, model)}.npy"
     if path.exists():
         cached = np.load(path, allow_pickle=False)
         sample = np.random.default_rng().choice(len(fs), size=min(check, len(fs)), replace=False).tolist()
