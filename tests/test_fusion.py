@@ -105,6 +105,10 @@ def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
     for name in (*names, "fused"):
         assert 0 <= FUSION["min_confidence"][name] < 1
         assert FUSION["decisions"][name]["validation"]["non_digit_accepted"] <= 0.02
+        v = FUSION["decisions"][name]["validation"]
+        # the real speakers' and the synthetic voices' shares bracket the pooled one
+        assert min(v["asc_digits_right"], v["synth_digits_right"]) <= v["digit_correct"] \
+            <= max(v["asc_digits_right"], v["synth_digits_right"])
 
 
 @pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1"])

@@ -99,7 +99,9 @@ def run(opts: Options) -> int:
     for name, logits in decisions(val, fusion).items():
         t = confidence_threshold(softmax(logits), validation.labels(), MAX_NON_DIGIT)
         thresholds[name] = t["value"]
-        report[name] = {"validation": t["at_value"], "test": held_out_report(tested[name], test, t["value"])}
+        validation_figures = t["at_value"] | {
+            f"{c}_digits_right": v for c, v in digits_right(logits, validation, t["value"], ("asc", "synth")).items()}
+        report[name] = {"validation": validation_figures, "test": held_out_report(tested[name], test, t["value"])}
     choice = max(report, key=lambda n: report[n]["validation"]["digit_correct"])
     write(opts, cards, fusion, shift, thresholds, report, choice)
     if opts.card_name == FUSION_CARD:
@@ -111,15 +113,20 @@ def run(opts: Options) -> int:
     return 0
 
 
+def digits_right(logits: np.ndarray, fs: data.FeatureSet, threshold: float, corpora: tuple[str, ...]) -> dict:
+    """Per corpus, the share of its digit clips that one decision names right at ``threshold``."""
+    probs, labels = softmax(logits), fs.labels()
+    corpus = np.array([fs.clips[c].corpus for c in fs.clip_index])
+    pred, accept = accepted(probs, threshold)
+    right = accept & (pred == labels)
+    return {c: float(right[(labels != data.NOT_DIGIT) & (corpus == c)].mean()) for c in corpora}
+
+
 def held_out_report(logits: np.ndarray, test: data.FeatureSet, threshold: float) -> dict:
     """Held-out figures of one decision: per corpus, and at its validation threshold."""
-    probs, labels = softmax(logits), test.labels()
-    corpus = np.array([test.clips[c].corpus for c in test.clip_index])
-    pred, accept = accepted(probs, threshold)
-    digit = labels != data.NOT_DIGIT
-    at = {f"{c}_digits_right": float((accept & (pred == labels))[digit & (corpus == c)].mean())
-          for c in ("fsdd", "asc")}
-    at["non_digit_accepted"] = float(accept[~digit].mean())
+    at = {f"{c}_digits_right": v for c, v in digits_right(logits, test, threshold, ("fsdd", "asc")).items()}
+    pred, accept = accepted(softmax(logits), threshold)
+    at["non_digit_accepted"] = float(accept[test.labels() == data.NOT_DIGIT].mean())
     return {"per_corpus": corpus_metrics(logits, test), "at_threshold": at}
 
 
