@@ -202,7 +202,7 @@ TEACHER_TEXT = (
     "`EfficientWord-Net` 1.0.5 wheel (`eff_word_net/models/resnet_50_arc/…_qint8.onnx`, by Ant-Brain). "
     "The wheel's LICENSE.md is Apache-2.0 and names no other terms for its models; its README says the "
     "model was trained on the Multilingual Spoken Words Corpus (MLCommons, CC BY 4.0). It is over the "
-    "per-model budget (22 MB, ~11 ms per second of audio), so only its outputs on our training clips "
+    "per-model budget (22 MB, ~9 ms per second of audio), so only its outputs on our training clips "
     "reach a model, as distillation targets (`streamd/train/teacher.py`).")
 
 
