@@ -1,7 +1,8 @@
 """``streamd eval digits``: the digit model on held-out speakers, clean and in noise.
 
 Each clip goes through the daemon's path (VAD cut, features, ONNX, the daemon's decision rule
-with ``digits.min_confidence``). Noisy conditions add noise to the whole recorded clip before
+with ``digits.min_confidence``). A clip the VAD finds no speech in counts as said nothing
+(``not_heard``); the model's choice is still scored on the clip whole. Noisy conditions add noise to the whole recorded clip before
 any of that, at a signal-to-noise ratio measured against the clip's speech (the VAD-cut part),
 so the VAD has to find the word in the noise as it would live.
 
@@ -21,7 +22,7 @@ from streamd.config import Config
 from streamd.evaluate import Clip, digit_lines, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
-from streamd.vad import utterance_audio
+from streamd.vad import find_utterance, utterance_audio
 
 NOISY = (10.0, 0.0)  # SNR in dB
 CONDITIONS = ("clean", *NOISY)
@@ -42,14 +43,17 @@ def add_noise(audio: np.ndarray, speech: np.ndarray, snr_db: float, rng: np.rand
     return np.clip(np.round(audio + noise), -32768, 32767).astype(np.int16)
 
 
-def clip_logits(clip: Clip, cfg: Config, digits: DigitModels, snr_db: float | None, seed: int) -> list[np.ndarray]:
-    """Each member model's logits for one clip (features computed once)."""
+def clip_logits(clip: Clip, cfg: Config, digits: DigitModels, snr_db: float | None,
+                seed: int) -> tuple[list[np.ndarray], bool]:
+    """Each member model's logits for one clip (features computed once), and whether the VAD
+    heard the word (if not, the logits are of the clip whole)."""
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
     if snr_db is not None:
         audio = add_noise(audio, utterance_audio(audio, cfg.vad), snr_db, np.random.default_rng(seed))
-    feats = normalize(mfcc(utterance_audio(audio, cfg.vad), digits.params), digits.params)
-    return [m.run(feats) for m in digits.members.values()]
+    cut = find_utterance(audio, cfg.vad)
+    feats = normalize(mfcc(audio if cut is None else cut, digits.params), digits.params)
+    return [m.run(feats) for m in digits.members.values()], cut is not None
 
 
 def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,8 +74,10 @@ def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, c
     for condition in conditions:
         snr = None if condition == "clean" else float(condition)
         by_variant: dict[str, list[np.ndarray]] = {}
+        heard = np.zeros(len(clips), bool)
         for n, clip in enumerate(clips):
-            for name, logits in variants(digits, clip_logits(clip, cfg, digits, snr, seed=n)).items():
+            outputs, heard[n] = clip_logits(clip, cfg, digits, snr, seed=n)
+            for name, logits in variants(digits, outputs).items():
                 by_variant.setdefault(name, []).append(logits)
             if progress is not None:
                 progress(str(condition), n + 1, len(clips))
@@ -79,7 +85,7 @@ def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, c
         for variant, logits in by_variant.items():
             threshold = digits.min_confidence(cfg.digits.min_confidence, variant)
             entry = out["variants"].setdefault(variant, {"min_confidence": threshold, "conditions": {}})
-            entry["conditions"][name] = digit_report(clips, np.stack(logits), threshold)
+            entry["conditions"][name] = digit_report(clips, np.stack(logits), threshold, heard)
     out["min_confidence"] = out["variants"][in_use]["min_confidence"]
     out["conditions"] = out["variants"][in_use]["conditions"]
     return out

@@ -19,7 +19,7 @@ from streamd.config import Config
 from streamd.features import mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import Models
-from streamd.vad import utterance_audio
+from streamd.vad import find_utterance
 
 # The speaker-disjoint split the shipped models were trained with (see docs/models.md).
 HELD_OUT_FSDD = {"theo"}
@@ -48,11 +48,15 @@ def held_out_clips(data: Path) -> list[Clip]:
     return clips
 
 
-def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.ndarray]:
+def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Speaker embedding and digit logits of a clip's VAD cut (the clip whole if the VAD finds
+    no speech), and whether it found speech."""
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
-    cut = utterance_audio(audio, cfg.vad)
-    return tuple(m.run(normalize(mfcc(cut, m.params), m.params)) for m in (models.speaker, models.digits))
+    cut = find_utterance(audio, cfg.vad)
+    speech = audio if cut is None else cut
+    emb, logits = (m.run(normalize(mfcc(speech, m.params), m.params)) for m in (models.speaker, models.digits))
+    return emb, logits, cut is not None
 
 
 def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
@@ -86,11 +90,13 @@ def open_set_rates(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery)
 NOT_A_DIGIT = 10  # the confusion matrix's last column: the daemon said `digit: null`
 
 
-def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict:
+def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: np.ndarray | None = None) -> dict:
     """Per corpus: the model's choice among 0-9, and what the daemon says with its rejection
-    rule (per speaker, per digit, confusion with a `null` column); other words taken for a digit."""
+    rule (per speaker, per digit, confusion with a `null` column); other words taken for a digit.
+    Clips not ``heard`` (no speech found by the VAD) count as said nothing: in the `null` column."""
     out: dict = {}
-    said = np.array([_said(row, min_conf) for row in logits])
+    heard = np.ones(len(clips), bool) if heard is None else heard
+    said = np.array([said_digit(row, min_conf) if h else NOT_A_DIGIT for row, h in zip(logits, heard)])
     for corpus in ("fsdd", "asc"):
         idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
         if not idx:
@@ -105,6 +111,7 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict
             "accuracy": float(np.mean(best == truth)),
             "accuracy_with_rejection": float(np.mean(said[idx] == truth)),
             "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
+            "not_heard": float(np.mean(~heard[idx])),
             "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
             "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
             "confusion_with_rejection": confusion.tolist(),
@@ -115,7 +122,8 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float) -> dict
     return out
 
 
-def _said(logits: np.ndarray, min_conf: float) -> int:
+def said_digit(logits: np.ndarray, min_conf: float) -> int:
+    """What a digit event carries for these logits: the digit, or NOT_A_DIGIT for `null`."""
     digit = digit_rule.decide(logits, min_conf).digit
     return NOT_A_DIGIT if digit is None else digit
 
@@ -137,17 +145,19 @@ def speaker_report(clips: list[Clip], emb: np.ndarray) -> dict:
 
 def evaluate(data: Path, cfg: Config, models: Models, progress=None) -> dict:
     clips = held_out_clips(data)
-    emb, logits = [], []
+    emb, logits, heard = [], [], []
     for n, clip in enumerate(clips):
-        e, l = run_models(clip, cfg, models)
+        e, l, h = run_models(clip, cfg, models)
         emb.append(e)
         logits.append(l)
+        heard.append(h)
         if progress is not None:
             progress(n + 1, len(clips))
     return {
         "split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
         "models": {"speaker": models.speaker.card.sha256, "digits": models.digits.card.sha256},
-        "digits": digit_report(clips, np.stack(logits), models.digits.min_confidence(cfg.digits.min_confidence)),
+        "digits": digit_report(clips, np.stack(logits), models.digits.min_confidence(cfg.digits.min_confidence),
+                               np.array(heard)),
         "speaker_single_clips": speaker_report(clips, np.stack(emb)),
     }
 
@@ -160,7 +170,8 @@ def digit_lines(d: dict, prefix: str) -> list[str]:
         if corpus in d:
             m = d[corpus]
             lines.append(f"{prefix}{label}: {m['accuracy']:.1%} of {m['clips']} (daemon's rule: "
-                         f"{m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null)")
+                         f"{m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null"
+                         + (f", of which {m['not_heard']:.1%} not heard by the VAD)" if m.get("not_heard") else ")"))
     n = d["non_digit_called_digit"]
     if n["rate"] is not None:
         lines.append(f"{prefix}other words called a digit: {n['rate']:.1%} of {n['clips']}")

@@ -1,7 +1,8 @@
 """Speech gating with webrtcvad: pre-roll, hangover, minimum and maximum utterance length.
 
 ``Segmenter`` is a stateful per-stream object with no I/O: push frames in, get typed
-speech events out, ``reset()`` to start over.
+speech events out, ``reset()`` to start over. ``InputGain`` lifts quiet audio for webrtcvad's
+decision only (``vad.max_gain_db``); the models always get the audio as captured.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class VadParams:
     tail_ms: int = 150
     min_utterance_ms: int = 60
     max_utterance_ms: int = 10000
+    # Gain for webrtcvad's copy of the audio (InputGain); 0 turns it off.
+    max_gain_db: float = 24.0
+    target_dbfs: float = -25.0
+    noise_ceiling_dbfs: float = -50.0
 
     def frames(self, ms: int) -> int:
         return max(1, math.ceil(ms / self.frame_ms))
@@ -80,6 +85,54 @@ def model_span(audio_t: float, t_end: float, params: VadParams) -> tuple[float, 
 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 
+SILENT_DBFS = -120.0
+
+
+def frame_dbfs(samples: np.ndarray) -> float:
+    """Level of int16 samples in dB below full scale (digital silence: ``SILENT_DBFS``)."""
+    power = float(np.mean(samples.astype(np.float64) ** 2)) / 32768.0**2
+    return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
+
+
+class InputGain:
+    """The gain webrtcvad's input gets, frame by frame: webrtcvad calls quiet speech silence
+    (20 dB below a normal microphone level it loses whole words), whatever its shape.
+
+    A peak follower (instant attack, ``RELEASE_DB_PER_S`` release) lifts the loudest recent
+    audio toward ``target_dbfs``, by at most ``max_gain_db``, and never so far that the
+    quietest frame of the last ``FLOOR_WINDOW_S`` (the noise floor) passes
+    ``noise_ceiling_dbfs``: steady noise is not made loud enough to pass for speech. It never
+    attenuates. Stateful per stream, like ``Segmenter``; ``reset()`` starts over.
+    """
+
+    RELEASE_DB_PER_S = 6.0
+    FLOOR_WINDOW_S = 2.0
+
+    def __init__(self, params: VadParams):
+        self.params = params
+        self._floor_frames = max(1, round(self.FLOOR_WINDOW_S * 1000 / params.frame_ms))
+        self.reset()
+
+    def reset(self) -> None:
+        self._peak = SILENT_DBFS
+        self._levels: collections.deque[float] = collections.deque(maxlen=self._floor_frames)
+
+    def gain_db(self, samples: np.ndarray) -> float:
+        """Take in one frame; the gain for it."""
+        level = frame_dbfs(samples)
+        self._peak = max(self._peak - self.RELEASE_DB_PER_S * self.params.frame_ms / 1000, level)
+        self._levels.append(level)
+        p = self.params
+        return max(0.0, min(p.target_dbfs - self._peak, p.noise_ceiling_dbfs - min(self._levels), p.max_gain_db))
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        if self.params.max_gain_db <= 0:
+            return samples
+        gain = self.gain_db(samples)
+        if gain <= 0:
+            return samples
+        return np.clip(np.round(samples * 10 ** (gain / 20)), -32768, 32767).astype(np.int16)
+
 
 class Segmenter:
     def __init__(self, params: VadParams):
@@ -89,6 +142,7 @@ class Segmenter:
             raise ValueError("vad.tail_ms must not exceed vad.hangover_ms")
         self.params = params
         self._vad = webrtcvad.Vad(params.aggressiveness)
+        self._gain = InputGain(params)
         self._onset = params.frames(params.onset_ms)
         self._hangover = params.frames(params.hangover_ms)
         self._next_utterance = 0
@@ -96,6 +150,7 @@ class Segmenter:
 
     def reset(self) -> None:
         self._vad.set_mode(self.params.aggressiveness)
+        self._gain.reset()
         self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
             maxlen=self.params.frames(self.params.preroll_ms) + self._onset
         )
@@ -117,7 +172,7 @@ class Segmenter:
         return self._last_voiced_end
 
     def is_speech(self, frame: Frame) -> bool:
-        return self._vad.is_speech(frame.samples.tobytes(), SAMPLE_RATE)
+        return self._vad.is_speech(self._gain(frame.samples).tobytes(), SAMPLE_RATE)
 
     def push(self, frame: Frame) -> list[VadOutput]:
         if len(frame.samples) != self.params.frame_samples:
@@ -214,19 +269,26 @@ def segment_clip(audio: np.ndarray, params: VadParams) -> list[SpeechEnd]:
     return out
 
 
-def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray:
-    """The audio the daemon would hand to the models for a clip holding one word.
+def find_utterance(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray | None:
+    """The audio the daemon would hand to the models for a clip holding one word, or None when
+    the VAD finds no usable speech in it (live, the daemon would say nothing).
 
     The clip is padded with silence, gated by the same segmenter as live audio, and the
     longest usable utterance is cut out from its pre-roll start to the end of speech plus
     the tail (``SpeechEnd.model_span``).
-    A clip the VAD finds no speech in is returned whole.
     """
     pad = np.zeros(int(pad_s * SAMPLE_RATE), dtype=np.int16)
     padded = np.concatenate((pad, clip.astype(np.int16), pad))
     ends = [e for e in segment_clip(padded, params) if e.usable]
     if not ends:
-        return clip.astype(np.int16)
+        return None
     best = max(ends, key=lambda e: e.t_end - e.t_start)
     a, b = (int(round(t * SAMPLE_RATE)) for t in best.model_span(params))
     return padded[a:b]
+
+
+def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray:
+    """``find_utterance``, or the clip whole when the VAD finds no speech in it (training
+    keeps every clip)."""
+    cut = find_utterance(clip, params, pad_s)
+    return clip.astype(np.int16) if cut is None else cut

@@ -3,8 +3,12 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import soundfile as sf
+
+from streamd.evaluate import Clip, digit_report
 
 from streamd.frames import SAMPLE_RATE
 from streamd.sources import read_audio
@@ -177,3 +181,15 @@ def test_noise_is_added_at_the_asked_snr_against_the_speech():
         noise = noisy - audio
         measured = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(noise**2))
         assert abs(measured - snr) < 0.1
+
+
+def test_a_clip_the_vad_does_not_hear_counts_as_said_nothing():
+    clips = [Clip(Path(f"{i}.flac"), "fsdd", "theo", 3) for i in range(2)] + [Clip(Path("w.flac"), "asc", "x", None)]
+    logits = np.full((3, 11), -5.0)
+    logits[:, 3] = 5.0  # the model names "3" in all three
+    r = digit_report(clips, logits, 0.5, heard=np.array([True, False, False]))
+    assert r["fsdd"]["accuracy"] == 1.0  # the model's choice is still scored on the clip whole
+    assert r["fsdd"]["accuracy_with_rejection"] == 0.5 and r["fsdd"]["rejected"] == 0.5
+    assert r["fsdd"]["not_heard"] == 0.5 and r["fsdd"]["confusion_with_rejection"][3][10] == 1
+    assert r["non_digit_called_digit"]["rate"] == 0.0
+    assert digit_report(clips, logits, 0.5)["non_digit_called_digit"]["rate"] == 1.0

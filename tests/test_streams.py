@@ -176,7 +176,8 @@ def test_early_finals_give_the_decisions_computed_at_the_close(models):
     cfg = Config()
     demo = read_audio(str(DATA / "demo.flac"))
     words = [demo[int(e.t_start * 16000) : int(e.t_end * 16000)] for e in segment_clip(demo, cfg.vad)][:4]
-    pause = np.zeros(int(0.2 * 16000), np.int16)  # longer than vad.tail_ms, shorter than the hangover
+    # longer than vad.tail_ms plus webrtcvad's own overhang (up to 2 frames of the lifted input), shorter than the hangover
+    pause = np.zeros(int(0.26 * 16000), np.int16)
     silence = np.zeros(16000, np.int16)
     audio = np.concatenate([words[0], pause, words[1], silence, words[2], silence, words[3], silence])
 

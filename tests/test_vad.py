@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import soundfile as sf
 
 from streamd.frames import Frame
-from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, segment_clip, utterance_audio
+from streamd.vad import (InputGain, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, find_utterance, frame_dbfs,
+                         segment_clip, utterance_audio)
 from conftest import DATA
 
 RATE = 16000
@@ -106,3 +109,54 @@ def test_utterance_audio_cuts_what_the_daemon_would():
     w = word()
     cut = utterance_audio(w, VadParams())
     assert len(w) < len(cut) < len(w) + 0.6 * RATE
+
+
+def quieter(audio: np.ndarray, db: float) -> np.ndarray:
+    return np.round(audio * 10 ** (db / 20)).astype(np.int16)
+
+
+def test_input_gain_hears_a_word_webrtcvad_alone_calls_silence():
+    quiet = quieter(word(), -40.0)
+    assert find_utterance(quiet, replace(VadParams(), max_gain_db=0.0)) is None
+    assert find_utterance(quiet, replace(VadParams(), max_gain_db=24.0)) is not None
+
+
+def test_models_get_the_audio_as_captured_not_the_gained_copy():
+    quiet = np.concatenate((silence(0.5), quieter(word(), -30.0), silence(1.0)))
+    params = replace(VadParams(), max_gain_db=24.0)
+    start = next(o for o in run(quiet, params) if isinstance(o, SpeechStart))
+    a = int(round(start.audio_t * RATE))
+    assert np.array_equal(start.audio, quiet[a : a + len(start.audio)])
+
+
+def feed(gain: InputGain, audio: np.ndarray) -> list[float]:
+    step = gain.params.frame_samples
+    return [gain.gain_db(audio[i : i + step]) for i in range(0, len(audio) - step + 1, step)]
+
+
+@pytest.mark.parametrize("noise_dbfs", [-75.0, -60.0, -45.0])
+def test_input_gain_keeps_steady_noise_below_the_ceiling(noise_dbfs):
+    params = replace(VadParams(), max_gain_db=30.0)
+    noise = np.random.default_rng(0).standard_normal(4 * RATE) * 32768 * 10 ** (noise_dbfs / 20)
+    gains = feed(InputGain(params), noise.astype(np.int16))
+    settled = gains[int(InputGain.FLOOR_WINDOW_S * 1000 / params.frame_ms):]
+    # the floor is the quietest frame of the window, a dB or two below the noise's mean level
+    assert noise_dbfs + max(settled) <= max(noise_dbfs, params.noise_ceiling_dbfs + 2.5)
+    assert min(settled) >= max(0.0, min(params.max_gain_db, params.noise_ceiling_dbfs - noise_dbfs) - 3.0)
+
+
+def test_input_gain_lifts_quiet_speech_toward_the_target_and_never_attenuates():
+    params = replace(VadParams(), max_gain_db=24.0)
+    loud, quiet = word(), quieter(word(), -30.0)
+    assert max(feed(InputGain(params), np.concatenate((silence(0.3), loud)))[20:]) == 0.0
+    gain = InputGain(params)
+    gains = feed(gain, np.concatenate((silence(0.3), quiet)))
+    peak = max(frame_dbfs(quiet[i : i + 320]) for i in range(0, len(quiet) - 319, 320))
+    assert abs(min(gains[15:]) - min(params.target_dbfs - peak, params.max_gain_db)) < 1.0
+    gain.reset()
+    assert feed(gain, loud[:320]) == [0.0]
+
+
+def test_input_gain_off_passes_frames_through():
+    frame = quieter(word()[:320], -40.0)
+    assert InputGain(VadParams(max_gain_db=0.0))(frame) is frame
