@@ -21,18 +21,19 @@ import soundfile as sf
 
 from streamd.config import build, read_toml
 from streamd.eval_digits import pink_noise
-from streamd.evaluate import said_digit
+from streamd.evaluate import Clip, digit_report
 from streamd.features import mfcc, normalize
+from streamd.frames import SAMPLE_RATE
 from streamd.inference import load_digits
 from streamd.train import data
-from streamd.vad import VadParams, find_utterance, segment_clip
+from streamd.vad import VadParams, heard_utterance, segment_clip
 
 LEVELS_DB = (0, -10, -20, -30)
 NOISE_DBFS = (-70, -55, -40)
 
 
 def utterances(audio: np.ndarray, params: VadParams, pad_s: float = 0.3) -> int:
-    pad = np.zeros(int(pad_s * 16000), np.int16)
+    pad = np.zeros(int(pad_s * SAMPLE_RATE), np.int16)
     return sum(e.usable for e in segment_clip(np.concatenate((pad, audio, pad)), params))
 
 
@@ -55,29 +56,28 @@ def word_table(clips: list[data.Clip], settings: dict[str, VadParams]) -> None:
 
 
 def digit_table(clips: list[data.Clip], settings: dict[str, VadParams]) -> None:
+    """Scored by ``streamd.evaluate.digit_report``, as ``streamd eval digits`` scores the
+    held-out speakers (a clip the VAD does not hear is said nothing)."""
     cfg = build(read_toml(Path("config.toml")))
     digits = load_digits(cfg)
     threshold = digits.min_confidence(cfg.digits.min_confidence)
-    truth = np.array([c.label for c in clips])
+    scored = [Clip(Path(c.path), c.corpus, c.speaker, None if c.label == data.NOT_DIGIT else c.label) for c in clips]
     audio = [sf.read(c.path, dtype="int16")[0] for c in clips]
     print(f"| gain | level | digits: model's choice | named right | other words called a digit |  "
           f"({digits.choice}, >= {threshold:.2f})")
     for name, params in settings.items():
         for db in LEVELS_DB:
-            said, best = [], []
-            for a in audio:
-                cut = find_utterance(scaled(a, db), params)
-                logits = digits.run(normalize(mfcc(scaled(a, db) if cut is None else cut, digits.params), digits.params))
-                best.append(int(np.argmax(logits[:10])))
-                said.append(said_digit(logits, threshold) if cut is not None else data.NOT_DIGIT)
-            said, best, dig = np.array(said), np.array(best), truth != data.NOT_DIGIT
-            print(f"| {name} | {db} dB | {np.mean(best[dig] == truth[dig]):.1%} | {np.mean(said[dig] == truth[dig]):.1%} "
-                  f"| {np.mean(said[~dig] != data.NOT_DIGIT):.1%} |")
+            cuts = [heard_utterance(scaled(a, db), params) for a in audio]
+            logits = np.stack([digits.run(normalize(mfcc(speech, digits.params), digits.params)) for speech, _ in cuts])
+            r = digit_report(scored, logits, threshold, np.array([heard for _, heard in cuts]))
+            asc = r["asc"]
+            print(f"| {name} | {db} dB | {asc['accuracy']:.1%} | {asc['accuracy_with_rejection']:.1%} "
+                  f"| {r['non_digit_called_digit']['rate']:.1%} |")
 
 
 def noise_table(settings: dict[str, VadParams]) -> None:
     rng = np.random.default_rng(0)
-    minute = 60 * 16000
+    minute = 60 * SAMPLE_RATE
     kinds = {"pink": pink_noise(minute, rng), "white": rng.standard_normal(minute)}
     print("| gain | " + " | ".join(f"{k} {d} dBFS" for k in kinds for d in NOISE_DBFS) + " |  (utterances per minute)")
     for name, params in settings.items():
@@ -95,7 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     clips = [c for c in data.real_clips(args.data) if not data.is_validation(c) and not c.heldout
              and c.label != data.NOT_DIGIT][:: args.every]
-    settings = {"off": replace(VadParams(), max_gain_db=0.0)} | {f"{g:g} dB": replace(VadParams(), max_gain_db=g) for g in args.gain_db}
+    settings = {"off": replace(VadParams(), max_gain_db=0.0)}
+    settings |= {f"{g:g} dB": replace(VadParams(), max_gain_db=g) for g in args.gain_db}
     print(f"{len(clips)} training-speaker digit clips")
     word_table(clips, settings)
     noise_table(settings)

@@ -2,9 +2,10 @@
 
 Each clip goes through the daemon's path (VAD cut, features, ONNX, the daemon's decision rule
 with ``digits.min_confidence``). A clip the VAD finds no speech in counts as said nothing
-(``not_heard``); the model's choice is still scored on the clip whole. Noisy conditions add noise to the whole recorded clip before
-any of that, at a signal-to-noise ratio measured against the clip's speech (the VAD-cut part),
-so the VAD has to find the word in the noise as it would live.
+(``not_heard``); the model's choice is still scored on the clip whole. Noisy conditions add
+noise to the whole recorded clip before any of that, at a signal-to-noise ratio measured
+against the clip's speech (the VAD-cut part), so the VAD has to find the word in the noise as
+it would live.
 
 With a fusion card, every model family alone and the fused decision are scored on the same
 clips (each at its own threshold chosen on validation speakers); ``conditions`` is the
@@ -22,7 +23,7 @@ from streamd.config import Config
 from streamd.evaluate import Clip, digit_lines, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
-from streamd.vad import find_utterance, utterance_audio
+from streamd.vad import heard_utterance, utterance_audio
 
 NOISY = (10.0, 0.0)  # SNR in dB
 CONDITIONS = ("clean", *NOISY)
@@ -51,9 +52,9 @@ def clip_logits(clip: Clip, cfg: Config, digits: DigitModels, snr_db: float | No
     assert rate == 16000, clip.path
     if snr_db is not None:
         audio = add_noise(audio, utterance_audio(audio, cfg.vad), snr_db, np.random.default_rng(seed))
-    cut = find_utterance(audio, cfg.vad)
-    feats = normalize(mfcc(audio if cut is None else cut, digits.params), digits.params)
-    return [m.run(feats) for m in digits.members.values()], cut is not None
+    speech, heard = heard_utterance(audio, cfg.vad)
+    feats = normalize(mfcc(speech, digits.params), digits.params)
+    return [m.run(feats) for m in digits.members.values()], heard
 
 
 def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:

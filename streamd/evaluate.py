@@ -19,7 +19,7 @@ from streamd.config import Config
 from streamd.features import mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import Models
-from streamd.vad import find_utterance
+from streamd.vad import heard_utterance
 
 # The speaker-disjoint split the shipped models were trained with (see docs/models.md).
 HELD_OUT_FSDD = {"theo"}
@@ -53,10 +53,9 @@ def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.
     no speech), and whether it found speech."""
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
-    cut = find_utterance(audio, cfg.vad)
-    speech = audio if cut is None else cut
+    speech, heard = heard_utterance(audio, cfg.vad)
     emb, logits = (m.run(normalize(mfcc(speech, m.params), m.params)) for m in (models.speaker, models.digits))
-    return emb, logits, cut is not None
+    return emb, logits, heard
 
 
 def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
@@ -96,7 +95,7 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
     Clips not ``heard`` (no speech found by the VAD) count as said nothing: in the `null` column."""
     out: dict = {}
     heard = np.ones(len(clips), bool) if heard is None else heard
-    said = np.array([said_digit(row, min_conf) if h else NOT_A_DIGIT for row, h in zip(logits, heard)])
+    said = np.array([_said(row, min_conf) if h else NOT_A_DIGIT for row, h in zip(logits, heard)])
     for corpus in ("fsdd", "asc"):
         idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
         if not idx:
@@ -122,8 +121,7 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
     return out
 
 
-def said_digit(logits: np.ndarray, min_conf: float) -> int:
-    """What a digit event carries for these logits: the digit, or NOT_A_DIGIT for `null`."""
+def _said(logits: np.ndarray, min_conf: float) -> int:
     digit = digit_rule.decide(logits, min_conf).digit
     return NOT_A_DIGIT if digit is None else digit
 

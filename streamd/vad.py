@@ -269,9 +269,10 @@ def segment_clip(audio: np.ndarray, params: VadParams) -> list[SpeechEnd]:
     return out
 
 
-def find_utterance(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray | None:
-    """The audio the daemon would hand to the models for a clip holding one word, or None when
-    the VAD finds no usable speech in it (live, the daemon would say nothing).
+def heard_utterance(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> tuple[np.ndarray, bool]:
+    """The audio the daemon would hand to the models for a clip holding one word, and whether
+    the VAD heard it: a clip it finds no usable speech in comes back whole, with False (live,
+    the daemon would say nothing; training keeps every clip).
 
     The clip is padded with silence, gated by the same segmenter as live audio, and the
     longest usable utterance is cut out from its pre-roll start to the end of speech plus
@@ -281,14 +282,12 @@ def find_utterance(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> n
     padded = np.concatenate((pad, clip.astype(np.int16), pad))
     ends = [e for e in segment_clip(padded, params) if e.usable]
     if not ends:
-        return None
+        return clip.astype(np.int16), False
     best = max(ends, key=lambda e: e.t_end - e.t_start)
     a, b = (int(round(t * SAMPLE_RATE)) for t in best.model_span(params))
-    return padded[a:b]
+    return padded[a:b], True
 
 
 def utterance_audio(clip: np.ndarray, params: VadParams, pad_s: float = 0.3) -> np.ndarray:
-    """``find_utterance``, or the clip whole when the VAD finds no speech in it (training
-    keeps every clip)."""
-    cut = find_utterance(clip, params, pad_s)
-    return clip.astype(np.int16) if cut is None else cut
+    """``heard_utterance``'s audio alone."""
+    return heard_utterance(clip, params, pad_s)[0]

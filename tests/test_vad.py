@@ -5,8 +5,8 @@ import pytest
 import soundfile as sf
 
 from streamd.frames import Frame
-from streamd.vad import (InputGain, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, find_utterance, frame_dbfs,
-                         segment_clip, utterance_audio)
+from streamd.vad import (InputGain, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, frame_dbfs,
+                         heard_utterance, segment_clip, utterance_audio)
 from conftest import DATA
 
 RATE = 16000
@@ -117,8 +117,8 @@ def quieter(audio: np.ndarray, db: float) -> np.ndarray:
 
 def test_input_gain_hears_a_word_webrtcvad_alone_calls_silence():
     quiet = quieter(word(), -40.0)
-    assert find_utterance(quiet, replace(VadParams(), max_gain_db=0.0)) is None
-    assert find_utterance(quiet, replace(VadParams(), max_gain_db=24.0)) is not None
+    assert not heard_utterance(quiet, replace(VadParams(), max_gain_db=0.0))[1]
+    assert heard_utterance(quiet, replace(VadParams(), max_gain_db=24.0))[1]
 
 
 def test_models_get_the_audio_as_captured_not_the_gained_copy():
