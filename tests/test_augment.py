@@ -121,3 +121,16 @@ def test_flite_voices_are_stored_as_16_khz_speech_with_their_duration_and_pitch(
     assert pitch(clips["high"].astype(float)) > 1.2 * pitch(clips["fast"].astype(float))
     voices = data.flite_voices(seed=0)
     assert {v.voice for v in voices} == set(data.FLITE_VOICES) and len({v.name for v in voices}) == len(voices)
+
+
+def test_a_clips_augmentation_does_not_depend_on_where_the_corpora_lie(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "babble_bank", lambda seed: None)
+    make_digit_corpus(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    here = data.real_clips(tmp_path / "data")[0]
+    relative = data.real_clips(tmp_path / ".." / tmp_path.name / "data")[0]
+    assert here.path != relative.path
+    noisy = data.TRAIN_VARIANTS[1]
+    a = data.variant_audio(here, noisy, seed=0)
+    assert np.array_equal(a, data.variant_audio(relative, noisy, seed=0))
+    assert not np.array_equal(a, data.variant_audio(here, noisy, seed=1))

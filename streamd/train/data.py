@@ -29,7 +29,7 @@ from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
 from streamd.vad import VadParams, utterance_audio
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
-AUG_VERSION = 6  # bump when augmentation or synthesis changes: invalidates the cache
+AUG_VERSION = 7  # bump when augmentation or synthesis changes: invalidates the cache
 
 NOT_DIGIT = 10
 CLASSES = [str(d) for d in range(10)] + ["not_digit"]
@@ -47,7 +47,7 @@ CORPUS_DIRS = {"fsdd": "fsdd", "asc": "arabic-speech-commands"}
 
 @dataclass(frozen=True)
 class Clip:
-    path: str  # absolute path of a 16 kHz mono file
+    path: str  # a 16 kHz mono file (under --data as given)
     corpus: str  # fsdd | asc | synth
     speaker: str  # corpus-qualified, e.g. "fsdd/jackson"
     label: int  # 0-9 digit value, 10 = not a digit
@@ -419,13 +419,19 @@ def clip_features(audio: np.ndarray) -> np.ndarray:
     return normalize(mfcc(utterance_audio(audio, VadParams()), FeatureParams()))
 
 
+def clip_id(clip: Clip) -> str:
+    """The clip's name wherever the corpora lie (``--data`` spelt or placed otherwise): it seeds
+    the clip's augmentation, so a model is reproducible from another checkout."""
+    return f"{clip.speaker}/{Path(clip.path).name}"
+
+
 def variant_audio(clip: Clip, variant: Variant, seed: int) -> np.ndarray:
     x, sr = sf.read(clip.path, dtype="int16")
     if sr != SAMPLE_RATE or x.ndim != 1:
         raise ValueError(f"{clip.path}: expected 16 kHz mono, got {sr} Hz shape {x.shape}")
     if variant == CLEAN:
         return x
-    rng = np.random.default_rng([seed, zlib.crc32(clip.path.encode()), variant.index])
+    rng = np.random.default_rng([seed, zlib.crc32(clip_id(clip).encode()), variant.index])
     y = speed_perturb(x.astype(np.float64), variant.speed)
     if variant.augment:
         y = augment(y, rng, band_limit=clip.corpus != "fsdd", babble=babble_bank(seed))
