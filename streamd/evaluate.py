@@ -112,6 +112,8 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
             "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
             "not_heard": float(np.mean(~heard[idx])),
             "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
+            "per_speaker_with_rejection": {s: float(np.mean(said[idx][speakers == s] == truth[speakers == s]))
+                                           for s in sorted(set(speakers))},
             "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
             "confusion_with_rejection": confusion.tolist(),
         }
@@ -170,6 +172,9 @@ def digit_lines(d: dict, prefix: str) -> list[str]:
             lines.append(f"{prefix}{label}: {m['accuracy']:.1%} of {m['clips']} (daemon's rule: "
                          f"{m['accuracy_with_rejection']:.1%} right, {m['rejected']:.1%} null"
                          + (f", of which {m['not_heard']:.1%} not heard by the VAD)" if m.get("not_heard") else ")"))
+            if len(m["per_speaker"]) > 1:
+                lines.append(f"{prefix}  per speaker (choice / right): " + ", ".join(
+                    f"{s} {m['per_speaker'][s]:.0%}/{m['per_speaker_with_rejection'][s]:.0%}" for s in m["per_speaker"]))
     n = d["non_digit_called_digit"]
     if n["rate"] is not None:
         lines.append(f"{prefix}other words called a digit: {n['rate']:.1%} of {n['clips']}")

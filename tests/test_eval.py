@@ -191,5 +191,17 @@ def test_a_clip_the_vad_does_not_hear_counts_as_said_nothing():
     assert r["fsdd"]["accuracy"] == 1.0  # the model's choice is still scored on the clip whole
     assert r["fsdd"]["accuracy_with_rejection"] == 0.5 and r["fsdd"]["rejected"] == 0.5
     assert r["fsdd"]["not_heard"] == 0.5 and r["fsdd"]["confusion_with_rejection"][3][10] == 1
+    assert r["fsdd"]["per_speaker"] == {"theo": 1.0} and r["fsdd"]["per_speaker_with_rejection"] == {"theo": 0.5}
     assert r["non_digit_called_digit"]["rate"] == 0.0
     assert digit_report(clips, logits, 0.5)["non_digit_called_digit"]["rate"] == 1.0
+
+
+def test_the_report_names_each_speakers_figures_choice_and_named():
+    from streamd.evaluate import digit_lines
+
+    clips = [Clip(Path(f"{s}{i}.flac"), "asc", s, 3) for s in ("a", "b") for i in range(2)]
+    logits = np.full((4, 11), -5.0)
+    logits[:, 3] = 5.0
+    logits[3, 10] = 6.0  # b's second "3": "not a digit" wins, the choice among 0-9 is still 3
+    lines = digit_lines(digit_report(clips, logits, 0.5), "")
+    assert "per speaker (choice / right): a 100%/100%, b 100%/50%" in "\n".join(lines)
