@@ -16,19 +16,17 @@ Needs the [train] extra and Resemblyzer (make train installs both).
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import streamd  # noqa: F401  (before numpy: see streamd/__init__.py)
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from streamd.features import mel_params, mfcc, normalize
 from streamd.inference import window_starts
 from streamd.train import speaker_encoder as se
+from streamd.train.speaker_finetune import fine_tune
 from streamd.vad import VadParams, utterance_audio
 
 FRAMES, HOP, COVER = se.WINDOW["frames"], se.WINDOW["hop_frames"], se.WINDOW["min_coverage"]
@@ -46,78 +44,6 @@ def clip_features(clips, max_per_speaker: int, seed: int = 0) -> dict[str, list[
         pick = rng.permutation(len(cs))[:max_per_speaker]
         out[name] = [normalize(mfcc(utterance_audio(sf.read(cs[i].path, dtype="int16")[0], vad), p), p) for i in pick]
     return out
-
-
-def split_lstm(enc: se.VoiceEncoder) -> tuple[nn.LSTM, nn.LSTM]:
-    """(layers 1-2 frozen, layer 3 to fine-tune) with the encoder's weights."""
-    low, top = nn.LSTM(40, 256, 2, batch_first=True), nn.LSTM(256, 256, 1, batch_first=True)
-    sd = enc.lstm.state_dict()
-    low.load_state_dict({k: v for k, v in sd.items() if k.endswith(("l0", "l1"))})
-    top.load_state_dict({k.replace("l2", "l0"): v for k, v in sd.items() if k.endswith("l2")})
-    return low, top
-
-
-class Top(nn.Module):
-    def __init__(self, enc: se.VoiceEncoder, top: nn.LSTM):
-        super().__init__()
-        self.top, self.linear = top, copy.deepcopy(enc.linear)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        _, (hidden, _) = self.top(h)
-        return F.normalize(F.relu(self.linear(hidden[-1])), p=2.0, dim=1)
-
-
-def phrase_windows(feats: list[np.ndarray], n: int, rng) -> np.ndarray:
-    """``n`` training windows: random clips of one speaker joined until a window is full."""
-    out = np.zeros((n, FRAMES, 40), np.float32)
-    for k in range(n):
-        parts, total = [], 0
-        while total < FRAMES:
-            parts.append(feats[rng.integers(len(feats))])
-            total += len(parts[-1])
-        out[k] = np.concatenate(parts)[:FRAMES]
-    return out
-
-
-def ge2e_loss(e: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """GE2E softmax loss on (N speakers, M utterances, D) unit embeddings."""
-    n, m, _ = e.shape
-    total = e.sum(dim=1)
-    cent = F.normalize(total / m, dim=1)
-    own = F.normalize((total[:, None] - e) / (m - 1), dim=2)
-    sim = torch.einsum("nmd,kd->nmk", e, cent)
-    eye = torch.eye(n, dtype=torch.bool)[:, None, :].expand(n, m, n)
-    sim = torch.where(eye, (e * own).sum(dim=2, keepdim=True).expand(n, m, n), sim)
-    logits = (w * sim + b).reshape(n * m, n)
-    return F.cross_entropy(logits, torch.arange(n).repeat_interleave(m))
-
-
-def fine_tune(enc: se.VoiceEncoder, feats: dict[str, list[np.ndarray]], steps: int, lr: float, seed: int) -> se.VoiceEncoder:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    low, top = split_lstm(enc)
-    names = sorted(feats)
-    with torch.no_grad():
-        h = {s: low(torch.from_numpy(phrase_windows(feats[s], 96, rng)))[0] for s in names}
-    model = Top(enc, top)
-    w, b = nn.Parameter(torch.tensor(10.0)), nn.Parameter(torch.tensor(-5.0))
-    opt = torch.optim.Adam(list(model.parameters()) + [w, b], lr=lr)
-    for step in range(steps):
-        spk = rng.choice(len(names), size=min(8, len(names)), replace=False)
-        batch = torch.stack([h[names[s]][rng.choice(96, size=6, replace=False)] for s in spk])
-        e = model(batch.reshape(-1, FRAMES, 256)).reshape(len(spk), 6, -1)
-        loss = ge2e_loss(e, w, b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"  step {step} loss {loss.item():.3f}", flush=True)
-    tuned = se.VoiceEncoder()
-    sd = {f"lstm.{k}": v for k, v in low.state_dict().items()}
-    sd |= {f"lstm.{k.replace('l0', 'l2')}": v for k, v in top.state_dict().items()}
-    sd |= {f"linear.{k}": v for k, v in model.linear.state_dict().items()}
-    tuned.load_state_dict(sd)
-    return tuned.eval()
 
 
 def embed(enc: se.VoiceEncoder, feats: np.ndarray) -> np.ndarray:
@@ -177,7 +103,8 @@ def main() -> None:
         unseen = {names[i] for i in order[k :: args.folds]}
         print(f"fold {k}: unseen {sorted(unseen)}", flush=True)
         before = open_set(enc, {s: feats[s] for s in unseen})
-        tuned = fine_tune(enc, {s: f for s, f in feats.items() if s not in unseen}, args.steps, args.lr, seed=k)
+        tuned = fine_tune(enc, {s: f for s, f in feats.items() if s not in unseen}, args.steps, args.lr, seed=k,
+                          log=lambda line: print(line, flush=True))
         after = open_set(tuned, {s: feats[s] for s in unseen})
         for label, r in (("pretrained", before), ("fine-tuned", after)):
             results[label].append(r)
