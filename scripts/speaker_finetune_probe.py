@@ -5,7 +5,8 @@ speakers are split into folds; for each fold the encoder's last LSTM layer and l
 are fine-tuned (GE2E loss, Resemblyzer's own) on the other folds' speakers, and the pretrained
 and the fine-tuned encoder are compared on the fold's speakers, which neither saw: each
 enrolled from 10 clips (the daemon's windows, averaged), probed with 3-clip phrases, raw
-cosine against the enrolled centroids. Printed per fold: phrase EER, phrases missed at a
+cosine against the enrolled centroids (``--back-end``: scored as the daemon scores, every clip
+of the fold's speakers, NAP and AS-norm fitted on the other folds' speakers). Printed per fold: phrase EER, phrases missed at a
 per-trial false-accept rate of 0.17% (identity.far 1% over 6 enrolled) and of 1%, closed-set top-1.
 
     python scripts/speaker_finetune_probe.py --data ../shared/datasets [--folds 3] [--steps 100] [--lr 1e-5]
@@ -68,8 +69,30 @@ def open_set(enc: se.VoiceEncoder, feats: dict[str, list[np.ndarray]]) -> dict:
         for i in range(0, len(rest) - 2, 3):
             probes.append(embed(enc, np.concatenate(rest[i : i + 3])))
             truth.append(k)
-    scores = np.stack(probes) @ np.stack(cents).T
-    same = np.array(truth)[:, None] == np.arange(len(names))[None, :]
+    return trial_metrics(np.stack(probes) @ np.stack(cents).T, np.array(truth))
+
+
+def daemon_sets(enc: se.VoiceEncoder, clips) -> dict:
+    """Per-window outputs of the int8 ONNX encoder on every clip, as streamd train speaker forms them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return se.speaker_sets(se.window_model(enc, Path(tmp), int8=True), clips)
+
+
+def with_back_end(sets: dict, unseen: set[str]) -> dict:
+    """The daemon's scoring: a NAP back end and an AS-norm cohort fitted on the seen speakers'
+    clean clips (streamd train speaker also adds channel and speed copies to the cohort), the
+    unseen speakers' phrases against their enrolled centroids."""
+    seen = set(sets["names"]) - unseen
+    proj = se.fit_nap(*se.windows_of([sets], seen))
+    scores, truth = se.trial_scores(sets, sorted(unseen), proj, se.make_cohort([sets], seen, proj), "phrase")
+    return trial_metrics(scores, truth)
+
+
+def trial_metrics(scores: np.ndarray, truth: np.ndarray) -> dict:
+    """scores (probes, enrolled), truth (probes,) -> EER, misses at the operating points, top-1."""
+    same = truth[:, None] == np.arange(scores.shape[1])[None, :]
     tgt, imp = scores[same], scores[~same]
     thr = np.quantile(imp, 1 - PER_TRIAL_FAR)
     grid = np.sort(np.concatenate([tgt, imp]))
@@ -78,7 +101,7 @@ def open_set(enc: se.VoiceEncoder, feats: dict[str, list[np.ndarray]]) -> dict:
     i = int(np.argmin(np.abs(fa - miss)))
     return {"eer": float((fa[i] + miss[i]) / 2), "missed_at_far": float(np.mean(tgt < thr)),
             "missed_at_1pct": float(np.mean(tgt < np.quantile(imp, 0.99))),
-            "top1": float(np.mean(np.argmax(scores, axis=1) == np.array(truth))), "phrases": len(tgt)}
+            "top1": float(np.mean(np.argmax(scores, axis=1) == truth)), "phrases": len(tgt)}
 
 
 def main() -> None:
@@ -90,22 +113,29 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--per-speaker", type=int, default=400, help="clips per speaker used")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--back-end", action="store_true",
+                    help="score as the daemon does (int8 ONNX, NAP, AS-norm cohort of the seen speakers' clean clips)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    feats = clip_features(se.training_clips(args.data), args.per_speaker)
+    clips = se.training_clips(args.data)
+    feats = clip_features(clips, args.per_speaker)
     names = sorted(feats)
     order = np.random.default_rng(0).permutation(len(names))
     enc = se.load_encoder(se.pretrained_path())
     results: dict[str, list[dict]] = {"pretrained": [], "fine-tuned": []}
+    pretrained_sets = None
     for k in range(args.folds):
         if args.only_fold is not None and k != args.only_fold:
             continue
         unseen = {names[i] for i in order[k :: args.folds]}
         print(f"fold {k}: unseen {sorted(unseen)}", flush=True)
-        before = open_set(enc, {s: feats[s] for s in unseen})
         tuned = fine_tune(enc, {s: f for s, f in feats.items() if s not in unseen}, args.steps, args.lr, seed=k,
                           log=lambda line: print(line, flush=True))
-        after = open_set(tuned, {s: feats[s] for s in unseen})
+        if args.back_end:
+            pretrained_sets = pretrained_sets or daemon_sets(enc, clips)
+            before, after = with_back_end(pretrained_sets, unseen), with_back_end(daemon_sets(tuned, clips), unseen)
+        else:
+            before, after = (open_set(e, {s: feats[s] for s in unseen}) for e in (enc, tuned))
         for label, r in (("pretrained", before), ("fine-tuned", after)):
             results[label].append(r)
             print(f"  {label}: {summary(r)} ({r['phrases']} phrases)", flush=True)

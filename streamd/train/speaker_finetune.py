@@ -2,9 +2,10 @@
 
 LSTM layers 1-2 stay as pretrained (their outputs are computed once); LSTM layer 3 and the
 linear layer learn with the GE2E softmax loss on 1.6 s windows of one speaker's clips joined
-together. Gentle settings matter: on training speakers held out of the fine-tune
-(scripts/speaker_finetune_probe.py) 100 steps at lr 1e-5 helped every fold, 300 at 1e-4 made
-the encoder learn its 14 speakers and forget the rest.
+together. Not used by the shipped model: on training speakers held out of the fine-tune
+(scripts/speaker_finetune_probe.py) 100 steps at lr 1e-5 helped raw cosines in every fold but
+hurt every fold once scored as the daemon scores (NAP back end, AS-norm cohort of the
+fine-tune's own speakers); 300 steps at 1e-4 learned its 14 speakers and forgot the rest.
 """
 
 from __future__ import annotations
