@@ -350,10 +350,9 @@ def write_docs(models_dir: Path) -> Path | None:
               "Without a cache the first run synthesises the espeak-ng clips (~40 s) and computes the "
               "features of every clip version (71,780 training items + 2,900 held-out clips: ~6.5 min "
               "on 2 cores). A cache is reused only if a random sample of its items, recomputed with "
-              "the current streamd code, matches. Each clip's augmentation is drawn from a seed that "
-              "includes its path as `--data` spells it, so pass `--data ../shared/datasets` (as the "
-              "cards' commands do) to get the shipped models' draws; another spelling of the same folder "
-              "gives other, equally random, ones.", "",
+              "the current streamd code, matches. Each clip's augmentation is drawn from a seed made of "
+              "the training seed and the clip's speaker and file name (`streamd.train.data.clip_id`), so "
+              "the same command gives the same draws wherever the corpora lie.", "",
               "Training writes fresh cards; their held-out figures clean and in noise (`heldout_eval`) "
               "come from `streamd eval digits --data ../shared/datasets --card` and `streamd eval speakers "
               "--data ../shared/datasets --card`.", ""]
