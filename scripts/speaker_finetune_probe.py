@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from streamd.evaluate import eer
 from streamd.features import mel_params, mfcc, normalize
 from streamd.inference import window_starts
 from streamd.train import speaker_encoder as se
@@ -95,11 +96,7 @@ def trial_metrics(scores: np.ndarray, truth: np.ndarray) -> dict:
     same = truth[:, None] == np.arange(scores.shape[1])[None, :]
     tgt, imp = scores[same], scores[~same]
     thr = np.quantile(imp, 1 - PER_TRIAL_FAR)
-    grid = np.sort(np.concatenate([tgt, imp]))
-    fa = np.array([np.mean(imp >= t) for t in grid])
-    miss = np.array([np.mean(tgt < t) for t in grid])
-    i = int(np.argmin(np.abs(fa - miss)))
-    return {"eer": float((fa[i] + miss[i]) / 2), "missed_at_far": float(np.mean(tgt < thr)),
+    return {"eer": eer(scores.ravel(), same.ravel())[0], "missed_at_far": float(np.mean(tgt < thr)),
             "missed_at_1pct": float(np.mean(tgt < np.quantile(imp, 0.99))),
             "top1": float(np.mean(np.argmax(scores, axis=1) == truth)), "phrases": len(tgt)}
 

@@ -102,18 +102,22 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
             continue
         truth = np.array([clips[i].digit for i in idx])
         best = np.argmax(logits[idx, :10], axis=1)
+        named = said[idx]
         speakers = np.array([clips[i].speaker for i in idx])
+
+        def per_speaker(answer: np.ndarray) -> dict[str, float]:
+            return {s: float(np.mean(answer[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))}
+
         confusion = np.zeros((10, 11), int)
-        np.add.at(confusion, (truth, said[idx]), 1)
+        np.add.at(confusion, (truth, named), 1)
         out[corpus] = {
             "clips": len(idx),
             "accuracy": float(np.mean(best == truth)),
-            "accuracy_with_rejection": float(np.mean(said[idx] == truth)),
-            "rejected": float(np.mean(said[idx] == NOT_A_DIGIT)),
+            "accuracy_with_rejection": float(np.mean(named == truth)),
+            "rejected": float(np.mean(named == NOT_A_DIGIT)),
             "not_heard": float(np.mean(~heard[idx])),
-            "per_speaker": {s: float(np.mean(best[speakers == s] == truth[speakers == s])) for s in sorted(set(speakers))},
-            "per_speaker_with_rejection": {s: float(np.mean(said[idx][speakers == s] == truth[speakers == s]))
-                                           for s in sorted(set(speakers))},
+            "per_speaker": per_speaker(best),
+            "per_speaker_with_rejection": per_speaker(named),
             "per_digit": {int(d): float(np.mean(best[truth == d] == d)) for d in sorted(set(truth))},
             "confusion_with_rejection": confusion.tolist(),
         }
