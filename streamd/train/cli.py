@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--flite", action="store_true",
                    help="digits: add English words in 40 flite voices to training (needs Debian's flite; "
                         "no gain measured, so the shipped models go without: docs/measurements.md)")
+    p.add_argument("--arabic-synth", action="store_true",
+                   help="digits: add Arabic digits and other words in 40 variants of espeak-ng's Arabic "
+                        "voice to training")
     p.add_argument("--adapt", type=Path, default=None, metavar="CORPUS",
                    help="digits: adapt --from's model to the digits in CORPUS (a folder with manifest.csv) "
                         "instead of training; writes <model>-adapted.onnx to --out")
@@ -100,7 +103,7 @@ def run(args) -> int:
         from streamd.train import digits
 
         code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth, args.family,
-                                         args.english_only, args.flite))
+                                         args.english_only, args.flite, args.arabic_synth))
     elif args.scratch:
         from streamd.train import speaker
 

@@ -128,6 +128,23 @@ NON_DIGIT_WORDS = (
     "okay", "maybe", "never", "zebra", "heaven", "fine", "night", "tea", "free", "door", "sticks",
     "sun", "fever", "weight", "dive", "hero", "nice", "heavy", "alpha", "bravo", "delta",
 )
+# espeak-ng's Arabic voice reads the numerals 0-9 as the Arabic digit words (sifr, wahid, ...);
+# other words need their vowels written (tashkeel) to be pronounced. Words that sound like a digit
+# (sifr "book", safar "travel") are left out: taught as "not a digit", they would teach the
+# models to reject zeros.
+ARABIC_DIGITS = tuple(str(d) for d in range(10))
+ARABIC_NON_DIGIT_WORDS = (  # (name, text)
+    ("ashara", "10"), ("ahada-ashar", "11"), ("ithna-ashar", "12"), ("ishrun", "20"),
+    ("thalathun", "30"), ("mia", "100"), ("alf", "1000"), ("naam", "نَعَم"), ("la", "لَا"),
+    ("iftah", "اِفْتَحْ"), ("aghliq", "أَغْلِقْ"), ("yamin", "يَمِين"), ("yasar", "يَسَار"),
+    ("fawq", "فَوْق"), ("taht", "تَحْت"), ("ibda", "اِبْدَأْ"), ("qif", "قِفْ"), ("ilgha", "إِلْغَاء"),
+    ("arsil", "أَرْسِلْ"), ("sajjil", "سَجِّلْ"), ("attali", "التَّالِي"), ("assabiq", "السَّابِق"),
+    ("raqm", "رَقْم"), ("marhaban", "مَرْحَبًا"), ("shukran", "شُكْرًا"), ("bab", "بَاب"),
+    ("kitab", "كِتَاب"), ("sayyara", "سَيَّارَة"), ("qalam", "قَلَم"), ("shams", "شَمْس"),
+    ("qamar", "قَمَر"), ("ahmar", "أَحْمَر"), ("azraq", "أَزْرَق"), ("sabah", "صَبَاح"),
+    ("masa", "مَسَاء"),
+)
+ARABIC_SYNTH_VOICES = 40
 ESPEAK_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
                  "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
 ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 9)) + tuple(f"f{i}" for i in range(1, 6)) + (
@@ -209,22 +226,38 @@ def synth_clips(n_voices: int = SYNTH_TRAIN_VOICES, words_per_voice: int = 24, s
     return _spoken(voices or synth_voices(n_voices, seed), np.random.default_rng([seed, 11]), words_per_voice)
 
 
+def arabic_synth_voices(n: int = ARABIC_SYNTH_VOICES, seed: int = 0) -> list[SynthVoice]:
+    """espeak-ng's Arabic voice in ``n`` variants, speeds and pitches drawn with ``seed``."""
+    rng = np.random.default_rng([seed, 19])
+    return [SynthVoice("ar", str(rng.choice(ESPEAK_VARIANTS)), int(rng.integers(110, 200)), int(rng.integers(15, 85)))
+            for _ in range(n)]
+
+
+def arabic_synth_clips(seed: int = 0, words_per_voice: int = 24) -> list[Clip]:
+    """Arabic digits and non-digit words in espeak-ng's Arabic voice (training only)."""
+    return _spoken(arabic_synth_voices(seed=seed), np.random.default_rng([seed, 23]), words_per_voice,
+                   ARABIC_DIGITS, ARABIC_NON_DIGIT_WORDS)
+
+
 def flite_clips(seed: int = 0, words_per_voice: int = 24) -> list[Clip]:
     """English digits and non-digit words in flite's voices (training only)."""
     return _spoken(flite_voices(seed=seed), np.random.default_rng([seed, 17]), words_per_voice)
 
 
-def _spoken(voices: list, rng: np.random.Generator, words_per_voice: int) -> list[Clip]:
+def _spoken(voices: list, rng: np.random.Generator, words_per_voice: int, digit_texts: tuple[str, ...] = DIGIT_WORDS,
+            others: tuple[tuple[str, str], ...] = tuple((w, w) for w in NON_DIGIT_WORDS)) -> list[Clip]:
+    """Each voice says the ten digits (``digit_texts``: what is typed for 0-9) and
+    ``words_per_voice`` of ``others`` ((name, text) pairs), as clips named by the words' names."""
     root = WORK_DIR / "synth"
     clips = []
     for voice in voices:
-        others = rng.choice(len(NON_DIGIT_WORDS), size=words_per_voice, replace=False)
-        words = [(w, d) for d, w in enumerate(DIGIT_WORDS)]
-        words += [(NON_DIGIT_WORDS[i], NOT_DIGIT) for i in others]
-        for word, label in words:
+        chosen = rng.choice(len(others), size=words_per_voice, replace=False)
+        words = [(DIGIT_WORDS[d], text, d) for d, text in enumerate(digit_texts)]
+        words += [(*others[i], NOT_DIGIT) for i in chosen]
+        for word, text, label in words:
             path = root / voice.name / f"{word}.flac"
             if not path.exists():
-                synthesize(voice, word, path)
+                synthesize(voice, text, path)
             clips.append(Clip(str(path), "synth", f"synth/{voice.name}", label, False, word))
     return clips
 
@@ -594,9 +627,10 @@ def load_test_set(data_dir: Path, seed: int) -> FeatureSet:
     return build_features([c for c in real_clips(data_dir) if c.heldout], "heldout", seed)
 
 
-def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False) -> DigitSplit:
+def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False,
+                     arabic_synth: bool = False) -> DigitSplit:
     """The digit models' three speaker-disjoint sets (see ASC_VALIDATION); ``flite`` adds the
-    flite voices to training."""
+    flite voices to training, ``arabic_synth`` espeak-ng's Arabic voice."""
     build_babble(data_dir, seed)
     real = real_clips(data_dir)
     train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed)
@@ -605,6 +639,8 @@ def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False
         train = merge([train, build_features(voices, "digits-synth", seed)])
     if flite:
         train = merge([train, build_features(flite_clips(seed), "digits-flite", seed)])
+    if arabic_synth:
+        train = merge([train, build_features(arabic_synth_clips(seed), "digits-synth-ar", seed)])
     return DigitSplit(train, build_features(validation_clips(data_dir, synth), "digits-val", 0,
                                             augment_train=False), load_test_set(data_dir, seed))
 

@@ -38,6 +38,7 @@ class Options:
     family: str = "cnn"
     english_only: bool = False  # FSDD and synthetic English only: the base of the adaptation experiment
     flite: bool = False  # add the flite voices to training (measured: no gain; docs/measurements.md)
+    arabic_synth: bool = False  # add espeak-ng's Arabic voice in 40 variants to training
 
 
 def epoch_items(fs: data.FeatureSet, rng: np.random.Generator) -> np.ndarray:
@@ -118,7 +119,7 @@ def evaluate(onnx_path: Path, split: data.DigitSplit) -> tuple[dict, dict]:
 
 def run(opts: Options) -> int:
     t0 = time.time()
-    split = data.load_digit_split(opts.data_dir, opts.seed, opts.synth, opts.flite)
+    split = data.load_digit_split(opts.data_dir, opts.seed, opts.synth, opts.flite, opts.arabic_synth)
     if opts.english_only:
         split.train = data.select(split.train, lambda clip: clip.corpus != "asc")
     targets = teacher.targets(split.train, "digits-train", opts.seed) if opts.family in DISTILLED else None
@@ -140,6 +141,9 @@ def run(opts: Options) -> int:
     if opts.flite:
         c["training"]["command"] += " --flite"
         c["split"] += card.FLITE_SPLIT_TEXT
+    if opts.arabic_synth:
+        c["training"]["command"] += " --arabic-synth"
+        c["split"] += card.ARABIC_SYNTH_SPLIT_TEXT
     if opts.english_only:
         c["name"] += "-en"
         c["training"]["command"] += " --english-only"
