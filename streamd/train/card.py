@@ -332,7 +332,7 @@ def write_docs(models_dir: Path) -> Path | None:
         lines += _speaker_md(cards["speaker"])
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
-              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training.",
+              "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training. The `--arabic-synth` option (not used by the shipped models either: docs/measurements.md) adds espeak-ng's Arabic voice; espeak-ng is GPL-3.0, its synthesised speech is data the project makes, used in training only.",
               OPENWAKEWORD_TEXT, TEACHER_TEXT, "",
               "## Training", "", f"Augmentation in the current training code (each card's `training.augmentation` "
               f"says what its model was trained with): {data.AUGMENTATION_TEXT}.", ""]
