@@ -233,3 +233,18 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     cfg = config.load(None, [f'models.dir="{models}"'])
     with pytest.raises(ModelError, match="cohort|sha256"):
         SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
+
+
+def test_every_shipped_model_was_fitted_on_the_cuts_the_daemon_makes():
+    """A model (or back end, cohort and calibration) fitted on other VAD cuts than the daemon's
+    sees other audio live than it was measured on: retrain it when VadParams change."""
+    import dataclasses
+    import json
+
+    from streamd.vad import VadParams
+    from conftest import MODELS
+
+    cards = sorted(MODELS.glob("*.card.json"))
+    assert {c.name for c in cards} >= {"speaker.card.json", "digits.card.json"}
+    for path in cards:
+        assert json.loads(path.read_text())["vad"] == dataclasses.asdict(VadParams()), path.name
