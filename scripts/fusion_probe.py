@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 import streamd.train.fusion as F
-from streamd.digits import Fusion, log_softmax
+from streamd.digits import log_softmax
 from streamd.train import data
 from streamd.train.scoring import confidence_threshold, ort_outputs, ort_session, softmax
 
@@ -97,7 +97,7 @@ def fitted(form: str, l2: float, lp: np.ndarray, y: np.ndarray):
         z[:, ND] += shift
         return z
 
-    shift = F.shift_non_digit(Fusion((1.0,), (0.0,) * lp.shape[2]), [logits(lp)], y, F.SHIFT_NON_DIGIT)[1]
+    shift = F.non_digit_shift(logits(lp), y, F.SHIFT_NON_DIGIT)
     threshold = confidence_threshold(softmax(logits(lp, shift)), y, F.MAX_NON_DIGIT)["value"]
     return lambda members: logits(members, shift), threshold
 

@@ -43,8 +43,8 @@ ARCHITECTURES = {
 
 
 FLITE_SPLIT_TEXT = " Training also: 40 flite voices (5 voices x 8 duration/pitch variants; --flite)."
-ARABIC_SYNTH_SPLIT_TEXT = (" Training also: espeak-ng's Arabic voice in 40 variant/speed/pitch draws, the ten "
-                           "digits and 24 other Arabic words each (--arabic-synth).")
+ARABIC_SYNTH_SPLIT_TEXT = (f" Training also: espeak-ng's Arabic voice in {data.ARABIC_SYNTH_VOICES} variant/speed/pitch "
+                           "draws, the ten digits and 24 other Arabic words each (--arabic-synth).")
 
 
 DIGITS_TUNING_NOTE = (

@@ -67,7 +67,15 @@ def shift_non_digit(fusion: Fusion, member_logits: list[np.ndarray], labels: np.
     right most often with <= ``max_fa`` of their other words accepted (each shift with its own
     confidence threshold). Cross-entropy weighs every class alike; the daemon's rule does not:
     a digit it rejects costs as much as the 2% of other words it may let through."""
-    fused = fusion(member_logits)
+    best_shift = non_digit_shift(fusion(member_logits), labels, max_fa)
+    bias = list(fusion.bias)
+    bias[data.NOT_DIGIT] = round(bias[data.NOT_DIGIT] + best_shift, 6)
+    return Fusion(fusion.weights, tuple(bias)), best_shift
+
+
+def non_digit_shift(fused: np.ndarray, labels: np.ndarray, max_fa: float) -> float:
+    """The shift of the "not a digit" logit (step 0.1, -4 to 2) naming most digits right with
+    <= ``max_fa`` of the other words accepted, each shift at its own confidence threshold."""
     best, best_shift = -1.0, 0.0
     for shift in sorted(np.round(np.arange(-4.0, 2.01, 0.1), 2), key=abs):  # ties: the smallest shift
         z = fused.copy()
@@ -75,9 +83,7 @@ def shift_non_digit(fusion: Fusion, member_logits: list[np.ndarray], labels: np.
         right = confidence_threshold(softmax(z), labels, max_fa)["at_value"]["digit_correct"]
         if right > best + 1e-9:
             best, best_shift = right, float(shift)
-    bias = list(fusion.bias)
-    bias[data.NOT_DIGIT] = round(bias[data.NOT_DIGIT] + best_shift, 6)
-    return Fusion(fusion.weights, tuple(bias)), best_shift
+    return best_shift
 
 
 def decisions(members: dict[str, np.ndarray], fusion: Fusion) -> dict[str, np.ndarray]:
