@@ -1,0 +1,62 @@
+"""The models on onnxruntime's CUDA provider, where a GPU is present: every model runs on CUDA,
+and its outputs and decisions on real recordings are the CPU provider's.
+
+Skipped where CUDA cannot run (onnxruntime-gpu lists the provider on any machine; only a
+session tells whether it starts). STREAMD_REQUIRE_CUDA=1 turns the skip into a failure, for a
+GPU machine where skipping would hide a broken CUDA path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import DATA, ROOT
+from streamd import config, digits
+from streamd.evaluate import Clip, run_models
+from streamd.inference import CUDA, load_models
+
+CLIPS = ["word.flac", "parity.flac", "demo.flac", "visitor12.flac", "visitor21.flac", "enroll_theo.flac"]
+
+
+@pytest.fixture(scope="module")
+def both():
+    cfg = config.load(ROOT / "config.toml")
+    cfg = replace(cfg, digits=replace(cfg.digits, model="fused"))
+    fallbacks = []
+    gpu = load_models(cfg, "cuda", on_fallback=lambda *a: fallbacks.append(a))
+    if fallbacks or gpu.speaker.provider != CUDA:
+        reason = f"CUDA cannot run here: the models run on {gpu.speaker.provider}"
+        if os.environ.get("STREAMD_REQUIRE_CUDA") == "1":
+            pytest.fail(reason + " (STREAMD_REQUIRE_CUDA=1)")
+        pytest.skip(reason)
+    return cfg, load_models(cfg, "cpu"), gpu
+
+
+def test_every_model_runs_on_cuda(both):
+    _, cpu, gpu = both
+    assert {m.provider for m in gpu.all()} == {CUDA}
+    assert len(gpu.all()) == len(cpu.all()) == 1 + len(gpu.digits.members)
+
+
+def test_cuda_outputs_and_decisions_are_the_cpus(both):
+    cfg, cpu, gpu = both
+    min_conf = cpu.digits.min_confidence(cfg.digits.min_confidence)
+    for name in CLIPS:
+        clip = Clip(DATA / name, "bundled", "?", None)
+        (emb_c, log_c, _), (emb_g, log_g, _) = (run_models(clip, cfg, m) for m in (cpu, gpu))
+        cosine = float(np.dot(emb_c, emb_g) / (np.linalg.norm(emb_c) * np.linalg.norm(emb_g)))
+        assert cosine > 0.999, (name, cosine)
+        np.testing.assert_allclose(log_g, log_c, atol=0.02, err_msg=name)
+        assert digits.decide(log_g, min_conf).digit == digits.decide(log_c, min_conf).digit, name
+
+
+def test_a_cuda_batch_is_its_rows(both):
+    """Utterances of several streams share one CUDA call: each row's result is its own."""
+    _, _, gpu = both
+    for model in gpu.digits.members.values():
+        x = np.random.default_rng(1).standard_normal((6, 104, model.params.numcep)).astype(np.float32)
+        alone = np.concatenate([model.infer(x[i : i + 1]) for i in range(len(x))])
+        np.testing.assert_allclose(model.infer(x), alone, atol=1e-4)
