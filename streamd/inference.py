@@ -136,14 +136,29 @@ def session_options(threads: int):
     return opts
 
 
-def wanted_providers(choice: str) -> list[str]:
+# cuDNN's default, an exhaustive timing of every convolution algorithm, runs again for each
+# input shape it has not seen, and a stream of utterances of every length and batch size is
+# nothing but new shapes: on an H200 it cost 60 ms a call and put the bench 10 s behind
+# (BENCHMARKS.md, "CUDA"). Its heuristic choice costs 10 ms less per shape.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def gains_on_cuda(card: ModelCard) -> bool:
+    """Whether ``models.provider = "auto"`` runs this model on CUDA: only a model of fixed
+    windows whose rows batch together. On an H200 (BENCHMARKS.md, "CUDA") a call whose input
+    length differs from the last one cost the digit models 5-10 ms of host time on CUDA
+    (0.2-0.9 ms on a CPU core), and the int8 layers of a rows-alone model run on the CPU anyway."""
+    return card.window is not None and not card.rows_alone
+
+
+def wanted_providers(choice: str, card: ModelCard) -> list:
     import onnxruntime as ort
 
     # onnxruntime-gpu lists CUDA even without a GPU; only a session tells whether it works.
     available = ort.get_available_providers()
-    if choice == "cpu" or "CUDAExecutionProvider" not in available:
-        return ["CPUExecutionProvider"]
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if choice == "cpu" or CUDA not in available or (choice == "auto" and not gains_on_cuda(card)):
+        return [CPU]
+    return [(CUDA, CUDA_OPTIONS), CPU]
 
 
 def window_starts(frames: int, window: int, hop: int, min_coverage: float) -> list[int]:
@@ -167,7 +182,7 @@ class OnnxModel:
         self.requested = provider
         self.on_fallback = on_fallback
         self._threads = threads
-        wanted = wanted_providers(provider)
+        wanted = wanted_providers(provider, card)
         self.session = self._session(wanted)
         # onnxruntime falls back to CPU silently when CUDA cannot start: read what really runs.
         self.provider = self.session.get_providers()[0]
@@ -179,7 +194,7 @@ class OnnxModel:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
-    def _session(self, providers: list[str]):
+    def _session(self, providers: list):
         import onnxruntime as ort
 
         try:
@@ -404,7 +419,7 @@ def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener 
     for card in [speaker, *plan.cards.values()]:
         verify(card, cfg.feature_params(card.feature_kind))
     speaker_model = _session_for(cfg, speaker, provider, on_fallback)
-    if provider == "auto" and speaker_model.provider == CPU:
+    if provider == "auto" and speaker_model.provider == CPU and gains_on_cuda(speaker):
         provider = "cpu"  # CUDA failed once: do not try (and fail) again
     members = {name: _session_for(cfg, card, provider, on_fallback) for name, card in plan.cards.items()}
     return Models(speaker_model, DigitModels(members, plan.fusion, plan.choice, plan.thresholds))
