@@ -196,6 +196,7 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         "realtime_factor": (audio_s / streams) / result["wall"],
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "provider": models.speaker.provider,
+        "providers": {m.card.name: m.provider for m in models.all()},  # "auto" may place each apart
     }
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import streamd
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
-        "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "end_of_streams"}
+        "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "providers", "end_of_streams"}
 
 
 def bench(*args: str) -> dict:
@@ -54,3 +54,12 @@ def test_the_naive_pipeline_runs_the_same_audio():
     naive = bench("--streams", "2", "--naive")
     assert naive["mode"] == "naive" and naive["events"] >= 2 * 3 * 4
     assert 0 < naive["latency_s_p50"] <= naive["latency_s_p99"]
+
+
+def test_bench_names_the_provider_of_every_model(speech):
+    from conftest import MODELS
+
+    members = json.loads((MODELS / "digits.fusion.json").read_text())["members"]
+    assert len(speech["providers"]) == 1 + len(members)
+    assert set(speech["providers"].values()) <= {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert speech["providers"]["speaker-ge2e"] == speech["provider"]
