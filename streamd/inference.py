@@ -139,7 +139,7 @@ def session_options(threads: int):
 # cuDNN's default, an exhaustive timing of every convolution algorithm, runs again for each
 # input shape it has not seen, and a stream of utterances of every length and batch size is
 # nothing but new shapes: on an H200 it cost 60 ms a call and put the bench 10 s behind
-# (BENCHMARKS.md, "CUDA"). Its heuristic choice costs 10 ms less per shape.
+# (BENCHMARKS.md, "CUDA"). Its heuristic choice cut that to 10 ms.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 
