@@ -297,12 +297,13 @@ def make_cohort(sets: list[dict], speakers: set[str], proj, per: int = COHORT_PE
     return np.stack(out).astype(np.float16).astype(np.float32)  # as shipped: float16
 
 
-def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str,
+                 top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
     """AS-norm scores (probes, speakers) of ``kind`` probes against speakers enrolled from
     their ``ENROLL_CLIPS`` clips, exactly as streamd.identity scores them, and the truth."""
     from streamd.identity import Enrolled, Scorer
 
-    scorer = Scorer(cohort, TOP_K)
+    scorer = Scorer(cohort, top_k)
     gallery = Enrolled.build({n: np.stack([utterance(w, proj) for w in t["enrolled"][n]]) for n in speakers}, scorer)
     probes = [(n, w) for n, w in t[kind] if n in speakers]
     e = np.stack([utterance(w, proj) for _, w in probes])
