@@ -91,9 +91,9 @@ def timings(model: OnnxModel, sample: np.ndarray) -> dict:
 
 
 def new_shapes(model: OnnxModel, sample: np.ndarray, count: int = 10) -> dict:
-    """First-call milliseconds at lengths the session has not seen (what an utterance of a new
-    length costs: on CUDA, cuDNN may search for its convolution algorithms then), then the
-    same lengths again, in another order."""
+    """Milliseconds of calls at lengths the session has not seen, then at the same lengths again
+    in another order: whether a length costs once (planned, then cached) or whenever it differs
+    from the last call's (on the H200 the second: BENCHMARKS.md, "CUDA")."""
     def call_ms(extra: int) -> float:
         x = np.concatenate((sample, np.repeat(sample[:, -1:], extra, axis=1)), axis=1)
         t = time.perf_counter()
