@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, help="picture: DET curve (speakers, default det.png) or "
                                                 "confusion matrices (digits, default confusion.png)")
+    ev.add_argument("--clips", type=Path, metavar="CSV",
+                    help="digits: also write each clip's answer (decision in use, every condition) to this CSV")
     ev.add_argument("--card", action="store_true",
                     help="digits, speakers: also keep the figures in the model card (digits: the fusion "
                          "card, or the digit card without one; speakers: the speaker card), as heldout_eval")
@@ -333,18 +335,41 @@ def eval_digits(args, cfg) -> int:
         if n % 500 == 0 or n == total:
             print(f"\r{condition}: {n}/{total} clips", end="\n" if n == total else "", file=sys.stderr, flush=True)
 
+    if args.clips and not writable(args.clips, "--clips"):  # before the minutes of evaluation, not after
+        return EX_CANTCREAT
     plan = digit_plan(cfg)
     in_use = plan.choice
     every = replace(cfg, digits=replace(cfg.digits, model="fused")) if in_use != "single" else cfg
     digits = load_digits(every, "cpu")
+    rows: list[dict] | None = [] if args.clips else None
     report = ed.evaluate_digits(args.data, cfg, digits, in_use if in_use != "single" else next(iter(digits.members)),
-                                progress=progress)
+                                progress=progress, rows=rows)
+    if args.clips:
+        write_rows(args.clips, rows)
     plot = args.plot or Path("confusion.png")
     ed.confusion_plot(report, plot)
     print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")
     if args.card:
         return keep_in_card(plan.source, report, f"streamd eval digits --data {args.data} --card")
     return 0
+
+
+def writable(path: Path, what: str) -> bool:
+    try:
+        path.open("a").close()
+    except OSError as e:
+        print(f"streamd: cannot write {what} {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["condition"])
+        out.writeheader()
+        out.writerows(rows)
 
 
 def eval_speakers(args, cfg) -> int:

@@ -20,7 +20,8 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import Config
-from streamd.evaluate import Clip, digit_lines, digit_report, held_out_clips
+from streamd.digits import decide, softmax
+from streamd.evaluate import NOT_A_DIGIT, Clip, digit_lines, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
 from streamd.vad import heard_utterance, utterance_audio
@@ -65,9 +66,26 @@ def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.nda
     return out
 
 
+def clip_rows(condition: str, clips: list[Clip], logits: np.ndarray, min_conf: float,
+              heard: np.ndarray, root: Path) -> list[dict]:
+    """One row per clip: what was said, the daemon's answer (empty: said nothing), the model's
+    choice among all 11 classes with its probability, and the "not a digit" probability."""
+    rows = []
+    for clip, row, h in zip(clips, logits, heard):
+        p = softmax(row)
+        answer = decide(row, min_conf).digit if h else None
+        rows.append({"condition": condition, "corpus": clip.corpus, "speaker": clip.speaker,
+                     "path": str(clip.path.relative_to(root)), "said": "" if clip.digit is None else clip.digit,
+                     "answer": "" if answer is None else answer, "choice": int(np.argmax(p)),
+                     "p_choice": round(float(p.max()), 4), "p_not_digit": round(float(p[NOT_A_DIGIT]), 4),
+                     "heard": bool(h)})
+    return rows
+
+
 def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, conditions=CONDITIONS,
-                    progress=None) -> dict:
-    """``digits`` holds every member (and the fusion); ``in_use`` names the daemon's choice."""
+                    progress=None, rows: list[dict] | None = None) -> dict:
+    """``digits`` holds every member (and the fusion); ``in_use`` names the daemon's choice.
+    ``rows``, if given, gets the decision in use's answer for every clip (clip_rows)."""
     clips = held_out_clips(data)
     out: dict = {"split": "held-out speakers: FSDD theo; ASC speakers of the authors' val split",
                  "models": {name: m.card.sha256 for name, m in digits.members.items()}, "in_use": in_use,
@@ -87,6 +105,8 @@ def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, c
             threshold = digits.min_confidence(cfg.digits.min_confidence, variant)
             entry = out["variants"].setdefault(variant, {"min_confidence": threshold, "conditions": {}})
             entry["conditions"][name] = digit_report(clips, np.stack(logits), threshold, heard)
+            if rows is not None and variant == in_use:
+                rows += clip_rows(name, clips, np.stack(logits), threshold, heard, data)
     out["min_confidence"] = out["variants"][in_use]["min_confidence"]
     out["conditions"] = out["variants"][in_use]["conditions"]
     return out

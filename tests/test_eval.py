@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from streamd.evaluate import Clip, digit_report
@@ -205,3 +206,32 @@ def test_the_report_names_each_speakers_figures_choice_and_named():
     logits[3, 10] = 6.0  # b's second "3": "not a digit" wins, the choice among 0-9 is still 3
     lines = digit_lines(digit_report(clips, logits, 0.5), "")
     assert "per speaker (choice / right): a 100%/100%, b 100%/50%" in "\n".join(lines)
+
+
+def test_eval_digits_writes_each_clips_answer(tmp_path):
+    """--clips: one row per clip and condition, the daemon's answer as the report counts it."""
+    truth = make_digit_corpus(tmp_path / "data")
+    out = tmp_path / "clips.csv"
+    r = streamd("eval", "digits", "--data", str(tmp_path / "data"), "--json", "--plot", str(tmp_path / "c.png"),
+                "--clips", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * len(truth) and {row["condition"] for row in rows} == set(report["conditions"])
+    for name, condition in report["conditions"].items():
+        mine = [row for row in rows if row["condition"] == name]
+        for corpus in ("fsdd", "asc"):
+            digits = [row for row in mine if row["corpus"] == corpus and row["said"] != ""]
+            right = sum(row["answer"] == row["said"] for row in digits) / len(digits)
+            assert right == pytest.approx(condition[corpus]["accuracy_with_rejection"])
+        words = [row for row in mine if row["said"] == ""]
+        assert sum(row["answer"] != "" for row in words) / len(words) == condition["non_digit_called_digit"]["rate"]
+    assert all(0 <= float(row["p_not_digit"]) <= 1 and row["choice"] in {str(c) for c in range(11)} for row in rows)
+
+
+def test_eval_digits_refuses_an_unwritable_clips_file_before_evaluating(tmp_path):
+    make_digit_corpus(tmp_path / "data")
+    r = streamd("eval", "digits", "--data", str(tmp_path / "data"), "--clips", str(tmp_path / "no" / "clips.csv"))
+    assert r.returncode == 73 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "cannot write --clips" in r.stderr and "clips:" not in r.stderr
