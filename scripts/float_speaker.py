@@ -35,7 +35,8 @@ def main(out: Path) -> None:
     parity = export(WithBackEnd(load_encoder(pretrained_path()), shipped_projection()).eval(), path)
     card = json.loads((ROOT / "models" / "speaker.card.json").read_text())
     card.update({"name": "speaker-ge2e-float", "file": path.name, "sha256": sha256(path),
-                 "size_bytes": path.stat().st_size, "input": {**card["input"], **window_input(False), "note": "float layers: windows batch together"},
+                 "size_bytes": path.stat().st_size,
+                 "input": {**card["input"], **window_input(False), "note": "float layers: windows batch together"},
                  "note": "float twin of models/speaker.onnx for GPU timing (scripts/float_speaker.py); not shipped"})
     card.pop("quantization", None)
     card.pop("heldout_eval", None)

@@ -20,8 +20,8 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import Config
-from streamd.digits import decide, softmax
-from streamd.evaluate import NOT_A_DIGIT, Clip, digit_lines, digit_report, held_out_clips
+from streamd.digits import softmax
+from streamd.evaluate import NOT_A_DIGIT, Clip, daemon_answers, digit_lines, digit_report, held_out_clips
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
 from streamd.vad import heard_utterance, utterance_audio
@@ -71,12 +71,11 @@ def clip_rows(condition: str, clips: list[Clip], logits: np.ndarray, min_conf: f
     """One row per clip: what was said, the daemon's answer (empty: said nothing), the model's
     choice among all 11 classes with its probability, and the "not a digit" probability."""
     rows = []
-    for clip, row, h in zip(clips, logits, heard):
+    for clip, row, answer, h in zip(clips, logits, daemon_answers(logits, min_conf, heard), heard):
         p = softmax(row)
-        answer = decide(row, min_conf).digit if h else None
         rows.append({"condition": condition, "corpus": clip.corpus, "speaker": clip.speaker,
                      "path": str(clip.path.relative_to(root)), "said": "" if clip.digit is None else clip.digit,
-                     "answer": "" if answer is None else answer, "choice": int(np.argmax(p)),
+                     "answer": "" if answer == NOT_A_DIGIT else int(answer), "choice": int(np.argmax(p)),
                      "p_choice": round(float(p.max()), 4), "p_not_digit": round(float(p[NOT_A_DIGIT]), 4),
                      "heard": bool(h)})
     return rows
@@ -101,12 +100,13 @@ def evaluate_digits(data: Path, cfg: Config, digits: DigitModels, in_use: str, c
             if progress is not None:
                 progress(str(condition), n + 1, len(clips))
         name = "clean" if snr is None else f"snr_{snr:g}db"
-        for variant, logits in by_variant.items():
+        for variant, rows_of_logits in by_variant.items():
+            logits = np.stack(rows_of_logits)
             threshold = digits.min_confidence(cfg.digits.min_confidence, variant)
             entry = out["variants"].setdefault(variant, {"min_confidence": threshold, "conditions": {}})
-            entry["conditions"][name] = digit_report(clips, np.stack(logits), threshold, heard)
+            entry["conditions"][name] = digit_report(clips, logits, threshold, heard)
             if rows is not None and variant == in_use:
-                rows += clip_rows(name, clips, np.stack(logits), threshold, heard, data)
+                rows += clip_rows(name, clips, logits, threshold, heard, data)
     out["min_confidence"] = out["variants"][in_use]["min_confidence"]
     out["conditions"] = out["variants"][in_use]["conditions"]
     return out

@@ -95,7 +95,7 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
     Clips not ``heard`` (no speech found by the VAD) count as said nothing: in the `null` column."""
     out: dict = {}
     heard = np.ones(len(clips), bool) if heard is None else heard
-    said = np.array([_said(row, min_conf) if h else NOT_A_DIGIT for row, h in zip(logits, heard)])
+    said = daemon_answers(logits, min_conf, heard)
     for corpus in ("fsdd", "asc"):
         idx = [i for i, c in enumerate(clips) if c.corpus == corpus and c.digit is not None]
         if not idx:
@@ -125,6 +125,12 @@ def digit_report(clips: list[Clip], logits: np.ndarray, min_conf: float, heard: 
     out["non_digit_called_digit"] = {"clips": len(words),
                                      "rate": float(np.mean(said[words] != NOT_A_DIGIT)) if words else None}
     return out
+
+
+def daemon_answers(logits: np.ndarray, min_conf: float, heard: np.ndarray) -> np.ndarray:
+    """What a digit event would carry for each clip (NOT_A_DIGIT: `null`); a clip the VAD did
+    not hear says nothing."""
+    return np.array([_said(row, min_conf) if h else NOT_A_DIGIT for row, h in zip(logits, heard)], int)
 
 
 def _said(logits: np.ndarray, min_conf: float) -> int:
