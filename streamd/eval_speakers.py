@@ -43,14 +43,18 @@ def clip_cut(clip: Clip, cfg, snr_db: float | None = None, seed: int = 0) -> np.
     return utterance_audio(audio, cfg.vad)
 
 
-def embed(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
+def features(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
     p = book.model.params
-    return book.model.run(normalize(mfcc(audio, p), p))
+    return normalize(mfcc(audio, p), p)
+
+
+def embed(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
+    return book.model.run(features(book, audio))
 
 
 def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: list[np.ndarray],
            seed: int = 0) -> dict:
-    """Enrolment from the ``clean`` cuts; probes (the other clips, alone and as phrases) from
+    """Enrolment from the ``clean`` cuts, joined as the daemon joins a speaker's enrollments; probes (the other clips, alone and as phrases) from
     ``cuts`` (the same, or the clips in noise)."""
     rng = np.random.default_rng(seed)
     names = sorted({c.speaker for c in clips})
@@ -58,7 +62,7 @@ def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: 
     enrolled, singles, phrases = {}, [], []
     for name in names:
         idx = rng.permutation(np.flatnonzero(spk == name))
-        enrolled[name] = np.stack([embed(book, clean[i]) for i in idx[:ENROLL_CLIPS]])
+        enrolled[name] = book.voice_of([features(book, clean[i]) for i in idx[:ENROLL_CLIPS]])[None]
         rest = idx[ENROLL_CLIPS:]
         singles += [(name, embed(book, cuts[i])) for i in rest]
         for k in range(0, len(rest) - PHRASE_CLIPS + 1, PHRASE_CLIPS):

@@ -297,6 +297,23 @@ class Gallery:
             out.setdefault(name, []).append(from_blob(blob))
         return {k: np.stack(v) for k, v in out.items()}
 
+    def enrollment_ids(self, feature_key: str) -> dict[str, tuple[int, ...]]:
+        """Each speaker's enrollments stored with these features, oldest first: {name: ids}."""
+        rows = self.db.execute(
+            "SELECT s.name, e.id FROM enrollments e JOIN speakers s ON s.id = e.speaker_id "
+            "WHERE e.feature_key = ? ORDER BY s.name, e.id", (feature_key,)).fetchall()
+        out: dict[str, list[int]] = {}
+        for name, eid in rows:
+            out.setdefault(name, []).append(eid)
+        return {name: tuple(ids) for name, ids in out.items()}
+
+    def enrollment_features(self, ids: tuple[int, ...]) -> list[np.ndarray]:
+        """The stored features of these enrollments, in the order given."""
+        marks = ",".join("?" * len(ids))
+        rows = dict((eid, from_blob(blob, dims)) for eid, blob, dims in self.db.execute(
+            f"SELECT id, features, dims FROM enrollments WHERE id IN ({marks})", ids).fetchall())
+        return [rows[eid] for eid in ids if eid in rows]
+
     # ------------------------------------------------------------------ re-embedding
 
     def missing_embeddings(self, model_sha256: str, feature_key: str) -> list[tuple[int, np.ndarray]]:

@@ -262,4 +262,4 @@ def test_a_new_speaker_model_re_embeds_the_gallery_at_start_up(iso, tmp_path):
     new_sha = json.loads(open(os.path.join(models, "speaker.card.json")).read())["sha256"]
     assert shas == {new_sha} != {old_sha}
     assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] == 10
-    assert by_type(events, "speaker")[0]["speaker"] == "theo"
+    assert "theo" in {e["speaker"] for e in by_type(events, "speaker")}  # still recognised after the swap

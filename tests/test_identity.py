@@ -248,3 +248,34 @@ def test_every_shipped_model_was_fitted_on_the_cuts_the_daemon_makes():
     assert {c.name for c in cards} >= {"speaker.card.json", "digits.card.json"}
     for path in cards:
         assert json.loads(path.read_text())["vad"] == dataclasses.asdict(VadParams()), path.name
+
+
+def test_an_enrolled_voice_is_all_its_enrollment_speech_joined(tmp_path):
+    """The speaker model sees a speaker's enrollment utterances as one utterance (each
+    normalised on its own), not the mean of one embedding per word; only speakers whose
+    enrollments changed are embedded again."""
+    from streamd import config
+    from streamd.enroll import file_utterances
+    from streamd.inference import load_model
+    from streamd.speakers import SpeakerBook
+
+    cfg = config.load(None)
+    model = load_model(cfg, "speaker", "cpu")
+    book = SpeakerBook(Gallery(tmp_path / "g.sqlite3"), model, 0.8)
+    theo = file_utterances(str(DATA / "enroll_theo.flac"), cfg, model)
+    assert len(theo) >= 5
+    book.enroll("theo", theo, "test")
+    voice = book.enrolled().centroids[0]
+    joined = model.run(np.concatenate([u.features for u in theo]))
+    assert np.allclose(voice, l2_normalize(joined), atol=1e-5)
+    mean_of_words = l2_normalize(np.mean([model.run(u.features) for u in theo], axis=0))
+    assert float(voice @ mean_of_words) < 0.999  # a different vector, not a rounding of it
+
+    embedded = []
+    work = book.voice_of
+    book.voice_of = lambda feats: embedded.append(len(feats)) or work(feats)
+    book.enroll("asc02", file_utterances(str(DATA / "enroll_asc02.flac"), cfg, model), "test")
+    embedded.clear()  # the duplicate gate embeds the newcomer once; what follows is the re-read
+    assert book.enrolled().names == ["asc02", "theo"]
+    assert len(embedded) == 1  # the newcomer only: theo's enrollments did not change
+    assert np.allclose(book.enrolled().centroids[1], voice)

@@ -46,6 +46,7 @@ from streamd import evaluate
 from streamd.features import mel_params, mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import ModelCard, OnnxModel
+from streamd.speakers import joined_features
 from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
 from streamd.vad import VadParams, utterance_audio
 
@@ -199,15 +200,19 @@ def band_limit(audio: np.ndarray) -> np.ndarray:
 
 def window_outputs(model: OnnxModel, audio: np.ndarray) -> np.ndarray:
     """The model's output for each window of one VAD-cut utterance (before averaging)."""
-    from streamd.inference import window_starts
+    return feature_window_outputs(model, normalize(mfcc(audio, model.params), model.params))
 
+
+def feature_window_outputs(model: OnnxModel, feats: np.ndarray) -> np.ndarray:
+    """The same for normalised features, windowed as the daemon windows them."""
+    return model.infer(model.inputs(np.asarray(feats, np.float32))).astype(np.float32)
+
+
+def joined_window_outputs(model: OnnxModel, cuts: list[np.ndarray]) -> np.ndarray:
+    """An enrolled voice as the daemon forms it (streamd.speakers.joined_features): every
+    enrollment utterance normalised on its own, then all of them as one utterance."""
     p = model.params
-    feats = normalize(mfcc(audio, p), p)
-    window, hop, coverage = model.card.window
-    starts = window_starts(len(feats), window, hop, coverage)
-    padded = np.zeros((starts[-1] + window, feats.shape[1]), np.float32)
-    padded[: len(feats)] = feats[: len(padded)]
-    return model.infer(np.stack([padded[s : s + window] for s in starts])).astype(np.float32)
+    return feature_window_outputs(model, joined_features([normalize(mfcc(c, p), p) for c in cuts]))
 
 
 def band_copy(audio: np.ndarray, index: int) -> np.ndarray:
@@ -229,8 +234,8 @@ def speed_copy(audio: np.ndarray, index: int, speed: float) -> np.ndarray:
 
 
 def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: int = 0) -> dict:
-    """Each speaker's clips as eval_speakers forms them: ``ENROLL_CLIPS`` enrollment clips,
-    the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
+    """Each speaker's clips as eval_speakers forms them: ``ENROLL_CLIPS`` enrollment clips
+    (joined as the daemon joins a speaker's enrollments: one item), the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
     ``copy(audio, clip index)``, when given, changes each clip's audio first."""
     vad = VadParams()
     rng = np.random.default_rng(seed)
@@ -243,7 +248,7 @@ def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: 
         for i in idx:
             audio, _ = sf.read(clips[i].path, dtype="int16")
             cuts[i] = utterance_audio(copy(audio, int(i)) if copy else audio, vad)
-        out["enrolled"][name] = [window_outputs(model, cuts[i]) for i in idx[:ENROLL_CLIPS]]
+        out["enrolled"][name] = [joined_window_outputs(model, [cuts[i] for i in idx[:ENROLL_CLIPS]])]
         rest = idx[ENROLL_CLIPS:]
         out["single"] += [(name, window_outputs(model, cuts[i])) for i in rest]
         for k in range(0, len(rest) - PHRASE_CLIPS + 1, PHRASE_CLIPS):
@@ -321,7 +326,7 @@ def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
     """AS-norm score threshold per false-accept rate (one stranger's utterance against one
     enrolled speaker), from trials of *training* speakers only, leave-two-speakers-out: for
     every pair of training speakers the back end and the cohort are re-fitted without both,
-    each is enrolled from ``ENROLL_CLIPS`` clips, and each one's 3-clip phrases are scored
+    each is enrolled from ``ENROLL_CLIPS`` clips (joined), and each one's 3-clip phrases are scored
     against the other (impostor) and itself (target). Thresholds come from the phrase trials,
     the kind of utterance the daemon sees (1-3 s). The back end is fitted on ``sets``, the
     cohort drawn from ``cohort_sets``."""
@@ -342,7 +347,8 @@ def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
     tgt = {k: np.concatenate(v) for k, v in target.items()}
     thresholds = [float(np.quantile(imp["phrase"], 1 - far)) for far in CALIBRATION_FARS]
     return {"score": "as-norm", "top_k": TOP_K, "far": list(CALIBRATION_FARS), "threshold": thresholds,
-            "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips, every pair of "
+            "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
+                      "utterance (as the daemon joins a speaker's enrollments), every pair of "
                       f"the {len(names)} training speakers left out of back end and cohort in turn",
             "impostor_trials": int(len(imp["phrase"])), "target_trials": int(len(tgt["phrase"])),
             "miss_rate_phrases": [float(np.mean(tgt["phrase"] < thr)) for thr in thresholds],
@@ -480,7 +486,7 @@ def window_model(enc: nn.Module, folder: Path, int8: bool) -> OnnxModel:
 def cache_key(weights: Path, data_dir: Path, int8: bool) -> str:
     """Same weights, front end, VAD and data folder: same per-window outputs."""
     return hashlib.sha256(json.dumps([sha256(weights), mel_params().as_dict(), dataclasses.asdict(VadParams()),
-                                      str(data_dir.resolve()), ENROLL_CLIPS, PHRASE_CLIPS]
+                                      str(data_dir.resolve()), ENROLL_CLIPS, PHRASE_CLIPS, "enrollment joined"]
                                      + (["int8 rows alone", onnxruntime_version()] if int8 else []),
                                      sort_keys=True).encode()).hexdigest()[:12]
 
