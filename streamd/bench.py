@@ -126,7 +126,8 @@ class NaivePipeline:
             return
         self.next_partial += every
         sp = self.models.speaker
-        who = self.book.decide(sp.run(normalize(mfcc(np.concatenate(self.audio), sp.params), sp.params)))
+        feats = normalize(mfcc(np.concatenate(self.audio), sp.params), sp.params)
+        who = self.book.decide(sp.run(feats), self.book.seconds_of(feats))
         self.publisher.publish(SpeakerPartial(self.stream, self.start.utterance, self.start.t_start, frame.t_end,
                                               speaker=who.speaker, score=who.score,
                                               latency_s=time.monotonic() - frame.captured_at))

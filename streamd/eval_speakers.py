@@ -48,14 +48,16 @@ def features(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
     return normalize(mfcc(audio, p), p)
 
 
-def embed(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
-    return book.model.run(features(book, audio))
+def probe(book: SpeakerBook, name: str, audio: np.ndarray) -> tuple[str, np.ndarray, float]:
+    """A probe as the daemon scores it: whose it is, its embedding, its length in seconds."""
+    feats = features(book, audio)
+    return name, book.model.run(feats), book.seconds_of(feats)
 
 
 def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: list[np.ndarray],
            seed: int = 0) -> dict:
-    """Enrolment from the ``clean`` cuts, joined as the daemon joins a speaker's enrollments; probes (the other clips, alone and as phrases) from
-    ``cuts`` (the same, or the clips in noise)."""
+    """Enrolment from the ``clean`` cuts, joined as the daemon joins a speaker's enrollments;
+    probes (the other clips, alone and as phrases) from ``cuts`` (the same, or the clips in noise)."""
     rng = np.random.default_rng(seed)
     names = sorted({c.speaker for c in clips})
     spk = np.array([c.speaker for c in clips])
@@ -64,14 +66,14 @@ def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: 
         idx = rng.permutation(np.flatnonzero(spk == name))
         enrolled[name] = book.voice_of([features(book, clean[i]) for i in idx[:ENROLL_CLIPS]])[None]
         rest = idx[ENROLL_CLIPS:]
-        singles += [(name, embed(book, cuts[i])) for i in rest]
+        singles += [probe(book, name, cuts[i]) for i in rest]
         for k in range(0, len(rest) - PHRASE_CLIPS + 1, PHRASE_CLIPS):
-            phrases.append((name, embed(book, np.concatenate([cuts[i] for i in rest[k : k + PHRASE_CLIPS]]))))
+            phrases.append(probe(book, name, np.concatenate([cuts[i] for i in rest[k : k + PHRASE_CLIPS]])))
     return {"names": names, "enrolled": enrolled, "single": singles, "phrase": phrases}
 
 
-def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray]]) -> np.ndarray:
-    e = l2_normalize(np.stack([v for _, v in probes]))
+def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]]) -> np.ndarray:
+    e = l2_normalize(np.stack([v for _, v, _ in probes]))
     raw = e @ gallery.centroids.T
     stats = book.scorer.stats(e)
     return np.stack([book.scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
@@ -86,10 +88,11 @@ def report(book: SpeakerBook, t: dict) -> dict:
         if not probes:
             continue
         scores = score_matrix(book, gallery, probes)
-        truth = np.array([names.index(n) for n, _ in probes])
+        truth = np.array([names.index(n) for n, _, _ in probes])
+        seconds = np.array([t for _, _, t in probes])
         same = truth[:, None] == np.arange(len(names))[None, :]
         rate, _, _ = eer(scores.ravel(), same.ravel())
-        named, strangers = open_set_rates(scores, truth, book.threshold_for)
+        named, strangers = open_set_rates(scores, truth, lambda n: book.threshold_for(n, seconds=seconds))
         out[kind] = {
             "probes": len(probes), "eer": rate, "min_dcf_p0.01": min_dcf(scores.ravel(), same.ravel()),
             "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),

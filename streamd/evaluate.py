@@ -72,7 +72,7 @@ def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
 def open_set_rates(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery) -> tuple[float, float]:
     """Open-set identification with each speaker in turn left out of the gallery (its probes
     are then strangers). ``scores`` (probes, speakers), ``truth`` each probe's speaker index,
-    ``threshold_for_gallery(n)`` the threshold with n speakers enrolled.
+    ``threshold_for_gallery(n)`` the threshold with n speakers enrolled (one, or one per probe).
     Returns (share of enrolled speakers' probes named right, share of strangers' probes named)."""
     n = scores.shape[1]
     named, strangers = [], []

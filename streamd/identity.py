@@ -81,16 +81,35 @@ class Scorer:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Normalised-score threshold per false-accept rate, measured on held-out speakers."""
+    """Normalised-score threshold per false-accept rate, measured on training speakers'
+    phrases. With ``short`` (thresholds at the same rates from single-word trials) an
+    utterance's threshold follows its length: the single words' at ``short_seconds`` or less,
+    the phrases' at ``long_seconds`` or more, on the line between them in between. A stranger's
+    single word scores lower than a stranger's phrase, so one phrase threshold for both would
+    leave most of an enrolled speaker's single words unnamed."""
 
     far: tuple[float, ...]
     threshold: tuple[float, ...]
+    short: tuple[float, ...] = ()
+    short_seconds: float = 0.0
+    long_seconds: float = 0.0
 
-    def threshold_for(self, far: float) -> float:
+    def threshold_for(self, far: float, seconds=None):
+        """The threshold for ``far``; for utterances of ``seconds`` (a number or an array)
+        when given, else the phrases' (the stricter, for an utterance of unknown length)."""
+        long = self._at(far, self.threshold)
+        if seconds is None or not self.short:
+            return long
+        span = max(self.long_seconds - self.short_seconds, 1e-6)
+        weight = np.clip((np.asarray(seconds, np.float64) - self.short_seconds) / span, 0.0, 1.0)
+        out = self._at(far, self.short) + weight * (long - self._at(far, self.short))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def _at(self, far: float, thresholds: tuple[float, ...]) -> float:
         # far decreases as the threshold rises; interpolate in log(far).
         fars = np.log(np.maximum(np.asarray(self.far), 1e-9))
         order = np.argsort(fars)
-        return float(np.interp(np.log(max(far, 1e-9)), fars[order], np.asarray(self.threshold)[order]))
+        return float(np.interp(np.log(max(far, 1e-9)), fars[order], np.asarray(thresholds)[order]))
 
 
 @dataclass

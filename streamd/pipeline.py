@@ -186,7 +186,7 @@ class StreamPipeline:
         self._next_partial += self.partial_every_s
 
         def finish(embedding: np.ndarray, _logits) -> None:
-            who = self.book.decide(embedding)
+            who = self.book.decide(embedding, self.book.seconds_of(feats))
             self._publish(SpeakerPartial(
                 self.stream, start.utterance, start.t_start, frame.t_end, speaker=who.speaker, score=who.score,
                 candidates=who.candidates, latency_s=time.monotonic() - frame.captured_at, cosine=who.raw,

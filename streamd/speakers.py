@@ -82,7 +82,11 @@ def load_cohort(model: OnnxModel) -> np.ndarray | None:
 
 def load_calibration(model: OnnxModel) -> Calibration | None:
     spec = model.card.data.get("calibration")
-    return Calibration(tuple(spec["far"]), tuple(spec["threshold"])) if spec else None
+    if not spec:
+        return None
+    short = spec.get("single_word", {})
+    return Calibration(tuple(spec["far"]), tuple(spec["threshold"]), tuple(short.get("threshold", ())),
+                       float(short.get("seconds", 0.0)), float(spec.get("phrase_seconds", 0.0)))
 
 
 class SpeakerBook:
@@ -184,23 +188,28 @@ class SpeakerBook:
     def threshold(self) -> float:
         return self.threshold_for(len(self.enrolled().names))
 
-    def threshold_for(self, enrolled: int, far: float | None = None) -> float:
-        """The score threshold with ``enrolled`` speakers (or clusters) to compare with."""
+    def threshold_for(self, enrolled: int, far: float | None = None, seconds=None):
+        """The score threshold with ``enrolled`` speakers (or clusters) to compare with, for an
+        utterance of ``seconds`` (as the model saw it; a number or an array) when given."""
         if self.calibration is None:
             return self.cosine_threshold
         # A stranger is compared with every enrolled speaker: split the allowed rate among them.
-        return self.calibration.threshold_for((self.far if far is None else far) / max(1, enrolled))
+        return self.calibration.threshold_for((self.far if far is None else far) / max(1, enrolled), seconds)
+
+    def seconds_of(self, feats: np.ndarray) -> float:
+        """How long an utterance is, as the speaker model sees it (its feature frames)."""
+        return len(feats) * self.model.params.winstep
 
     def _cluster_threshold(self, clusters: int) -> float:
         return self.threshold_for(clusters, self._cluster_settings.far)
 
-    def _against_enrolled(self, embedding: np.ndarray) -> Decision:
+    def _against_enrolled(self, embedding: np.ndarray, seconds: float | None) -> Decision:
         enrolled = self.enrolled()  # one look at the gallery per decision
-        return decide(embedding, enrolled, self.scorer, self.threshold_for(len(enrolled.names)))
+        return decide(embedding, enrolled, self.scorer, self.threshold_for(len(enrolled.names), seconds=seconds))
 
-    def decide(self, embedding: np.ndarray) -> Decision:
-        """The decision so far (partial utterances): no cluster is changed."""
-        who = self._against_enrolled(embedding)
+    def decide(self, embedding: np.ndarray, seconds: float | None = None) -> Decision:
+        """The decision so far (partial utterances) on ``seconds`` of speech: no cluster is changed."""
+        who = self._against_enrolled(embedding, seconds)
         if who.speaker != UNKNOWN or not self._clustering():
             return who
         cid = self.clusters.match(embedding)
@@ -208,7 +217,7 @@ class SpeakerBook:
 
     def identify(self, embedding: np.ndarray, utt: Utterance) -> Decision:
         """The final decision on an utterance; an unknown voice joins (or starts) a cluster."""
-        who = self._against_enrolled(embedding)
+        who = self._against_enrolled(embedding, self.seconds_of(utt.features))
         if who.speaker != UNKNOWN or not self._clustering():
             return who
         try:

@@ -211,6 +211,18 @@ def test_calibration_maps_false_accept_rate_to_threshold():
     assert cal.threshold_for(0.001) > cal.threshold_for(0.003) > cal.threshold_for(0.01) > cal.threshold_for(0.05)
 
 
+def test_a_short_utterance_gets_the_single_word_threshold_and_a_long_one_the_phrase_threshold():
+    from streamd.identity import Calibration
+
+    cal = Calibration((0.001, 0.01), (3.0, 2.0), short=(1.0, 0.0), short_seconds=1.0, long_seconds=3.0)
+    assert cal.threshold_for(0.01) == pytest.approx(2.0)  # length unknown: the phrases' (stricter)
+    assert cal.threshold_for(0.01, 0.5) == pytest.approx(0.0)
+    assert cal.threshold_for(0.01, 2.0) == pytest.approx(1.0)  # half way
+    assert cal.threshold_for(0.01, 9.0) == pytest.approx(2.0)
+    assert np.allclose(cal.threshold_for(0.001, np.array([1.0, 3.0])), [1.0, 3.0])
+    assert Calibration((0.01,), (2.0,)).threshold_for(0.01, 0.5) == pytest.approx(2.0)  # no short table
+
+
 def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     import json
     import shutil
@@ -223,6 +235,9 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     cfg = config.load(None)
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8, far=0.01)
     assert book.calibration is not None and book.scorer.normalised
+    # Calibrated on single words too: a word's threshold is lower than a phrase's.
+    word, phrase = book.threshold_for(6, seconds=book.seconds_of(np.zeros((100, 40)))), book.threshold_for(6, seconds=4.0)
+    assert word < phrase == book.threshold_for(6)
     loose = book.threshold
     book.far = 0.001
     assert book.threshold > loose
@@ -279,3 +294,22 @@ def test_an_enrolled_voice_is_all_its_enrollment_speech_joined(tmp_path):
     assert book.enrolled().names == ["asc02", "theo"]
     assert len(embedded) == 1  # the newcomer only: theo's enrollments did not change
     assert np.allclose(book.enrolled().centroids[1], voice)
+
+
+def test_the_decision_threshold_follows_the_utterance_length(tmp_path):
+    from streamd import config
+    from streamd.enroll import file_utterances
+    from streamd.inference import load_model
+    from streamd.speakers import SpeakerBook
+
+    cfg = config.load(None)
+    model = load_model(cfg, "speaker", "cpu")
+    book = SpeakerBook(Gallery(tmp_path / "g.sqlite3"), model, 0.8)
+    book.enroll("theo", file_utterances(str(DATA / "enroll_theo.flac"), cfg, model), "test")
+    word = file_utterances(str(DATA / "word.flac"), cfg, model)[0]
+    asked = []
+    real = book.threshold_for
+    book.threshold_for = lambda n, far=None, seconds=None: asked.append(seconds) or real(n, far, seconds)
+    who = book.identify(model.run(word.features), word)
+    assert asked == [pytest.approx(len(word.features) * model.params.winstep)]
+    assert who.speaker == "unknown" or who.score >= real(1, seconds=asked[0])

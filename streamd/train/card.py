@@ -294,8 +294,13 @@ def _speaker_md(c: dict) -> list[str]:
     if "cohort" in c:
         lines += [f"AS-norm cohort `{c['cohort']['file']}`: {c['cohort']['vectors']} vectors, {c['cohort']['source']}.", ""]
     if "calibration" in c and "trials" in c["calibration"]:
-        lines += [f"Calibration (AS-norm threshold per false-accept rate): {c['calibration']['trials']}; "
-                  f"{c['calibration'].get('note', '')}.", ""]
+        cal = c["calibration"]
+        lines += [f"Calibration (AS-norm threshold per false-accept rate): {cal['trials']}; {cal.get('note', '')}."]
+        if short := cal.get("single_word"):
+            lines += [f"A second table from single-word trials serves short utterances: {short['seconds']} s or "
+                      f"less (the single words' median), the phrases' table from {cal['phrase_seconds']} s (their "
+                      "median), a linear mix in between."]
+        lines += [""]
     lines += ["| held-out trials | EER | threshold at EER | threshold at FAR 1% |", "|---|---|---|---|"]
     for name, r in _eer_rows(c.get("metrics", {})):
         lines.append(f"| {name} | {_pct(r['eer'])} | {_num(r, 'threshold_at_eer')} | "

@@ -322,14 +322,29 @@ def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: s
 CALIBRATION_FARS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
+def trial_seconds(clips: list[evaluate.Clip]) -> dict[str, float]:
+    """Median length of the calibration's probes as the speaker model sees them (feature
+    frames of the VAD cuts, in seconds): single words, and ``PHRASE_CLIPS`` of them joined."""
+    p, vad = mel_params(), VadParams()
+    per_speaker: dict[str, list[float]] = {}
+    for clip in clips:
+        audio, _ = sf.read(clip.path, dtype="int16")
+        seconds = p.frames_in(len(utterance_audio(audio, vad))) * p.winstep
+        per_speaker.setdefault(clip.speaker, []).append(seconds)
+    phrases = [sum(v[k : k + PHRASE_CLIPS]) for v in per_speaker.values()
+               for k in range(0, len(v) - PHRASE_CLIPS + 1, PHRASE_CLIPS)]
+    return {"single": float(np.median(sum(per_speaker.values(), []))), "phrase": float(np.median(phrases))}
+
+
+def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, float]) -> dict:
     """AS-norm score threshold per false-accept rate (one stranger's utterance against one
     enrolled speaker), from trials of *training* speakers only, leave-two-speakers-out: for
     every pair of training speakers the back end and the cohort are re-fitted without both,
     each is enrolled from ``ENROLL_CLIPS`` clips (joined), and each one's 3-clip phrases are scored
     against the other (impostor) and itself (target). Thresholds come from the phrase trials,
     the kind of utterance the daemon sees (1-3 s). The back end is fitted on ``sets``, the
-    cohort drawn from ``cohort_sets``."""
+    cohort drawn from ``cohort_sets``. Single-word trials give a second table, for short
+    utterances (``streamd.identity.Calibration``); ``seconds`` the probes' median lengths."""
     import itertools
 
     names = sorted(set(sets[0]["names"]))
@@ -346,6 +361,7 @@ def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
     imp = {k: np.concatenate(v) for k, v in impostor.items()}
     tgt = {k: np.concatenate(v) for k, v in target.items()}
     thresholds = [float(np.quantile(imp["phrase"], 1 - far)) for far in CALIBRATION_FARS]
+    single = [float(np.quantile(imp["single"], 1 - far)) for far in CALIBRATION_FARS]
     return {"score": "as-norm", "top_k": TOP_K, "far": list(CALIBRATION_FARS), "threshold": thresholds,
             "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
                       "utterance (as the daemon joins a speaker's enrollments), every pair of "
@@ -354,22 +370,31 @@ def calibration(sets: list[dict], cohort_sets: list[dict]) -> dict:
             "miss_rate_phrases": [float(np.mean(tgt["phrase"] < thr)) for thr in thresholds],
             "miss_rate_single_words": [float(np.mean(tgt["single"] < thr)) for thr in thresholds],
             "single_word_far": [float(np.mean(imp["single"] >= thr)) for thr in thresholds],
+            "phrase_seconds": round(seconds["phrase"], 3),
+            "single_word": {"threshold": single, "seconds": round(seconds["single"], 3),
+                            "miss_rate": [float(np.mean(tgt["single"] < thr)) for thr in single],
+                            "impostor_trials": int(len(imp["single"])),
+                            "rule": "utterances of `seconds` or less get these thresholds, of `phrase_seconds` or "
+                                    "more the phrases', in between a linear mix (streamd.identity.Calibration)"},
             "note": "fitted on training speakers only; never on the held-out speakers"}
 
 
 def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01) -> dict:
     """eval_speakers' open-set figures on the held-out speakers (for the card): at the
-    calibrated threshold for ``far``, and at the threshold that names <= 1% of strangers."""
+    calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are not kept), and at the threshold that names <= 1% of strangers."""
     from streamd.eval_speakers import operating_point
     from streamd.identity import Calibration
 
-    table = Calibration(tuple(cal["far"]), tuple(cal["threshold"]))
+    short = cal["single_word"]
+    table = Calibration(tuple(cal["far"]), tuple(cal["threshold"]), tuple(short["threshold"]), short["seconds"],
+                        cal["phrase_seconds"])
     out = {}
     for kind in ("single", "phrase"):
         scores, truth = trial_scores(t, t["names"], proj, cohort, kind)
         same = truth[:, None] == np.arange(scores.shape[1])[None, :]
         rate, _, _ = evaluate.eer(scores.ravel(), same.ravel())
-        named, strangers = evaluate.open_set_rates(scores, truth, lambda n: table.threshold_for(far / max(1, n)))
+        seconds = short["seconds"] if kind == "single" else cal["phrase_seconds"]  # each kind at its table
+        named, strangers = evaluate.open_set_rates(scores, truth, lambda n: table.threshold_for(far / max(1, n), seconds))
         out[kind] = {"probes": int(len(scores)), "eer_as_norm": rate,
                      "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
                      f"identified_at_far_{far}": named, f"strangers_named_at_far_{far}": strangers,
@@ -528,7 +553,7 @@ def run(opts: Options) -> int:
     proj = fit_nap(x, y)
     cohort_sets = sets + copies
     cohort = make_cohort(cohort_sets, names, proj)
-    cal = calibration(sets, cohort_sets)
+    cal = calibration(sets, cohort_sets, trial_seconds(train))
 
     onnx_path = opts.out_dir / "speaker.onnx"
     full = WithBackEnd(enc, proj).eval()
