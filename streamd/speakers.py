@@ -115,8 +115,9 @@ class SpeakerBook:
         if gallery is not None:
             try:
                 self.reembed()
-            except StorageError as exc:  # read-only or full: those enrollments wait for a writable disk
-                log.warning("%s; speakers without an embedding for this model are not recognised", exc)
+            except StorageError as exc:  # read-only or full: those embeddings wait for a writable disk
+                log.warning("%s; enrolled speakers are still recognised (from their stored features)", exc)
+            self.enrolled()  # the enrolled voices worked out now, not during the first utterance
             self.clusters = None if gallery.readonly else self._open_clusters(gallery, cluster_settings)
         self._cluster_settings = cluster_settings
 
@@ -263,6 +264,7 @@ class SpeakerBook:
             vectors = np.stack([self.model.run(u.features) for u in utterances]) if utterances else np.zeros((0, 0))
         self._check(name, utterances, vectors)
         self.gallery.add_enrollments(name, utterances, vectors, self.sha, self.key, source)
+        self.enrolled()  # the new voice worked out here, not during the next utterance
         seconds = sum(u.seconds for u in utterances)
         return {"name": name, "utterances": len(utterances), "seconds": round(seconds, 2)}
 
