@@ -4,7 +4,7 @@ Cross-validated on the training speakers only (never the held-out ones): the 21 
 speakers are split into folds; for each fold the encoder's last LSTM layer and linear layer
 are fine-tuned (GE2E loss, Resemblyzer's own) on the other folds' speakers, and the pretrained
 and the fine-tuned encoder are compared on the fold's speakers, which neither saw: each
-enrolled from 10 clips (the daemon's windows, averaged), probed with 3-clip phrases, raw
+enrolled from 10 clips joined (as the daemon joins enrollments), probed with 3-clip phrases, raw
 cosine against the enrolled centroids (``--back-end``: scored as the daemon scores, every clip
 of the fold's speakers, NAP and AS-norm fitted on the other folds' speakers). Printed per fold: phrase EER, phrases missed at a
 per-trial false-accept rate of 0.17% (identity.far 1% over 6 enrolled) and of 1%, closed-set top-1.
