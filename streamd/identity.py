@@ -94,15 +94,23 @@ class Calibration:
     short_seconds: float = 0.0
     long_seconds: float = 0.0
 
+    @classmethod
+    def from_card(cls, spec: dict) -> Calibration:
+        """The table as a speaker model card's ``calibration`` holds it."""
+        short = spec.get("single_word", {})
+        return cls(tuple(spec["far"]), tuple(spec["threshold"]), tuple(short.get("threshold", ())),
+                   float(short.get("seconds", 0.0)), float(spec.get("phrase_seconds", 0.0)))
+
     def threshold_for(self, far: float, seconds=None):
         """The threshold for ``far``; for utterances of ``seconds`` (a number or an array)
         when given, else the phrases' (the stricter, for an utterance of unknown length)."""
         long = self._at(far, self.threshold)
         if seconds is None or not self.short:
             return long
+        short = self._at(far, self.short)
         span = max(self.long_seconds - self.short_seconds, 1e-6)
         weight = np.clip((np.asarray(seconds, np.float64) - self.short_seconds) / span, 0.0, 1.0)
-        out = self._at(far, self.short) + weight * (long - self._at(far, self.short))
+        out = short + weight * (long - short)
         return float(out) if np.ndim(out) == 0 else out
 
     def _at(self, far: float, thresholds: tuple[float, ...]) -> float:

@@ -82,11 +82,7 @@ def load_cohort(model: OnnxModel) -> np.ndarray | None:
 
 def load_calibration(model: OnnxModel) -> Calibration | None:
     spec = model.card.data.get("calibration")
-    if not spec:
-        return None
-    short = spec.get("single_word", {})
-    return Calibration(tuple(spec["far"]), tuple(spec["threshold"]), tuple(short.get("threshold", ())),
-                       float(short.get("seconds", 0.0)), float(spec.get("phrase_seconds", 0.0)))
+    return Calibration.from_card(spec) if spec else None
 
 
 class SpeakerBook:

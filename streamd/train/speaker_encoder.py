@@ -235,7 +235,8 @@ def speed_copy(audio: np.ndarray, index: int, speed: float) -> np.ndarray:
 
 def speaker_sets(model: OnnxModel, clips: list[evaluate.Clip], copy=None, seed: int = 0) -> dict:
     """Each speaker's clips as eval_speakers forms them: ``ENROLL_CLIPS`` enrollment clips
-    (joined as the daemon joins a speaker's enrollments: one item), the rest as single words and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
+    (joined as the daemon joins a speaker's enrollments: one item), the rest as single words
+    and as ``PHRASE_CLIPS``-clip phrases; per-window outputs.
     ``copy(audio, clip index)``, when given, changes each clip's audio first."""
     vad = VadParams()
     rng = np.random.default_rng(seed)
@@ -381,19 +382,18 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
 
 def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01) -> dict:
     """eval_speakers' open-set figures on the held-out speakers (for the card): at the
-    calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are not kept), and at the threshold that names <= 1% of strangers."""
+    calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are not
+    kept), and at the threshold that names <= 1% of strangers."""
     from streamd.eval_speakers import operating_point
     from streamd.identity import Calibration
 
-    short = cal["single_word"]
-    table = Calibration(tuple(cal["far"]), tuple(cal["threshold"]), tuple(short["threshold"]), short["seconds"],
-                        cal["phrase_seconds"])
+    table = Calibration.from_card(cal)
     out = {}
     for kind in ("single", "phrase"):
         scores, truth = trial_scores(t, t["names"], proj, cohort, kind)
         same = truth[:, None] == np.arange(scores.shape[1])[None, :]
         rate, _, _ = evaluate.eer(scores.ravel(), same.ravel())
-        seconds = short["seconds"] if kind == "single" else cal["phrase_seconds"]  # each kind at its table
+        seconds = table.short_seconds if kind == "single" else table.long_seconds  # each kind at its table
         named, strangers = evaluate.open_set_rates(scores, truth, lambda n: table.threshold_for(far / max(1, n), seconds))
         out[kind] = {"probes": int(len(scores)), "eer_as_norm": rate,
                      "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
