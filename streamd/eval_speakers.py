@@ -76,7 +76,8 @@ def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, n
     e = l2_normalize(np.stack([v for _, v, _ in probes]))
     raw = e @ gallery.centroids.T
     stats = book.scorer.stats(e)
-    return np.stack([book.scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
+    windows = [book.windows_in(seconds) for _, _, seconds in probes]
+    return np.stack([book.scorer.score(raw[i], stats[i], gallery.stats, windows[i]) for i in range(len(e))])
 
 
 def report(book: SpeakerBook, t: dict) -> dict:
@@ -101,7 +102,13 @@ def report(book: SpeakerBook, t: dict) -> dict:
             "_scores": scores.ravel(), "_same": same.ravel(),
         }
     return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": PHRASE_CLIPS,
-            "far": book.far, "calibrated": book.calibration is not None, **out}
+            "far": book.far, "calibrated": book.calibration is not None, "score": score_kind(book), **out}
+
+
+def score_kind(book: SpeakerBook) -> str:
+    if book.calibration is None:
+        return "cosine threshold"
+    return "AS-norm fused with quality measures" if book.scorer.fusion is not None else "AS-norm calibrated"
 
 
 def det_plot(result: dict, path: Path) -> None:
@@ -170,7 +177,7 @@ def evaluate_speakers(data: Path, cfg, book: SpeakerBook, noisy: tuple[float, ..
 
 def format_report(r: dict) -> str:
     lines = [f"{r['speakers']} held-out speakers, each enrolled from {r['enroll_clips']} clips; "
-             f"identity.far {r['far']} ({'AS-norm calibrated' if r['calibrated'] else 'cosine threshold'})"]
+             f"identity.far {r['far']} ({r.get('score', 'AS-norm calibrated' if r['calibrated'] else 'cosine threshold')})"]
     for kind, label in (("single", "single clips"), ("phrase", f"{r['phrase_clips']}-clip phrases")):
         if kind in r:
             m = r[kind]

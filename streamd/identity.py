@@ -13,7 +13,8 @@ import numpy as np
 
 from streamd.gallery import UNKNOWN
 
-__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "Enrolled", "decide", "l2_normalize"]
+__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "QualityFusion", "Enrolled", "decide", "l2_normalize",
+           "quality_measures", "QUALITY_MEASURES"]
 
 
 def l2_normalize(v: np.ndarray) -> np.ndarray:
@@ -39,9 +40,11 @@ class Scorer:
     The statistics of the last ``memo`` vectors are kept: the final decision on an unknown
     voice asks for its utterance's twice (enrolled speakers, then clusters of unknown voices)."""
 
-    def __init__(self, cohort: np.ndarray | None, top_k: int = 100, memo: int = 512):
+    def __init__(self, cohort: np.ndarray | None, top_k: int = 100, memo: int = 512,
+                 fusion: QualityFusion | None = None):
         self.cohort = None if cohort is None or len(cohort) == 0 else l2_normalize(cohort)
         self.top_k = top_k
+        self.fusion = fusion if self.cohort is not None else None
         self.memo = memo
         self._known: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
@@ -77,6 +80,54 @@ class Scorer:
         if self.cohort is None:
             return raw
         return 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[0]) / probe[1])
+
+    def score(self, raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray, windows: int = 1) -> np.ndarray:
+        """The score a decision thresholds: the AS-norm score, or with a ``fusion`` that score
+        fused with the trial's quality measures (``windows``: how many model windows the
+        utterance filled)."""
+        if self.fusion is None:
+            return self.normalise(raw, probe, enrolled)
+        return self.fusion.score(quality_measures(raw, probe, enrolled, windows))
+
+
+# What a trial's score is fused from: its AS-norm score, its cosine, the mean and spread of
+# the top-k cohort scores of each side, and the utterance's length in model windows.
+QUALITY_MEASURES = ("as_norm", "cosine", "probe_cohort_mean", "probe_cohort_std",
+                    "enrolled_cohort_mean", "enrolled_cohort_std", "log_windows")
+
+
+def quality_measures(raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray, windows=1) -> np.ndarray:
+    """(n, len(QUALITY_MEASURES)) for ``raw`` cosines (n,) of one utterance (probe stats (2,),
+    or (n, 2) for n utterances) against speakers with ``enrolled`` stats (n, 2)."""
+    raw = np.asarray(raw, np.float64)
+    probe = np.broadcast_to(np.asarray(probe, np.float64), (len(raw), 2))
+    enrolled = np.asarray(enrolled, np.float64)
+    as_norm = 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[:, 0]) / probe[:, 1])
+    log_windows = np.broadcast_to(np.log(np.maximum(np.asarray(windows, np.float64), 1.0)), raw.shape)
+    return np.stack([as_norm, raw, probe[:, 0], probe[:, 1], enrolled[:, 0], enrolled[:, 1], log_windows], axis=1)
+
+
+@dataclass(frozen=True)
+class QualityFusion:
+    """A linear fusion of a trial's AS-norm score with its quality measures (a logistic
+    regression fitted on training speakers' trials, streamd.train.speaker_quality). AS-norm
+    alone treats a close-sounding stranger's long utterance like any other; the cohort
+    statistics and the length tell the fusion how far a score can be trusted."""
+
+    weights: tuple[float, ...]
+    bias: float
+
+    @classmethod
+    def from_card(cls, spec: dict) -> QualityFusion:
+        if tuple(spec.get("measures", ())) != QUALITY_MEASURES:
+            raise ValueError(f"quality fusion over {spec.get('measures')!r}, this streamd fuses {list(QUALITY_MEASURES)}")
+        weights = tuple(float(w) for w in spec["weights"])
+        if len(weights) != len(QUALITY_MEASURES):
+            raise ValueError(f"quality fusion has {len(weights)} weights for {len(QUALITY_MEASURES)} measures")
+        return cls(weights, float(spec["bias"]))
+
+    def score(self, measures: np.ndarray) -> np.ndarray:
+        return np.asarray(measures, np.float64) @ np.asarray(self.weights) + self.bias
 
 
 @dataclass(frozen=True)
@@ -135,12 +186,13 @@ class Enrolled:
         return cls(names, cents, scorer.stats(cents))
 
 
-def decide(embedding: np.ndarray, enrolled: Enrolled, scorer: Scorer, threshold: float, top: int = 3) -> Decision:
+def decide(embedding: np.ndarray, enrolled: Enrolled, scorer: Scorer, threshold: float, top: int = 3,
+           windows: int = 1) -> Decision:
     if not enrolled.names:
         return Decision(UNKNOWN, 0.0, [])
     e = l2_normalize(embedding)
     raw = enrolled.centroids @ e
-    scores = scorer.normalise(raw, scorer.stats(e)[0], enrolled.stats)
+    scores = scorer.score(raw, scorer.stats(e)[0], enrolled.stats, windows)
     order = np.argsort(-scores)[:top]
     candidates = [{"name": enrolled.names[i], "score": float(scores[i])} for i in order]
     best = int(order[0])

@@ -20,8 +20,8 @@ import numpy as np
 from streamd.cluster_store import ClusterStore
 from streamd.clusters import ClusterSettings, UnknownClusters, label_of
 from streamd.gallery import UNKNOWN, Gallery, GalleryError, StorageError, Utterance, storage_error, validate_name
-from streamd.identity import Calibration, Decision, Enrolled, Scorer, decide, l2_normalize
-from streamd.inference import ModelError, OnnxModel, sha256_of
+from streamd.identity import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
+from streamd.inference import ModelError, OnnxModel, sha256_of, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,29 @@ def load_cohort(model: OnnxModel) -> np.ndarray | None:
 
 
 def load_calibration(model: OnnxModel) -> Calibration | None:
+    """The AS-norm score's thresholds (unknown-voice clusters; decisions without a fusion)."""
     spec = model.card.data.get("calibration")
     return Calibration.from_card(spec) if spec else None
 
 
+def load_fusion(model: OnnxModel) -> tuple[QualityFusion, Calibration] | None:
+    """The card's quality fusion and the fused score's thresholds, when it has them."""
+    spec = (model.card.data.get("calibration") or {}).get("quality")
+    if not spec:
+        return None
+    try:
+        return QualityFusion.from_card(spec), Calibration.from_card(spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{model.card.path}: calibration.quality unusable: {exc}") from None
+
+
 class SpeakerBook:
-    """With a calibrated model (cohort + calibration in its card) scores are AS-normalised
-    and the threshold follows from ``far``, the share of a stranger's utterances that may be
-    given an enrolled name, whatever the number of enrolled speakers. Without one, scores
-    are cosines and ``cosine_threshold`` applies."""
+    """With a calibrated model (cohort + calibration in its card) scores are AS-normalised,
+    fused with the trial's quality measures when the card has a quality fusion, and the
+    threshold follows from ``far``, the share of a stranger's utterances that may be given an
+    enrolled name, whatever the number of enrolled speakers. Unknown-voice clusters use the
+    AS-norm score and its tables. Without a calibration, scores are cosines and
+    ``cosine_threshold`` applies."""
 
     def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
                  gates: Gates = Gates(), far: float = 0.01,
@@ -99,8 +113,12 @@ class SpeakerBook:
         self.cosine_threshold = cosine_threshold
         self.far = far
         self.gates = gates
-        self.calibration = load_calibration(model)
-        self.scorer = Scorer(load_cohort(model) if self.calibration else None)
+        self.cluster_calibration = load_calibration(model)
+        fusion = load_fusion(model) if self.cluster_calibration else None
+        # Decisions on enrolled speakers threshold the fused score; clusters the AS-norm one.
+        self.calibration = fusion[1] if fusion else self.cluster_calibration
+        cohort = load_cohort(model) if self.cluster_calibration else None
+        self.scorer = Scorer(cohort, fusion=fusion[0] if fusion else None)
         self._enrolled = Enrolled()
         self._voices: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}  # name: (enrollment ids, voice)
         self.key = feature_key(model)
@@ -186,23 +204,37 @@ class SpeakerBook:
         return self.threshold_for(len(self.enrolled().names))
 
     def threshold_for(self, enrolled: int, far: float | None = None, seconds=None):
-        """The score threshold with ``enrolled`` speakers (or clusters) to compare with, for an
-        utterance of ``seconds`` (as the model saw it; a number or an array) when given."""
-        if self.calibration is None:
+        """The score threshold with ``enrolled`` speakers to compare with, for an utterance of
+        ``seconds`` (as the model saw it; a number or an array) when given."""
+        return self._threshold(self.calibration, enrolled, far, seconds)
+
+    def _threshold(self, table: Calibration | None, compared: int, far: float | None, seconds=None):
+        if table is None:
             return self.cosine_threshold
         # A stranger is compared with every enrolled speaker: split the allowed rate among them.
-        return self.calibration.threshold_for((self.far if far is None else far) / max(1, enrolled), seconds)
+        return table.threshold_for((self.far if far is None else far) / max(1, compared), seconds)
 
     def seconds_of(self, feats: np.ndarray) -> float:
         """How long an utterance is, as the speaker model sees it (its feature frames)."""
         return len(feats) * self.model.params.winstep
 
+    def windows_in(self, seconds: float | None) -> int:
+        """How many windows the speaker model runs on an utterance of ``seconds`` (of unknown
+        length: as many as a phrase of the calibration's)."""
+        window = self.model.card.window
+        if window is None:
+            return 1
+        if seconds is None:
+            seconds = self.calibration.long_seconds if self.calibration is not None else 0.0
+        return len(window_starts(int(round(seconds / self.model.params.winstep)), *window))
+
     def _cluster_threshold(self, clusters: int) -> float:
-        return self.threshold_for(clusters, self._cluster_settings.far)
+        return self._threshold(self.cluster_calibration, clusters, self._cluster_settings.far)
 
     def _against_enrolled(self, embedding: np.ndarray, seconds: float | None) -> Decision:
         enrolled = self.enrolled()  # one look at the gallery per decision
-        return decide(embedding, enrolled, self.scorer, self.threshold_for(len(enrolled.names), seconds=seconds))
+        threshold = self.threshold_for(len(enrolled.names), seconds=seconds)
+        return decide(embedding, enrolled, self.scorer, threshold, windows=self.windows_in(seconds))
 
     def decide(self, embedding: np.ndarray, seconds: float | None = None) -> Decision:
         """The decision so far (partial utterances) on ``seconds`` of speech: no cluster is changed."""

@@ -234,10 +234,16 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
 
     cfg = config.load(None)
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8, far=0.01)
-    assert book.calibration is not None and book.scorer.normalised
-    # Calibrated on single words too: a word's threshold is lower than a phrase's.
-    word, phrase = book.threshold_for(6, seconds=book.seconds_of(np.zeros((100, 40)))), book.threshold_for(6, seconds=4.0)
-    assert word < phrase == book.threshold_for(6)
+    assert book.calibration is not None and book.scorer.normalised and book.scorer.fusion is not None
+    # Calibrated on single words too. The fused score's tables switch where a second window
+    # starts; the AS-norm tables (unknown-voice clusters) mix by length, a word's lower.
+    one = book.seconds_of(np.zeros((196, 40)))
+    assert (book.windows_in(one), book.windows_in(one + 0.01)) == (1, 2)
+    word, phrase = book.threshold_for(6, seconds=one), book.threshold_for(6, seconds=one + 0.01)
+    assert word > phrase == book.threshold_for(6)
+    cluster = book.cluster_calibration
+    assert cluster.threshold_for(0.01 / 6, 1.0) < cluster.threshold_for(0.01 / 6, 4.0)
+    assert book._cluster_threshold(6) == pytest.approx(cluster.threshold_for(book.cluster_settings.far / 6))
     loose = book.threshold
     book.far = 0.001
     assert book.threshold > loose
@@ -312,3 +318,47 @@ def test_the_decision_threshold_follows_the_utterance_length(tmp_path):
     who = book.identify(model.run(word.features), word)
     assert asked == [pytest.approx(len(word.features) * model.params.winstep)]
     assert who.speaker == "unknown" or who.score >= real(1, seconds=asked[0])
+
+
+def test_the_fused_score_is_the_as_norm_score_and_quality_measures_weighed():
+    from streamd.identity import QUALITY_MEASURES, QualityFusion, quality_measures
+
+    rng = np.random.default_rng(2)
+    cohort = l2_normalize(rng.normal(size=(300, 16)))
+    enrolled = l2_normalize(rng.normal(size=(4, 16)))
+    probe = l2_normalize(enrolled[2] + 0.3 * rng.normal(size=16))
+    plain = Scorer(cohort, top_k=50)
+    raw, p, e = enrolled @ probe, plain.stats(probe)[0], plain.stats(enrolled)
+    m = quality_measures(raw, p, e, windows=3)
+    assert m.shape == (4, len(QUALITY_MEASURES))
+    assert np.allclose(m[:, 0], plain.normalise(raw, p, e), atol=1e-5)  # as_norm
+    assert np.allclose(m[:, 1], raw) and np.allclose(m[:, 6], np.log(3))
+    assert np.allclose(m[:, 2:4], p) and np.allclose(m[:, 4:6], e)
+    fusion = QualityFusion((0.5, 2.0, -1.0, 3.0, 0.0, 0.0, 0.25), -1.0)
+    fused = Scorer(cohort, top_k=50, fusion=fusion)
+    assert np.allclose(fused.score(raw, p, e, 3), m @ np.array(fusion.weights) - 1.0)
+    assert np.allclose(plain.score(raw, p, e, 3), m[:, 0], atol=1e-5)
+    assert Scorer(None, fusion=fusion).score(raw, p, e, 3) is raw  # no cohort: cosines, as before
+    d = decide(probe, Enrolled.build({str(i): enrolled[i:i + 1] for i in range(4)}, fused), fused, -99.0, windows=3)
+    assert d.speaker == "2" and d.score == pytest.approx(float(fused.score(raw, p, e, 3)[2]))
+
+
+def test_a_card_whose_quality_fusion_is_unusable_is_refused_in_one_line(tmp_path):
+    import json
+    import shutil
+
+    from streamd import config
+    from streamd.inference import ModelError, load_model
+    from streamd.speakers import SpeakerBook
+    from conftest import MODELS
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    path = models / "speaker.card.json"
+    card = json.loads(path.read_text())
+    card["calibration"]["quality"]["measures"] = ["as_norm", "cosine"]
+    path.write_text(json.dumps(card))
+    cfg = config.load(None, [f'models.dir="{models}"'])
+    with pytest.raises(ModelError, match=r"calibration\.quality unusable: quality fusion over") as err:
+        SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
+    assert "\n" not in str(err.value)

@@ -300,6 +300,11 @@ def _speaker_md(c: dict) -> list[str]:
             lines += [f"A second table from single-word trials serves short utterances: {short['seconds']} s or "
                       f"less (the single words' median), the phrases' table from {cal['phrase_seconds']} s (their "
                       "median), a linear mix in between."]
+        if q := cal.get("quality"):
+            lines += [f"Decisions on enrolled speakers threshold a fused score over {', '.join(q['measures'])}, "
+                      f"not the AS-norm score alone: {q['rule']}. Fitted by {q['fit']}. Its tables come from "
+                      f"{q['thresholds_from']}; {q['length_rule']} ({q['single_word']['seconds']} s). "
+                      "Unknown-voice clusters keep the AS-norm tables."]
         lines += [""]
     lines += ["| held-out trials | EER | threshold at EER | threshold at FAR 1% |", "|---|---|---|---|"]
     for name, r in _eer_rows(c.get("metrics", {})):

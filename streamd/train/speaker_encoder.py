@@ -47,6 +47,7 @@ from streamd.features import mel_params, mfcc, normalize
 from streamd.identity import l2_normalize
 from streamd.inference import ModelCard, OnnxModel
 from streamd.speakers import joined_features
+from streamd.train import speaker_quality
 from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
 from streamd.vad import VadParams, utterance_audio
 
@@ -303,11 +304,12 @@ def make_cohort(sets: list[dict], speakers: set[str], proj, per: int = COHORT_PE
     return np.stack(out).astype(np.float16).astype(np.float32)  # as shipped: float16
 
 
-def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str,
-                 top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
-    """AS-norm scores (probes, speakers) of ``kind`` probes against speakers enrolled from
-    their ``ENROLL_CLIPS`` clips, exactly as streamd.identity scores them, and the truth."""
-    from streamd.identity import Enrolled, Scorer
+def trial_measures(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str,
+                   top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Quality measures (probes, speakers, len(QUALITY_MEASURES)) of ``kind`` probes against
+    speakers enrolled from their ``ENROLL_CLIPS`` clips, exactly as streamd.identity scores
+    them (the first measure is the AS-norm score), and the truth."""
+    from streamd.identity import Enrolled, Scorer, quality_measures
 
     scorer = Scorer(cohort, top_k)
     gallery = Enrolled.build({n: np.stack([utterance(w, proj) for w in t["enrolled"][n]]) for n in speakers}, scorer)
@@ -315,9 +317,16 @@ def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: s
     e = np.stack([utterance(w, proj) for _, w in probes])
     raw = e @ gallery.centroids.T
     stats = scorer.stats(e)
-    scores = np.stack([scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
+    measures = np.stack([quality_measures(raw[i], stats[i], gallery.stats, len(w)) for i, (_, w) in enumerate(probes)])
     truth = np.array([gallery.names.index(n) for n, _ in probes])
-    return scores, truth
+    return measures, truth
+
+
+def trial_scores(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str,
+                 top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """AS-norm scores (probes, speakers) as trial_measures forms them, and the truth."""
+    measures, truth = trial_measures(t, speakers, proj, cohort, kind, top_k)
+    return measures[..., 0], truth
 
 
 CALIBRATION_FARS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -349,24 +358,56 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
     import itertools
 
     names = sorted(set(sets[0]["names"]))
-    impostor, target = {"phrase": [], "single": []}, {"phrase": [], "single": []}
+    x, same, kind, pairs = [], [], [], []
     for pair in itertools.combinations(names, 2):
         rest = set(names) - set(pair)
         proj = fit_nap(*windows_of(sets, rest))
         cohort = make_cohort(cohort_sets, rest, proj)
-        for kind in ("phrase", "single"):
-            scores, truth = trial_scores(sets[0], list(pair), proj, cohort, kind)
-            same = truth[:, None] == np.arange(scores.shape[1])[None, :]
-            impostor[kind].append(scores[~same])
-            target[kind].append(scores[same])
-    imp = {k: np.concatenate(v) for k, v in impostor.items()}
-    tgt = {k: np.concatenate(v) for k, v in target.items()}
+        for k in ("phrase", "single"):
+            measures, truth = trial_measures(sets[0], list(pair), proj, cohort, k)
+            x.append(measures.reshape(-1, measures.shape[-1]))
+            same.append((truth[:, None] == np.arange(measures.shape[1])[None, :]).ravel())
+            kind += [k] * len(same[-1])
+            pairs += ["|".join(pair)] * len(same[-1])
+    x, same, kind, pairs = np.concatenate(x), np.concatenate(same), np.array(kind), np.array(pairs)
+    cal = {"score": "as-norm", "top_k": TOP_K,
+           **threshold_tables(x[:, 0], same, kind, seconds),
+           "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
+                     "utterance (as the daemon joins a speaker's enrollments), every pair of "
+                     f"the {len(names)} training speakers left out of back end and cohort in turn",
+           "note": "fitted on training speakers only; never on the held-out speakers"}
+    weight = speaker_quality.trial_weights(same, kind)
+    w, b = speaker_quality.fit(x, same, weight)
+    fused = speaker_quality.cross_fitted(x, same, weight, pairs)
+    # The fused score accounts for length itself (log_windows): on these trials, its phrase
+    # table holds the false-accept rate for phrases of 2, 3 and 4 windows alike, and the single
+    # words' table only for one window. So the switch is where a second window starts.
+    one = one_window_frames() * mel_params().winstep
+    lengths = {"single": one, "phrase": one + mel_params().winstep}
+    cal["quality"] = {**speaker_quality.card_entry(w, b), **threshold_tables(fused, same, kind, lengths),
+                      "length_rule": "single-word thresholds up to the longest utterance of one window, the "
+                                     "phrases' from two windows on"}
+    return cal
+
+
+def one_window_frames() -> int:
+    """The most feature frames the speaker model runs as a single window."""
+    from streamd.inference import window_starts
+
+    frames = WINDOW["frames"]
+    while len(window_starts(frames + 1, WINDOW["frames"], WINDOW["hop_frames"], WINDOW["min_coverage"])) == 1:
+        frames += 1
+    return frames
+
+
+def threshold_tables(scores: np.ndarray, same: np.ndarray, kind: np.ndarray, seconds: dict[str, float]) -> dict:
+    """A score's thresholds per false-accept rate from the phrase trials, and from the single
+    words' (streamd.identity.Calibration), with the miss rates they give."""
+    imp = {k: scores[(kind == k) & ~same] for k in ("phrase", "single")}
+    tgt = {k: scores[(kind == k) & same] for k in ("phrase", "single")}
     thresholds = [float(np.quantile(imp["phrase"], 1 - far)) for far in CALIBRATION_FARS]
     single = [float(np.quantile(imp["single"], 1 - far)) for far in CALIBRATION_FARS]
-    return {"score": "as-norm", "top_k": TOP_K, "far": list(CALIBRATION_FARS), "threshold": thresholds,
-            "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
-                      "utterance (as the daemon joins a speaker's enrollments), every pair of "
-                      f"the {len(names)} training speakers left out of back end and cohort in turn",
+    return {"far": list(CALIBRATION_FARS), "threshold": thresholds,
             "impostor_trials": int(len(imp["phrase"])), "target_trials": int(len(tgt["phrase"])),
             "miss_rate_phrases": [float(np.mean(tgt["phrase"] < thr)) for thr in thresholds],
             "miss_rate_single_words": [float(np.mean(tgt["single"] < thr)) for thr in thresholds],
@@ -376,26 +417,28 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
                             "miss_rate": [float(np.mean(tgt["single"] < thr)) for thr in single],
                             "impostor_trials": int(len(imp["single"])),
                             "rule": "utterances of `seconds` or less get these thresholds, of `phrase_seconds` or "
-                                    "more the phrases', in between a linear mix (streamd.identity.Calibration)"},
-            "note": "fitted on training speakers only; never on the held-out speakers"}
+                                    "more the phrases', in between a linear mix (streamd.identity.Calibration)"}}
 
 
-def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01) -> dict:
+def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01, fused: bool = False) -> dict:
     """eval_speakers' open-set figures on the held-out speakers (for the card): at the
     calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are not
-    kept), and at the threshold that names <= 1% of strangers."""
+    kept), and at the threshold that names <= 1% of strangers. ``fused``: the decision's
+    score with the card's quality fusion, else the AS-norm score."""
     from streamd.eval_speakers import operating_point
-    from streamd.identity import Calibration
+    from streamd.identity import Calibration, QualityFusion
 
-    table = Calibration.from_card(cal)
+    spec = cal["quality"] if fused else cal
+    table = Calibration.from_card(spec)
     out = {}
     for kind in ("single", "phrase"):
-        scores, truth = trial_scores(t, t["names"], proj, cohort, kind)
+        measures, truth = trial_measures(t, t["names"], proj, cohort, kind)
+        scores = QualityFusion.from_card(spec).score(measures) if fused else measures[..., 0]
         same = truth[:, None] == np.arange(scores.shape[1])[None, :]
         rate, _, _ = evaluate.eer(scores.ravel(), same.ravel())
         seconds = table.short_seconds if kind == "single" else table.long_seconds  # each kind at its table
         named, strangers = evaluate.open_set_rates(scores, truth, lambda n: table.threshold_for(far / max(1, n), seconds))
-        out[kind] = {"probes": int(len(scores)), "eer_as_norm": rate,
+        out[kind] = {"probes": int(len(scores)), "eer": rate,
                      "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
                      f"identified_at_far_{far}": named, f"strangers_named_at_far_{far}": strangers,
                      "at_1pct_strangers_named": operating_point(scores, truth, 0.01)}
@@ -635,6 +678,7 @@ def run(opts: Options) -> int:
         "metrics": {"single_clips": single, "phrases_3_clips": phrase_metrics(emb, spk),
                     "enrolled_10_clips_vs_single_clips": enrolled_metrics(emb, spk),
                     "open_set_as_norm": held_out_open_set(held_sets, proj, cohort, cal),
+                    "open_set_fused": held_out_open_set(held_sets, proj, cohort, cal, fused=True),
                     "onnx_vs_torch_max_abs_diff_on_speech (float graph)": parity},
         "suggested_threshold": {
             "default": round(enrolled_metrics(emb, spk)["threshold_at_far_1pct"], 3),
