@@ -362,3 +362,9 @@ def test_a_card_whose_quality_fusion_is_unusable_is_refused_in_one_line(tmp_path
     with pytest.raises(ModelError, match=r"calibration\.quality unusable: quality fusion over") as err:
         SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
     assert "\n" not in str(err.value)
+    # A card from before the fusion: decisions threshold the AS-norm score with its own tables.
+    del card["calibration"]["quality"]
+    path.write_text(json.dumps(card))
+    book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
+    assert book.scorer.fusion is None and book.calibration is book.cluster_calibration
+    assert book.threshold_for(6) == pytest.approx(book.calibration.threshold_for(0.01 / 6))
