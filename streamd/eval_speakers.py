@@ -72,15 +72,31 @@ def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: 
     return {"names": names, "enrolled": enrolled, "single": singles, "phrase": phrases}
 
 
-def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]]) -> np.ndarray:
+def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]],
+                 fused: bool = True) -> np.ndarray:
+    """The daemon's scores (probes, speakers); ``fused=False``: the AS-norm score alone."""
     e = l2_normalize(np.stack([v for _, v, _ in probes]))
     raw = e @ gallery.centroids.T
     stats = book.scorer.stats(e)
+    if not fused:
+        return np.stack([book.scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
     windows = [book.windows_in(seconds) for _, _, seconds in probes]
     return np.stack([book.scorer.score(raw[i], stats[i], gallery.stats, windows[i]) for i in range(len(e))])
 
 
+def figures(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery) -> dict:
+    same = truth[:, None] == np.arange(scores.shape[1])[None, :]
+    rate, _, _ = eer(scores.ravel(), same.ravel())
+    named, strangers = open_set_rates(scores, truth, threshold_for_gallery)
+    return {"eer": rate, "min_dcf_p0.01": min_dcf(scores.ravel(), same.ravel()),
+            "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
+            "open_set_identified": named, "open_set_strangers_named": strangers,
+            "at_1pct_strangers_named": operating_point(scores, truth, 0.01)}
+
+
 def report(book: SpeakerBook, t: dict) -> dict:
+    """The daemon's figures per kind of probe; with a quality fusion, the AS-norm score's alone
+    too (``as_norm_alone``, at its own tables), so each is seen on the same trials."""
     names = t["names"]
     gallery = Enrolled.build(t["enrolled"], book.scorer)
     out = {}
@@ -92,15 +108,12 @@ def report(book: SpeakerBook, t: dict) -> dict:
         truth = np.array([names.index(n) for n, _, _ in probes])
         seconds = np.array([t for _, _, t in probes])
         same = truth[:, None] == np.arange(len(names))[None, :]
-        rate, _, _ = eer(scores.ravel(), same.ravel())
-        named, strangers = open_set_rates(scores, truth, lambda n: book.threshold_for(n, seconds=seconds))
-        out[kind] = {
-            "probes": len(probes), "eer": rate, "min_dcf_p0.01": min_dcf(scores.ravel(), same.ravel()),
-            "closed_set_top1": float(np.mean(np.argmax(scores, axis=1) == truth)),
-            "open_set_identified": named, "open_set_strangers_named": strangers,
-            "at_1pct_strangers_named": operating_point(scores, truth, 0.01),
-            "_scores": scores.ravel(), "_same": same.ravel(),
-        }
+        out[kind] = {"probes": len(probes), **figures(scores, truth, lambda n: book.threshold_for(n, seconds=seconds)),
+                     "_scores": scores.ravel(), "_same": same.ravel()}
+        if book.scorer.fusion is not None:
+            alone = score_matrix(book, gallery, probes, fused=False)
+            out[kind]["as_norm_alone"] = figures(alone, truth, lambda n: book.cluster_calibration.threshold_for(
+                book.far / max(1, n), seconds))
     return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": PHRASE_CLIPS,
             "far": book.far, "calibrated": book.calibration is not None, "score": score_kind(book), **out}
 
@@ -163,7 +176,6 @@ def public(result: dict) -> dict:
             for k, v in result.items()}
 
 
-
 def evaluate_speakers(data: Path, cfg, book: SpeakerBook, noisy: tuple[float, ...] = NOISY) -> dict:
     clips = held_out_clips(data)
     clean = [clip_cut(c, cfg) for c in clips]
@@ -185,6 +197,10 @@ def format_report(r: dict) -> str:
                          f"closed-set top-1 {m['closed_set_top1']:.1%}, open-set identified {m['open_set_identified']:.1%} "
                          f"with {m['open_set_strangers_named']:.1%} of strangers named; at the threshold naming "
                          f"<= 1% of strangers {m['at_1pct_strangers_named']['identified']:.1%} identified")
+            if a := m.get("as_norm_alone"):
+                lines.append(f"  AS-norm score alone: EER {a['eer']:.1%}, closed-set top-1 {a['closed_set_top1']:.1%}, "
+                             f"open-set identified {a['open_set_identified']:.1%} with "
+                             f"{a['open_set_strangers_named']:.1%} of strangers named")
     for name, n in r.get("noisy_probes", {}).items():
         cells = [f"{kind} EER {n[kind]['eer']:.1%}, top-1 {n[kind]['closed_set_top1']:.1%}, identified "
                  f"{n[kind]['open_set_identified']:.1%} ({n[kind]['open_set_strangers_named']:.1%} strangers named)"

@@ -54,6 +54,10 @@ def make_corpus(root):
                     fh.write(f"{rel},{name},word,{len(w) / SAMPLE_RATE},{i},val,,x\n")
 
 
+def point_threshold(figures):
+    return figures["at_1pct_strangers_named"]["threshold"]
+
+
 def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     make_corpus(tmp_path / "data")
     png = tmp_path / "det.png"
@@ -69,6 +73,11 @@ def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     for key in ("eer", "open_set_identified", "open_set_strangers_named", "closed_set_top1"):
         assert 0.0 <= single[key] <= 1.0
     assert single["closed_set_top1"] >= 2 / 3
+    assert report["score"] == "AS-norm fused with quality measures"
+    alone = single["as_norm_alone"]  # the AS-norm score alone, on the same trials
+    assert set(alone) >= {"eer", "closed_set_top1", "open_set_identified", "open_set_strangers_named"}
+    assert alone["eer"] != single["eer"] or alone["open_set_identified"] != single["open_set_identified"] \
+        or alone["at_1pct_strangers_named"]["threshold"] != point_threshold(single)
     point = single["at_1pct_strangers_named"]
     assert point["strangers_named"] <= 0.01 and 0.0 <= point["identified"] <= 1.0
     assert list(report["noisy_probes"]) == ["snr_10db", "snr_0db"]
