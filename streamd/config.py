@@ -85,6 +85,7 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class IdentityConfig:
     far: float = 0.01
+    score: str = "auto"
     threshold: float = 0.8
     enroll_min_seconds: float = 3.0
     enroll_max_clipped: float = 0.01
@@ -259,6 +260,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mel.kind": ("melpower",),
     "mel.window": ("hamming", "hann", "rect"),
     "models.provider": ("auto", "cpu", "cuda"),
+    "identity.score": ("auto", "as-norm"),
     "streams.pace": ("", "realtime", "fast"),
     "log.level": ("debug", "info", "warning", "error"),
 }

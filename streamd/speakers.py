@@ -37,7 +37,8 @@ class Gates:
 
 def book_settings(identity) -> dict:
     """SpeakerBook's keyword arguments from an [identity] config section."""
-    return {"cosine_threshold": identity.threshold, "far": identity.far, "gates": gates_from(identity),
+    return {"cosine_threshold": identity.threshold, "far": identity.far, "score": identity.score,
+            "gates": gates_from(identity),
             "cluster_settings": ClusterSettings(identity.cluster_unknown, identity.cluster_far,
                                                 identity.cluster_min_seconds, identity.cluster_max,
                                                 identity.cluster_keep)}
@@ -107,18 +108,16 @@ class SpeakerBook:
 
     def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
                  gates: Gates = Gates(), far: float = 0.01,
-                 cluster_settings: ClusterSettings = ClusterSettings()):
+                 cluster_settings: ClusterSettings = ClusterSettings(), score: str = "auto"):
         self.gallery = gallery
         self.model = model
         self.cosine_threshold = cosine_threshold
         self.far = far
         self.gates = gates
         self.cluster_calibration = load_calibration(model)
-        fusion = load_fusion(model) if self.cluster_calibration else None
-        # Decisions on enrolled speakers threshold the fused score; clusters the AS-norm one.
-        self.calibration = fusion[1] if fusion else self.cluster_calibration
-        cohort = load_cohort(model) if self.cluster_calibration else None
-        self.scorer = Scorer(cohort, fusion=fusion[0] if fusion else None)
+        self._fusion = load_fusion(model) if self.cluster_calibration else None
+        self.scorer = Scorer(load_cohort(model) if self.cluster_calibration else None)
+        self.score = score
         self._enrolled = Enrolled()
         self._voices: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}  # name: (enrollment ids, voice)
         self.key = feature_key(model)
@@ -134,6 +133,19 @@ class SpeakerBook:
             self.enrolled()  # the enrolled voices worked out now, not during the first utterance
             self.clusters = None if gallery.readonly else self._open_clusters(gallery, cluster_settings)
         self._cluster_settings = cluster_settings
+
+    @property
+    def score(self) -> str:
+        return self._score
+
+    @score.setter
+    def score(self, choice: str) -> None:
+        """"auto": decisions on enrolled speakers threshold the card's fused score when it has
+        a quality fusion; "as-norm": the AS-norm score and its tables (clusters always do)."""
+        fusion = self._fusion if choice == "auto" else None
+        self.scorer.fusion = fusion[0] if fusion else None
+        self.calibration = fusion[1] if fusion else self.cluster_calibration
+        self._score = choice
 
     def _open_clusters(self, gallery: Gallery, settings: ClusterSettings) -> UnknownClusters | None:
         store = None

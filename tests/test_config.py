@@ -50,6 +50,7 @@ def test_set_overrides_take_toml_values(tmp_path):
     ('digits.model="RNN"', "digits.model"),
     ('digits.model="rnn s1"', "digits.model"),
     ('digits.model=""', "digits.model"),
+    ('identity.score="fused"', "identity.score"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:

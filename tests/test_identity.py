@@ -343,11 +343,12 @@ def test_the_fused_score_is_the_as_norm_score_and_quality_measures_weighed():
     assert d.speaker == "2" and d.score == pytest.approx(float(fused.score(raw, p, e, 3)[2]))
 
 
-def test_a_card_whose_quality_fusion_is_unusable_is_refused_in_one_line(tmp_path):
+def test_the_quality_fusion_is_refused_when_unusable_and_can_be_turned_off(tmp_path):
     import json
     import shutil
 
     from streamd import config
+    from streamd.identity import QUALITY_MEASURES
     from streamd.inference import ModelError, load_model
     from streamd.speakers import SpeakerBook
     from conftest import MODELS
@@ -362,6 +363,14 @@ def test_a_card_whose_quality_fusion_is_unusable_is_refused_in_one_line(tmp_path
     with pytest.raises(ModelError, match=r"calibration\.quality unusable: quality fusion over") as err:
         SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8)
     assert "\n" not in str(err.value)
+    # identity.score = "as-norm" (also on reload): the AS-norm score and its own tables.
+    card["calibration"]["quality"]["measures"] = list(QUALITY_MEASURES)
+    path.write_text(json.dumps(card))
+    book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8, score="as-norm")
+    assert book.scorer.fusion is None and book.calibration is book.cluster_calibration
+    book.score = "auto"
+    assert book.scorer.fusion is not None and book.calibration is not book.cluster_calibration
+    assert book.threshold_for(6) != pytest.approx(book.cluster_calibration.threshold_for(0.01 / 6))
     # A card from before the fusion: decisions threshold the AS-norm score with its own tables.
     del card["calibration"]["quality"]
     path.write_text(json.dumps(card))
