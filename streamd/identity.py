@@ -37,6 +37,8 @@ class Scorer:
     threshold means the same false-accept rate for every speaker. Without a cohort the
     score is the cosine itself.
 
+    With a ``fusion``, ``score`` fuses the AS-norm score with the trial's quality measures.
+
     The statistics of the last ``memo`` vectors are kept: the final decision on an unknown
     voice asks for its utterance's twice (enrolled speakers, then clusters of unknown voices)."""
 
@@ -79,7 +81,7 @@ class Scorer:
         """raw (n,), probe stats (2,), enrolled stats (n, 2) -> normalised scores (n,)."""
         if self.cohort is None:
             return raw
-        return 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[0]) / probe[1])
+        return as_norm(raw, probe, enrolled)
 
     def score(self, raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray, windows: int = 1) -> np.ndarray:
         """The score a decision thresholds: the AS-norm score, or with a ``fusion`` that score
@@ -96,15 +98,20 @@ QUALITY_MEASURES = ("as_norm", "cosine", "probe_cohort_mean", "probe_cohort_std"
                     "enrolled_cohort_mean", "enrolled_cohort_std", "log_windows")
 
 
+def as_norm(raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
+    """Cosines standardised by each side's cohort statistics (mean, std), averaged."""
+    return 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[..., 0]) / probe[..., 1])
+
+
 def quality_measures(raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray, windows=1) -> np.ndarray:
     """(n, len(QUALITY_MEASURES)) for ``raw`` cosines (n,) of one utterance (probe stats (2,),
     or (n, 2) for n utterances) against speakers with ``enrolled`` stats (n, 2)."""
     raw = np.asarray(raw, np.float64)
     probe = np.broadcast_to(np.asarray(probe, np.float64), (len(raw), 2))
     enrolled = np.asarray(enrolled, np.float64)
-    as_norm = 0.5 * ((raw - enrolled[:, 0]) / enrolled[:, 1] + (raw - probe[:, 0]) / probe[:, 1])
     log_windows = np.broadcast_to(np.log(np.maximum(np.asarray(windows, np.float64), 1.0)), raw.shape)
-    return np.stack([as_norm, raw, probe[:, 0], probe[:, 1], enrolled[:, 0], enrolled[:, 1], log_windows], axis=1)
+    return np.stack([as_norm(raw, probe, enrolled), raw, probe[:, 0], probe[:, 1], enrolled[:, 0], enrolled[:, 1],
+                     log_windows], axis=1)
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ class SpeakerBook:
 
     def windows_in(self, seconds: float | None) -> int:
         """How many windows the speaker model runs on an utterance of ``seconds`` (of unknown
-        length: as many as a phrase of the calibration's)."""
+        length: as many as the shortest utterance the calibration's phrase table serves)."""
         window = self.model.card.window
         if window is None:
             return 1

@@ -354,7 +354,23 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
     against the other (impostor) and itself (target). Thresholds come from the phrase trials,
     the kind of utterance the daemon sees (1-3 s). The back end is fitted on ``sets``, the
     cohort drawn from ``cohort_sets``. Single-word trials give a second table, for short
-    utterances (``streamd.identity.Calibration``); ``seconds`` the probes' median lengths."""
+    utterances (``streamd.identity.Calibration``); ``seconds`` the probes' median lengths.
+    ``quality``: the quality fusion fitted on the same trials, with tables of its own."""
+    names = sorted(set(sets[0]["names"]))
+    x, same, kind, pairs = pair_trials(sets, cohort_sets)
+    cal = {"score": "as-norm", "top_k": TOP_K,
+           **threshold_tables(x[:, 0], same, kind, seconds),
+           "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
+                     "utterance (as the daemon joins a speaker's enrollments), every pair of "
+                     f"the {len(names)} training speakers left out of back end and cohort in turn",
+           "note": "fitted on training speakers only; never on the held-out speakers"}
+    return cal | {"quality": quality_calibration(x, same, kind, pairs)}
+
+
+def pair_trials(sets: list[dict], cohort_sets: list[dict]) -> tuple[np.ndarray, ...]:
+    """Every pair of training speakers left out of back end and cohort in turn, each scored
+    against both: the trials' quality measures, whether each is a target, its kind of probe
+    and its pair ("a|b")."""
     import itertools
 
     names = sorted(set(sets[0]["names"]))
@@ -369,13 +385,11 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
             same.append((truth[:, None] == np.arange(measures.shape[1])[None, :]).ravel())
             kind += [k] * len(same[-1])
             pairs += ["|".join(pair)] * len(same[-1])
-    x, same, kind, pairs = np.concatenate(x), np.concatenate(same), np.array(kind), np.array(pairs)
-    cal = {"score": "as-norm", "top_k": TOP_K,
-           **threshold_tables(x[:, 0], same, kind, seconds),
-           "trials": "3-clip phrases (~1-3 s) of training speakers enrolled from 10 clips joined into one "
-                     "utterance (as the daemon joins a speaker's enrollments), every pair of "
-                     f"the {len(names)} training speakers left out of back end and cohort in turn",
-           "note": "fitted on training speakers only; never on the held-out speakers"}
+    return np.concatenate(x), np.concatenate(same), np.array(kind), np.array(pairs)
+
+
+def quality_calibration(x: np.ndarray, same: np.ndarray, kind: np.ndarray, pairs: np.ndarray) -> dict:
+    """The quality fusion fitted on the trials, and its tables from cross-fitted scores."""
     weight = speaker_quality.trial_weights(same, kind)
     w, b = speaker_quality.fit(x, same, weight)
     fused = speaker_quality.cross_fitted(x, same, weight, pairs)
@@ -384,10 +398,9 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
     # words' table only for one window. So the switch is where a second window starts.
     one = one_window_frames() * mel_params().winstep
     lengths = {"single": one, "phrase": one + mel_params().winstep}
-    cal["quality"] = {**speaker_quality.card_entry(w, b), **threshold_tables(fused, same, kind, lengths),
-                      "length_rule": "single-word thresholds up to the longest utterance of one window, the "
-                                     "phrases' from two windows on"}
-    return cal
+    return {**speaker_quality.card_entry(w, b), **threshold_tables(fused, same, kind, lengths),
+            "length_rule": "single-word thresholds up to the longest utterance of one window, the "
+                           "phrases' from two windows on"}
 
 
 def one_window_frames() -> int:
