@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "confusion matrices (digits, default confusion.png)")
     ev.add_argument("--clips", type=Path, metavar="CSV",
                     help="digits: also write each clip's answer (decision in use, every condition) to this CSV")
+    ev.add_argument("--phrase-clips", type=clip_count, default=3, metavar="N",
+                    help="speakers: clips joined into each phrase probe (3: ~2-3 s; 9: a long utterance)")
     ev.add_argument("--card", action="store_true",
                     help="digits, speakers: also keep the figures in the model card (digits: the fusion "
                          "card, or the digit card without one; speakers: the speaker card), as heldout_eval")
@@ -372,20 +374,31 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         out.writerows(rows)
 
 
+def clip_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 50:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of clips from 1 to 50")
+    return n
+
+
 def eval_speakers(args, cfg) -> int:
     from streamd import eval_speakers as es
     from streamd.inference import load_model
     from streamd.speakers import SpeakerBook, book_settings
 
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
-    result = es.evaluate_speakers(args.data, cfg, book)
+    result = es.evaluate_speakers(args.data, cfg, book, phrase_clips=args.phrase_clips)
     plot = args.plot or Path("det.png")
     es.det_plot(result, plot)
     report = es.public(result)
     print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\nDET curve: {plot}")
     if args.card:
+        longer = f" --phrase-clips {args.phrase_clips}" if args.phrase_clips != es.PHRASE_CLIPS else ""
         return keep_in_card(cfg.path(cfg.models.dir) / cfg.models.speaker, report,
-                            f"streamd eval speakers --data {args.data} --card")
+                            f"streamd eval speakers --data {args.data}{longer} --card")
     return 0
 
 

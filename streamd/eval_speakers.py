@@ -55,7 +55,7 @@ def probe(book: SpeakerBook, name: str, audio: np.ndarray) -> tuple[str, np.ndar
 
 
 def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: list[np.ndarray],
-           seed: int = 0) -> dict:
+           seed: int = 0, phrase_clips: int = PHRASE_CLIPS) -> dict:
     """Enrolment from the ``clean`` cuts, joined as the daemon joins a speaker's enrollments;
     probes (the other clips, alone and as phrases) from ``cuts`` (the same, or the clips in noise)."""
     rng = np.random.default_rng(seed)
@@ -67,9 +67,9 @@ def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: 
         enrolled[name] = book.voice_of([features(book, clean[i]) for i in idx[:ENROLL_CLIPS]])[None]
         rest = idx[ENROLL_CLIPS:]
         singles += [probe(book, name, cuts[i]) for i in rest]
-        for k in range(0, len(rest) - PHRASE_CLIPS + 1, PHRASE_CLIPS):
-            phrases.append(probe(book, name, np.concatenate([cuts[i] for i in rest[k : k + PHRASE_CLIPS]])))
-    return {"names": names, "enrolled": enrolled, "single": singles, "phrase": phrases}
+        for k in range(0, len(rest) - phrase_clips + 1, phrase_clips):
+            phrases.append(probe(book, name, np.concatenate([cuts[i] for i in rest[k : k + phrase_clips]])))
+    return {"names": names, "enrolled": enrolled, "single": singles, "phrase": phrases, "phrase_clips": phrase_clips}
 
 
 def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]],
@@ -114,7 +114,7 @@ def report(book: SpeakerBook, t: dict) -> dict:
             alone = score_matrix(book, gallery, probes, fused=False)
             out[kind]["as_norm_alone"] = figures(alone, truth, lambda n: book.cluster_calibration.threshold_for(
                 book.far / max(1, n), seconds))
-    return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": PHRASE_CLIPS,
+    return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": t["phrase_clips"],
             "far": book.far, "calibrated": book.calibration is not None, "score": score_kind(book), **out}
 
 
@@ -132,7 +132,7 @@ def det_plot(result: dict, path: Path) -> None:
     from scipy.stats import norm
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for kind, label in (("single", "single words"), ("phrase", f"{PHRASE_CLIPS}-clip phrases")):
+    for kind, label in (("single", "single words"), ("phrase", f"{result['phrase_clips']}-clip phrases")):
         if kind not in result:
             continue
         s, y = result[kind]["_scores"], result[kind]["_same"]
@@ -176,14 +176,17 @@ def public(result: dict) -> dict:
             for k, v in result.items()}
 
 
-def evaluate_speakers(data: Path, cfg, book: SpeakerBook, noisy: tuple[float, ...] = NOISY) -> dict:
+def evaluate_speakers(data: Path, cfg, book: SpeakerBook, noisy: tuple[float, ...] = NOISY,
+                      phrase_clips: int = PHRASE_CLIPS) -> dict:
+    """``phrase_clips``: how many clips make a phrase probe (3: ~2-3 s; more for long utterances)."""
     clips = held_out_clips(data)
     clean = [clip_cut(c, cfg) for c in clips]
-    result = report(book, trials(book, clips, clean, clean))
+    result = report(book, trials(book, clips, clean, clean, phrase_clips=phrase_clips))
     result["noisy_probes"] = {}
     for snr in noisy:
         noisy_cuts = [clip_cut(c, cfg, snr, n) for n, c in enumerate(clips)]
-        result["noisy_probes"][f"snr_{snr:g}db"] = public(report(book, trials(book, clips, clean, noisy_cuts)))
+        t = trials(book, clips, clean, noisy_cuts, phrase_clips=phrase_clips)
+        result["noisy_probes"][f"snr_{snr:g}db"] = public(report(book, t))
     return result
 
 

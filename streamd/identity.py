@@ -96,6 +96,7 @@ class Scorer:
 # the top-k cohort scores of each side, and the utterance's length in model windows.
 QUALITY_MEASURES = ("as_norm", "cosine", "probe_cohort_mean", "probe_cohort_std",
                     "enrolled_cohort_mean", "enrolled_cohort_std", "log_windows")
+LOG_WINDOWS = QUALITY_MEASURES.index("log_windows")
 
 
 def as_norm(raw: np.ndarray, probe: np.ndarray, enrolled: np.ndarray) -> np.ndarray:
@@ -123,6 +124,7 @@ class QualityFusion:
 
     weights: tuple[float, ...]
     bias: float
+    max_windows: float = float("inf")  # the longest utterance (in windows) it was fitted on
 
     @classmethod
     def from_card(cls, spec: dict) -> QualityFusion:
@@ -131,10 +133,14 @@ class QualityFusion:
         weights = tuple(float(w) for w in spec["weights"])
         if len(weights) != len(QUALITY_MEASURES):
             raise ValueError(f"quality fusion has {len(weights)} weights for {len(QUALITY_MEASURES)} measures")
-        return cls(weights, float(spec["bias"]))
+        return cls(weights, float(spec["bias"]), float(spec.get("max_windows", float("inf"))))
 
     def score(self, measures: np.ndarray) -> np.ndarray:
-        return np.asarray(measures, np.float64) @ np.asarray(self.weights) + self.bias
+        # The length weight was fitted on utterances of up to max_windows windows: a longer one
+        # is scored as that long, not by extrapolating the line (which would turn against it).
+        m = np.array(measures, np.float64)
+        m[:, LOG_WINDOWS] = np.minimum(m[:, LOG_WINDOWS], np.log(self.max_windows))
+        return m @ np.asarray(self.weights) + self.bias
 
 
 @dataclass(frozen=True)

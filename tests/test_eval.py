@@ -88,6 +88,16 @@ def test_eval_speakers_reports_and_draws_a_det_curve(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_speakers_joins_as_many_clips_per_phrase_as_asked(tmp_path):
+    make_corpus(tmp_path / "data")
+    r = streamd("eval", "speakers", "--data", str(tmp_path / "data"), "--phrase-clips", "2",
+                "--plot", str(tmp_path / "det.png"))
+    assert r.returncode == 0, r.stderr
+    assert "2-clip phrases" in r.stdout
+    bad = streamd("eval", "speakers", "--phrase-clips", "0")
+    assert bad.returncode == 2 and "'0' is not a number of clips from 1 to 50" in bad.stderr
+
+
 def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
     import numpy as np
 

@@ -235,6 +235,7 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     cfg = config.load(None)
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), 0.8, far=0.01)
     assert book.calibration is not None and book.scorer.normalised and book.scorer.fusion is not None
+    assert 4 <= book.scorer.fusion.max_windows < 20  # the calibration's phrases: 3 clips, 2-5 windows
     # Calibrated on single words too. The fused score's tables switch where a second window
     # starts; the AS-norm tables (unknown-voice clusters) mix by length, a word's lower.
     one = book.seconds_of(np.zeros((196, 40)))
@@ -339,6 +340,11 @@ def test_the_fused_score_is_the_as_norm_score_and_quality_measures_weighed():
     assert np.allclose(fused.score(raw, p, e, 3), m @ np.array(fusion.weights) - 1.0)
     assert np.allclose(plain.score(raw, p, e, 3), m[:, 0], atol=1e-5)
     assert Scorer(None, fusion=fusion).score(raw, p, e, 3) is raw  # no cohort: cosines, as before
+    # Beyond the lengths it was fitted on, an utterance is scored as the longest of those.
+    capped = QualityFusion(fusion.weights, fusion.bias, max_windows=5)
+    assert np.allclose(capped.score(quality_measures(raw, p, e, 40)), capped.score(quality_measures(raw, p, e, 5)))
+    assert np.allclose(capped.score(m), fusion.score(m))  # 3 windows: inside the range
+    assert not np.allclose(fusion.score(quality_measures(raw, p, e, 40)), capped.score(quality_measures(raw, p, e, 40)))
     d = decide(probe, Enrolled.build({str(i): enrolled[i:i + 1] for i in range(4)}, fused), fused, -99.0, windows=3)
     assert d.speaker == "2" and d.score == pytest.approx(float(fused.score(raw, p, e, 3)[2]))
 

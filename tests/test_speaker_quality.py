@@ -58,3 +58,9 @@ def test_a_pairs_cross_fitted_scores_come_from_trials_of_other_speakers():
     assert np.allclose(scores[mine], again[mine])
     # ...whereas the trials of the pairs it was fitted on do change "d|e"'s scores.
     assert not np.allclose(scores[pair == "d|e"], again[pair == "d|e"])
+
+
+def test_the_longest_trial_bounds_the_length_the_fusion_knows():
+    x = np.zeros((3, 7))
+    x[:, 6] = np.log([1, 4, 5])
+    assert sq.longest(x) == 5

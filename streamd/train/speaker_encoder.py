@@ -398,7 +398,8 @@ def quality_calibration(x: np.ndarray, same: np.ndarray, kind: np.ndarray, pairs
     # words' table only for one window. So the switch is where a second window starts.
     one = one_window_frames() * mel_params().winstep
     lengths = {"single": one, "phrase": one + mel_params().winstep}
-    return {**speaker_quality.card_entry(w, b), **threshold_tables(fused, same, kind, lengths),
+    entry = speaker_quality.card_entry(w, b, speaker_quality.longest(x))
+    return {**entry, **threshold_tables(fused, same, kind, lengths),
             "length_rule": "single-word thresholds up to the longest utterance of one window, the "
                            "phrases' from two windows on"}
 

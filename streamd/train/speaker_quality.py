@@ -13,9 +13,14 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from streamd.identity import QUALITY_MEASURES
+from streamd.identity import LOG_WINDOWS, QUALITY_MEASURES
 
 L2 = 1e-3  # on standardised measures
+
+
+def longest(x: np.ndarray) -> int:
+    """The most windows of any trial's utterance (the range the length weight is fitted on)."""
+    return int(round(float(np.exp(x[:, LOG_WINDOWS].max()))))
 
 
 def trial_weights(same: np.ndarray, kind: np.ndarray) -> np.ndarray:
@@ -60,10 +65,12 @@ def cross_fitted(x: np.ndarray, same: np.ndarray, weight: np.ndarray, pairs: np.
     return out
 
 
-def card_entry(w: np.ndarray, b: float) -> dict:
+def card_entry(w: np.ndarray, b: float, max_windows: int) -> dict:
     return {"measures": list(QUALITY_MEASURES), "weights": [round(float(v), 6) for v in w], "bias": round(b, 6),
+            "max_windows": max_windows,
             "rule": "score = bias + sum(weights * measures) (streamd.identity.QualityFusion), log_windows "
-                    "being the log of the number of 1.6 s windows the utterance filled",
+                    "being the log of the number of 1.6 s windows the utterance filled, at most "
+                    "`max_windows` (the longest trials it was fitted on; longer utterances are scored as that long)",
             "fit": "a logistic regression (L2 1e-3 on standardised measures) on the calibration's trials, targets "
                    "and impostors weighted equally, single words and phrases weighted equally "
                    "(streamd.train.speaker_quality)",
