@@ -139,7 +139,7 @@ class QualityFusion:
         # The length weight was fitted on utterances of up to max_windows windows: a longer one
         # is scored as that long, not by extrapolating the line (which would turn against it).
         m = np.array(measures, np.float64)
-        m[:, LOG_WINDOWS] = np.minimum(m[:, LOG_WINDOWS], np.log(self.max_windows))
+        m[..., LOG_WINDOWS] = np.minimum(m[..., LOG_WINDOWS], np.log(self.max_windows))
         return m @ np.asarray(self.weights) + self.bias
 
 

@@ -344,6 +344,9 @@ def test_the_fused_score_is_the_as_norm_score_and_quality_measures_weighed():
     capped = QualityFusion(fusion.weights, fusion.bias, max_windows=5)
     assert np.allclose(capped.score(quality_measures(raw, p, e, 40)), capped.score(quality_measures(raw, p, e, 5)))
     assert np.allclose(capped.score(m), fusion.score(m))  # 3 windows: inside the range
+    # Measures of many probes against many speakers (probes, speakers, measures) likewise.
+    grid = np.stack([quality_measures(raw, p, e, w) for w in (2, 40)])
+    assert np.allclose(capped.score(grid), [capped.score(quality_measures(raw, p, e, w)) for w in (2, 5)])
     assert not np.allclose(fusion.score(quality_measures(raw, p, e, 40)), capped.score(quality_measures(raw, p, e, 40)))
     d = decide(probe, Enrolled.build({str(i): enrolled[i:i + 1] for i in range(4)}, fused), fused, -99.0, windows=3)
     assert d.speaker == "2" and d.score == pytest.approx(float(fused.score(raw, p, e, 3)[2]))
