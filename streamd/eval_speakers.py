@@ -18,7 +18,7 @@ import soundfile as sf
 from streamd.eval_digits import NOISY, add_noise
 from streamd.evaluate import Clip, eer, held_out_clips, open_set_rates
 from streamd.features import mfcc, normalize
-from streamd.identity import Enrolled, l2_normalize
+from streamd.identity import Enrolled, l2_normalize, quality_measures
 from streamd.speakers import SpeakerBook
 from streamd.vad import utterance_audio
 
@@ -72,16 +72,14 @@ def trials(book: SpeakerBook, clips: list[Clip], clean: list[np.ndarray], cuts: 
     return {"names": names, "enrolled": enrolled, "single": singles, "phrase": phrases, "phrase_clips": phrase_clips}
 
 
-def score_matrix(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]],
-                 fused: bool = True) -> np.ndarray:
-    """The daemon's scores (probes, speakers); ``fused=False``: the AS-norm score alone."""
+def trial_measures(book: SpeakerBook, gallery: Enrolled, probes: list[tuple[str, np.ndarray, float]]) -> np.ndarray:
+    """Each probe's quality measures against each enrolled speaker (probes, speakers, measures)
+    as the daemon forms them; the first is the AS-norm score."""
     e = l2_normalize(np.stack([v for _, v, _ in probes]))
     raw = e @ gallery.centroids.T
     stats = book.scorer.stats(e)
-    if not fused:
-        return np.stack([book.scorer.normalise(raw[i], stats[i], gallery.stats) for i in range(len(e))])
-    windows = [book.windows_in(seconds) for _, _, seconds in probes]
-    return np.stack([book.scorer.score(raw[i], stats[i], gallery.stats, windows[i]) for i in range(len(e))])
+    return np.stack([quality_measures(raw[i], stats[i], gallery.stats, book.windows_in(seconds))
+                     for i, (_, _, seconds) in enumerate(probes)])
 
 
 def figures(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery) -> dict:
@@ -104,16 +102,16 @@ def report(book: SpeakerBook, t: dict) -> dict:
         probes = t[kind]
         if not probes:
             continue
-        scores = score_matrix(book, gallery, probes)
+        measures = trial_measures(book, gallery, probes)
+        scores = book.scorer.from_measures(measures)
         truth = np.array([names.index(n) for n, _, _ in probes])
         seconds = np.array([t for _, _, t in probes])
         same = truth[:, None] == np.arange(len(names))[None, :]
         out[kind] = {"probes": len(probes), **figures(scores, truth, lambda n: book.threshold_for(n, seconds=seconds)),
                      "_scores": scores.ravel(), "_same": same.ravel()}
         if book.scorer.fusion is not None:
-            alone = score_matrix(book, gallery, probes, fused=False)
-            out[kind]["as_norm_alone"] = figures(alone, truth, lambda n: book.cluster_calibration.threshold_for(
-                book.far / max(1, n), seconds))
+            out[kind]["as_norm_alone"] = figures(measures[..., 0], truth, lambda n: book.threshold_in(
+                book.cluster_calibration, n, seconds=seconds))
     return {"speakers": len(names), "enroll_clips": ENROLL_CLIPS, "phrase_clips": t["phrase_clips"],
             "far": book.far, "calibrated": book.calibration is not None, "score": score_kind(book), **out}
 

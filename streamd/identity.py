@@ -89,7 +89,12 @@ class Scorer:
         utterance filled)."""
         if self.fusion is None:
             return self.normalise(raw, probe, enrolled)
-        return self.fusion.score(quality_measures(raw, probe, enrolled, windows))
+        return self.from_measures(quality_measures(raw, probe, enrolled, windows))
+
+    def from_measures(self, measures: np.ndarray) -> np.ndarray:
+        """The same score from trials' quality measures (..., len(QUALITY_MEASURES)): the
+        fusion's, else the AS-norm score (the first measure)."""
+        return self.fusion.score(measures) if self.fusion is not None else np.asarray(measures)[..., 0]
 
 
 # What a trial's score is fused from: its AS-norm score, its cosine, the mean and spread of

@@ -218,9 +218,10 @@ class SpeakerBook:
     def threshold_for(self, enrolled: int, far: float | None = None, seconds=None):
         """The score threshold with ``enrolled`` speakers to compare with, for an utterance of
         ``seconds`` (as the model saw it; a number or an array) when given."""
-        return self._threshold(self.calibration, enrolled, far, seconds)
+        return self.threshold_in(self.calibration, enrolled, far, seconds)
 
-    def _threshold(self, table: Calibration | None, compared: int, far: float | None, seconds=None):
+    def threshold_in(self, table: Calibration | None, compared: int, far: float | None = None, seconds=None):
+        """The threshold ``table`` gives with ``compared`` speakers (or clusters) to compare with."""
         if table is None:
             return self.cosine_threshold
         # A stranger is compared with every enrolled speaker: split the allowed rate among them.
@@ -241,7 +242,7 @@ class SpeakerBook:
         return len(window_starts(int(round(seconds / self.model.params.winstep)), *window))
 
     def _cluster_threshold(self, clusters: int) -> float:
-        return self._threshold(self.cluster_calibration, clusters, self._cluster_settings.far)
+        return self.threshold_in(self.cluster_calibration, clusters, self._cluster_settings.far)
 
     def _against_enrolled(self, embedding: np.ndarray, seconds: float | None) -> Decision:
         enrolled = self.enrolled()  # one look at the gallery per decision

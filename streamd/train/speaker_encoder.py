@@ -434,10 +434,16 @@ def threshold_tables(scores: np.ndarray, same: np.ndarray, kind: np.ndarray, sec
                                     "more the phrases', in between a linear mix (streamd.identity.Calibration)"}}
 
 
-def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float = 0.01, fused: bool = False) -> dict:
-    """eval_speakers' open-set figures on the held-out speakers (for the card): at the
-    calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are not
-    kept), and at the threshold that names <= 1% of strangers. ``fused``: the decision's
+def held_out_measures(t: dict, proj, cohort: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The held-out speakers' trials, per kind of probe: quality measures and truth."""
+    return {kind: trial_measures(t, t["names"], proj, cohort, kind) for kind in ("single", "phrase")}
+
+
+def held_out_open_set(trials: dict[str, tuple[np.ndarray, np.ndarray]], cal: dict, far: float = 0.01,
+                      fused: bool = False) -> dict:
+    """eval_speakers' open-set figures on the held-out speakers' ``trials`` (for the card): at
+    the calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are
+    not kept), and at the threshold that names <= 1% of strangers. ``fused``: the decision's
     score with the card's quality fusion, else the AS-norm score."""
     from streamd.eval_speakers import operating_point
     from streamd.identity import Calibration, QualityFusion
@@ -445,8 +451,7 @@ def held_out_open_set(t: dict, proj, cohort: np.ndarray, cal: dict, far: float =
     spec = cal["quality"] if fused else cal
     table = Calibration.from_card(spec)
     out = {}
-    for kind in ("single", "phrase"):
-        measures, truth = trial_measures(t, t["names"], proj, cohort, kind)
+    for kind, (measures, truth) in trials.items():
         scores = QualityFusion.from_card(spec).score(measures) if fused else measures[..., 0]
         same = truth[:, None] == np.arange(scores.shape[1])[None, :]
         rate, _, _ = evaluate.eer(scores.ravel(), same.ravel())
@@ -611,6 +616,7 @@ def run(opts: Options) -> int:
     cohort_sets = sets + copies
     cohort = make_cohort(cohort_sets, names, proj)
     cal = calibration(sets, cohort_sets, trial_seconds(train))
+    held_trials = held_out_measures(held_sets, proj, cohort)
 
     onnx_path = opts.out_dir / "speaker.onnx"
     full = WithBackEnd(enc, proj).eval()
@@ -691,8 +697,8 @@ def run(opts: Options) -> int:
         "split": "speaker-disjoint: held-out speakers are FSDD theo and the ASC authors' val split",
         "metrics": {"single_clips": single, "phrases_3_clips": phrase_metrics(emb, spk),
                     "enrolled_10_clips_vs_single_clips": enrolled_metrics(emb, spk),
-                    "open_set_as_norm": held_out_open_set(held_sets, proj, cohort, cal),
-                    "open_set_fused": held_out_open_set(held_sets, proj, cohort, cal, fused=True),
+                    "open_set_as_norm": held_out_open_set(held_trials, cal),
+                    "open_set_fused": held_out_open_set(held_trials, cal, fused=True),
                     "onnx_vs_torch_max_abs_diff_on_speech (float graph)": parity},
         "suggested_threshold": {
             "default": round(enrolled_metrics(emb, spk)["threshold_at_far_1pct"], 3),
