@@ -13,7 +13,7 @@ espeak-ng voices predicted by a fusion fitted on the other 13), as the share of 
 right at the best "not a digit" bias keeping <= 1% and <= 2% of other words accepted; then
 fitted on all of them, as ``streamd train fusion`` does, and scored on the held-out speakers.
 
-    python scripts/fusion_probe.py --data ../shared/datasets [--form matrix --l2 0.03] [--tempo 0.9 1 1.1]
+    python scripts/fusion_probe.py --data ../shared/datasets [--form matrix --l2 0.03] [--tempo 0.9 1 1.1] [--with ge2e]
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def stretch(x: np.ndarray, rate: float) -> np.ndarray:
     return ((1 - w) * x[lo] + w * x[hi]).astype(x.dtype)
 
 
-def member_logprobs(paths, fs: data.FeatureSet, rates) -> np.ndarray:
-    """(members, clips, 11): each member's log-probabilities, averaged over the tempo copies."""
+def member_logprobs(paths, sets: dict[str, data.FeatureSet], rates) -> np.ndarray:
+    """(members, clips, 11): each member's log-probabilities on its own front end's features
+    (``sets``: the same clips per front end), averaged over the tempo copies."""
     out = []
     for path in paths:
-        session = ort_session(path)
+        session, fs = ort_session(path), sets[F.front_end(path)]
         copies = [log_softmax(ort_outputs(session, [stretch(fs.item(i), r) if r != 1 else fs.item(i)
                                                     for i in range(len(fs))])) for r in rates]
         out.append(np.mean(copies, axis=0))
@@ -122,10 +123,13 @@ def main() -> None:
     p.add_argument("--form", choices=("weights", "matrix"), default="weights")
     p.add_argument("--l2", type=float, default=0.03, help="matrix: L2 pull towards the shipped form")
     p.add_argument("--tempo", type=float, nargs="+", default=[1.0])
+    p.add_argument("--with", dest="extra", nargs="+", default=[], help="fuse these members too (e.g. ge2e)")
     args = p.parse_args()
-    paths = list(F.member_cards(F.Options(args.data, args.models, seeds=(0, 1))).values())
-    val, test = data.load_digit_eval_sets(args.data, 0, True)
-    lp, y = member_logprobs(paths, val, args.tempo), val.labels()
+    paths = list(F.member_cards(F.Options(args.data, args.models, seeds=(0, 1), extra=tuple(args.extra))).values())
+    sets = {fe: data.load_digit_eval_sets(args.data, 0, True, fe) for fe in {F.front_end(path) for path in paths}}
+    val_sets, test_sets = ({fe: pair[k] for fe, pair in sets.items()} for k in (0, 1))
+    val, test = next(iter(val_sets.values())), next(iter(test_sets.values()))
+    lp, y = member_logprobs(paths, val_sets, args.tempo), val.labels()
     speaker = np.array([val.clips[c].speaker for c in val.clip_index])
     corpus = np.array([val.clips[c].corpus for c in val.clip_index])
     z = np.empty(lp.shape[1:])
@@ -136,7 +140,7 @@ def main() -> None:
              for a, asc in [best_at(z, y, corpus, fa)]]
     print(f"form {args.form}, tempo {args.tempo}: validation, leave one speaker out: " + "; ".join(cells))
     fuse, threshold = fitted(args.form, args.l2, lp, y)
-    zt = fuse(member_logprobs(paths, test, args.tempo))
+    zt = fuse(member_logprobs(paths, test_sets, args.tempo))
     at = F.held_out_report(zt, test, threshold)["at_threshold"]
     print("held-out speakers: " + ", ".join(f"{k} {v:.1%}" for k, v in at.items()))
 

@@ -22,7 +22,6 @@ import soundfile as sf
 from streamd.config import build, read_toml
 from streamd.eval_digits import pink_noise
 from streamd.evaluate import Clip, digit_report
-from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE
 from streamd.inference import load_digits
 from streamd.train import data
@@ -68,7 +67,7 @@ def digit_table(clips: list[data.Clip], settings: dict[str, VadParams]) -> None:
     for name, params in settings.items():
         for db in LEVELS_DB:
             cuts = [heard_utterance(scaled(a, db), params) for a in audio]
-            logits = np.stack([digits.run(normalize(mfcc(speech, digits.params), digits.params)) for speech, _ in cuts])
+            logits = np.stack([digits.run(digits.features_of(speech)) for speech, _ in cuts])
             r = digit_report(scored, logits, threshold, np.array([heard for _, heard in cuts]))
             asc = r["asc"]
             print(f"| {name} | {db} dB | {asc['accuracy']:.1%} | {asc['accuracy_with_rejection']:.1%} "

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from streamd.inference import Models, run_batched
+from streamd.inference import FeaturesByFrontEnd, Models, run_batched
 
 PARTIALS_PER_BATCH = 4  # partial decisions handed to the models' thread at once when no final waits
 
@@ -31,7 +31,7 @@ class Job:
 
     stream: str
     speaker_feats: np.ndarray
-    digit_feats: np.ndarray | None  # None: speaker only (a partial decision)
+    digit_feats: FeaturesByFrontEnd | None  # per digit front end; None: speaker only (a partial decision)
     finish: Finish  # called with the embedding and the digit logits (or None)
     ready_at: float = field(default_factory=time.monotonic)
     utterance: int | None = None  # with stream: which utterance (partials superseded, finals first)

@@ -140,7 +140,7 @@ class NaivePipeline:
         audio = np.concatenate(self.audio)[: int(round((b - a) * SAMPLE_RATE))]
         sp, dg = self.models.speaker, self.models.digits
         embedding = sp.run(normalize(mfcc(audio, sp.params), sp.params))  # features computed twice, as such code does
-        logits = dg.run(normalize(mfcc(audio, dg.params), dg.params))
+        logits = dg.run(dg.features_of(audio))
         utt = Utterance(normalize(mfcc(audio, sp.params), sp.params), end.t_end - end.t_start, *audio_level(audio))
         who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.min_digit_confidence)
         base = (self.stream, end.utterance, end.t_start, end.t_end)

@@ -269,8 +269,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # Values checked by form; what they name is checked where it is loaded.
 PATTERNS: dict[str, tuple[str, str]] = {
     # Any model the fusion card lists: a family, with -sN for a seed other than 0.
-    "digits.model": (r"auto|fused|[a-z]+(-[a-z]+)*(-s[0-9]+)?",
-                     "auto, fused or a digit model's name (cnn, rnn, cnn-s1, rnn-s1, ...)"),
+    "digits.model": (r"auto|fused|[a-z][a-z0-9]*(-[a-z][a-z0-9]*)*(-s[0-9]+)?",
+                     "auto, fused or a digit model's name (cnn, rnn, ge2e, cnn-s1, rnn-s1, ...)"),
 }
 
 

@@ -22,7 +22,6 @@ import soundfile as sf
 from streamd.config import Config
 from streamd.digits import softmax
 from streamd.evaluate import NOT_A_DIGIT, Clip, daemon_answers, digit_lines, digit_report, held_out_clips
-from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels
 from streamd.vad import heard_utterance, utterance_audio
 
@@ -54,8 +53,8 @@ def clip_logits(clip: Clip, cfg: Config, digits: DigitModels, snr_db: float | No
     if snr_db is not None:
         audio = add_noise(audio, utterance_audio(audio, cfg.vad), snr_db, np.random.default_rng(seed))
     speech, heard = heard_utterance(audio, cfg.vad)
-    feats = normalize(mfcc(speech, digits.params), digits.params)
-    return [m.run(feats) for m in digits.members.values()], heard
+    feats = digits.features_of(speech)
+    return [m.run(feats[m.params]) for m in digits.members.values()], heard
 
 
 def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:

@@ -54,8 +54,8 @@ def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
     speech, heard = heard_utterance(audio, cfg.vad)
-    emb, logits = (m.run(normalize(mfcc(speech, m.params), m.params)) for m in (models.speaker, models.digits))
-    return emb, logits, heard
+    emb = models.speaker.run(normalize(mfcc(speech, models.speaker.params), models.speaker.params))
+    return emb, models.digits.run(models.digits.features_of(speech)), heard
 
 
 def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:

@@ -11,12 +11,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
 
 from streamd.digits import Fusion
-from streamd.features import FeatureParams
+from streamd.features import FeatureParams, mfcc, normalize
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ class ModelCard:
         layers scale their inputs by the whole batch's range, so a row's output would depend
         on the other rows in its batch (other windows, other streams)."""
         return self.data["input"].get("batch_invariant", True) is False
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether whole-utterance input may be padded to a multiple of ``bucket_frames``
+        (a model that pools over every frame it is given says no: it was trained unpadded)."""
+        return self.data["input"].get("bucket", True) is not False
 
 
 def read_card(path: Path, what: str, keys: tuple[str, ...]) -> dict:
@@ -243,7 +250,7 @@ class OnnxModel:
         eval, enrollment) pads the same way."""
         if self.card.window is None:
             target = max(MIN_FRAMES, len(feats))
-            if self.bucket_frames > 1:
+            if self.bucket_frames > 1 and self.card.bucketed:
                 target = -(-target // self.bucket_frames) * self.bucket_frames
             if target > len(feats):
                 edge = feats[-1:] if len(feats) else np.zeros((1, feats.shape[1]), np.float32)
@@ -286,23 +293,29 @@ def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) 
     return results  # type: ignore[return-value]
 
 
+# One utterance's normalised features for each front end a model reads.
+FeaturesByFrontEnd = Mapping[FeatureParams, np.ndarray]
+
+
 class DigitModels:
     """What decides the digit: one model family, or several whose outputs are fused
-    (``streamd.digits.Fusion``). All members read the same features."""
+    (``streamd.digits.Fusion``). Members may read different front ends (MFCC, mel power):
+    they are given one utterance's features per front end."""
 
     def __init__(self, members: dict[str, OnnxModel], fusion: Fusion | None = None, choice: str = "",
                  thresholds: dict[str, float] | None = None):
-        params = {m.params for m in members.values()}
-        if len(params) != 1:
-            raise ModelError(f"digit models {', '.join(members)} read different features: cannot fuse them")
         if fusion is None and len(members) != 1:
             raise ModelError("several digit models need a fusion")
         self.members = members
         self.fusion = fusion
         self.choice = choice or next(iter(members))
-        self.params = params.pop()
+        self.front_ends = tuple(dict.fromkeys(m.params for m in members.values()))
         self.card = next(iter(members.values())).card
         self.thresholds = thresholds or {}
+
+    def features_of(self, audio: np.ndarray) -> dict[FeatureParams, np.ndarray]:
+        """An utterance's audio (int16) as each member's input features, offline."""
+        return {p: normalize(mfcc(audio, p), p) for p in self.front_ends}
 
     def min_confidence(self, configured: float, choice: str = "") -> float:
         """``digits.min_confidence``; below 0: the one chosen on validation speakers for the
@@ -319,13 +332,13 @@ class DigitModels:
     def _combine(self, outputs: list[np.ndarray]) -> np.ndarray:
         return outputs[0] if self.fusion is None else self.fusion(outputs)
 
-    def run(self, feats: np.ndarray) -> np.ndarray:
-        return self._combine([m.run(feats) for m in self.members.values()])
+    def run(self, feats: FeaturesByFrontEnd) -> np.ndarray:
+        return self._combine([m.run(feats[m.params]) for m in self.members.values()])
 
-    def run_many(self, utterances: list[np.ndarray], max_batch: int) -> list[np.ndarray]:
+    def run_many(self, utterances: list[FeaturesByFrontEnd], max_batch: int) -> list[np.ndarray]:
         if not utterances:
             return []
-        per_model = [run_batched(m, utterances, max_batch) for m in self.members.values()]
+        per_model = [run_batched(m, [u[m.params] for u in utterances], max_batch) for m in self.members.values()]
         return [self._combine(list(outs)) for outs in zip(*per_model)]
 
 

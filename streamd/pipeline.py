@@ -107,7 +107,7 @@ class StreamPipeline:
         # One ring per front end the models need; each sample's features are computed once.
         self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep),
                                               int(FEATURE_CHUNK_S * m.params.sample_rate))
-                      for m in (models.speaker, models.digits)}
+                      for m in (models.speaker, *models.digits.members.values())}
         metrics.add_stream(stream)
         # Children resolved once: silence costs only these increments and the VAD.
         self._m_frames = metrics.frames.labels(stream=stream)
@@ -215,7 +215,7 @@ class StreamPipeline:
         self._count_early("wasted", self._early)  # speech went on after the last one
         speaker_feats = self._utterance_features(self.models.speaker.params, samples)
         self._early = early = EarlyFinal(start.utterance, samples, speaker_feats)
-        self.batcher.submit(Job(self.stream, speaker_feats, self._utterance_features(self.models.digits.params, samples),
+        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
                                 early.done, utterance=start.utterance, early=True))
 
     def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
@@ -247,7 +247,7 @@ class StreamPipeline:
             early.use(decide)  # the same audio: the same result
             return
         self._count_early("wasted", early)
-        self.batcher.submit(Job(self.stream, speaker_feats, self._utterance_features(self.models.digits.params, samples),
+        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
                                 decide, utterance=end.utterance))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
@@ -265,6 +265,9 @@ class StreamPipeline:
         self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
                                  candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
                       end.closed_at)
+
+    def _digit_features(self, samples: int) -> dict:
+        return {p: self._utterance_features(p, samples) for p in self.models.digits.front_ends}
 
     def _utterance_features(self, params, samples: int) -> np.ndarray:
         ring = self.rings[params]

@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import zmq
 
+from streamd.config import Config
+from streamd.digits import decide
 from streamd.events import receive, subscribe
+from streamd.inference import load_digits
 from streamd.pipeline import METRICS_EVERY
 from streamd.sources import read_audio
+from streamd.vad import segment_clip
 from conftest import DATA, MODELS, ROOT, start_streamd, stop, streamd
 
 EVENT_KEYS = {"v", "type", "stream", "seq", "utterance", "t_start", "t_end", "time"}
@@ -98,6 +102,25 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
     assert all(0 <= e["latency_s"] < 5 for e in speakers + digits)
     # Utterances are in time order, and each digit event follows its speaker event.
     assert [e["utterance"] for e in digits] == list(range(len(truth)))
+    assert_digits_are_the_offline_decisions(digits)
+
+
+def assert_digits_are_the_offline_decisions(events):
+    """The streamed features (one ring per front end: MFCC, mel power) carry the models to
+    the very decision the offline features of the same cut give, every member on its own."""
+    cfg = Config()
+    models = load_digits(cfg, "cpu")
+    assert {p.kind for p in models.front_ends} == {m.params.kind for m in models.members.values()}
+    audio = read_audio(str(DATA / "demo.flac"))
+    ends = segment_clip(audio, cfg.vad)
+    assert len(ends) == len(events)
+    for end, event in zip(ends, events):
+        a, b = (int(round(t * 16000)) for t in end.model_span(cfg.vad))
+        want = decide(models.run(models.features_of(audio[a:b])), models.min_confidence(cfg.digits.min_confidence))
+        assert event["digit"] == want.digit
+        got = [(c["digit"], c["p"]) for c in event["candidates"]]
+        assert [d for d, _ in got] == [c["digit"] for c in want.candidates]
+        np.testing.assert_allclose([p for _, p in got], [c["p"] for c in want.candidates], atol=1e-4)
 
 
 def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_state):

@@ -96,7 +96,9 @@ def test_no_seed_trains_on_a_validation_voice(seed):
 def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
     names = [m["name"] for m in FUSION["members"]]
     seeds = sorted({0} | {int(n.split("-s")[1]) for n in names if "-s" in n})
-    assert names == list(member_cards(Options(MODELS, MODELS, tuple(seeds))))  # both families, each seed
+    extra = tuple(n for n in names if n.partition("-s")[0] not in ("cnn", "rnn"))
+    assert extra == ("ge2e",)  # the family on the pretrained encoder, fused by `--with ge2e`
+    assert names == list(member_cards(Options(MODELS, MODELS, tuple(seeds), extra=extra)))  # both MFCC families, each seed
     assert all((MODELS / m["card"]).exists() for m in FUSION["members"])
     assert len(FUSION["weights"]) == len(names) and len(FUSION["bias"]) == 11
     assert FUSION["choice"] in (*names, "fused")
@@ -111,7 +113,7 @@ def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
             <= max(v["asc_digits_right"], v["synth_digits_right"])
 
 
-@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1"])
+@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1", "ge2e"])
 def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choice):
     digits = load_digits(cfg_with(choice), "cpu")
     expected = FUSION["choice"] if choice == "auto" else choice
@@ -120,8 +122,8 @@ def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choic
     assert digits.min_confidence(-1.0) == FUSION["min_confidence"][expected]
     assert digits.min_confidence(0.3) == 0.3  # an explicit setting wins
     every = load_digits(cfg_with("fused"), "cpu")
-    for feats in utterance_features(digits)[:4]:
-        outputs = [m.run(feats) for m in every.members.values()]
+    for feats in utterance_features(every)[:4]:
+        outputs = [m.run(feats[m.params]) for m in every.members.values()]
         want = every.fusion(outputs) if expected == "fused" else outputs[list(every.members).index(expected)]
         np.testing.assert_allclose(digits.run(feats), want, rtol=1e-6, atol=1e-6)
 
@@ -130,14 +132,14 @@ def test_the_lighter_fusion_card_runs_the_seed_0_pair_alone():
     full = load_digits(cfg_with("fused"), "cpu")
     pair = load_digits(cfg_with("fused", fusion="digits.fusion-pair.json"), "cpu")
     assert list(pair.members) == ["cnn", "rnn"] and len(full.members) > 2
-    for feats in utterance_features(pair)[:3]:
-        outputs = [m.run(feats) for m in pair.members.values()]
+    for feats in utterance_features(full)[:3]:
+        outputs = [m.run(feats[m.params]) for m in pair.members.values()]
         np.testing.assert_allclose(pair.run(feats), pair.fusion(outputs), rtol=1e-6, atol=1e-6)
         assert not np.allclose(pair.run(feats), full.run(feats))
 
 
 def test_a_model_the_fusion_card_does_not_list_is_refused_by_name():
-    with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1 and fused"):
+    with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1, ge2e and fused"):
         digit_plan(cfg_with("kd"))
 
 

@@ -9,7 +9,7 @@ from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.enroll import file_utterances
 from streamd.features import mfcc, normalize
-from streamd.inference import load_models, run_batched
+from streamd.inference import DigitModels, load_models, run_batched
 from streamd.sources import read_audio
 from streamd.vad import segment_clip
 from conftest import DATA, MODELS, streamd
@@ -27,7 +27,8 @@ def utterance_features(model, clip="demo.flac"):
     out = []
     for end in segment_clip(audio, cfg.vad):
         a, b = (int(round(t * 16000)) for t in end.model_span(cfg.vad))
-        out.append(normalize(mfcc(audio[a:b], model.params), model.params))
+        cut = audio[a:b]
+        out.append(model.features_of(cut) if isinstance(model, DigitModels) else normalize(mfcc(cut, model.params), model.params))
     return out
 
 

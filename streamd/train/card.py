@@ -36,6 +36,9 @@ DIGITS_SPLIT_TEXT = (
 ARCHITECTURES = {
     "cnn": "DigitNet: 5 residual 1-D convolution (TDNN) blocks of 128 channels, mean+max pooling over time, 2-layer head",
     "rnn": "DigitRNN: strided convolution (20 ms steps), 2-layer bidirectional GRU (96 per direction), mean+max pooling over time, 2-layer head",
+    "ge2e": "Resemblyzer's pretrained GE2E encoder, frozen (3 LSTM layers of 256; layers 2-3 int8): every "
+            "layer's states every 20 ms -> LayerNorm, linear 768->160, 2 residual 1-D convolutions (kernel 5), "
+            "attention + max pooling over time, linear -> 11 logits (streamd.train.digits_ge2e)",
     "kd": "DigitNet (as cnn), trained also to predict a pretrained word embedding's output (the teacher, "
           "card entry 'teacher') from its pooled features; that map is dropped at export",
     "kd-rnn": "DigitRNN (as rnn), trained also to predict the teacher's embedding (as kd)",
@@ -218,8 +221,12 @@ def _digits_md(c: dict) -> list[str]:
     t = c["suggested_threshold"]
     return [
         f"## {c['file']} — spoken digit classifier, {c.get('family', 'cnn')} family", "",
-        f"{c.get('architecture', '')}; {c.get('parameters', 0):,} parameters.", "",
-        f"Input `feats` float32 [batch, time, 20]; output `logits` [batch, 11] (classes "
+        f"{c.get('architecture', '')}; {c.get('parameters', 0):,} parameters"
+        + (f" ({c['trainable_parameters']:,} trained)" if "trainable_parameters" in c else "") + ".", "",
+    ] + ([f"Starts from: {c['pretrained']['source']} (sha256 `{c['pretrained']['sha256'][:16]}…`; "
+          f"{c['pretrained']['use']}).", ""] if "pretrained" in c else []) + [
+        f"Input `feats` float32 [batch, time, {c['input']['shape'][-1]}] "
+        f"({c['features'].get('kind', 'mfcc')}); output `logits` [batch, 11] (classes "
         f"{', '.join(c['classes'])}). {c['size_bytes'] / 1e6:.2f} MB, sha256 `{c['sha256'][:16]}…`.", "",
         "| held-out set | clips | digit acc. (argmax 0-9) | digit acc. (11-class) | non-digit → digit |",
         "|---|---|---|---|---|",
@@ -330,8 +337,9 @@ def write_docs(models_dir: Path) -> Path | None:
              "`models/*.card.json`, which hold the full details.", "",
              "Every model reads frames of the VAD-cut utterance (`streamd.vad.utterance_audio`) "
              "computed by `streamd.features` with the parameters in its card's `features` entry "
-             "(digits: per-utterance mean/variance normalised 20-dim MFCC), exactly as the daemon "
-             "computes them.", "", "## Held-out split", "", "Speaker model: " + SPLIT_TEXT, "",
+             "(digits cnn and rnn: per-utterance mean/variance normalised 20-dim MFCC; digits ge2e and "
+             "the speaker model: 40 mel power bands, gain-normalised), exactly as the daemon computes "
+             "them.", "", "## Held-out split", "", "Speaker model: " + SPLIT_TEXT, "",
              "Digit models: " + DIGITS_SPLIT_TEXT, ""]
     for k in digit_keys:
         if k in cards:

@@ -25,7 +25,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from streamd.features import SAMPLE_RATE, FeatureParams, mfcc, normalize
+from streamd.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize
 from streamd.vad import VadParams, utterance_audio
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
@@ -447,9 +447,15 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x), -32768, 32767).astype(np.int16)
 
 
-def clip_features(audio: np.ndarray) -> np.ndarray:
-    """What the daemon feeds the models for a one-word clip: VAD cut, MFCC, normalisation."""
-    return normalize(mfcc(utterance_audio(audio, VadParams()), FeatureParams()))
+# The models' front ends: MFCC (the design card's; cnn and rnn) and the pretrained speech
+# encoder's mel power (speaker model, digit family ge2e).
+FRONT_ENDS = {"mfcc": FeatureParams, "mel": mel_params}
+
+
+def clip_features(audio: np.ndarray, front_end: str = "mfcc") -> np.ndarray:
+    """What the daemon feeds the models for a one-word clip: VAD cut, features, normalisation."""
+    params = FRONT_ENDS[front_end]()
+    return normalize(mfcc(utterance_audio(audio, VadParams()), params), params)
 
 
 def clip_id(clip: Clip) -> str:
@@ -485,6 +491,7 @@ class FeatureSet:
     speed: np.ndarray  # (items,) speed factor of the variant
     variant: np.ndarray  # (items,) variant index, 0 = clean
     cached: bool = False  # loaded from the cache rather than computed
+    front_end: str = "mfcc"  # a key of FRONT_ENDS
 
     def __len__(self) -> int:
         return len(self.clip_index)
@@ -502,27 +509,32 @@ class FeatureSet:
         return [self.clips[c].speaker for c in self.clip_index]
 
 
-def _job(task: tuple[Clip, Variant, int]) -> np.ndarray:
-    clip, variant, seed = task
-    return clip_features(variant_audio(clip, variant, seed))
+def _job(task: tuple[Clip, Variant, int, str]) -> np.ndarray:
+    clip, variant, seed, front_end = task
+    return clip_features(variant_audio(clip, variant, seed), front_end)
 
 
-def _cache_key(clips: list[Clip], variants: list[tuple[Variant, ...]], seed: int) -> str:
+def _cache_key(clips: list[Clip], variants: list[tuple[Variant, ...]], seed: int, front_end: str = "mfcc") -> str:
     blob = json.dumps({
-        "features": FeatureParams().as_dict(), "vad": asdict(VadParams()), "aug": AUG_VERSION,
+        "features": FRONT_ENDS[front_end]().as_dict(), "vad": asdict(VadParams()), "aug": AUG_VERSION,
         "seed": seed, "clips": [asdict(c) for c in clips],
         "variants": [[asdict(v) for v in vs] for vs in variants],
     }, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def variants_for(clip: Clip, augment_train: bool) -> tuple[Variant, ...]:
+# Which versions of a training clip are made: (real clips', synthetic clips').
+VariantPlan = tuple[tuple[Variant, ...], tuple[Variant, ...]]
+ALL_VARIANTS: VariantPlan = (TRAIN_VARIANTS, SYNTH_VARIANTS)
+
+
+def variants_for(clip: Clip, augment_train: bool, plan: VariantPlan = ALL_VARIANTS) -> tuple[Variant, ...]:
     if clip.heldout or not augment_train:
         return (CLEAN,)
-    return SYNTH_VARIANTS if clip.corpus == "synth" else TRAIN_VARIANTS
+    return plan[1] if clip.corpus == "synth" else plan[0]
 
 
-def _compute(tasks: list[tuple[Clip, Variant, int]], workers: int) -> list[np.ndarray]:
+def _compute(tasks: list[tuple[Clip, Variant, int, str]], workers: int) -> list[np.ndarray]:
     if workers <= 1:
         return [_job(t) for t in tasks]
     with mp.get_context("fork").Pool(workers) as pool:
@@ -544,7 +556,7 @@ def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:
         return True
     rng = np.random.default_rng()
     for i in rng.choice(len(fs), size=min(n, len(fs)), replace=False):
-        fresh = clip_features(item_audio(fs, int(i), seed))
+        fresh = clip_features(item_audio(fs, int(i), seed), fs.front_end)
         cached = fs.item(i)
         if fresh.shape != cached.shape or not np.allclose(fresh, cached, rtol=0, atol=1e-4):
             return False
@@ -552,18 +564,18 @@ def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:
 
 
 def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: bool = True,
-                   workers: int = 2) -> FeatureSet:
+                   workers: int = 2, front_end: str = "mfcc", plan: VariantPlan = ALL_VARIANTS) -> FeatureSet:
     """Features of every clip variant, cached as ``WORK_DIR/features/{name}-{key}.npz``."""
-    variants = [variants_for(c, augment_train) for c in clips]
-    path = WORK_DIR / "features" / f"{name}-{_cache_key(clips, variants, seed)}.npz"
+    variants = [variants_for(c, augment_train, plan) for c in clips]
+    path = WORK_DIR / "features" / f"{name}-{_cache_key(clips, variants, seed, front_end)}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             fs = FeatureSet(clips, z["feats"], z["offsets"], z["clip_index"], z["speed"],
-                            z["variant"], cached=True)
+                            z["variant"], cached=True, front_end=front_end)
         if cache_is_current(fs, seed):
             return fs
         print(f"{path.name}: cached features differ from today's streamd code; recomputing", flush=True)
-    tasks = [(c, v, seed) for c, vs in zip(clips, variants) for v in vs]
+    tasks = [(c, v, seed, front_end) for c, vs in zip(clips, variants) for v in vs]
     mats = _compute(tasks, workers)
     index = np.array([i for i, vs in enumerate(variants) for _ in vs], dtype=np.int32)
     fs = FeatureSet(
@@ -573,6 +585,7 @@ def build_features(clips: list[Clip], name: str, seed: int = 0, augment_train: b
         index,
         np.array([v.speed for vs in variants for v in vs], dtype=np.float32),
         np.array([v.index for vs in variants for v in vs], dtype=np.int16),
+        front_end=front_end,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, feats=fs.feats, offsets=fs.offsets, clip_index=fs.clip_index,
@@ -594,6 +607,7 @@ def merge(sets: list[FeatureSet]) -> FeatureSet:
         clips, np.concatenate([fs.feats for fs in sets]), np.concatenate(offsets),
         np.concatenate(index).astype(np.int32), np.concatenate([fs.speed for fs in sets]),
         np.concatenate([fs.variant for fs in sets]), cached=all(fs.cached for fs in sets),
+        front_end=sets[0].front_end,
     )
 
 
@@ -622,33 +636,36 @@ def validation_clips(data_dir: Path, synth: bool) -> list[Clip]:
     return clips
 
 
-def load_test_set(data_dir: Path, seed: int) -> FeatureSet:
+def load_test_set(data_dir: Path, seed: int, front_end: str = "mfcc") -> FeatureSet:
     """Clean features of the held-out (test) speakers."""
-    return build_features([c for c in real_clips(data_dir) if c.heldout], "heldout", seed)
+    return build_features([c for c in real_clips(data_dir) if c.heldout], "heldout", seed, front_end=front_end)
 
 
 def load_digit_split(data_dir: Path, seed: int, synth: bool, flite: bool = False,
-                     arabic_synth: bool = False) -> DigitSplit:
+                     arabic_synth: bool = False, front_end: str = "mfcc",
+                     plan: VariantPlan = ALL_VARIANTS) -> DigitSplit:
     """The digit models' three speaker-disjoint sets (see ASC_VALIDATION); ``flite`` adds the
     flite voices to training, ``arabic_synth`` espeak-ng's Arabic voice."""
     build_babble(data_dir, seed)
     real = real_clips(data_dir)
-    train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed)
+    train = build_features([c for c in real if not c.heldout and not is_validation(c)], "digits-train", seed,
+                           front_end=front_end, plan=plan)
     if synth:
         voices = synth_clips(seed=seed, voices=digit_training_voices(seed))
-        train = merge([train, build_features(voices, "digits-synth", seed)])
+        train = merge([train, build_features(voices, "digits-synth", seed, front_end=front_end, plan=plan)])
     if flite:
         train = merge([train, build_features(flite_clips(seed), "digits-flite", seed)])
     if arabic_synth:
         train = merge([train, build_features(arabic_synth_clips(seed), "digits-synth-ar", seed)])
-    return DigitSplit(train, build_features(validation_clips(data_dir, synth), "digits-val", 0,
-                                            augment_train=False), load_test_set(data_dir, seed))
+    return DigitSplit(train, *load_digit_eval_sets(data_dir, seed, synth, front_end))
 
 
-def load_digit_eval_sets(data_dir: Path, seed: int, synth: bool) -> tuple[FeatureSet, FeatureSet]:
+def load_digit_eval_sets(data_dir: Path, seed: int, synth: bool,
+                         front_end: str = "mfcc") -> tuple[FeatureSet, FeatureSet]:
     """(validation, test) of :func:`load_digit_split`, without the training features."""
-    return (build_features(validation_clips(data_dir, synth), "digits-val", 0, augment_train=False),
-            load_test_set(data_dir, seed))
+    return (build_features(validation_clips(data_dir, synth), "digits-val", 0, augment_train=False,
+                           front_end=front_end),
+            load_test_set(data_dir, seed, front_end))
 
 
 def select(fs: FeatureSet, keep) -> FeatureSet:
@@ -657,4 +674,4 @@ def select(fs: FeatureSet, keep) -> FeatureSet:
     lengths = np.diff(fs.offsets)[items]
     feats = np.concatenate([fs.item(i) for i in items]) if len(items) else fs.feats[:0]
     return FeatureSet(fs.clips, feats, np.concatenate(([0], np.cumsum(lengths))).astype(np.int64),
-                      fs.clip_index[items], fs.speed[items], fs.variant[items], fs.cached)
+                      fs.clip_index[items], fs.speed[items], fs.variant[items], fs.cached, fs.front_end)

@@ -47,6 +47,12 @@ def member_cards(opts: Options) -> dict[str, Path]:
     return {name: opts.out_dir / scoring.member_file(*scoring.parse_member(name)) for name in names}
 
 
+def front_end(model_path: Path) -> str:
+    """Which of data.FRONT_ENDS a trained digit model reads, from its card."""
+    kind = json.loads(model_path.with_suffix(".card.json").read_text())["features"].get("kind", "mfcc")
+    return "mel" if kind == "melpower" else "mfcc"
+
+
 def fit(member_logits: list[np.ndarray], labels: np.ndarray) -> Fusion:
     """Weights and biases minimising the mean cross-entropy of the fused logits."""
     logp = [log_softmax(z) for z in member_logits]
@@ -96,11 +102,14 @@ def run(opts: Options) -> int:
     if missing:
         print(f"streamd train fusion: train every member first; missing {', '.join(missing)}")
         return 2
-    validation, test = data.load_digit_eval_sets(opts.data_dir, 0, opts.synth)
-    val = {name: onnx_logits(path, validation) for name, path in cards.items()}
+    front_ends = {name: front_end(path) for name, path in cards.items()}
+    # The same clips in the same order for every front end: labels and corpora are shared.
+    sets = {fe: data.load_digit_eval_sets(opts.data_dir, 0, opts.synth, fe) for fe in sorted(set(front_ends.values()))}
+    validation, test = next(iter(sets.values()))
+    val = {name: onnx_logits(path, sets[front_ends[name]][0]) for name, path in cards.items()}
     fusion, shift = shift_non_digit(fit(list(val.values()), validation.labels()), list(val.values()),
                                     validation.labels(), SHIFT_NON_DIGIT)
-    tested = decisions({name: onnx_logits(path, test) for name, path in cards.items()}, fusion)
+    tested = decisions({name: onnx_logits(path, sets[front_ends[name]][1]) for name, path in cards.items()}, fusion)
     report, thresholds = {}, {}
     for name, logits in decisions(val, fusion).items():
         t = confidence_threshold(softmax(logits), validation.labels(), MAX_NON_DIGIT)

@@ -10,9 +10,10 @@ import numpy as np
 
 from streamd.train import data
 
-# The digit model families (streamd.train.nets DigitNet, DigitRNN, and each distilled from a
-# pretrained word embedding: DistilledDigitNet, DistilledDigitRNN) and their files.
-FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx", "kd": "digits-kd.onnx",
+# The digit model families (streamd.train.nets DigitNet, DigitRNN; streamd.train.digits_ge2e's
+# head on a pretrained encoder; and each of the first two distilled from a pretrained word
+# embedding: DistilledDigitNet, DistilledDigitRNN) and their files.
+FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx", "ge2e": "digits-ge2e.onnx", "kd": "digits-kd.onnx",
                 "kd-rnn": "digits-kd-rnn.onnx"}
 
 
