@@ -138,6 +138,14 @@ def test_the_lighter_fusion_card_runs_the_seed_0_pair_alone():
         assert not np.allclose(pair.run(feats), full.run(feats))
 
 
+def test_the_mfcc_fusion_card_leaves_the_pretrained_encoder_out_for_machines_short_of_cpu():
+    mfcc = load_digits(cfg_with("fused", fusion="digits.fusion-mfcc.json"), "cpu")
+    assert list(mfcc.members) == ["cnn", "rnn", "cnn-s1", "rnn-s1"]
+    assert [p.kind for p in mfcc.front_ends] == ["mfcc"]  # no mel features computed for digits
+    card = json.loads((MODELS / "digits.fusion-mfcc.json").read_text())
+    assert card["decisions"]["fused"]["validation"]["non_digit_accepted"] <= 0.02
+
+
 def test_a_model_the_fusion_card_does_not_list_is_refused_by_name():
     with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1, ge2e and fused"):
         digit_plan(cfg_with("kd"))
