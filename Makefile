@@ -69,7 +69,7 @@ train: venv
 	set -e; for seed in 0 1; do for family in cnn rnn; do \
 		$(BIN)/streamd train digits --family $$family --seed $$seed --data ../shared/datasets --out models; done; done
 	$(BIN)/streamd train digits --family ge2e --data ../shared/datasets --out models
-	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e --cascade ge2e
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --card digits.fusion-pair.json
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
 

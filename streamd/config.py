@@ -114,6 +114,7 @@ class ControlConfig:
 class DigitsConfig:
     model: str = "auto"  # auto | fused | cnn | rnn (see docs/models.md)
     min_confidence: float = -1.0  # below 0: the value chosen on validation speakers
+    cascade: bool = True  # fused: the costly members only when the others are unsure (fusion card's cascade)
 
 
 @dataclass(frozen=True)

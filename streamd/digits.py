@@ -33,6 +33,29 @@ class Fusion:
         return z
 
 
+@dataclass(frozen=True)
+class Cascade:
+    """The costly members run only for utterances the others are unsure of. When the fusion of
+    the ``first`` members (indices into the full member list) gives its best class at least
+    ``gate``, its logits are the decision; otherwise every member runs and the full fusion
+    decides. The gate is chosen on validation speakers so that both give the same decisions
+    there (``streamd train fusion --cascade``)."""
+
+    first: tuple[int, ...]
+    fusion: Fusion
+    gate: float
+
+    def settles(self, first_logits: list[np.ndarray]) -> np.ndarray | None:
+        """The first members' fused logits when they settle the decision, else None."""
+        z = self.fusion(first_logits)
+        return z if float(np.max(softmax(z))) >= self.gate else None
+
+    def combine(self, outputs: list[np.ndarray], full: Fusion) -> np.ndarray:
+        """What the cascade decides from every member's logits (for evaluation)."""
+        z = self.settles([outputs[i] for i in self.first])
+        return full(outputs) if z is None else z
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = z - z.max(axis=-1, keepdims=True)

@@ -61,7 +61,7 @@ def variants(digits: DigitModels, outputs: list[np.ndarray]) -> dict[str, np.nda
     """Logits of every decision on offer: each member alone, and fused when there is a fusion."""
     out = dict(zip(digits.members, outputs))
     if digits.fusion is not None:
-        out["fused"] = digits.fusion(outputs)
+        out["fused"] = digits.combine(outputs)  # the cascade's decision when the card has one
     return out
 
 

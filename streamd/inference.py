@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from streamd.digits import Fusion
+from streamd.digits import Cascade, Fusion
 from streamd.features import FeatureParams, mfcc, normalize
 
 log = logging.getLogger(__name__)
@@ -303,11 +303,12 @@ class DigitModels:
     they are given one utterance's features per front end."""
 
     def __init__(self, members: dict[str, OnnxModel], fusion: Fusion | None = None, choice: str = "",
-                 thresholds: dict[str, float] | None = None):
+                 thresholds: dict[str, float] | None = None, cascade: Cascade | None = None):
         if fusion is None and len(members) != 1:
             raise ModelError("several digit models need a fusion")
         self.members = members
         self.fusion = fusion
+        self.cascade = cascade if fusion is not None else None
         self.choice = choice or next(iter(members))
         self.front_ends = tuple(dict.fromkeys(m.params for m in members.values()))
         self.card = next(iter(members.values())).card
@@ -329,17 +330,39 @@ class DigitModels:
         value = card.data.get("suggested_threshold", {}).get("value")
         return float(value) if isinstance(value, (int, float)) else 0.5
 
-    def _combine(self, outputs: list[np.ndarray]) -> np.ndarray:
-        return outputs[0] if self.fusion is None else self.fusion(outputs)
+    def combine(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """The decision's logits from every member's (the cascade's, when there is one)."""
+        if self.fusion is None:
+            return outputs[0]
+        return self.cascade.combine(outputs, self.fusion) if self.cascade else self.fusion(outputs)
 
     def run(self, feats: FeaturesByFrontEnd) -> np.ndarray:
-        return self._combine([m.run(feats[m.params]) for m in self.members.values()])
+        return self.run_many([feats], 1)[0]
 
     def run_many(self, utterances: list[FeaturesByFrontEnd], max_batch: int) -> list[np.ndarray]:
+        """Each utterance's decision logits; with a cascade, the members after the first run
+        only on the utterances the first leave unsettled."""
         if not utterances:
             return []
-        per_model = [run_batched(m, [u[m.params] for u in utterances], max_batch) for m in self.members.values()]
-        return [self._combine(list(outs)) for outs in zip(*per_model)]
+        models = list(self.members.values())
+        first = self.cascade.first if self.cascade else tuple(range(len(models)))
+        outputs: list[list] = [[None] * len(models) for _ in utterances]
+        self._run_members(models, first, utterances, range(len(utterances)), outputs, max_batch)
+        if not self.cascade:
+            return [self.combine(out) for out in outputs]
+        settled = [self.cascade.settles([out[k] for k in first]) for out in outputs]
+        rest = tuple(k for k in range(len(models)) if k not in first)
+        open_ = [i for i, z in enumerate(settled) if z is None]
+        self._run_members(models, rest, utterances, open_, outputs, max_batch)
+        return [z if z is not None else self.fusion(outputs[i]) for i, z in enumerate(settled)]
+
+    @staticmethod
+    def _run_members(models: list[OnnxModel], which, utterances, rows, outputs, max_batch: int) -> None:
+        rows = list(rows)
+        for k in which:
+            if rows:
+                for i, out in zip(rows, run_batched(models[k], [utterances[i][models[k].params] for i in rows], max_batch)):
+                    outputs[i][k] = out
 
 
 @dataclass
@@ -369,6 +392,7 @@ class DigitPlan:
     choice: str
     thresholds: dict[str, float]  # min_confidence per choice, chosen on validation speakers
     source: Path  # the card the plan was read from: the fusion card, or the single model's
+    cascade: Cascade | None = None  # fused: the costly members only when the others are unsure
 
 
 def _fusion_card(path: Path) -> dict:
@@ -376,6 +400,21 @@ def _fusion_card(path: Path) -> dict:
     if data["kind"] != "digits-fusion" or len(data["weights"]) != len(data["members"]):
         raise ModelError(f"{path}: not a digits-fusion card with one weight per member")
     return data
+
+
+def _cascade(path: Path, data: dict, names: list[str]) -> Cascade | None:
+    spec = data.get("cascade")
+    if spec is None:
+        return None
+    try:
+        first = tuple(names.index(n) for n in spec["first"])
+        fusion = Fusion(tuple(spec["weights"]), tuple(spec["bias"]))
+        gate = float(spec["gate"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: malformed cascade entry ({type(exc).__name__}: {exc})") from None
+    if len(fusion.weights) != len(first) or len(fusion.bias) != len(data["bias"]) or not 0 < gate <= 1:
+        raise ModelError(f"{path}: cascade needs a weight per first member, {len(data['bias'])} biases and 0 < gate <= 1")
+    return Cascade(first, fusion, gate)
 
 
 def digit_plan(cfg) -> DigitPlan:
@@ -401,7 +440,9 @@ def digit_plan(cfg) -> DigitPlan:
     choice = data["choice"] if want == "auto" else want
     thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
     if choice == "fused":
-        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds, fusion_path)
+        cascade = _cascade(fusion_path, data, list(cards)) if cfg.digits.cascade else None
+        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds, fusion_path,
+                         cascade)
     if choice not in cards:
         raise ModelError(f"digits.model = {want!r}: {fusion_path} offers {', '.join(cards)} and fused")
     return DigitPlan({choice: cards[choice]}, None, choice, thresholds, fusion_path)
@@ -414,7 +455,7 @@ def load_digits(cfg, provider: str | None = None, on_fallback: FallbackListener 
         verify(card, cfg.feature_params(card.feature_kind))
     members = {name: _session_for(cfg, card, provider or cfg.models.provider, on_fallback)
                for name, card in plan.cards.items()}
-    return DigitModels(members, plan.fusion, plan.choice, plan.thresholds)
+    return DigitModels(members, plan.fusion, plan.choice, plan.thresholds, plan.cascade)
 
 
 def _session_for(cfg, card: ModelCard, provider: str, on_fallback: FallbackListener | None) -> OnnxModel:
@@ -435,4 +476,4 @@ def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener 
     if provider == "auto" and speaker_model.provider == CPU and gains_on_cuda(speaker):
         provider = "cpu"  # CUDA failed once: do not try (and fail) again
     members = {name: _session_for(cfg, card, provider, on_fallback) for name, card in plan.cards.items()}
-    return Models(speaker_model, DigitModels(members, plan.fusion, plan.choice, plan.thresholds))
+    return Models(speaker_model, DigitModels(members, plan.fusion, plan.choice, plan.thresholds, plan.cascade))

@@ -124,7 +124,7 @@ def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choic
     every = load_digits(cfg_with("fused"), "cpu")
     for feats in utterance_features(every)[:4]:
         outputs = [m.run(feats[m.params]) for m in every.members.values()]
-        want = every.fusion(outputs) if expected == "fused" else outputs[list(every.members).index(expected)]
+        want = every.combine(outputs) if expected == "fused" else outputs[list(every.members).index(expected)]
         np.testing.assert_allclose(digits.run(feats), want, rtol=1e-6, atol=1e-6)
 
 
@@ -136,6 +136,52 @@ def test_the_lighter_fusion_card_runs_the_seed_0_pair_alone():
         outputs = [m.run(feats[m.params]) for m in pair.members.values()]
         np.testing.assert_allclose(pair.run(feats), pair.fusion(outputs), rtol=1e-6, atol=1e-6)
         assert not np.allclose(pair.run(feats), full.run(feats))
+
+
+def cfg_no_cascade(**kw):
+    cfg = cfg_with(**kw)
+    return replace(cfg, digits=replace(cfg.digits, cascade=False))
+
+
+def test_the_cascade_runs_the_costly_member_only_where_the_others_are_unsure():
+    cascaded = load_digits(cfg_with("fused"), "cpu")
+    full = load_digits(cfg_no_cascade(model="fused"), "cpu")
+    assert cascaded.cascade is not None and full.cascade is None
+    card = FUSION["cascade"]
+    assert card["then"] == ["ge2e"] and card["validation"]["decisions_differing"] == 0
+    ran = []
+    ge2e = cascaded.members["ge2e"]
+    infer = ge2e.infer
+    ge2e.infer = lambda batch: ran.append(len(batch)) or infer(batch)
+    feats = utterance_features(cascaded) + utterance_features(cascaded, "visitor12.flac")
+    got = cascaded.run_many(feats, 7)
+    settled = 0
+    for f, z in zip(feats, got):
+        outputs = [m.run(f[m.params]) for m in full.members.values()]
+        first = cascaded.cascade.settles([outputs[k] for k in cascaded.cascade.first])
+        settled += first is not None
+        np.testing.assert_allclose(z, first if first is not None else full.fusion(outputs), atol=1e-6)
+        # where it settles, the first members name what all five would (the gate's promise)
+        assert np.argmax(z) == np.argmax(full.run(f)) or first is None
+    assert sum(ran) == len(feats) - settled  # the GE2E head ran once per unsettled utterance
+    assert 0 < settled < len(feats)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: c["cascade"].update(first=["cnn", "nope"]),
+    lambda c: c["cascade"].update(gate=1.5),
+    lambda c: c["cascade"].pop("weights"),
+])
+def test_a_broken_cascade_entry_is_refused_in_one_line(tmp_path, damage):
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    card = json.loads((models / "digits.fusion.json").read_text())
+    damage(card)
+    (models / "digits.fusion.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="cascade") as err:
+        digit_plan(cfg_with("fused", models))
+    assert "\n" not in str(err.value)
+    assert digit_plan(cfg_no_cascade(model="fused", models_dir=models)).cascade is None  # switched off: not read
 
 
 def test_the_mfcc_fusion_card_leaves_the_pretrained_encoder_out_for_machines_short_of_cpu():

@@ -258,6 +258,12 @@ def _fusion_md(f: dict) -> list[str]:
         lines.append(f"| {name} | {f['min_confidence'][name]:.2f} | {_pct(v['digit_correct'])} | "
                      f"{_pct(v['non_digit_accepted'])} | {_pct(t['fsdd_digits_right'])} | {_pct(t['asc_digits_right'])} | "
                      f"{_pct(t['non_digit_accepted'])} |")
+    if "cascade" in f:
+        c = f["cascade"]
+        lines += ["", f"Cascade (`digits.cascade = true`): {', '.join(c['then'])} runs only where the fusion of "
+                      f"{', '.join(c['first'])} gives its best class p < {c['gate']} ({c['gate_rule']}): "
+                      f"{_pct(c['validation']['settled_by_first'])} of the validation clips and "
+                      f"{_pct(c['test']['settled_by_first'])} of the test clips are settled without it."]
     return lines + ["", f"Reproduce: `{f['command']}`", ""]
 
 

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                    help="fusion: fuse both families trained with each of these seeds (default 0)")
     p.add_argument("--with", dest="extra", nargs="+", default=[], metavar="MEMBER",
                    help="fusion: fuse these digit models too, by name (e.g. kd: digits-kd.onnx)")
+    p.add_argument("--cascade", nargs="+", default=[], metavar="MEMBER",
+                   help="fusion: run these members only when the others' fusion is unsure (a gate chosen "
+                        "on the validation speakers so that every decision there stays the same)")
     p.add_argument("--card", default="digits.fusion.json",
                    help="fusion: the fusion card's file name in --out (default digits.fusion.json, the "
                         "one config's models.digits_fusion names)")
@@ -93,7 +96,7 @@ def run(args) -> int:
         from streamd.train import fusion
 
         code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth, args.card,
-                                            tuple(args.extra)))
+                                            tuple(args.extra), tuple(args.cascade)))
     elif args.model == "digits" and args.adapt is not None:
         from streamd.train import adapt
 
