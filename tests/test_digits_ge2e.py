@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.inference import load_card, load_digits
+from streamd.inference import load_digits, load_models
 from streamd.train import scoring
-from conftest import MODELS
 from test_streams import utterance_features
 
 
@@ -29,12 +28,12 @@ def test_its_rows_run_alone_and_unpadded_while_the_mfcc_models_are_bucketed():
 
 
 def test_the_speaker_model_and_the_ge2e_digit_model_share_one_mel_ring():
-    digits = load_digits(Config(), "cpu")
-    feats = utterance_features(digits)[0]
-    assert set(feats) == set(digits.front_ends) and len(digits.front_ends) == 2
-    # one mel matrix per utterance, the same the speaker model reads
-    speaker_params = load_card(MODELS / "speaker.card.json", "speaker").data["features"]
-    assert {p.as_dict()["kind"] for p in digits.front_ends} == {"mfcc", speaker_params["kind"]}
+    models = load_models(Config(), "cpu")
+    # the pipeline keeps one ring per distinct FeatureParams: equal params, one ring
+    assert models.speaker.params == models.digits.members["ge2e"].params
+    assert len({models.speaker.params, *models.digits.front_ends}) == 2  # mel and MFCC, no more
+    feats = utterance_features(models.digits)[0]
+    assert set(feats) == set(models.digits.front_ends)
 
 
 def test_the_frozen_encoder_gives_every_layers_states_of_the_lstm_it_copies():
