@@ -358,11 +358,11 @@ class DigitModels:
 
     @staticmethod
     def _run_members(models: list[OnnxModel], which, utterances, rows, outputs, max_batch: int) -> None:
+        """Fill ``outputs[i][k]`` for the utterances ``rows`` and the members ``which``."""
         rows = list(rows)
-        for k in which:
-            if rows:
-                for i, out in zip(rows, run_batched(models[k], [utterances[i][models[k].params] for i in rows], max_batch)):
-                    outputs[i][k] = out
+        for k in which if rows else ():
+            for i, out in zip(rows, run_batched(models[k], [utterances[i][models[k].params] for i in rows], max_batch)):
+                outputs[i][k] = out
 
 
 @dataclass

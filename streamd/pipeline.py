@@ -105,9 +105,8 @@ class StreamPipeline:
         self._next_partial = 0.0  # seconds of it after which the next speaker.partial is due
         self.segmenter = Segmenter(cfg.vad)
         # One ring per front end the models need; each sample's features are computed once.
-        self.rings = {m.params: StreamingMfcc(m.params, int(cfg.features.ring_seconds / m.params.winstep),
-                                              int(FEATURE_CHUNK_S * m.params.sample_rate))
-                      for m in (models.speaker, *models.digits.members.values())}
+        self.rings = {p: StreamingMfcc(p, int(cfg.features.ring_seconds / p.winstep), int(FEATURE_CHUNK_S * p.sample_rate))
+                      for p in dict.fromkeys((models.speaker.params, *models.digits.front_ends))}
         metrics.add_stream(stream)
         # Children resolved once: silence costs only these increments and the VAD.
         self._m_frames = metrics.frames.labels(stream=stream)

@@ -447,9 +447,9 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x), -32768, 32767).astype(np.int16)
 
 
-# The models' front ends: MFCC (the design card's; cnn and rnn) and the pretrained speech
-# encoder's mel power (speaker model, digit family ge2e).
-FRONT_ENDS = {"mfcc": FeatureParams, "mel": mel_params}
+# The models' front ends by FeatureParams.kind (a model card's features.kind): MFCC (the design
+# card's; cnn and rnn) and the pretrained speech encoder's mel power (speaker model, digit family ge2e).
+FRONT_ENDS = {"mfcc": FeatureParams, "melpower": mel_params}
 
 
 def clip_features(audio: np.ndarray, front_end: str = "mfcc") -> np.ndarray:

@@ -22,10 +22,11 @@ from torch import nn
 
 from streamd.features import mel_params
 from streamd.train import card, common, data, scoring
+from streamd.train.digits import evaluate
 from streamd.train.speaker_encoder import load_encoder, pretrained_path, quantize
 
 FAMILY = "ge2e"
-FRONT_END = "mel"
+FRONT_END = "melpower"
 STATE_DIMS = 3 * 256  # the three LSTM layers' outputs, concatenated
 STRIDE = 2  # states kept every 20 ms
 # Four versions of each real training clip, two of each synthetic one: the head sees every
@@ -107,7 +108,8 @@ class Options:
 
 def encoder_states(encoder: FrozenEncoder, fs: data.FeatureSet, batch: int = 64) -> list[np.ndarray]:
     """Every item's states (float16), computed in batches of similar length."""
-    order = np.argsort(fs.lengths())
+    lengths = fs.lengths()
+    order = np.argsort(lengths)
     out: list[np.ndarray] = [np.empty(0)] * len(fs)
     with torch.no_grad():
         for start in range(0, len(order), batch):
@@ -115,7 +117,7 @@ def encoder_states(encoder: FrozenEncoder, fs: data.FeatureSet, batch: int = 64)
             x, _ = common.pad_batch([fs.item(i) for i in items])
             states = encoder(x).numpy().astype(np.float16)
             for row, i in enumerate(items):
-                out[i] = states[row, : -(-int(fs.lengths()[i]) // STRIDE)]
+                out[i] = states[row, : -(-int(lengths[i]) // STRIDE)]
     return out
 
 
@@ -211,8 +213,6 @@ def run(opts: Options) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     sample = [split.test.item(i) for i in range(0, len(split.test), max(1, len(split.test) // 64))]
     parity = export(net, path, sample)
-    from streamd.train.digits import evaluate
-
     metrics, threshold = evaluate(path, split)
     metrics.update(parity)
     info = card.TrainingInfo("digits", opts.epochs, opts.seed, opts.synth, LOSS_TEXT, t_feats, t_train,

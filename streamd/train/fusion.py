@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from streamd.digits import Fusion, log_softmax
+from streamd.inference import load_card
 from streamd.train import card, data, scoring
 from streamd.train.scoring import accepted, confidence_threshold, corpus_metrics, onnx_logits, softmax
 
@@ -53,8 +54,7 @@ def member_cards(opts: Options) -> dict[str, Path]:
 
 def front_end(model_path: Path) -> str:
     """Which of data.FRONT_ENDS a trained digit model reads, from its card."""
-    kind = json.loads(model_path.with_suffix(".card.json").read_text())["features"].get("kind", "mfcc")
-    return "mel" if kind == "melpower" else "mfcc"
+    return load_card(model_path.with_suffix(".card.json"), "digits").feature_kind
 
 
 def fit(member_logits: list[np.ndarray], labels: np.ndarray) -> Fusion:
@@ -147,15 +147,16 @@ def cascade_entry(opts: Options, val: dict[str, np.ndarray], tested: dict[str, n
     fusion, _ = shift_non_digit(fit([val[n] for n in first], validation.labels()), [val[n] for n in first],
                                 validation.labels(), SHIFT_NON_DIGIT)
     full_val = full(list(val.values()))
+    wanted = decisions_at(full_val, threshold)
 
-    def cascaded(members: dict[str, np.ndarray], full: np.ndarray, gate: float) -> tuple[np.ndarray, np.ndarray]:
+    def cascaded(members: dict[str, np.ndarray], unsettled: np.ndarray, gate: float) -> tuple[np.ndarray, np.ndarray]:
         z = fusion([members[n] for n in first])
         settled = softmax(z).max(axis=1) >= gate
-        return np.where(settled[:, None], z, full), settled
+        return np.where(settled[:, None], z, unsettled), settled
 
     for gate in GATES:
         z, settled = cascaded(val, full_val, gate)
-        if np.array_equal(decisions_at(z, threshold), decisions_at(full_val, threshold)):
+        if np.array_equal(decisions_at(z, threshold), wanted):
             zt, settled_t = cascaded(tested, tested["fused"], gate)
             return {"first": first, "then": list(opts.cascade), "weights": list(fusion.weights),
                     "bias": list(fusion.bias), "gate": gate,
