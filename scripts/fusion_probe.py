@@ -13,7 +13,7 @@ espeak-ng voices predicted by a fusion fitted on the other 13), as the share of 
 right at the best "not a digit" bias keeping <= 1% and <= 2% of other words accepted; then
 fitted on all of them, as ``streamd train fusion`` does, and scored on the held-out speakers.
 
-    python scripts/fusion_probe.py --data ../shared/datasets [--form matrix --l2 0.03] [--tempo 0.9 1 1.1] [--with ge2e]
+    python scripts/fusion_probe.py --data ../shared/datasets [--form matrix --l2 0.03] [--tempo 0.9 1 1.1] [--with ge2e] [--budget 0.02]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Matrix:
         return self.logits(self.theta, lp)
 
 
-def fitted(form: str, l2: float, lp: np.ndarray, y: np.ndarray):
+def fitted(form: str, l2: float, lp: np.ndarray, y: np.ndarray, budget: float = F.SHIFT_NON_DIGIT):
     """The fusion fitted as ``streamd train fusion`` fits it (cross-entropy, then the "not a
     digit" bias shift), as a function of members' log-probabilities, and its threshold."""
     fuse = Matrix(l2).fit(lp, y) if form == "matrix" else F.fit(list(lp), y)
@@ -98,7 +98,7 @@ def fitted(form: str, l2: float, lp: np.ndarray, y: np.ndarray):
         z[:, ND] += shift
         return z
 
-    shift = F.non_digit_shift(logits(lp), y, F.SHIFT_NON_DIGIT)
+    shift = F.non_digit_shift(logits(lp), y, budget)
     threshold = confidence_threshold(softmax(logits(lp, shift)), y, F.MAX_NON_DIGIT)["value"]
     return lambda members: logits(members, shift), threshold
 
@@ -123,6 +123,8 @@ def main() -> None:
     p.add_argument("--form", choices=("weights", "matrix"), default="weights")
     p.add_argument("--l2", type=float, default=0.03, help="matrix: L2 pull towards the shipped form")
     p.add_argument("--tempo", type=float, nargs="+", default=[1.0])
+    p.add_argument("--budget", type=float, default=F.SHIFT_NON_DIGIT,
+                   help="share of the validation speakers' other words the 'not a digit' shift may accept")
     p.add_argument("--with", dest="extra", nargs="+", default=[], help="fuse these members too (e.g. ge2e)")
     args = p.parse_args()
     paths = list(F.member_cards(F.Options(args.data, args.models, seeds=(0, 1), extra=tuple(args.extra))).values())
@@ -139,7 +141,7 @@ def main() -> None:
     cells = [f"<= {fa:.0%} other words: {a:.1%} (ASC {asc:.1%})" for fa in (0.01, 0.02)
              for a, asc in [best_at(z, y, corpus, fa)]]
     print(f"form {args.form}, tempo {args.tempo}: validation, leave one speaker out: " + "; ".join(cells))
-    fuse, threshold = fitted(args.form, args.l2, lp, y)
+    fuse, threshold = fitted(args.form, args.l2, lp, y, args.budget)
     zt = fuse(member_logprobs(paths, test_sets, args.tempo))
     at = F.held_out_report(zt, test, threshold)["at_threshold"]
     print("held-out speakers: " + ", ".join(f"{k} {v:.1%}" for k, v in at.items()))
