@@ -14,11 +14,11 @@ from streamd import digits
 from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
-from streamd.features import StreamingMfcc, normalize
+from streamd.features import FeatureParams, StreamingMfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Utterance, audio_level
 from streamd.identity import UNKNOWN, Decision
-from streamd.inference import Models
+from streamd.inference import FeaturesByFrontEnd, Models
 from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook
 from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, model_span
@@ -265,10 +265,10 @@ class StreamPipeline:
                                  candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
                       end.closed_at)
 
-    def _digit_features(self, samples: int) -> dict:
+    def _digit_features(self, samples: int) -> FeaturesByFrontEnd:
         return {p: self._utterance_features(p, samples) for p in self.models.digits.front_ends}
 
-    def _utterance_features(self, params, samples: int) -> np.ndarray:
+    def _utterance_features(self, params: FeatureParams, samples: int) -> np.ndarray:
         ring = self.rings[params]
         n = min(params.frames_in(samples), ring.num_frames)
         return normalize(ring.frames(ring.oldest_frame, n), params)
