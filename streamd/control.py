@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,17 +227,27 @@ def request(endpoint: str, message: dict[str, Any] | bytes, timeout_s: float = 1
             context: zmq.Context | None = None, curve: ClientCurve | None = None) -> dict[str, Any] | None:
     """One request from a REQ client; None when nothing answers within the timeout (a CURVE
     server that refuses the client's key looks the same: no reply)."""
+    deadline = time.monotonic() + timeout_s
     ctx = context or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    # The request waits for a connection whose handshake succeeded, within the timeout. A
+    # CURVE server that refuses the key closes the connection, and the REQ socket loses its
+    # only pipe: a send without a time limit would then wait forever (seen under load, when
+    # the refusal came before the send).
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
     if curve is not None:
         sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
     try:
         sock.connect(endpoint)
-        sock.send(message if isinstance(message, bytes) else json.dumps(message).encode("utf-8"))
-        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+        try:
+            sock.send(message if isinstance(message, bytes) else json.dumps(message).encode("utf-8"))
+        except zmq.Again:
+            return None
+        if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
             return None
         return json.loads(sock.recv())
     finally:

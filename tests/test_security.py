@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,35 @@ def test_only_authorised_clients_get_replies(curve):
     finally:
         served.close()
     assert threading.active_count() == before  # the ZAP authenticator thread is gone
+
+
+def test_a_refused_client_hears_nothing_within_its_timeout_every_time(curve):
+    # The refusal closes the connection; a request must not wait past its timeout for one
+    # (it once hung in send when the refusal came first). Timed in a thread, so a hang fails.
+    served = Served(config.load(None, server_sets(curve)))
+    replies, took = [], []
+
+    def ask():
+        for _ in range(10):
+            t0 = time.monotonic()
+            replies.append(control.request(served.endpoint, {"cmd": "x"}, 0.3, curve=client_curve(curve, "intruder")))
+            took.append(time.monotonic() - t0)
+
+    try:
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(30)
+        assert not asker.is_alive(), "a refused request waited past its timeout"
+        assert replies == [None] * 10 and max(took) < 1.5, took
+        assert control.request(served.endpoint, {"cmd": "after"}, 5, curve=client_curve(curve))["echo"] == "after"
+    finally:
+        served.close()
+
+
+def test_a_request_to_nothing_returns_none_within_its_timeout():
+    t0 = time.monotonic()
+    assert control.request(f"tcp://127.0.0.1:{free_port()}", {"cmd": "stats"}, 0.3) is None
+    assert time.monotonic() - t0 < 1.5
 
 
 def test_control_server_refuses_to_listen_beyond_loopback_without_curve():

@@ -1,0 +1,146 @@
+"""Would the GE2E digit member gain from fine-tuning the encoder's top LSTM layer for digits,
+instead of keeping the whole encoder frozen? Measured, not shipped (docs/measurements.md,
+section "The cascade", paragraph "Nor does fine-tuning the encoder's top layer").
+
+The head and the encoder's third LSTM layer are trained together, from the pretrained weights
+and a new head, on the clips and versions ``streamd train digits --family ge2e`` uses (layers
+1-2 stay frozen, so their states are computed once; the top layer learns at a tenth of the
+head's rate). The model is exported as the shipped one is (int8 layers 2-3) and kept under
+WORK_DIR/ge2e-finetune/epochs-N. It is then scored alone on the held-out speakers and, as the
+GE2E member of the five-model fusion (and beside the shipped head, a sixth member), as
+scripts/crossfit_probe.py scores a member (leave one validation speaker out; fitted on all of
+them for the held-out speakers).
+
+    python scripts/ge2e_finetune_probe.py --data ../shared/datasets [--epochs 12] [--seed 1] [--form matrix]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import streamd  # noqa: F401  (before numpy: sets the thread defaults)
+import numpy as np
+import torch
+import torch.nn.functional as TF
+
+import streamd.train.fusion as F
+from crossfit_probe import report
+from fusion_probe import member_logprobs
+from streamd.digits import log_softmax
+from streamd.train import common, data, scoring
+from streamd.train import digits_ge2e as G
+
+TOP_LR_SHARE = 0.1  # the top layer's peak learning rate, as a share of the head's
+
+
+def lower_states(encoder: G.FrozenEncoder, fs: data.FeatureSet, batch: int = 64):
+    """Per item: layers 1-2's states every 20 ms (the head's input from them) and layer 2's
+    every 10 ms (the top layer's input), float16."""
+    lengths = fs.lengths()
+    order = np.argsort(lengths)
+    kept, inputs = [np.empty(0)] * len(fs), [np.empty(0)] * len(fs)
+    with torch.no_grad():
+        for start in range(0, len(order), batch):
+            items = order[start : start + batch]
+            x, _ = common.pad_batch([fs.item(i) for i in items])
+            s1, _ = encoder.layers[0](x)
+            s2, _ = encoder.layers[1](s1)
+            low = torch.cat((s1, s2), dim=2)[:, :: G.STRIDE].numpy().astype(np.float16)
+            s2 = s2.numpy().astype(np.float16)
+            for row, i in enumerate(items):
+                n = int(lengths[i])
+                kept[i], inputs[i] = low[row, : -(-n // G.STRIDE)], s2[row, :n]
+    return kept, inputs
+
+
+def pad(mats: list[np.ndarray]) -> torch.Tensor:
+    x = torch.zeros(len(mats), max(len(m) for m in mats), mats[0].shape[1])
+    for row, m in enumerate(mats):
+        x[row, : len(m)] = torch.from_numpy(m.astype(np.float32))
+    return x
+
+
+def train(encoder: G.FrozenEncoder, fs: data.FeatureSet, epochs: int, seed: int = 0) -> G.Head:
+    """Head and top layer trained together; the top layer is updated in place."""
+    kept, inputs = lower_states(encoder, fs)
+    rng = common.seed_everything(seed)
+    top, head = encoder.layers[2], G.Head()
+    top.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": head.parameters()}, {"params": top.parameters(), "weight_decay": 0.0}],
+                            lr=G.PEAK_LR, weight_decay=1e-2)
+    steps = epochs * -(-len(fs) // G.BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, [G.PEAK_LR, G.PEAK_LR * TOP_LR_SHARE], total_steps=steps)
+    y = torch.from_numpy(fs.labels())
+    for epoch in range(epochs):
+        head.train()
+        t0, losses, correct = time.time(), [], 0
+        order = rng.permutation(len(fs))
+        for start in range(0, len(order), G.BATCH):
+            items = order[start : start + G.BATCH]
+            low, s2 = pad([kept[i] for i in items]), pad([inputs[i] for i in items])
+            mask = torch.zeros(len(items), low.shape[1], dtype=torch.bool)
+            for row, i in enumerate(items):
+                mask[row, : len(kept[i])] = True
+            s3, _ = top(s2)
+            logits = head(torch.cat((low, s3[:, :: G.STRIDE]), dim=2), mask)
+            loss = TF.cross_entropy(logits, y[items], label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(1) == y[items]).sum())
+        print(f"fine-tune epoch {epoch + 1}/{epochs} loss {np.mean(losses):.4f} "
+              f"train-acc {correct / len(fs):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    top.requires_grad_(False)
+    return head.eval()
+
+
+def fine_tuned_model(data_dir: Path, epochs: int, seed: int) -> Path:
+    run = f"epochs-{epochs}" + (f"-seed-{seed}" if seed else "")
+    path = data.WORK_DIR / "ge2e-finetune" / run / "digits-ge2e.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    split = data.load_digit_split(data_dir, 0, True, front_end=G.FRONT_END, plan=G.PLAN)
+    common.seed_everything(seed)
+    encoder = G.FrozenEncoder(G.load_encoder(G.pretrained_path()).lstm)
+    head = train(encoder, split.train, epochs, seed)
+    sample = [split.test.item(i) for i in range(0, len(split.test), max(1, len(split.test) // 64))]
+    print("export", G.export(G.GE2EDigitNet(encoder, head).eval(), path, sample), flush=True)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--form", choices=("weights", "matrix"), default="weights", help="as in fusion_probe.py")
+    p.add_argument("--epochs", type=int, default=G.Options.epochs, help="a quick check: 1")
+    p.add_argument("--seed", type=int, default=0, help="the head's initialisation and batch order (same clips)")
+    args = p.parse_args()
+    tuned = fine_tuned_model(args.data, args.epochs, args.seed)
+    cards = F.member_cards(F.Options(args.data, Path("models"), seeds=(0, 1), extra=("ge2e",)))
+    paths, ge2e = list(cards.values()), list(cards).index("ge2e")
+    others = [i for i in range(len(paths)) if i != ge2e]
+    sets = {fe: data.load_digit_eval_sets(args.data, 0, True, fe) for fe in {F.front_end(path) for path in paths}}
+    val_sets, test_sets = ({fe: pair[k] for fe, pair in sets.items()} for k in (0, 1))
+    val, test = val_sets[G.FRONT_END], test_sets[G.FRONT_END]
+    lp, lpt = member_logprobs(paths, val_sets, [1.0]), member_logprobs(paths, test_sets, [1.0])
+    tv, tt = (log_softmax(scoring.onnx_logits(tuned, fs)) for fs in (val, test))
+    y, speaker = val.labels(), np.array(val.speakers())
+    corpus = np.array([val.clips[c].corpus for c in val.clip_index])
+    for name, z in (("shipped head", lpt[ge2e]), ("fine-tuned", tt)):
+        alone = scoring.corpus_metrics(z, test)
+        print(f"{name} alone, held-out model's choice: " + ", ".join(
+            f"{c} {m['digit_accuracy_argmax_0_9']:.1%}" for c, m in alone.items()), flush=True)
+    rows = {"shipped head": ([lp[ge2e]], [lpt[ge2e]]), "fine-tuned": ([tv], [tt]),
+            "shipped head and fine-tuned, six members": ([lp[ge2e], tv], [lpt[ge2e], tt])}
+    for name, (v, t) in rows.items():
+        report(name, np.concatenate([lp[others], v]), y, speaker, corpus, np.concatenate([lpt[others], t]),
+               test, args.form)
+
+
+if __name__ == "__main__":
+    main()
