@@ -17,6 +17,7 @@ and with all three; and each head alone on the held-out speakers.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamd  # noqa: F401  (before numpy: sets the thread defaults)
@@ -83,6 +84,42 @@ def report(name: str, lp: np.ndarray, y: np.ndarray, speaker: np.ndarray, corpus
           + ", ".join(f"{k} {v:.1%}" for k, v in at.items()), flush=True)
 
 
+@dataclass
+class Members:
+    """The shipped fusion members' log-probabilities (members, clips, 11) on the validation
+    clips (``lp``) and the held-out ones (``lpt``), with what scoring them needs."""
+
+    lp: np.ndarray
+    lpt: np.ndarray
+    val: data.FeatureSet
+    test: data.FeatureSet
+    ge2e: int
+
+    def report(self, name: str, ge2e_val: list[np.ndarray], ge2e_test: list[np.ndarray], form: str) -> None:
+        """The fusion with the shipped GE2E member replaced by ``ge2e_*`` (one or more members)."""
+        others = [i for i in range(len(self.lp)) if i != self.ge2e]
+        y, speaker = self.val.labels(), np.array(self.val.speakers())
+        corpus = np.array([self.val.clips[c].corpus for c in self.val.clip_index])
+        report(name, np.concatenate([self.lp[others], ge2e_val]), y, speaker, corpus,
+               np.concatenate([self.lpt[others], ge2e_test]), self.test, form)
+
+
+def shipped_members(data_dir: Path) -> Members:
+    cards = F.member_cards(F.Options(data_dir, Path("models"), seeds=(0, 1), extra=("ge2e",)))
+    paths = list(cards.values())
+    sets = {fe: data.load_digit_eval_sets(data_dir, 0, True, fe) for fe in {F.front_end(path) for path in paths}}
+    val_sets, test_sets = ({fe: pair[k] for fe, pair in sets.items()} for k in (0, 1))
+    return Members(member_logprobs(paths, val_sets, [1.0]), member_logprobs(paths, test_sets, [1.0]),
+                   val_sets[G.FRONT_END], test_sets[G.FRONT_END], list(cards).index("ge2e"))
+
+
+def print_alone(test: data.FeatureSet, logprobs: dict[str, np.ndarray]) -> None:
+    for name, z in logprobs.items():
+        alone = scoring.corpus_metrics(z, test)
+        print(f"{name} alone, held-out model's choice: " + ", ".join(
+            f"{corpus} {m['digit_accuracy_argmax_0_9']:.1%}" for corpus, m in alone.items()), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
@@ -90,27 +127,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=G.Options.epochs, help="per head (a quick check: 1)")
     args = p.parse_args()
     heads = train_heads(args.data, args.epochs)
-    cards = F.member_cards(F.Options(args.data, Path("models"), seeds=(0, 1), extra=("ge2e",)))
-    paths, ge2e = list(cards.values()), list(cards).index("ge2e")
-    others = [i for i in range(len(paths)) if i != ge2e]
-    sets = {fe: data.load_digit_eval_sets(args.data, 0, True, fe) for fe in {F.front_end(path) for path in paths}}
-    val_sets, test_sets = ({fe: pair[k] for fe, pair in sets.items()} for k in (0, 1))
-    val, test = val_sets[G.FRONT_END], test_sets[G.FRONT_END]
-    lp, lpt = member_logprobs(paths, val_sets, [1.0]), member_logprobs(paths, test_sets, [1.0])
-    y, speaker = val.labels(), np.array(val.speakers())
-    corpus = np.array([val.clips[c].corpus for c in val.clip_index])
-    hv, ht = head_logprobs(heads, val, True), head_logprobs(heads, test, False)
-    for name, z in (("shipped head", lpt[ge2e]), *((f"head {k}", ht[k]) for k in HALVES)):
-        alone = scoring.corpus_metrics(z, test)
-        print(f"{name} alone, held-out model's choice: " + ", ".join(
-            f"{corpus} {m['digit_accuracy_argmax_0_9']:.1%}" for corpus, m in alone.items()), flush=True)
-    with_heads = {"shipped head": (lp[ge2e], lpt[ge2e]),
+    m = shipped_members(args.data)
+    hv, ht = head_logprobs(heads, m.val, True), head_logprobs(heads, m.test, False)
+    print_alone(m.test, {"shipped head": m.lpt[m.ge2e], **{f"head {k}": ht[k] for k in HALVES}})
+    with_heads = {"shipped head": (m.lp[m.ge2e], m.lpt[m.ge2e]),
                   "two cross-fitted heads": (unheard_mean(hv["a"], hv["b"]), unheard_mean(ht["a"], ht["b"])),
-                  "shipped + two cross-fitted heads": (unheard_mean(lp[ge2e], hv["a"], hv["b"]),
-                                                       unheard_mean(lpt[ge2e], ht["a"], ht["b"]))}
+                  "shipped + two cross-fitted heads": (unheard_mean(m.lp[m.ge2e], hv["a"], hv["b"]),
+                                                       unheard_mean(m.lpt[m.ge2e], ht["a"], ht["b"]))}
     for name, (v, t) in with_heads.items():
-        report(name, np.concatenate([lp[others], v[None]]), y, speaker, corpus,
-               np.concatenate([lpt[others], t[None]]), test, args.form)
+        m.report(name, [v], [t], args.form)
 
 
 if __name__ == "__main__":

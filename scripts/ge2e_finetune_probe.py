@@ -25,9 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-import streamd.train.fusion as F
-from crossfit_probe import report
-from fusion_probe import member_logprobs
+from crossfit_probe import print_alone, shipped_members
 from streamd.digits import log_softmax
 from streamd.train import common, data, scoring
 from streamd.train import digits_ge2e as G
@@ -121,25 +119,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="the head's initialisation and batch order (same clips)")
     args = p.parse_args()
     tuned = fine_tuned_model(args.data, args.epochs, args.seed)
-    cards = F.member_cards(F.Options(args.data, Path("models"), seeds=(0, 1), extra=("ge2e",)))
-    paths, ge2e = list(cards.values()), list(cards).index("ge2e")
-    others = [i for i in range(len(paths)) if i != ge2e]
-    sets = {fe: data.load_digit_eval_sets(args.data, 0, True, fe) for fe in {F.front_end(path) for path in paths}}
-    val_sets, test_sets = ({fe: pair[k] for fe, pair in sets.items()} for k in (0, 1))
-    val, test = val_sets[G.FRONT_END], test_sets[G.FRONT_END]
-    lp, lpt = member_logprobs(paths, val_sets, [1.0]), member_logprobs(paths, test_sets, [1.0])
-    tv, tt = (log_softmax(scoring.onnx_logits(tuned, fs)) for fs in (val, test))
-    y, speaker = val.labels(), np.array(val.speakers())
-    corpus = np.array([val.clips[c].corpus for c in val.clip_index])
-    for name, z in (("shipped head", lpt[ge2e]), ("fine-tuned", tt)):
-        alone = scoring.corpus_metrics(z, test)
-        print(f"{name} alone, held-out model's choice: " + ", ".join(
-            f"{c} {m['digit_accuracy_argmax_0_9']:.1%}" for c, m in alone.items()), flush=True)
-    rows = {"shipped head": ([lp[ge2e]], [lpt[ge2e]]), "fine-tuned": ([tv], [tt]),
-            "shipped head and fine-tuned, six members": ([lp[ge2e], tv], [lpt[ge2e], tt])}
+    m = shipped_members(args.data)
+    tv, tt = (log_softmax(scoring.onnx_logits(tuned, fs)) for fs in (m.val, m.test))
+    print_alone(m.test, {"shipped head": m.lpt[m.ge2e], "fine-tuned": tt})
+    rows = {"shipped head": ([m.lp[m.ge2e]], [m.lpt[m.ge2e]]), "fine-tuned": ([tv], [tt]),
+            "shipped head and fine-tuned, six members": ([m.lp[m.ge2e], tv], [m.lpt[m.ge2e], tt])}
     for name, (v, t) in rows.items():
-        report(name, np.concatenate([lp[others], v]), y, speaker, corpus, np.concatenate([lpt[others], t]),
-               test, args.form)
+        m.report(name, v, t, args.form)
 
 
 if __name__ == "__main__":
