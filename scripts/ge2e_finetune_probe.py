@@ -6,7 +6,7 @@ The head and the encoder's third LSTM layer are trained together, from the pretr
 and a new head, on the clips and versions ``streamd train digits --family ge2e`` uses (layers
 1-2 stay frozen, so their states are computed once; the top layer learns at a tenth of the
 head's rate). The model is exported as the shipped one is (int8 layers 2-3) and kept under
-WORK_DIR/ge2e-finetune/epochs-N. It is then scored alone on the held-out speakers and, as the
+WORK_DIR/ge2e-finetune/epochs-N[-seed-S]. It is then scored alone on the held-out speakers and, as the
 GE2E member of the five-model fusion (and beside the shipped head, a sixth member), as
 scripts/crossfit_probe.py scores a member (leave one validation speaker out; fitted on all of
 them for the held-out speakers).
