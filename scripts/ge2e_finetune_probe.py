@@ -23,7 +23,6 @@ from pathlib import Path
 import streamd  # noqa: F401  (before numpy: sets the thread defaults)
 import numpy as np
 import torch
-import torch.nn.functional as TF
 
 from crossfit_probe import print_alone, shipped_members
 from streamd.digits import log_softmax
@@ -53,13 +52,6 @@ def lower_states(encoder: G.FrozenEncoder, fs: data.FeatureSet, batch: int = 64)
     return kept, inputs
 
 
-def pad(mats: list[np.ndarray]) -> torch.Tensor:
-    x = torch.zeros(len(mats), max(len(m) for m in mats), mats[0].shape[1])
-    for row, m in enumerate(mats):
-        x[row, : len(m)] = torch.from_numpy(m.astype(np.float32))
-    return x
-
-
 def train(encoder: G.FrozenEncoder, fs: data.FeatureSet, epochs: int, seed: int = 0) -> G.Head:
     """Head and top layer trained together; the top layer is updated in place."""
     kept, inputs = lower_states(encoder, fs)
@@ -77,19 +69,11 @@ def train(encoder: G.FrozenEncoder, fs: data.FeatureSet, epochs: int, seed: int 
         order = rng.permutation(len(fs))
         for start in range(0, len(order), G.BATCH):
             items = order[start : start + G.BATCH]
-            low, s2 = pad([kept[i] for i in items]), pad([inputs[i] for i in items])
-            mask = torch.zeros(len(items), low.shape[1], dtype=torch.bool)
-            for row, i in enumerate(items):
-                mask[row, : len(kept[i])] = True
+            (low, mask), (s2, _) = G.pad_states([kept[i] for i in items]), G.pad_states([inputs[i] for i in items])
             s3, _ = top(s2)
-            logits = head(torch.cat((low, s3[:, :: G.STRIDE]), dim=2), mask)
-            loss = TF.cross_entropy(logits, y[items], label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y[items]).sum())
+            loss, right = G.train_step(head(torch.cat((low, s3[:, :: G.STRIDE]), dim=2), mask), y[items], opt, schedule)
+            losses.append(loss)
+            correct += right
         print(f"fine-tune epoch {epoch + 1}/{epochs} loss {np.mean(losses):.4f} "
               f"train-acc {correct / len(fs):.4f} ({time.time() - t0:.0f}s)", flush=True)
     top.requires_grad_(False)

@@ -122,13 +122,24 @@ def encoder_states(encoder: FrozenEncoder, fs: data.FeatureSet, batch: int = 64)
 
 
 def pad_states(states: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(time, dims) float16 rows -> zero-padded (batch, time, dims) float32 and a (batch, time) mask."""
     t = max(len(s) for s in states)
-    x = torch.zeros(len(states), t, STATE_DIMS)
+    x = torch.zeros(len(states), t, states[0].shape[1])
     mask = torch.zeros(len(states), t, dtype=torch.bool)
     for row, s in enumerate(states):
         x[row, : len(s)] = torch.from_numpy(s.astype(np.float32))
         mask[row, : len(s)] = True
     return x, mask
+
+
+def train_step(logits: torch.Tensor, target: torch.Tensor, opt: torch.optim.Optimizer, schedule) -> tuple[float, int]:
+    """One optimiser step on a batch's logits; its loss and how many it got right."""
+    loss = F.cross_entropy(logits, target, label_smoothing=0.05)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    schedule.step()
+    return loss.item(), int((logits.argmax(1) == target).sum())
 
 
 def train_head(states: list[np.ndarray], labels: np.ndarray, opts: Options) -> Head:
@@ -145,14 +156,9 @@ def train_head(states: list[np.ndarray], labels: np.ndarray, opts: Options) -> H
         for start in range(0, len(order), BATCH):
             items = order[start : start + BATCH]
             x, mask = pad_states([states[i] for i in items])
-            logits = head(x, mask)
-            loss = F.cross_entropy(logits, y[items], label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(1) == y[items]).sum())
+            loss, right = train_step(head(x, mask), y[items], opt, schedule)
+            losses.append(loss)
+            correct += right
         print(f"digits {FAMILY} epoch {epoch + 1}/{opts.epochs} loss {np.mean(losses):.4f} "
               f"train-acc {correct / len(states):.4f} ({time.time() - t0:.0f}s)", flush=True)
     return head.eval()
