@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--stream", default=socket.gethostname().split(".")[0], help="stream id (default: host name)")
     send.add_argument("--pace", choices=("realtime", "fast"), default="realtime", help="file sources only")
     send.add_argument("--vad", action="store_true", help="send only speech (with its pre-roll and hangover)")
+    send.add_argument("--wait", type=wait_seconds, default=30.0, metavar="S",
+                      help="files and stdin: give up when no daemon takes audio for S seconds (default 30)")
 
     bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
@@ -374,6 +376,16 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         out.writerows(rows)
 
 
+def wait_seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = 0.0
+    if not 0 < s <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return s
+
+
 def clip_count(text: str) -> int:
     try:
         n = int(text)
@@ -440,7 +452,7 @@ def cmd_send(args, cfg) -> int:
         print(f"streamd: --stream {args.stream!r} must be 1-64 letters, digits, '_' or '-'", file=sys.stderr)
         return 2
     source = open_source(args.source, args.stream, cfg.vad.frame_samples, args.pace, cfg.source.mic_rate)
-    sender = Sender(args.to, args.stream, control.client_curve(cfg))
+    sender = Sender(args.to, args.stream, control.client_curve(cfg), wait_s=args.wait)
     segmenter = Segmenter(cfg.vad) if args.vad else None
     sent = 0
     try:
@@ -448,6 +460,7 @@ def cmd_send(args, cfg) -> int:
             for f in (_speech_frames(segmenter, frame) if segmenter else [frame]):
                 sender.send(f, block=not args.source.startswith("mic"))
                 sent += 1
+        sender.finish()
     except KeyboardInterrupt:
         pass
     finally:

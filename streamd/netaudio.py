@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from streamd.config import STREAM_ID
 from streamd.frames import SAMPLE_RATE, Frame
@@ -179,10 +180,58 @@ class NetworkReceiver(threading.Thread):
             r.index += 1
 
 
-class Sender:
-    """``streamd send``: frames of a local source to a daemon's network.listen endpoint."""
+class SendError(OSError):
+    """The daemon will not take this sender's audio: refused, mismatched keys, or not there."""
 
-    def __init__(self, endpoint: str, stream: str, curve=None, hwm: int = 500):
+
+HANDSHAKE_RETRIES = 3  # failed handshakes in a row: keys that do not match, not a passing hiccup
+
+
+class _Link:
+    """What the sender's socket monitor says about the connection to the daemon."""
+
+    EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
+
+    def __init__(self, sock: zmq.Socket, endpoint: str):
+        self.endpoint = endpoint
+        self.up = False
+        self.failed_handshakes = 0
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(self.EVENTS)
+
+    def update(self, wait_ms: int = 0) -> None:
+        """Reads the events so far (waiting up to ``wait_ms`` for one); raises SendError when
+        the daemon will never take this sender's audio (libzmq does not retry those)."""
+        while self._monitor.poll(wait_ms):
+            wait_ms = 0
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.failed_handshakes = True, 0
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.up = False
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise SendError(f"{self.endpoint} refused this sender's key (its public key is not in the "
+                                "daemon's control.curve_clients)")
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.failed_handshakes += 1
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.failed_handshakes >= HANDSHAKE_RETRIES:
+                raise SendError(f"{self.endpoint}: the CurveZMQ handshake fails: control.curve_server_key is not "
+                                "that daemon's key, or only one side uses CurveZMQ")
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
+
+
+class Sender:
+    """``streamd send``: frames of a local source to a daemon's network.listen endpoint.
+
+    A daemon that refuses the key, or whose key does not match, ends the sender with a
+    SendError. One that is away: a live source's frames are queued (10 s) and then dropped;
+    a file waits for it up to ``wait_s``."""
+
+    def __init__(self, endpoint: str, stream: str, curve=None, hwm: int = 500, wait_s: float = 30.0):
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, hwm)  # 10 s of audio queued while the daemon is away
@@ -191,20 +240,48 @@ class Sender:
             self._sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
             self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
             self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+        self._link = _Link(self._sock, endpoint)
         self._sock.connect(endpoint)
+        self.endpoint = endpoint
         self.stream = stream
+        self.wait_s = wait_s
         self.seq = 0
         self.dropped = 0
 
     def send(self, frame: Frame, block: bool = False) -> None:
         """``block``: wait while the queue is full (a file, which has time); a live capture
         never waits, its frames are dropped and counted instead."""
-        try:
-            self._sock.send_multipart(encode(self.stream, self.seq, frame.t, frame.samples), 0 if block else zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1  # the daemon is away and 10 s are queued: capture must not stall
+        self._link.update()
+        parts = encode(self.stream, self.seq, frame.t, frame.samples)
+        if block:
+            self._send_waiting(parts)
+        else:
+            try:
+                self._sock.send_multipart(parts, zmq.NOBLOCK)
+            except zmq.Again:
+                self.dropped += 1  # the daemon is away and 10 s are queued: capture must not stall
         self.seq += 1  # a dropped frame still takes its number: the receiver counts it as lost
 
+    def _send_waiting(self, parts: list[bytes]) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._sock.send_multipart(parts, zmq.NOBLOCK)
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise SendError(f"no daemon at {self.endpoint} took audio for {self.wait_s:g} s") from None
+                self._link.update(100)
+
+    def finish(self) -> None:
+        """Waits, up to ``wait_s``, for a daemon to take what is queued; SendError if none does."""
+        deadline = time.monotonic() + self.wait_s
+        self._link.update()
+        while not self._link.up and self.seq > self.dropped:
+            if time.monotonic() > deadline:
+                raise SendError(f"no daemon at {self.endpoint} took the audio within {self.wait_s:g} s")
+            self._link.update(100)
+
     def close(self) -> None:
-        self._sock.close()
+        self._link.close()
+        self._sock.close()  # lingers up to 2 s while a connected daemon takes the rest
         self._ctx.term()

@@ -5,12 +5,15 @@ import time
 import urllib.request
 
 import numpy as np
+import pytest
 import zmq
 
-from streamd.netaudio import encode
+from streamd.frames import Frame
+from streamd.netaudio import Sender, SendError, encode
 from streamd.sources import read_audio
 from conftest import DATA, free_port, start_streamd, stop, streamd
 from test_daemon import by_type, collect
+from test_security import client_curve, curve, server_sets  # noqa: F401 (curve: a fixture)
 from streamd.events import subscribe
 
 
@@ -69,3 +72,58 @@ def test_two_devices_send_audio_and_gaps_restarts_and_garbage_are_survived(iso, 
 def test_network_listen_beyond_loopback_needs_curve_keys(tmp_path):
     r = streamd("run", "--set", 'network.listen="tcp://0.0.0.0:5999"', "--source", "stdin")
     assert r.returncode == 78 and "network.listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_send_to_a_curve_daemon_needs_its_keys_and_says_in_one_line_why_not(curve, iso):
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    sub = subscribe(iso.endpoint)
+    daemon = start_streamd("run", *iso.sets(f'network.listen="{listen}"', *server_sets(curve)), "--source", "none")
+
+    def send(stream: str, *keys: str):
+        return streamd("send", "--source", f"file:{DATA / 'visitor21.flac'}", "--to", listen, "--stream", stream,
+                       "--pace", "fast", "--wait", "20", *keys, timeout=60)
+
+    def keys(who: str, server: str = "server/server.key") -> list[str]:
+        return ["--set", f'control.curve_client_key="{curve}/{who}/{who}.key_secret"',
+                "--set", f'control.curve_server_key="{curve}/{server}"']
+
+    try:
+        sent = send("allowed", *keys("client"))
+        assert sent.returncode == 0, sent.stderr
+        events = collect(sub, until=lambda ev: by_type(ev, "digit"), timeout=30)
+        assert {e["stream"] for e in by_type(events, "digit")} == {"allowed"}
+        for stream, options, why in (("intruder", keys("intruder"), "refused this sender's key"),
+                                     ("mismatch", keys("client", "client/client.key"), "handshake fails"),
+                                     ("plain", [], "handshake fails")):
+            r = send(stream, *options)
+            assert r.returncode == 69 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        # A live source is not left capturing for a daemon that will never take its audio.
+        live = Sender(listen, "live", client_curve(curve, "intruder"))
+        try:
+            with pytest.raises(SendError, match="refused"):
+                for _ in range(500):  # 5 s
+                    live.send(Frame("live", 0, np.zeros(320, np.int16), 0.0, 0.0))
+                    time.sleep(0.01)
+        finally:
+            live.close()
+        assert not [e for e in collect(sub, until=lambda ev: False, timeout=2) if e.get("stream") != "allowed"]
+        assert daemon.poll() is None
+    finally:
+        assert stop(daemon) == 0
+        sub.close(0)
+
+
+def test_send_gives_up_on_an_absent_daemon_after_its_wait():
+    nothing = f"tcp://127.0.0.1:{free_port()}"
+    r = streamd("send", "--source", f"file:{DATA / 'word.flac'}", "--to", nothing, "--pace", "fast", "--wait", "1",
+                timeout=30)
+    assert r.returncode == 69 and f"no daemon at {nothing} took the audio within 1 s" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # not also "sent N frames"
+    full = Sender(nothing, "x", hwm=5, wait_s=0.5)  # a file longer than the queue: the send itself gives up
+    try:
+        with pytest.raises(SendError, match="took audio for 0.5 s"):
+            for seq in range(20):
+                full.send(Frame("x", seq, np.zeros(320, np.int16), seq * 0.02, 0.0), block=True)
+        assert full.seq >= 5
+    finally:
+        full.close()
