@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", parents=[common], help="capture here, recognise on a daemon elsewhere")
     send.add_argument("--source", default="mic", help="mic[:DEVICE], file:PATH or stdin (default mic)")
-    send.add_argument("--to", required=True, metavar="ENDPOINT", help="the daemon's network.listen, tcp://HOST:PORT")
+    send.add_argument("--to", required=True, type=connect_endpoint, metavar="ENDPOINT",
+                      help="the daemon's network.listen, tcp://HOST:PORT")
     send.add_argument("--stream", default=socket.gethostname().split(".")[0], help="stream id (default: host name)")
     send.add_argument("--pace", choices=("realtime", "fast"), default="realtime", help="file sources only")
     send.add_argument("--vad", action="store_true", help="send only speech (with its pre-roll and hangover)")
@@ -374,6 +375,12 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         out = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["condition"])
         out.writeheader()
         out.writerows(rows)
+
+
+def connect_endpoint(text: str) -> str:
+    if not text.startswith(("tcp://", "ipc://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint")
+    return text
 
 
 def wait_seconds(text: str) -> float:

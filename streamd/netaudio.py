@@ -241,7 +241,11 @@ class Sender:
             self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
             self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
         self._link = _Link(self._sock, endpoint)
-        self._sock.connect(endpoint)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise SendError(f"{endpoint}: cannot connect: {zmq.strerror(exc.errno)}") from None
         self.endpoint = endpoint
         self.stream = stream
         self.wait_s = wait_s
