@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     listen = sub.add_parser("listen", parents=[common], help="print published events")
     listen.add_argument("--endpoint", help="default: events.endpoint")
     listen.add_argument("--topic", default="", help="topic prefix, e.g. speaker. or digit.default")
-    listen.add_argument("--count", type=int, default=0, help="exit after this many events")
-    listen.add_argument("--timeout", type=float, default=0.0, help="exit after this many idle seconds")
+    listen.add_argument("--count", type=bounded(int, 0, 10**9, "events"), default=0,
+                        help="exit after this many events (default 0: never)")
+    listen.add_argument("--timeout", type=bounded(float, 0, 31536000, "seconds"), default=0.0,
+                        help="exit after this many idle seconds (default 0: never)")
     listen.add_argument("--format", choices=("json", "text"), default="json",
                         help="json: one event object a line (default); text: a short line for people")
 
@@ -92,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--stream", default=socket.gethostname().split(".")[0], help="stream id (default: host name)")
     send.add_argument("--pace", choices=("realtime", "fast"), default="realtime", help="file sources only")
     send.add_argument("--vad", action="store_true", help="send only speech (with its pre-roll and hangover)")
-    send.add_argument("--wait", type=wait_seconds, default=30.0, metavar="S",
+    send.add_argument("--wait", type=bounded(float, 0.1, 86400, "seconds"), default=30.0, metavar="S",
                       help="files and stdin: give up when no daemon takes audio for S seconds (default 30)")
 
     bench = sub.add_parser("bench", parents=[common], help="measure the pipeline on speech recordings")
-    bench.add_argument("--seconds", type=float, default=60.0, help="seconds of audio per stream")
+    bench.add_argument("--seconds", type=bounded(float, 0.1, 86400, "seconds"), default=60.0,
+                       help="seconds of audio per stream")
     bench.add_argument("--pace", choices=("realtime", "fast"), default="fast")
     bench.add_argument("--streams", type=int, default=1, help="concurrent streams (default 1)")
     bench.add_argument("--silent", action="store_true", help="room noise instead of speech: the idle cost")
@@ -163,10 +166,16 @@ def cmd_enroll(args, cfg) -> int:
 
 
 def cmd_listen(args, cfg) -> int:
+    import zmq
+
     from streamd.events import receive, subscribe
 
     endpoint = args.endpoint or cfg.events.endpoint
-    sock = subscribe(endpoint, args.topic)
+    try:
+        sock = subscribe(endpoint, args.topic)
+    except zmq.ZMQError as exc:
+        print(f"streamd: listen --endpoint {endpoint}: cannot connect: {zmq.strerror(exc.errno)}", file=sys.stderr)
+        return 2
     seen, last_seq = 0, None
     timeout_ms = int(args.timeout * 1000) if args.timeout else None
     try:
@@ -383,24 +392,22 @@ def connect_endpoint(text: str) -> str:
     return text
 
 
-def wait_seconds(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        s = 0.0
-    if not 0 < s <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
-    return s
+def bounded(kind: type, low: float, high: float, what: str):
+    """An argparse type: a number of ``what`` from ``low`` to ``high``, else a one-line usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {what} from {low} to {high}")
+        return value
+
+    return parse
 
 
-def clip_count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= 50:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of clips from 1 to 50")
-    return n
+clip_count = bounded(int, 1, 50, "clips")
 
 
 def eval_speakers(args, cfg) -> int:
