@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="mic[:DEVICE] | file:PATH | stdin (default: source.spec)")
     run.add_argument("--pace", choices=("realtime", "fast"), help="replay speed of file sources")
     run.add_argument("--events-jsonl", metavar="PATH", help="also write each event as a JSON line")
-    run.add_argument("--wait-subscriber", type=float, default=0.0, metavar="SECONDS",
+    run.add_argument("--wait-subscriber", type=bounded(float, 0, 3600, "seconds"), default=0.0, metavar="SECONDS",
                      help="wait up to SECONDS for a subscriber before processing audio")
 
     enroll = sub.add_parser("enroll", parents=[common], help="enroll a speaker from audio files")

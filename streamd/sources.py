@@ -56,7 +56,9 @@ BLOCK_SECONDS = 10  # how much of a file is decoded at a time: memory stays boun
 def open_audio(path: str) -> sf.SoundFile:
     """Open an audio file after checking its header: exists, readable, not empty, not too long."""
     if not os.path.isfile(path):
-        raise SourceError(f"{path}: no such audio file")
+        what = "not an audio file (a directory)" if os.path.isdir(path) else (
+            "not a regular file" if os.path.exists(path) else "no such audio file")
+        raise SourceError(f"{path}: {what}")
     try:
         info = sf.info(path)
         if info.frames == 0:

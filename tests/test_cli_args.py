@@ -17,6 +17,9 @@ from conftest import DATA, streamd
     (["send", "--to", "127.0.0.1:5700"], 2, "'127.0.0.1:5700' is not a tcp://HOST:PORT or ipc://PATH endpoint"),
     (["send", "--to", "tcp://127.0.0.1:notaport", "--source", f"file:{DATA / 'word.flac'}"], 69,
      "tcp://127.0.0.1:notaport: cannot connect: Invalid argument"),
+    (["run", "--wait-subscriber", "-1"], 2, "--wait-subscriber: '-1' is not a number of seconds from 0 to 3600"),
+    (["enroll", "bob", str(DATA)], 65, "tests/data: not an audio file (a directory)"),
+    (["enroll", "bob", "/dev/null"], 65, "/dev/null: not a regular file"),
     (["eval", "--phrase-clips", "x"], 2, "--phrase-clips: 'x' is not a number of clips from 1 to 50"),
 ])
 def test_a_bad_argument_is_one_line_that_names_it(args, rc, why):
