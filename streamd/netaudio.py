@@ -207,8 +207,10 @@ class _Link:
             wait_ms = 0
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                log.info("send: connected to %s", self.endpoint)
                 self.up, self.failed_handshakes = True, 0
-            elif event == zmq.EVENT_DISCONNECTED:
+            elif event == zmq.EVENT_DISCONNECTED and self.up:
+                log.warning("send: lost %s; waiting for it to come back", self.endpoint)
                 self.up = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 raise SendError(f"{self.endpoint} refused this sender's key (its public key is not in the "

@@ -127,3 +127,31 @@ def test_send_gives_up_on_an_absent_daemon_after_its_wait():
         assert full.seq >= 5
     finally:
         full.close()
+
+
+def test_a_live_sender_rides_out_a_daemon_restart(iso):
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    sub = subscribe(iso.endpoint)
+    word = read_audio(str(DATA / "word.flac"))
+    audio = np.concatenate((np.zeros(8000, np.int16), word, np.zeros(16000, np.int16)))
+    live = Sender(listen, "live")
+
+    def say_a_word() -> list[dict]:
+        for k in range(0, len(audio) - 319, 320):
+            live.send(Frame("live", 0, audio[k : k + 320], live.seq * 0.02, 0.0))  # never raises here
+        return by_type(collect(sub, until=lambda ev: by_type(ev, "digit"), timeout=30), "digit")
+
+    try:
+        for _ in range(2):  # the second daemon starts while the sender is queuing for the first
+            daemon = start_streamd("run", *iso.sets(f'network.listen="{listen}"'), "--source", "none",
+                                   "--wait-subscriber", "10")  # the queued word must not beat sub's reconnect
+            try:
+                assert [e["stream"] for e in say_a_word()] == ["live"]
+                assert live.dropped == 0
+            finally:
+                assert stop(daemon) == 0
+            for _ in range(50):  # 1 s while nobody listens: queued, not lost
+                live.send(Frame("live", 0, np.zeros(320, np.int16), live.seq * 0.02, 0.0))
+    finally:
+        live.close()
+        sub.close(0)
