@@ -471,6 +471,7 @@ def cmd_send(args, cfg) -> int:
     sent = 0
     try:
         for frame in source.frames():
+            sender.check()
             for f in (_speech_frames(segmenter, frame) if segmenter else [frame]):
                 sender.send(f, block=not args.source.startswith("mic"))
                 sent += 1

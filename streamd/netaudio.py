@@ -254,6 +254,11 @@ class Sender:
         self.seq = 0
         self.dropped = 0
 
+    def check(self) -> None:
+        """Follows the connection (and logs it); SendError if the daemon refused this sender.
+        Called for every captured frame, also those --vad does not send."""
+        self._link.update()
+
     def send(self, frame: Frame, block: bool = False) -> None:
         """``block``: wait while the queue is full (a file, which has time); a live capture
         never waits, its frames are dropped and counted instead."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,3 +110,29 @@ def enrolled_state(tmp_path_factory) -> Path:
         r = streamd("enroll", "--set", f'state.dir="{state}"', name, str(DATA / clip))
         assert r.returncode == 0, r.stderr
     return state
+
+
+def pactl(*args: str) -> str:
+    return subprocess.run(["pactl", *args], check=True, capture_output=True, text=True, timeout=20).stdout
+
+
+@pytest.fixture
+def null_sink():
+    """A null sink, made for each test: its monitor is the microphone. (Per test: the unplug
+    test restarts the sound server, which takes every sink with it.)"""
+    assert shutil.which("pulseaudio") and shutil.which("paplay"), "PulseAudio is missing: run `make test` (installs it)"
+    started = None
+    if subprocess.run(["pactl", "info"], capture_output=True, timeout=20).returncode != 0:
+        started = subprocess.run(["pulseaudio", "--daemon", "--exit-idle-time=-1", "--system=false"],
+                                 capture_output=True, text=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, f"could not start PulseAudio: {started.stderr}"
+            time.sleep(0.2)
+    name = f"streamd_test_{os.getpid()}"
+    module = pactl("load-module", "module-null-sink", f"sink_name={name}", "rate=16000", "channels=1",
+                   "format=s16le").strip()
+    yield name
+    subprocess.run(["pactl", "unload-module", module], capture_output=True)
+    if started is not None:
+        subprocess.run(["pulseaudio", "--kill"], capture_output=True)

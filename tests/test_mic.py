@@ -2,10 +2,7 @@
 paplay is the person speaking into it. The setup starts PulseAudio when none runs; if it
 cannot, the test fails rather than skips."""
 
-import os
 import re
-import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -15,30 +12,6 @@ import pytest
 from streamd.events import subscribe
 from conftest import DATA, start_streamd, stop, streamd
 from test_daemon import by_type, collect, demo_truth
-
-
-def pactl(*args: str) -> str:
-    return subprocess.run(["pactl", *args], check=True, capture_output=True, text=True, timeout=20).stdout
-
-
-@pytest.fixture(scope="session")
-def null_sink():
-    assert shutil.which("pulseaudio") and shutil.which("paplay"), "PulseAudio is missing: run `make test` (installs it)"
-    started = None
-    if subprocess.run(["pactl", "info"], capture_output=True, timeout=20).returncode != 0:
-        started = subprocess.run(["pulseaudio", "--daemon", "--exit-idle-time=-1", "--system=false"],
-                                 capture_output=True, text=True, timeout=30)
-        deadline = time.monotonic() + 15
-        while subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, f"could not start PulseAudio: {started.stderr}"
-            time.sleep(0.2)
-    name = f"streamd_test_{os.getpid()}"
-    module = pactl("load-module", "module-null-sink", f"sink_name={name}", "rate=16000", "channels=1",
-                   "format=s16le").strip()
-    yield name
-    subprocess.run(["pactl", "unload-module", module], capture_output=True)
-    if started is not None:
-        subprocess.run(["pulseaudio", "--kill"], capture_output=True)
 
 
 def frames_seen(url: str) -> float:
