@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from streamd import keys
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 MODELS = ROOT / "models"
@@ -136,3 +138,14 @@ def null_sink():
     subprocess.run(["pactl", "unload-module", module], capture_output=True)
     if started is not None:
         subprocess.run(["pulseaudio", "--kill"], capture_output=True)
+
+
+@pytest.fixture
+def curve(tmp_path):
+    """A daemon key pair, one authorised client, and an intruder with keys of its own."""
+    keys.generate(tmp_path / "server", "server")
+    keys.generate(tmp_path / "client", "client")
+    keys.generate(tmp_path / "intruder", "intruder")
+    (tmp_path / "clients").mkdir()
+    shutil.copy(tmp_path / "client" / "client.key", tmp_path / "clients" / "client.key")
+    return tmp_path

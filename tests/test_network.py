@@ -1,6 +1,5 @@
 """Audio from remote devices: `streamd send` to a daemon's network source over real ZeroMQ."""
 
-import json
 import time
 import urllib.request
 
@@ -13,7 +12,7 @@ from streamd.netaudio import Sender, SendError, encode
 from streamd.sources import read_audio
 from conftest import DATA, free_port, start_streamd, stop, streamd
 from test_daemon import by_type, collect
-from test_security import client_curve, curve, server_sets  # noqa: F401 (curve: a fixture)
+from test_security import client_curve, server_sets
 from streamd.events import subscribe
 
 

@@ -18,17 +18,6 @@ from streamd.config import ConfigError
 from conftest import ROOT, free_port, start_streamd, stop, streamd
 
 
-@pytest.fixture
-def curve(tmp_path):
-    """A daemon key pair, one authorised client, and an intruder with keys of its own."""
-    keys.generate(tmp_path / "server", "server")
-    keys.generate(tmp_path / "client", "client")
-    keys.generate(tmp_path / "intruder", "intruder")
-    (tmp_path / "clients").mkdir()
-    shutil.copy(tmp_path / "client" / "client.key", tmp_path / "clients" / "client.key")
-    return tmp_path
-
-
 def server_sets(d: Path) -> list[str]:
     return [f'control.curve_secret_key="{d}/server/server.key_secret"', f'control.curve_clients="{d}/clients"']
 

@@ -13,7 +13,7 @@ import pytest
 from streamd.events import subscribe
 from conftest import DATA, ROOT, free_port, start_streamd, stop
 from test_daemon import by_type, collect
-from test_security import curve, server_sets  # noqa: F401 (curve: a fixture)
+from test_security import server_sets
 
 UNIT = ROOT / "systemd" / "streamd.service"
 SEND_UNIT = ROOT / "systemd" / "streamd-send.service"
