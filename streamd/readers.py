@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from streamd.frames import Frame
 from streamd.sources import Source, SourceError, open_source
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,5 @@
 """The control socket of a running daemon, driven by a real REQ client."""
 
-import json
 import signal
 import sqlite3
 import subprocess

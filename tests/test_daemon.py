@@ -10,7 +10,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-import zmq
 
 from streamd.config import Config
 from streamd.digits import decide
@@ -19,7 +18,7 @@ from streamd.inference import load_digits
 from streamd.pipeline import METRICS_EVERY
 from streamd.sources import read_audio
 from streamd.vad import segment_clip
-from conftest import DATA, MODELS, ROOT, start_streamd, stop, streamd
+from conftest import DATA, MODELS, ROOT, start_streamd, streamd
 
 EVENT_KEYS = {"v", "type", "stream", "seq", "utterance", "t_start", "t_end", "time"}
 DEMO_NAMES = {"theo": "theo", "00000002": "asc02", "00000007": "asc07", "00000008": "unknown"}

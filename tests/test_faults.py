@@ -17,7 +17,6 @@ import soundfile as sf
 
 from conftest import DATA, ROOT, streamd
 from test_control import LiveDaemon
-from test_daemon import by_type, collect
 
 EX_DATAERR, EX_CANTCREAT = 65, 73
 

@@ -1,14 +1,11 @@
 import io
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.features import mfcc, FeatureParams
 from streamd.sources import FileSource, SourceError, StdinSource, iter_audio, read_audio, open_source
-from conftest import DATA, ROOT
+from conftest import DATA
 
 
 def test_file_at_other_rate_and_channels_is_converted(tmp_path):

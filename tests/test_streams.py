@@ -7,7 +7,6 @@ import pytest
 
 from streamd.batching import Batcher, Job
 from streamd.config import Config
-from streamd.enroll import file_utterances
 from streamd.features import mfcc, normalize
 from streamd.inference import DigitModels, load_models, run_batched
 from streamd.sources import read_audio
