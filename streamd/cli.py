@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers"), default="all",
                     help="all: digits and speaker summary; digits: per speaker, per digit, confusion, "
                          "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve")
-    ev.add_argument("--data", type=Path, default=Path("../shared/datasets"), help="corpora folder (manifests)")
+    ev.add_argument("corpora", nargs="?", type=Path, metavar="DATA", help="the same as --data")
+    ev.add_argument("--data", type=Path, help="corpora folder (manifests; default ../shared/datasets)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--plot", type=Path, help="picture: DET curve (speakers, default det.png) or "
                                                 "confusion matrices (digits, default confusion.png)")
@@ -321,6 +322,10 @@ def cmd_eval(args, cfg) -> int:
     from streamd import evaluate
     from streamd.inference import load_models
 
+    if args.corpora and args.data and args.corpora != args.data:
+        print(f"streamd: eval: two corpora folders given ({args.corpora} and --data {args.data})", file=sys.stderr)
+        return 2
+    args.data = args.corpora or args.data or Path("../shared/datasets")
     if not (args.data / "fsdd" / "manifest.csv").is_file():
         print(f"streamd: {args.data}: no fsdd/manifest.csv here (--data names the corpora folder)", file=sys.stderr)
         return EX_DATAERR

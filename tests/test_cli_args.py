@@ -20,6 +20,8 @@ from conftest import DATA, streamd
     (["run", "--wait-subscriber", "-1"], 2, "--wait-subscriber: '-1' is not a number of seconds from 0 to 3600"),
     (["enroll", "bob", str(DATA)], 65, "tests/data: not an audio file (a directory)"),
     (["enroll", "bob", "/dev/null"], 65, "/dev/null: not a regular file"),
+    (["eval", "digits", "/nonexistent"], 65, "/nonexistent: no fsdd/manifest.csv here"),  # DATA, as issue 4 writes it
+    (["eval", "speakers", "/a", "--data", "/b"], 2, "two corpora folders given (/a and --data /b)"),
     (["eval", "--phrase-clips", "x"], 2, "--phrase-clips: 'x' is not a number of clips from 1 to 50"),
 ])
 def test_a_bad_argument_is_one_line_that_names_it(args, rc, why):
