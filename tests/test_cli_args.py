@@ -22,6 +22,7 @@ from conftest import DATA, streamd
     (["enroll", "bob", "/dev/null"], 65, "/dev/null: not a regular file"),
     (["eval", "digits", "/nonexistent"], 65, "/nonexistent: no fsdd/manifest.csv here"),  # DATA, as issue 4 writes it
     (["eval", "speakers", "/a", "--data", "/b"], 2, "two corpora folders given (/a and --data /b)"),
+    (["train", "fusion", "--data", "/nonexistent"], 2, "streamd train: /nonexistent: no fsdd/manifest.csv here"),
     (["eval", "--phrase-clips", "x"], 2, "--phrase-clips: 'x' is not a number of clips from 1 to 50"),
 ])
 def test_a_bad_argument_is_one_line_that_names_it(args, rc, why):

@@ -10,6 +10,7 @@ torch is imported only when the subcommand runs, so the daemon's CLI works witho
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -84,11 +85,12 @@ def run(args) -> int:
         if needs_torch:
             import torch  # noqa: F401
     except ImportError as exc:
-        print(f"streamd train {args.model} needs {exc.name}: install the [train] extra")
+        print(f"streamd train {args.model} needs {exc.name}: install the [train] extra", file=sys.stderr)
         return 2
     for corpus in ("fsdd", "arabic-speech-commands"):
         if not (args.data / corpus / "manifest.csv").exists():
-            print(f"no {corpus}/manifest.csv under {args.data}")
+            print(f"streamd train: {args.data}: no {corpus}/manifest.csv here (--data names the corpora folder)",
+                  file=sys.stderr)
             return 2
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(args.model, 0)
     t0 = time.time()
