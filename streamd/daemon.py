@@ -110,12 +110,19 @@ class Daemon:
             for reader in self.readers:
                 reader.stop()
 
+    @staticmethod
+    def _open_jsonl(path: str):
+        try:
+            return open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"events jsonl {path}: cannot write: {exc.strerror}") from None
+
     def _run(self, specs: list[StreamSpec], failed: list[StreamStatus]) -> int:
         cfg = self.cfg
+        jsonl = self._open_jsonl(self.opts.events_jsonl) if self.opts.events_jsonl else None  # before the slow part
         models = load_models(cfg, on_fallback=self.metrics.provider_fallback)
         for m in models.all():
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
-        jsonl = open(self.opts.events_jsonl, "w", encoding="utf-8") if self.opts.events_jsonl else None
         publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
         publisher.on_drop = self.metrics.dropped.inc
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None

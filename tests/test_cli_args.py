@@ -23,6 +23,8 @@ from conftest import DATA, streamd
     (["eval", "digits", "/nonexistent"], 65, "/nonexistent: no fsdd/manifest.csv here"),  # DATA, as issue 4 writes it
     (["eval", "speakers", "/a", "--data", "/b"], 2, "two corpora folders given (/a and --data /b)"),
     (["train", "fusion", "--data", "/nonexistent"], 2, "streamd train: /nonexistent: no fsdd/manifest.csv here"),
+    (["run", "--events-jsonl", "/nonexistent/events.jsonl", "--source", f"file:{DATA / 'word.flac'}"], 69,
+     "events jsonl /nonexistent/events.jsonl: cannot write: No such file or directory"),
     (["eval", "--phrase-clips", "x"], 2, "--phrase-clips: 'x' is not a number of clips from 1 to 50"),
 ])
 def test_a_bad_argument_is_one_line_that_names_it(args, rc, why):
