@@ -24,12 +24,11 @@ SCRIPT = Path(sys.executable).parent / "streamd"
 def test_unit_passes_systemd_analyze_verify(tmp_path, shipped):
     # verify insists that ExecStart exists: point it at this checkout's installed script,
     # leaving every other line as shipped.
-    script = SCRIPT
-    assert script.exists()
+    assert SCRIPT.exists()
     text = shipped.read_text()
     assert "ExecStart=/opt/streamd/.venv/bin/streamd " in text
     unit = tmp_path / shipped.name
-    unit.write_text(text.replace("/opt/streamd/.venv/bin/streamd", str(script)))
+    unit.write_text(text.replace("/opt/streamd/.venv/bin/streamd", str(SCRIPT)))
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip() == "", r.stderr
@@ -78,8 +77,9 @@ def test_the_send_unit_takes_the_microphone_to_a_curve_daemon(curve, iso, null_s
                                   "${STREAMD_TO}": listen, "${STREAMD_STREAM}": "kitchen"})
     sender = subprocess.Popen(argv, env={**os.environ, "PULSE_SOURCE": f"{null_sink}.monitor"},
                               stderr=subprocess.PIPE, text=True)
-    said = []
-    threading.Thread(target=lambda: said.extend(sender.stderr), daemon=True).start()
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(sender.stderr), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 30
         while not any("send: connected to" in line for line in said):
@@ -90,6 +90,7 @@ def test_the_send_unit_takes_the_microphone_to_a_curve_daemon(curve, iso, null_s
         assert {e["stream"] for e in by_type(events, "digit")} == {"kitchen"}
         assert len(by_type(events, "digit")) >= 8, events  # the mic's VAD cut may merge or miss a word
         assert stop(sender, signal.SIGINT) == 0, "".join(said)
+        reader.join(10)
         assert "sent" in said[-1] and "frames of stream 'kitchen'" in said[-1]
     finally:
         stop(sender)
