@@ -85,6 +85,11 @@ class Metrics:
         self.overruns.labels(stream=stream)
         self.source_failures.labels(stream=stream)
 
+    def add_network_stream(self, stream: str) -> None:
+        """A remote stream's network series, at zero until something is lost."""
+        for counter in (self.network_frames, self.network_gaps, self.network_lost, self.network_reconnects):
+            counter.labels(stream=stream)
+
     def serve(self, listen: str):
         """Serve /metrics on ``host:port``; returns the HTTP server (``shutdown()`` stops it)."""
         host, _, port = listen.rpartition(":")

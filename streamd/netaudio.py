@@ -142,6 +142,7 @@ class NetworkReceiver(threading.Thread):
         r = self.remotes.get(stream)
         if r is None:
             r = self.remotes[stream] = _Remote(seq, sender_t, 0.0, 0)
+            self.metrics.add_network_stream(stream)
             self.out.put(StreamStatus(stream, "up", "first audio from the network"))
         elif seq <= r.seq - 1 and seq < 10:
             self.metrics.network_reconnects.labels(stream=stream).inc()

@@ -101,7 +101,9 @@ def test_dashboard_structure():
     used = set().union(*(metric_names(e) for _, _, e in queries(dash)))
     assert {"streamd_latency_seconds_bucket", "streamd_stage_seconds_bucket", "streamd_events_total",
             "streamd_events_dropped_total", "streamd_capture_overruns_total", "streamd_speech_seconds_total",
-            "streamd_audio_seconds_total", "streamd_model_info", "streamd_utterances_total"} <= used
+            "streamd_audio_seconds_total", "streamd_model_info", "streamd_utterances_total", "streamd_stream_up",
+            "streamd_source_failures_total", "streamd_network_frames_total", "streamd_network_lost_frames_total",
+            "streamd_network_bad_messages_total", "streamd_network_delay_seconds_bucket"} <= used
     exprs = " ".join(e for _, _, e in queries(dash))
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 
@@ -128,8 +130,9 @@ def wait_until(what: str, check, timeout: float, explain=lambda: ""):
 
 
 class Stack:
-    def __init__(self, tmp, daemon, prom, prom_url, iso, prom_log):
+    def __init__(self, tmp, daemon, prom, prom_url, iso, prom_log, listen):
         self.tmp, self.daemon, self.prom, self.prom_url, self.iso, self.prom_log = tmp, daemon, prom, prom_url, iso, prom_log
+        self.listen = listen  # the daemon's network.listen
 
     def api(self, path: str, **params) -> dict:
         body = json.loads(http_get(f"{self.prom_url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"))
@@ -165,9 +168,11 @@ def stack(tmp_path_factory):
              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
             stdout=log_fh, stderr=subprocess.STDOUT, cwd=tmp)
     # The audio comes on stdin, so the daemon stays up (and scraped) until the test is done.
-    daemon = start_streamd("run", *iso.sets(f'control.endpoint="tcp://127.0.0.1:{free_port()}"'),
+    listen = f"tcp://127.0.0.1:{free_port()}"  # and a device's, from `streamd send`
+    daemon = start_streamd("run", *iso.sets(f'control.endpoint="tcp://127.0.0.1:{free_port()}"',
+                                            f'network.listen="{listen}"'),
                            "--source", "stdin", stdin=subprocess.PIPE)
-    s = Stack(tmp, daemon, prom, f"http://127.0.0.1:{prom_port}", iso, prom_log)
+    s = Stack(tmp, daemon, prom, f"http://127.0.0.1:{prom_port}", iso, prom_log, listen)
     try:
         yield s
     finally:
@@ -202,7 +207,10 @@ def scraped(stack):
 
     wait_until("prometheus to scrape the daemon", target_up, 30, stack.explain)
 
-    # Real audio at 4x real time: counters grow across several scrapes.
+    # Real audio at 4x real time: counters grow across several scrapes; meanwhile a device
+    # sends its own recording at real time.
+    device = start_streamd("send", "--source", f"file:{DATA / 'visitor21.flac'}", "--to", stack.listen,
+                           "--stream", "remote")
     audio = read_audio(str(DATA / "demo.flac")).astype("<i2").tobytes()
     block = 16000 * 2 // 4  # a quarter second of s16le 16 kHz
     for i in range(0, len(audio), block):
@@ -210,6 +218,7 @@ def scraped(stack):
         stack.daemon.stdin.buffer.flush()
         time.sleep(0.25 / 4)
 
+    assert device.wait(60) == 0, device.stderr.read()
     digits = 'streamd_events_total{stream="default",type="digit"}'
     wait_until(f"the daemon to publish {UTTERANCES} digit events",
                lambda: daemon_metric(http_get(stack.iso.metrics_url), digits) == UTTERANCES, 30)
@@ -240,7 +249,7 @@ def test_every_dashboard_query_returns_data(scraped):
 def test_template_variables_find_the_stream(scraped):
     for metric, label in variable_queries(load()):
         values = scraped.api(f"label/{label}/values", **{"match[]": metric})
-        assert values == ["default"], (metric, label, values)
+        assert values == ["default", "remote"], (metric, label, values)
 
 
 def test_dashboard_uses_only_metrics_the_daemon_exposes(scraped):
