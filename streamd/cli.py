@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -470,6 +471,7 @@ def cmd_send(args, cfg) -> int:
     if not STREAM_ID.match(args.stream):
         print(f"streamd: --stream {args.stream!r} must be 1-64 letters, digits, '_' or '-'", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # systemd's stop: end as Ctrl-C does, queued audio flushed
     source = open_source(args.source, args.stream, cfg.vad.frame_samples, args.pace, cfg.source.mic_rate)
     sender = Sender(args.to, args.stream, control.client_curve(cfg), wait_s=args.wait)
     segmenter = Segmenter(cfg.vad) if args.vad else None
@@ -489,6 +491,10 @@ def cmd_send(args, cfg) -> int:
     print(f"sent {sent} frames of stream {args.stream!r} to {args.to}"
           + (f"; {sender.dropped} dropped while the daemon was away" if sender.dropped else ""), file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _speech_frames(segmenter, frame):

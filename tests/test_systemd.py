@@ -89,7 +89,7 @@ def test_the_send_unit_takes_the_microphone_to_a_curve_daemon(curve, iso, null_s
         events = collect(sub, until=lambda ev: len(by_type(ev, "digit")) >= 10, timeout=15)
         assert {e["stream"] for e in by_type(events, "digit")} == {"kitchen"}
         assert len(by_type(events, "digit")) >= 8, events  # the mic's VAD cut may merge or miss a word
-        assert stop(sender, signal.SIGINT) == 0, "".join(said)
+        assert stop(sender, signal.SIGTERM) == 0, "".join(said)  # as systemctl stop does
         reader.join(10)
         assert "sent" in said[-1] and "frames of stream 'kitchen'" in said[-1]
     finally:
