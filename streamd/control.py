@@ -56,6 +56,21 @@ class ServerCurve:
     keys: KeyPair
     clients: Path
 
+    def secure(self, ctx: zmq.Context, sock: zmq.Socket, domain: str, log_name: str):
+        """Make ``sock`` a CURVE server that admits only the authorised clients, before its
+        bind: with no ZAP handler running, libzmq would let any CURVE client in. Returns the
+        running authenticator, to be stopped with the socket."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger(log_name))
+        auth.start()
+        auth.configure_curve(domain=domain, location=str(self.clients))
+        sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
+        return auth
+
 
 @dataclass(frozen=True)
 class ClientCurve:
@@ -63,6 +78,12 @@ class ClientCurve:
 
     keys: KeyPair
     server_public: bytes
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client of the daemon whose public key this holds."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
 
 
 def _key(cfg, name: str, loader):
@@ -149,7 +170,7 @@ class ControlServer:
         old_umask = os.umask(0o077)  # the ipc socket file is created owner-only
         try:
             if curve is not None:
-                self._curve(curve)
+                self._auth = curve.secure(self._ctx, self._sock, ZAP_DOMAIN, "streamd.control.auth")
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self.close(0)
@@ -162,18 +183,6 @@ class ControlServer:
         if ipc_path is not None:
             os.chmod(ipc_path, stat.S_IRUSR | stat.S_IWUSR)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def _curve(self, curve: ServerCurve) -> None:
-        """Before bind: with no ZAP handler running, libzmq would let any CURVE client in."""
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("streamd.control.auth"))
-        self._auth.start()
-        self._auth.configure_curve(domain=ZAP_DOMAIN, location=str(curve.clients))
-        self._sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
-        self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
-        self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
 
     def poll(self, handler: Handler, timeout_ms: int = 0) -> int:
         """Serve every request waiting now; returns how many were served."""
@@ -238,9 +247,7 @@ def request(endpoint: str, message: dict[str, Any] | bytes, timeout_s: float = 1
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout_s * 1000)))
     if curve is not None:
-        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+        curve.secure(sock)
     try:
         sock.connect(endpoint)
         try:

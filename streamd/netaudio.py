@@ -93,23 +93,12 @@ class NetworkReceiver(threading.Thread):
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             if curve is not None:
-                self._curve(curve)
+                self._auth = curve.secure(self._ctx, self._sock, "streamd-audio", "streamd.network.auth")
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self.close()
             raise OSError(f"network.listen {endpoint}: cannot bind: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def _curve(self, curve) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("streamd.network.auth"))
-        self._auth.start()
-        self._auth.configure_curve(domain="streamd-audio", location=str(curve.clients))
-        self._sock.setsockopt(zmq.ZAP_DOMAIN, b"streamd-audio")
-        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
-        self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
-        self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -240,9 +229,7 @@ class Sender:
         self._sock.setsockopt(zmq.SNDHWM, hwm)  # 10 s of audio queued while the daemon is away
         self._sock.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
-            self._sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
-            self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.keys.public)
-            self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.keys.secret)
+            curve.secure(self._sock)
         self._link = _Link(self._sock, endpoint)
         try:
             self._sock.connect(endpoint)
