@@ -393,7 +393,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def connect_endpoint(text: str) -> str:
-    if not text.startswith(("tcp://", "ipc://")):
+    if not text.startswith(config_mod.ENDPOINT_SCHEMES):
         raise argparse.ArgumentTypeError(f"{text!r} is not a tcp://HOST:PORT or ipc://PATH endpoint")
     return text
 

@@ -357,6 +357,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("vad.min_utterance_ms: must be below vad.max_utterance_ms")
 
 
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")  # the transports streamd's sockets take
+
+
 def local_endpoint(endpoint: str) -> bool:
     """Whether a ZeroMQ endpoint stays on this machine: ipc://, or tcp:// on a loopback address."""
     import ipaddress
@@ -380,7 +383,7 @@ def local_endpoint(endpoint: str) -> bool:
 def _check_exposure(cfg: Config) -> None:
     """Nothing is reachable beyond loopback without CurveZMQ (docs/control.md)."""
     c = cfg.control
-    if c.endpoint and not c.endpoint.startswith(("ipc://", "tcp://")):
+    if c.endpoint and not c.endpoint.startswith(ENDPOINT_SCHEMES):
         raise ConfigError(f"control.endpoint: {c.endpoint!r} is not an ipc:// or tcp:// endpoint")
     for a, b in (("curve_secret_key", "curve_clients"), ("curve_client_key", "curve_server_key")):
         if bool(getattr(c, a)) != bool(getattr(c, b)):
@@ -404,7 +407,7 @@ def _check_exposure(cfg: Config) -> None:
         raise ConfigError(f"events.endpoint: {e} is not loopback or ipc://; events are not encrypted, "
                           "so they stay on this machine (forward with ssh -L, docs/control.md)")
     n = cfg.network.listen
-    if n and not n.startswith(("ipc://", "tcp://")):
+    if n and not n.startswith(ENDPOINT_SCHEMES):
         raise ConfigError(f"network.listen: {n!r} is not an ipc:// or tcp:// endpoint")
     if n and not local_endpoint(n) and not c.curve_secret_key:
         raise ConfigError(f"network.listen: {n} is reachable beyond this machine; set control.curve_secret_key "
