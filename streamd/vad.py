@@ -37,6 +37,9 @@ class VadParams:
     max_gain_db: float = 24.0
     target_dbfs: float = -25.0
     noise_ceiling_dbfs: float = -50.0
+    # A frame is voiced only this far above the noise floor (NoiseFloor), whatever webrtcvad
+    # says (Segmenter.is_speech); 0 turns the gate off.
+    min_snr_db: float = 3.0
 
     def frames(self, ms: int) -> int:
         return max(1, math.ceil(ms / self.frame_ms))
@@ -85,13 +88,62 @@ def model_span(audio_t: float, t_end: float, params: VadParams) -> tuple[float, 
 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 
+CLIP_MS = 3000  # of unbroken sound after which audio that began in digital silence is gated too
+
 SILENT_DBFS = -120.0
+# Frames quieter than this are digital silence (a muted microphone, a suspended sound server,
+# VoIP silence suppression, zero-filled lost network frames): no microphone's noise floor is
+# this low (-96 dBFS is the RMS of one least significant bit).
+DIGITAL_SILENCE_DBFS = -100.0
 
 
 def frame_dbfs(samples: np.ndarray) -> float:
     """Level of int16 samples in dB below full scale (digital silence: ``SILENT_DBFS``)."""
     power = float(np.mean(samples.astype(np.float64) ** 2)) / 32768.0**2
     return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
+
+
+def ac_dbfs(samples: np.ndarray) -> float:
+    """``frame_dbfs`` with the DC offset left out: what the noise floor and gate compare."""
+    power = float(np.var(samples.astype(np.float64))) / 32768.0**2
+    return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
+
+
+class NoiseFloor:
+    """The microphone's noise floor: a low percentile of the levels of the last ``WINDOW_S``,
+    digital silence left out (a dip of zeros is no microphone's floor); and whether the audio
+    is ``noisy``: more of its frames lie within ``margin_db`` of that floor than are digital
+    silence (audio whose pauses are zeros has no noise to keep out). Recomputed every
+    ``EVERY`` frames (and on each of the first): a percentile per frame would cost more than
+    webrtcvad."""
+
+    WINDOW_S = 3.0
+    PERCENTILE = 10
+    EVERY = 5
+
+    def __init__(self, frame_ms: int, margin_db: float = 3.0):
+        self.margin_db = margin_db
+        self._levels = np.zeros(max(1, round(self.WINDOW_S * 1000 / frame_ms)))
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = 0
+        self.value = SILENT_DBFS
+        self.noisy = False
+
+    def push(self, level: float) -> None:
+        n = len(self._levels)
+        self._levels[self._count % n] = level
+        self._count += 1
+        if self._count <= self.EVERY or self._count % self.EVERY == 0:
+            known = self._levels[: min(self._count, n)]
+            heard = known[known > DIGITAL_SILENCE_DBFS]
+            if len(heard) == 0:
+                self.value, self.noisy = SILENT_DBFS, False
+                return
+            k = int(len(heard) * self.PERCENTILE / 100)
+            self.value = float(np.partition(heard, k)[k])
+            self.noisy = int(np.count_nonzero(heard < self.value + self.margin_db)) > len(known) - len(heard)
 
 
 class InputGain:
@@ -143,6 +195,8 @@ class Segmenter:
         self.params = params
         self._vad = webrtcvad.Vad(params.aggressiveness)
         self._gain = InputGain(params)
+        self._floor = NoiseFloor(params.frame_ms, params.min_snr_db)
+        self._clip_frames = params.frames(CLIP_MS)
         self._onset = params.frames(params.onset_ms)
         self._hangover = params.frames(params.hangover_ms)
         self._next_utterance = 0
@@ -151,6 +205,9 @@ class Segmenter:
     def reset(self) -> None:
         self._vad.set_mode(self.params.aggressiveness)
         self._gain.reset()
+        self._floor.reset()
+        self._gated: bool | None = None  # decided by the first frame (see is_speech)
+        self._sound_run = 0  # frames of sound (not digital silence) in a row
         self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
             maxlen=self.params.frames(self.params.preroll_ms) + self._onset
         )
@@ -172,7 +229,26 @@ class Segmenter:
         return self._last_voiced_end
 
     def is_speech(self, frame: Frame) -> bool:
-        return self._vad.is_speech(self._gain(frame.samples).tobytes(), SAMPLE_RATE)
+        """webrtcvad's call on the gained frame, confirmed, where the audio has a noise floor
+        (``NoiseFloor.noisy``), by the frame standing ``min_snr_db`` above it: webrtcvad fires
+        on steady noise when it starts, on noise after digital silence, and on loud noise.
+
+        Audio that begins in digital silence is taken for clips joined by zeros (as the models'
+        training clips are cut by ``heard_utterance``, and as the bundled recordings are) until
+        it has carried ``CLIP_MS`` of sound without a break: it is cut by webrtcvad alone, as
+        the models were trained. Any other stream is gated from its first frame."""
+        voiced = self._vad.is_speech(self._gain(frame.samples).tobytes(), SAMPLE_RATE)
+        if self.params.min_snr_db <= 0:
+            return voiced
+        level = ac_dbfs(frame.samples)
+        self._floor.push(level)
+        self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
+        if self._gated is None:
+            self._gated = self._sound_run > 0
+        elif not self._gated and self._sound_run >= self._clip_frames:
+            self._gated = True
+        gate = self._gated and self._floor.noisy
+        return voiced and (not gate or level >= self._floor.value + self.params.min_snr_db)
 
     def push(self, frame: Frame) -> list[VadOutput]:
         if len(frame.samples) != self.params.frame_samples:

@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 
 from streamd.frames import Frame
-from streamd.vad import (InputGain, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, frame_dbfs,
+from streamd.vad import (InputGain, NoiseFloor, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, frame_dbfs,
                          heard_utterance, segment_clip, utterance_audio)
 from conftest import DATA
 
@@ -19,6 +19,10 @@ def word() -> np.ndarray:
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), np.int16)
+
+
+def frames_of(audio: np.ndarray, step: int = 320) -> list[Frame]:
+    return [Frame("t", i, audio[i * step : (i + 1) * step], i * step / RATE, 0.0) for i in range(len(audio) // step)]
 
 
 def run(audio: np.ndarray, params: VadParams) -> list:
@@ -160,3 +164,53 @@ def test_input_gain_lifts_quiet_speech_toward_the_target_and_never_attenuates():
 def test_input_gain_off_passes_frames_through():
     frame = quieter(word()[:320], -40.0)
     assert InputGain(VadParams(max_gain_db=0.0))(frame) is frame
+
+
+def levels_into(floor: NoiseFloor, levels) -> float:
+    for level in levels:
+        floor.push(level)
+    return floor.value
+
+
+def test_noise_floor_ignores_dips_of_digital_silence():
+    # The gain's floor (the quietest frame of 2 s) drops to -120 dBFS on a dip of zeros and
+    # lifts ordinary noise by 24 dB into "speech": the gate's floor must not.
+    rng = np.random.default_rng(0)
+    noise = list(-60.0 + rng.normal(0, 0.5, 150))
+    floor = NoiseFloor(20)
+    levels_into(floor, noise)
+    assert abs(levels_into(floor, [-120.0] * 15 + noise[:10]) - -60.6) < 0.5
+    assert floor.noisy
+
+
+def test_words_between_zeros_are_not_noisy():
+    floor = NoiseFloor(20)
+    levels_into(floor, ([-120.0] * 40 + [-45.0, -35.0, -25.0, -30.0, -40.0] * 6) * 3)
+    assert floor.value == -45.0 and not floor.noisy
+
+
+def test_noise_floor_is_a_low_percentile_not_the_minimum():
+    floor = NoiseFloor(20)
+    assert levels_into(floor, [-60.0] * 140 + [-90.0] * 2 + [-30.0] * 8) == -60.0
+
+
+def test_clips_padded_with_digital_silence_are_cut_as_without_the_gate():
+    """The models were trained on clips cut by webrtcvad alone (heard_utterance pads them with
+    zeros): the gate must leave those cuts as they were."""
+    for name in ("word.flac", "parity.flac"):
+        clip, _ = sf.read(DATA / name, dtype="int16")
+        noisy = clip + np.round(np.random.default_rng(0).standard_normal(len(clip)) * 30).astype(np.int16)
+        for audio in (clip, noisy, quieter(noisy, -20.0)):
+            gated = heard_utterance(audio, VadParams())
+            plain = heard_utterance(audio, replace(VadParams(), min_snr_db=0.0))
+            assert gated[1] == plain[1] and np.array_equal(gated[0], plain[0])
+
+
+def test_a_stream_with_a_noise_floor_is_gated_from_its_first_frame():
+    rng = np.random.default_rng(1)
+    noise = np.round(rng.standard_normal(3 * RATE) * 32768 * 10 ** (-60 / 20)).astype(np.int16)
+    seg = Segmenter(VadParams())
+    voiced = [seg.is_speech(f) for f in frames_of(noise)]
+    ungated = Segmenter(replace(VadParams(), min_snr_db=0.0))
+    assert any(ungated.is_speech(f) for f in frames_of(noise))  # webrtcvad alone fires on it
+    assert not any(voiced)
