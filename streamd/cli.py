@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="replace existing key files of that name")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
-    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers"), default="all",
+    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers", "stream"), default="all",
                     help="all: digits and speaker summary; digits: per speaker, per digit, confusion, "
-                         "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve")
+                         "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve; "
+                         "stream: continuous audio through the daemon's engine, per condition (levels, "
+                         "pauses, noise floors, noise types and SNRs, channels, noise-only audio)")
     ev.add_argument("corpora", nargs="?", type=Path, metavar="DATA", help="the same as --data")
     ev.add_argument("--data", type=Path, help="corpora folder (manifests; default ../shared/datasets)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -85,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="digits: also write each clip's answer (decision in use, every condition) to this CSV")
     ev.add_argument("--phrase-clips", type=clip_count, default=3, metavar="N",
                     help="speakers: clips joined into each phrase probe (3: ~2-3 s; 9: a long utterance)")
+    ev.add_argument("--words", type=bounded(int, 0, 100000, "words"), default=200, metavar="N",
+                    help="stream: digits per corpus in each condition's stream, and half as many other "
+                         "words (0: every held-out clip; default 200)")
+    ev.add_argument("--noise-minutes", type=bounded(float, 0, 600, "minutes"), default=10.0, metavar="M",
+                    help="stream: minutes of each noise-only stream (0: none; default 10)")
+    ev.add_argument("--speakers", choices=("held-out", "validation"), default="held-out",
+                    help="stream: whose clips make the streams (validation: for tuning, never reported)")
+    ev.add_argument("--seed", type=bounded(int, 0, 2**31, "seed"), default=0,
+                    help="stream: which words, in which order, with which pauses and noise")
+    ev.add_argument("--only", metavar="NAMES",
+                    help="stream: only these conditions or groups, comma-separated (e.g. clean,noise)")
     ev.add_argument("--card", action="store_true",
                     help="digits, speakers: also keep the figures in the model card (digits: the fusion "
                          "card, or the digit card without one; speakers: the speaker card), as heldout_eval")
@@ -334,6 +347,8 @@ def cmd_eval(args, cfg) -> int:
         return eval_speakers(args, cfg)
     if args.what == "digits":
         return eval_digits(args, cfg)
+    if args.what == "stream":
+        return eval_stream(args, cfg)
     models = load_models(cfg, "cpu")
 
     def progress(n: int, total: int) -> None:
@@ -371,6 +386,39 @@ def eval_digits(args, cfg) -> int:
     print(json.dumps(report, indent=2) if args.json else ed.format_report(report) + f"\nconfusion matrices: {plot}")
     if args.card:
         return keep_in_card(plan.source, report, f"streamd eval digits --data {args.data} --card")
+    return 0
+
+
+def eval_stream(args, cfg) -> int:
+    from streamd import eval_stream as es
+    from streamd.inference import load_models
+    from streamd.stream_audio import standard_conditions
+
+    conditions = standard_conditions(args.noise_minutes * 60)
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+        unknown = wanted - {c.name for c in conditions} - {c.group for c in conditions}
+        if unknown:
+            print(f"streamd: eval stream: no condition or group {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        conditions = [c for c in conditions if c.name in wanted or c.group in wanted]
+    plot = args.plot or Path("stream.png")
+    if not writable(plot, "--plot"):
+        return EX_CANTCREAT
+
+    def progress(tick: int, total: int) -> None:
+        print(f"\r{tick * cfg.vad.frame_ms / 1000:.0f}/{total * cfg.vad.frame_ms / 1000:.0f} s of audio",
+              end="", file=sys.stderr, flush=True)
+
+    held = es.load_held_out(args.data, args.speakers)
+    if not held.talkers and any(c.noise == "babble" for c in conditions):
+        print(f"streamd: eval stream: no librispeech-excerpts/ in {args.data} to make babble of: "
+              "babble conditions left out", file=sys.stderr)
+        conditions = [c for c in conditions if c.noise != "babble"]
+    report = es.evaluate_streams(held, cfg, load_models(cfg, "cpu"), conditions, args.words, args.seed, progress)
+    print(file=sys.stderr)
+    es.plot(report, plot)
+    print(json.dumps(report, indent=2) if args.json else es.format_report(report) + f"\npicture: {plot}")
     return 0
 
 

@@ -32,7 +32,11 @@ def check_size(path: str) -> None:
 
 def file_utterances(path: str, cfg: Config, model: OnnxModel) -> list[Utterance]:
     check_size(path)
-    audio = read_audio(path)
+    return audio_utterances(read_audio(path), cfg, model)
+
+
+def audio_utterances(audio, cfg: Config, model: OnnxModel) -> list[Utterance]:
+    """One Utterance per usable utterance the VAD finds in 16 kHz int16 audio."""
     out = []
     for end in segment_clip(audio, cfg.vad):
         if not end.usable:
