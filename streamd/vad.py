@@ -146,6 +146,44 @@ class NoiseFloor:
             self.noisy = int(np.count_nonzero(heard < self.value + self.margin_db)) > len(known) - len(heard)
 
 
+class PauseNoise:
+    """The level of the noise in the pauses: frames heard while no utterance is open (digital
+    silence left out), the last ``WINDOW_S`` of them. Its median plus ``SPREAD`` times its
+    spread below the median (the half that speech onsets do not reach) is a level that noise
+    which rises and falls, such as other people talking, seldom passes: steady noise has
+    almost no spread and leaves the gate at the floor's. Until ``MIN_S`` of pauses has been
+    heard, every frame counts: noise that starts with the stream would otherwise open an
+    utterance that never pauses."""
+
+    WINDOW_S = 5.0
+    MIN_S = 0.5
+    SPREAD = 1.5
+    EVERY = 5
+
+    def __init__(self, frame_ms: int):
+        self._levels = np.zeros(max(1, round(self.WINDOW_S * 1000 / frame_ms)))
+        self._min = max(1, round(self.MIN_S * 1000 / frame_ms))
+        self.reset()
+
+    def reset(self) -> None:
+        self._count = 0
+        self.gate = SILENT_DBFS  # below any frame's level until MIN_S of pauses is heard
+
+    @property
+    def ready(self) -> bool:
+        return self._count >= self._min
+
+    def push(self, level: float) -> None:
+        if level <= DIGITAL_SILENCE_DBFS:
+            return
+        n = len(self._levels)
+        self._levels[self._count % n] = level
+        self._count += 1
+        if self.ready and self._count % self.EVERY == 0:
+            p10, p50 = np.percentile(self._levels[: min(self._count, n)], (10, 50))
+            self.gate = float(p50 + self.SPREAD * (p50 - p10) + 1.0)
+
+
 class InputGain:
     """The gain webrtcvad's input gets, frame by frame: webrtcvad calls quiet speech silence
     (20 dB below a normal microphone level it loses whole words), whatever its shape.
@@ -196,6 +234,7 @@ class Segmenter:
         self._vad = webrtcvad.Vad(params.aggressiveness)
         self._gain = InputGain(params)
         self._floor = NoiseFloor(params.frame_ms, params.min_snr_db)
+        self._pauses = PauseNoise(params.frame_ms)
         self._clip_frames = params.frames(CLIP_MS)
         self._onset = params.frames(params.onset_ms)
         self._hangover = params.frames(params.hangover_ms)
@@ -206,6 +245,7 @@ class Segmenter:
         self._vad.set_mode(self.params.aggressiveness)
         self._gain.reset()
         self._floor.reset()
+        self._pauses.reset()
         self._gated: bool | None = None  # decided by the first frame (see is_speech)
         self._sound_run = 0  # frames of sound (not digital silence) in a row
         self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
@@ -230,8 +270,9 @@ class Segmenter:
 
     def is_speech(self, frame: Frame) -> bool:
         """webrtcvad's call on the gained frame, confirmed, where the audio has a noise floor
-        (``NoiseFloor.noisy``), by the frame standing ``min_snr_db`` above it: webrtcvad fires
-        on steady noise when it starts, on noise after digital silence, and on loud noise.
+        (``NoiseFloor.noisy``), by the frame standing ``min_snr_db`` above it and above the
+        noise of the pauses (``PauseNoise``): webrtcvad fires on steady noise when it starts,
+        on noise after digital silence, on loud noise and on other people talking.
 
         Audio that begins in digital silence is taken for clips joined by zeros (as the models'
         training clips are cut by ``heard_utterance``, and as the bundled recordings are) until
@@ -242,13 +283,16 @@ class Segmenter:
             return voiced
         level = ac_dbfs(frame.samples)
         self._floor.push(level)
+        if self._active is None or not self._pauses.ready:  # at start-up, what is heard
+            self._pauses.push(level)
         self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
         if self._gated is None:
             self._gated = self._sound_run > 0
         elif not self._gated and self._sound_run >= self._clip_frames:
             self._gated = True
-        gate = self._gated and self._floor.noisy
-        return voiced and (not gate or level >= self._floor.value + self.params.min_snr_db)
+        if not voiced or not (self._gated and self._floor.noisy):
+            return voiced
+        return level >= max(self._floor.value + self.params.min_snr_db, self._pauses.gate)
 
     def push(self, frame: Frame) -> list[VadOutput]:
         if len(frame.samples) != self.params.frame_samples:

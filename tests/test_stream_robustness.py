@@ -134,3 +134,21 @@ def test_noise_alone_gives_no_speaker_or_digit_event(kind, tmp_path):
     events = run_daemon(tmp_path, to_int16(x), kind)
     decided = [e for e in events if e["type"] in ("speaker", "digit", "speaker.partial")]
     assert decided == []
+
+
+def test_words_ten_db_over_other_people_talking_stay_apart(demo):
+    """Babble rises and falls: over the floor's gate alone webrtcvad's "speech" never paused
+    and every word merged into 10 s pieces. The gate over the pauses' noise keeps them apart."""
+    from streamd.vad import SpeechEnd, VadParams, segment_clip
+
+    spans = word_spans(demo)
+    words = [sa.Word(demo[a:b], "x", "x", None) for a, b in spans]
+    talkers = [read_audio(str(DATA / f)) for f in ("visitor12.flac", "visitor21.flac", "enroll_asc02.flac",
+                                                   "enroll_asc07.flac", "enroll_theo.flac")]
+    talkers = [t[t != 0] for t in talkers]  # people talking on, without the recordings' digital pauses
+    cond = sa.Condition("babble", "noise", pause_s=(1.0, 1.5), noise="babble", snr_db=10.0)
+    built = sa.build(cond, words * 2, np.random.default_rng(3), talkers)
+    ends = [e for e in segment_clip(built.audio, VadParams()) if isinstance(e, SpeechEnd) and e.usable]
+    assert max(e.t_end - e.t_start for e in ends) < 2.0, [(e.t_start, e.t_end) for e in ends]
+    found = sum(any(e.t_start < p.t_end and e.t_end > p.t_start for e in ends) for p in built.words)
+    assert found >= 0.8 * len(built.words)

@@ -214,3 +214,16 @@ def test_a_stream_with_a_noise_floor_is_gated_from_its_first_frame():
     ungated = Segmenter(replace(VadParams(), min_snr_db=0.0))
     assert any(ungated.is_speech(f) for f in frames_of(noise))  # webrtcvad alone fires on it
     assert not any(voiced)
+
+
+def test_pause_noise_gate_sits_above_noise_that_rises_and_falls():
+    from streamd.vad import PauseNoise
+
+    rng = np.random.default_rng(0)
+    steady, babble = PauseNoise(20), PauseNoise(20)
+    for _ in range(250):
+        steady.push(-50.0 + rng.normal(0, 0.3))
+        babble.push(-50.0 + rng.normal(0, 3.0))
+    assert steady.gate < -48.0  # the floor's own gate (3 dB over its 10th percentile) decides
+    assert -45.0 < babble.gate < -40.0  # most talking-in-the-background frames stay below it
+    assert not PauseNoise(20).ready
