@@ -103,10 +103,17 @@ def frame_dbfs(samples: np.ndarray) -> float:
     return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
 
 
-def ac_dbfs(samples: np.ndarray) -> float:
-    """``frame_dbfs`` with the DC offset left out: what the noise floor and gate compare."""
-    power = float(np.var(samples.astype(np.float64))) / 32768.0**2
-    return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
+def frame_levels(samples: np.ndarray) -> tuple[float, float]:
+    """``frame_dbfs`` and the same with the DC offset left out (what the noise floor and gate
+    compare), from one pass over the samples (integer sums: exact)."""
+    x = samples.astype(np.int64)
+    n = len(x)
+    total, squares = int(x.sum()), int(x @ x)
+    least = 10 ** (SILENT_DBFS / 10)
+    power = squares / n / 32768.0**2
+    ac = max(squares - total * total / n, 0.0) / n / 32768.0**2
+    return 10.0 * math.log10(max(power, least)), 10.0 * math.log10(max(ac, least))
+
 
 
 class NoiseFloor:
@@ -180,7 +187,8 @@ class PauseNoise:
         self._levels[self._count % n] = level
         self._count += 1
         if self.ready and self._count % self.EVERY == 0:
-            p10, p50 = np.percentile(self._levels[: min(self._count, n)], (10, 50))
+            known = self._levels[: min(self._count, n)]
+            p10, p50 = np.partition(known, (len(known) // 10, len(known) // 2))[[len(known) // 10, len(known) // 2]]
             self.gate = float(p50 + self.SPREAD * (p50 - p10) + 1.0)
 
 
@@ -207,18 +215,18 @@ class InputGain:
         self._peak = SILENT_DBFS
         self._levels: collections.deque[float] = collections.deque(maxlen=self._floor_frames)
 
-    def gain_db(self, samples: np.ndarray) -> float:
-        """Take in one frame; the gain for it."""
-        level = frame_dbfs(samples)
+    def gain_db(self, samples: np.ndarray, level: float | None = None) -> float:
+        """Take in one frame (``level``: its ``frame_dbfs``, if known); the gain for it."""
+        level = frame_dbfs(samples) if level is None else level
         self._peak = max(self._peak - self.RELEASE_DB_PER_S * self.params.frame_ms / 1000, level)
         self._levels.append(level)
         p = self.params
         return max(0.0, min(p.target_dbfs - self._peak, p.noise_ceiling_dbfs - min(self._levels), p.max_gain_db))
 
-    def __call__(self, samples: np.ndarray) -> np.ndarray:
+    def __call__(self, samples: np.ndarray, level: float | None = None) -> np.ndarray:
         if self.params.max_gain_db <= 0:
             return samples
-        gain = self.gain_db(samples)
+        gain = self.gain_db(samples, level)
         if gain <= 0:
             return samples
         return np.clip(np.round(samples * 10 ** (gain / 20)), -32768, 32767).astype(np.int16)
@@ -278,10 +286,10 @@ class Segmenter:
         training clips are cut by ``heard_utterance``, and as the bundled recordings are) until
         it has carried ``CLIP_MS`` of sound without a break: it is cut by webrtcvad alone, as
         the models were trained. Any other stream is gated from its first frame."""
-        voiced = self._vad.is_speech(self._gain(frame.samples).tobytes(), SAMPLE_RATE)
+        dbfs, level = frame_levels(frame.samples)
+        voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
         if self.params.min_snr_db <= 0:
             return voiced
-        level = ac_dbfs(frame.samples)
         self._floor.push(level)
         if self._active is None or not self._pauses.ready:  # at start-up, what is heard
             self._pauses.push(level)

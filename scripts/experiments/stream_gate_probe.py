@@ -29,7 +29,7 @@ import numpy as np
 from streamd import pipeline, vad
 from streamd.cli import main
 from streamd.events import VadEnd
-from streamd.vad import DIGITAL_SILENCE_DBFS, SAMPLE_RATE, ac_dbfs
+from streamd.vad import DIGITAL_SILENCE_DBFS, SAMPLE_RATE, frame_levels
 
 
 def option(variant: str, name: str, default: float | None = None) -> float | None:
@@ -48,8 +48,8 @@ def patch_gate(variant: str) -> None:
         self._grace, self._pause_levels, self._stats, self._n = 0, collections.deque(maxlen=250), None, 0
 
     def is_speech(self, frame):
-        voiced = self._vad.is_speech(self._gain(frame.samples).tobytes(), SAMPLE_RATE)
-        level = ac_dbfs(frame.samples)
+        dbfs, level = frame_levels(frame.samples)
+        voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
         self._floor.push(level)
         self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
         if self._gated is None:
