@@ -123,9 +123,13 @@ if __name__ == "__main__":
     variant, args = sys.argv[1], sys.argv[2:]
     if "floor" in variant or option(variant, "spreadk") is not None or "spreadup" in variant or "grace" in variant:
         patch_gate(variant)
-    if option(variant, "silero") is not None:
+    onnx_path = None
+    if "--silero-onnx" in args:
         i = args.index("--silero-onnx")
         onnx_path = args[i + 1]
         del args[i : i + 2]
+    if option(variant, "silero") is not None:
+        if onnx_path is None:
+            sys.exit("stream_gate_probe: a silero variant needs --silero-onnx PATH")
         patch_silero(option(variant, "silero"), onnx_path)
     sys.exit(main(["eval", "stream", *args]))  # args[0] is DATA
