@@ -99,8 +99,7 @@ DIGITAL_SILENCE_DBFS = -100.0
 
 def frame_dbfs(samples: np.ndarray) -> float:
     """Level of int16 samples in dB below full scale (digital silence: ``SILENT_DBFS``)."""
-    power = float(np.mean(samples.astype(np.float64) ** 2)) / 32768.0**2
-    return 10.0 * math.log10(max(power, 10 ** (SILENT_DBFS / 10)))
+    return frame_levels(samples)[0]
 
 
 def frame_levels(samples: np.ndarray) -> tuple[float, float]:
@@ -113,7 +112,6 @@ def frame_levels(samples: np.ndarray) -> tuple[float, float]:
     power = squares / n / 32768.0**2
     ac = max(squares - total * total / n, 0.0) / n / 32768.0**2
     return 10.0 * math.log10(max(power, least)), 10.0 * math.log10(max(ac, least))
-
 
 
 class NoiseFloor:
@@ -188,7 +186,8 @@ class PauseNoise:
         self._count += 1
         if self.ready and self._count % self.EVERY == 0:
             known = self._levels[: min(self._count, n)]
-            p10, p50 = np.partition(known, (len(known) // 10, len(known) // 2))[[len(known) // 10, len(known) // 2]]
+            ranks = [len(known) // 10, len(known) // 2]
+            p10, p50 = np.partition(known, ranks)[ranks]
             self.gate = float(p50 + self.SPREAD * (p50 - p10) + 1.0)
 
 
@@ -290,17 +289,21 @@ class Segmenter:
         voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
         if self.params.min_snr_db <= 0:
             return voiced
+        self._observe(level)
+        if not voiced or not (self._gated and self._floor.noisy):
+            return voiced
+        return level >= max(self._floor.value + self.params.min_snr_db, self._pauses.gate)
+
+    def _observe(self, level: float) -> None:
+        """Take a frame's level into the noise estimates and the clip-or-stream decision."""
         self._floor.push(level)
-        if self._active is None or not self._pauses.ready:  # at start-up, what is heard
+        if self._active is None or not self._pauses.ready:  # at start-up, whatever is heard
             self._pauses.push(level)
         self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
         if self._gated is None:
             self._gated = self._sound_run > 0
         elif not self._gated and self._sound_run >= self._clip_frames:
             self._gated = True
-        if not voiced or not (self._gated and self._floor.noisy):
-            return voiced
-        return level >= max(self._floor.value + self.params.min_snr_db, self._pauses.gate)
 
     def push(self, frame: Frame) -> list[VadOutput]:
         if len(frame.samples) != self.params.frame_samples:

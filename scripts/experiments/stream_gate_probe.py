@@ -50,12 +50,7 @@ def patch_gate(variant: str) -> None:
     def is_speech(self, frame):
         dbfs, level = frame_levels(frame.samples)
         voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
-        self._floor.push(level)
-        self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
-        if self._gated is None:
-            self._gated = self._sound_run > 0
-        elif not self._gated and self._sound_run >= self._clip_frames:
-            self._gated = True
+        self._observe(level)  # the floor and the clip-or-stream decision, as streamd.vad
         if not (self._gated and self._floor.noisy):
             return voiced
         gate = self._floor.value + self.params.min_snr_db
