@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import build, read_toml
-from streamd.eval_digits import pink_noise
+from streamd.stream_audio import pink as pink_noise
 from streamd.evaluate import Clip, digit_report
 from streamd.frames import SAMPLE_RATE
 from streamd.inference import load_digits

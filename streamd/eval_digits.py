@@ -23,24 +23,17 @@ from streamd.config import Config
 from streamd.digits import softmax
 from streamd.evaluate import NOT_A_DIGIT, Clip, daemon_answers, digit_lines, digit_report, held_out_clips
 from streamd.inference import DigitModels
+from streamd.stream_audio import pink
 from streamd.vad import heard_utterance, utterance_audio
 
 NOISY = (10.0, 0.0)  # SNR in dB
 CONDITIONS = ("clean", *NOISY)
 
 
-def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit-power noise with a 1/f spectrum (more speech-like than white noise)."""
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
-    noise = np.fft.irfft(spectrum, n)
-    return noise / max(float(np.sqrt(np.mean(noise**2))), 1e-12)
-
-
 def add_noise(audio: np.ndarray, speech: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
     """``audio`` (int16) plus pink noise whose power is ``snr_db`` below the power of ``speech``."""
     speech_power = float(np.mean(speech.astype(np.float64) ** 2)) if len(speech) else 0.0
-    noise = pink_noise(len(audio), rng) * np.sqrt(speech_power / 10 ** (snr_db / 10))
+    noise = pink(len(audio), rng) * np.sqrt(speech_power / 10 ** (snr_db / 10))
     return np.clip(np.round(audio + noise), -32768, 32767).astype(np.int16)
 
 
