@@ -30,7 +30,7 @@ import soundfile as sf
 from streamd.config import Config
 from streamd.engine import Engine
 from streamd.enroll import audio_utterances
-from streamd.evaluate import Clip, held_out_clips
+from streamd.evaluate import Clip, corpus_clips, held_out_clips
 from streamd.events import Publisher
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Gallery
@@ -67,21 +67,13 @@ def _rep(path: Path) -> int:
 
 
 def validation_clips(data: Path) -> list[Clip]:
-    clips = []
-    for corpus, folder, keep in (("fsdd", "fsdd", FSDD_TRAINING), ("asc", "arabic-speech-commands", ASC_VALIDATION)):
-        with open(data / folder / "manifest.csv", newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["speaker"] in keep:
-                    digit = int(row["digit"]) if row["digit"] != "" else None
-                    clips.append(Clip(data / folder / row["path"], corpus, row["speaker"], digit))
-    return clips
+    return corpus_clips(data, FSDD_TRAINING, lambda row: row["speaker"] in ASC_VALIDATION)
 
 
 def load_held_out(data: Path, split: str = "held-out") -> HeldOut:
     """Held-out clips: per enrolled speaker, ``ENROLL_CLIPS`` clips (FSDD: digits of
     repetitions 0 and 1; ASC: other words of repetition 1) are kept for enrollment and never
-    streamed. Babble is
-    made of LibriSpeech readers, none of whom is in the streams."""
+    streamed. Babble is made of LibriSpeech readers, none of whom is in the streams."""
     words, enroll = [], {}
     for clip in held_out_clips(data) if split == "held-out" else validation_clips(data):
         audio, rate = sf.read(clip.path, dtype="int16")

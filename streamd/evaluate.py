@@ -34,15 +34,20 @@ class Clip:
 
 
 def held_out_clips(data: Path) -> list[Clip]:
+    return corpus_clips(data, HELD_OUT_FSDD, lambda row: row["split"] == "val")
+
+
+def corpus_clips(data: Path, fsdd_speakers, keep_asc) -> list[Clip]:
+    """FSDD clips of ``fsdd_speakers`` and the ASC clips whose manifest row ``keep_asc`` takes."""
     clips: list[Clip] = []
     with open(data / "fsdd" / "manifest.csv", newline="") as fh:
         for row in csv.DictReader(fh):
-            if row["speaker"] in HELD_OUT_FSDD:
+            if row["speaker"] in fsdd_speakers:
                 clips.append(Clip(data / "fsdd" / row["path"], "fsdd", row["speaker"], int(row["digit"])))
     asc = data / "arabic-speech-commands"
     with open(asc / "manifest.csv", newline="") as fh:
         for row in csv.DictReader(fh):
-            if row["split"] == "val":
+            if keep_asc(row):
                 digit = int(row["digit"]) if row["digit"] != "" else None
                 clips.append(Clip(asc / row["path"], "asc", row["speaker"], digit))
     return clips
