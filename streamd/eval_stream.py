@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +133,6 @@ def run_streams(cfg: Config, models: Models, book: SpeakerBook | None, streams: 
     pipes = {name: engine.add_stream(name) for name in streams}
     step, frame_s = cfg.vad.frame_samples, cfg.vad.frame_ms / 1000
     ticks = max(len(a) for a in streams.values()) // step
-    engine.on_results(threading.Event().set)
     cpu0 = time.process_time()
     try:
         for i in range(ticks):
@@ -147,8 +145,7 @@ def run_streams(cfg: Config, models: Models, book: SpeakerBook | None, streams: 
                 engine.pump(force=True, wait_s=0.05)
             if progress is not None and i % 500 == 0:
                 progress(i, ticks)
-        engine.flush()
-        engine.pump(force=True)
+        engine.flush()  # closes what is open and publishes everything
     finally:
         engine.close()
         publisher.close(0)
