@@ -1,6 +1,8 @@
 """Training-time augmentation (streamd.train.data): each effect does what its name says, and
 babble is made of training speakers only."""
 
+from pathlib import Path
+
 import numpy as np
 import soundfile as sf
 
@@ -74,12 +76,12 @@ def test_random_channels_keep_the_speech_and_its_power_but_colour_it_each_their_
     assert abs(f0(a) - 150) < 3  # the voice's pitch stays
 
 
-def test_noise_is_babble_three_times_in_ten_else_unit_coloured_noise():
+def test_noise_is_babble_three_times_in_ten_else_unit_hum_fan_or_coloured_noise():
     rng = np.random.default_rng(1)
     babble = np.full(5 * RATE, 7.0)  # recognisable: a constant
     picked = [data.noise(RATE, rng, babble) for _ in range(200)]
     share = np.mean([np.all(p == 7.0) for p in picked])
-    assert 0.2 < share < 0.4  # babble p=0.3, otherwise coloured noise
+    assert 0.2 < share < 0.4  # babble p=0.3, otherwise hum, a fan or coloured noise
     assert all(abs(p.std() - 1) < 0.2 for p in picked if not np.all(p == 7.0))
 
 
@@ -134,3 +136,55 @@ def test_a_clips_augmentation_does_not_depend_on_where_the_corpora_lie(tmp_path,
     a = data.variant_audio(here, noisy, seed=0)
     assert np.array_equal(a, data.variant_audio(relative, noisy, seed=0))
     assert not np.array_equal(a, data.variant_audio(here, noisy, seed=1))
+
+
+def word_audio() -> np.ndarray:
+    audio, rate = sf.read(Path(__file__).parent / "data" / "word.flac", dtype="int16")
+    assert rate == RATE
+    return audio.astype(np.float64)
+
+
+def dbfs(x: np.ndarray) -> float:
+    return 10 * np.log10(np.mean(np.asarray(x, np.float64) ** 2) / 32768.0**2 + 1e-20)
+
+
+def test_a_word_in_a_stream_has_context_around_it_and_a_floor_under_the_speech():
+    word = word_audio()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        x = data.streamed(word, rng)
+        extra = (len(x) - len(word)) / RATE
+        assert 1.0 <= extra <= 2.5  # 0.6-1.5 s before, 0.4-1.0 s after
+        context = x[: int(0.5 * RATE)]
+        below = dbfs(word) - dbfs(context[context != 0])
+        assert 15 < below < 75, below  # a floor 20-70 dB under the speech (dBFS of all the clip)
+        assert np.count_nonzero(x[: int(0.5 * RATE)] == 0) < 0.5 * RATE  # not digital silence
+
+
+def test_digital_silence_dips_fall_in_the_context_before_the_word_only():
+    word, dipped = word_audio(), 0
+    for seed in range(60):
+        lead, _ = data.context(np.random.default_rng(seed))  # streamed() draws the context first
+        x = data.streamed(word, np.random.default_rng(seed))
+        zeros = np.flatnonzero(x == 0)
+        if len(zeros) > 0.05 * RATE:
+            dipped += 1
+            assert zeros.max() < lead - 0.1 * RATE  # 0.1 s of floor at least before the word
+            assert 0.1 * RATE <= len(zeros) <= 0.4 * RATE
+    assert 3 <= dipped <= 20  # p = 0.15 of 60
+
+
+def test_streamed_versions_are_cut_as_live_audio_and_clean_ones_as_clips():
+    word = word_audio()
+    x = data.to_int16(data.streamed(word, np.random.default_rng(3)))
+    live, heard = data.heard_utterance(x, data.VadParams(), pad_s=0.0)
+    assert heard
+    assert np.array_equal(data.clip_features(x, stream=True),
+                          data.normalize(data.mfcc(live, data.FeatureParams()), data.FeatureParams()))
+    # As a clip, the same audio is padded with digital silence, which ungates the segmenter:
+    # another cut, so other features.
+    assert data.clip_features(x).shape != data.clip_features(x, stream=True).shape or not np.array_equal(
+        data.clip_features(x), data.clip_features(x, stream=True))
+    assert all(v.stream for v in data.TRAIN_VARIANTS[1:] + data.SYNTH_VARIANTS[1:])
+    assert not data.CLEAN.stream
+    assert data.VALIDATION_VARIANTS == (data.CLEAN, data.STREAMED)

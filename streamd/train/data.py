@@ -2,8 +2,12 @@
 and a feature cache.
 
 Every feature matrix is made by :func:`clip_features`, which runs the daemon's own VAD cut
-(:func:`streamd.vad.utterance_audio`) and MFCC (:func:`streamd.features.mfcc`, ``normalize``)
-on the (augmented) waveform, so training sees exactly what the daemon will compute.
+(:func:`streamd.vad.heard_utterance`) and MFCC (:func:`streamd.features.mfcc`, ``normalize``)
+on the (augmented) waveform, so training sees exactly what the daemon will compute. A clean
+clip is cut as a clip (padded with digital silence); every other version is a word inside
+continuous audio (:func:`in_stream`: context before and after, a microphone's floor, now and
+then a dip of zeros) and is cut by the segmenter as a live stream is, gated from its first
+frame: that is what the daemon hands the models from a microphone.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import soundfile as sf
 from scipy import signal
 
 from streamd.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize
-from streamd.vad import VadParams, utterance_audio
+from streamd.stream_audio import fan, hum
+from streamd.vad import VadParams, heard_utterance
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
-AUG_VERSION = 7  # bump when augmentation or synthesis changes: invalidates the cache
+AUG_VERSION = 8  # bump when augmentation or synthesis changes: invalidates the cache
 
 NOT_DIGIT = 10
 CLASSES = [str(d) for d in range(10)] + ["not_digit"]
@@ -269,22 +274,35 @@ def _spoken(voices: list, rng: np.random.Generator, words_per_voice: int, digit_
 class Variant:
     index: int
     speed: float  # speed perturbation factor (0.9 = slower and lower)
-    augment: bool  # noise, gain, reverb, shift, band limit
+    augment: bool  # noise, gain, reverb, band limit
+    stream: bool = False  # inside continuous audio (in_stream), cut as the live VAD cuts it
 
 
 CLEAN = Variant(0, 1.0, False)
-TRAIN_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(2, 1.0, True), Variant(3, 0.9, True),
-                  Variant(4, 0.9, True), Variant(5, 1.1, True), Variant(6, 1.1, True))
-SYNTH_VARIANTS = (CLEAN, Variant(1, 1.0, True), Variant(3, 0.9, True), Variant(5, 1.1, True))
+TRAIN_VARIANTS = (CLEAN, Variant(1, 1.0, True, True), Variant(2, 1.0, True, True), Variant(3, 0.9, True, True),
+                  Variant(4, 0.9, True, True), Variant(5, 1.1, True, True), Variant(6, 1.1, True, True))
+SYNTH_VARIANTS = (CLEAN, Variant(1, 1.0, True, True), Variant(3, 0.9, True, True), Variant(5, 1.1, True, True))
+# The validation speakers' words as clips and as the live VAD cuts them out of a clean stream:
+# the fusion and its rejection are fitted on both.
+STREAMED = Variant(7, 1.0, False, True)
+VALIDATION_VARIANTS = (CLEAN, STREAMED)
+# In continuous audio: context before and after the word (the floor trackers and webrtcvad
+# settle on it, the hangover runs out in it), a microphone floor this far under the speech.
+CONTEXT_BEFORE_S = (0.6, 1.5)
+CONTEXT_AFTER_S = (0.4, 1.0)
+FLOOR_BELOW_SPEECH_DB = (20.0, 70.0)
 AUGMENTATION_TEXT = (
     "speed perturbation 0.9/1.1 (resampling; a new speaker class for the speaker model); "
     "vocal-tract length perturbation (p=0.3, spectral warp 0.9-1.1 at constant duration); "
-    "random leading/trailing silence 0-0.3 s (time shift); simulated reverb (p=0.3, RT60 "
-    "0.15-0.6 s); channel (p=0.5): telephone (300-3400 Hz, 8 kHz, 8-bit mu-law) one time in "
-    "three, else low-pass at 3.9 kHz for ASC and synthetic clips (FSDD is 8 kHz material); noise "
-    "(p=0.8) at 5-30 dB SNR: babble of 3-7 training-speaker clips (p=0.3) or white/pink/brown; "
-    "gain -18..+6 dB; every clip also kept clean; 7 versions per real training clip, 4 per "
-    "synthetic clip"
+    "simulated reverb (p=0.3, RT60 0.15-0.6 s); channel (p=0.5): telephone (300-3400 Hz, 8 kHz, "
+    "8-bit mu-law) one time in three, else low-pass at 3.9 kHz for ASC and synthetic clips (FSDD "
+    "is 8 kHz material); inside continuous audio: 0.6-1.5 s of context before the word and "
+    "0.4-1.0 s after; noise (p=0.8) over all of it at 5-30 dB SNR: babble of 3-7 training-speaker "
+    "clips (p=0.3), 50/60 Hz hum (p=0.1), a fan (p=0.1) or white/pink/brown; gain -18..+6 dB; a "
+    "white or pink microphone floor 20-70 dB under the speech; a 0.1-0.4 s dip of digital silence "
+    "in the context before (p=0.15); cut by the live segmenter, gated from the first frame, as a "
+    "stream is; every clip also kept clean (cut as a clip, in digital silence); 7 versions per "
+    "real training clip, 4 per synthetic clip"
 )
 _LOWPASS = signal.butter(10, 3900, fs=SAMPLE_RATE, output="sos")
 _TELEPHONE = signal.butter(6, (300, 3400), btype="bandpass", fs=SAMPLE_RATE, output="sos")
@@ -343,8 +361,12 @@ def speech_power(x: np.ndarray) -> float:
 
 
 def colored_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    return colored_noise_of(n, rng, float(rng.choice([0.0, 0.5, 1.0])))  # white, pink, brown
+
+
+def colored_noise_of(n: int, rng: np.random.Generator, slope: float) -> np.ndarray:
+    """Unit-variance noise whose amplitude falls as 1 / f ** slope."""
     white = rng.standard_normal(n)
-    slope = rng.choice([0.0, 0.5, 1.0])  # white, pink, brown
     if slope == 0.0:
         return white
     spec = np.fft.rfft(white) / np.arange(1, n // 2 + 2) ** slope
@@ -416,16 +438,40 @@ def babble_bank(seed: int) -> np.ndarray | None:
 
 
 def noise(n: int, rng: np.random.Generator, babble: np.ndarray | None) -> np.ndarray:
-    if babble is not None and len(babble) > n and rng.random() < 0.3:
+    kind = rng.random()
+    if babble is not None and len(babble) > n and kind < 0.3:
         at = int(rng.integers(0, len(babble) - n))
         return babble[at : at + n]
+    if kind < 0.4:
+        return hum(n, rng, float(rng.choice([50.0, 60.0])))
+    if kind < 0.5:
+        return fan(n, rng)
     return colored_noise(n, rng)
+
+
+def context(rng: np.random.Generator) -> tuple[int, int]:
+    """Samples of continuous audio before and after a word."""
+    return (int(rng.uniform(*CONTEXT_BEFORE_S) * SAMPLE_RATE), int(rng.uniform(*CONTEXT_AFTER_S) * SAMPLE_RATE))
+
+
+def in_stream(x: np.ndarray, lead: int, power: float, rng: np.random.Generator) -> np.ndarray:
+    """``x`` (a word after ``lead`` samples of context) as a microphone gives it: a white or
+    pink floor ``FLOOR_BELOW_SPEECH_DB`` under the speech's ``power``, and one time in seven
+    a dip of digital silence in the context before the word."""
+    floor = rng.standard_normal(len(x)) if rng.random() < 0.5 else colored_noise_of(len(x), rng, 0.5)
+    x = x + floor * np.sqrt(power / 10 ** (rng.uniform(*FLOOR_BELOW_SPEECH_DB) / 10))
+    if rng.random() < 0.15 and lead > int(0.5 * SAMPLE_RATE):
+        width = int(rng.uniform(0.1, 0.4) * SAMPLE_RATE)
+        at = int(rng.integers(0, lead - width - int(0.1 * SAMPLE_RATE)))
+        x[at : at + width] = 0.0
+    return x
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool,
             babble: np.ndarray | None = None) -> np.ndarray:
-    """Waveform augmentation of float samples (int16 scale); returns float samples."""
-    lead, tail = (rng.uniform(0, 0.3, size=2) * SAMPLE_RATE).astype(int)
+    """Waveform augmentation of float samples (int16 scale), the word inside continuous
+    audio (:func:`in_stream`); returns float samples."""
+    lead, tail = context(rng)
     if rng.random() < 0.3:
         x = vtlp(x, rng.uniform(0.9, 1.1))
     if rng.random() < 0.3:
@@ -440,7 +486,15 @@ def augment(x: np.ndarray, rng: np.random.Generator, band_limit: bool,
     if rng.random() < 0.8:
         snr_db = rng.uniform(5, 30)
         x = x + noise(len(x), rng, babble) * np.sqrt(power / 10 ** (snr_db / 10))
-    return x * 10 ** (rng.uniform(-18, 6) / 20)
+    gain = 10 ** (rng.uniform(-18, 6) / 20)
+    return in_stream(x * gain, lead, power * gain**2, rng)
+
+
+def streamed(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A clean word inside continuous audio: context, a floor, maybe a dip (no other change)."""
+    lead, tail = context(rng)
+    power = speech_power(x)
+    return in_stream(np.concatenate((np.zeros(lead), x, np.zeros(tail))), lead, power, rng)
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:
@@ -452,10 +506,13 @@ def to_int16(x: np.ndarray) -> np.ndarray:
 FRONT_ENDS = {"mfcc": FeatureParams, "melpower": mel_params}
 
 
-def clip_features(audio: np.ndarray, front_end: str = "mfcc") -> np.ndarray:
-    """What the daemon feeds the models for a one-word clip: VAD cut, features, normalisation."""
+def clip_features(audio: np.ndarray, front_end: str = "mfcc", stream: bool = False) -> np.ndarray:
+    """What the daemon feeds the models for one word: VAD cut, features, normalisation. A clip
+    is cut padded with digital silence (as a file of clips); ``stream``: the audio is a stretch
+    of continuous audio holding the word, cut as the live segmenter cuts a microphone."""
     params = FRONT_ENDS[front_end]()
-    return normalize(mfcc(utterance_audio(audio, VadParams()), params), params)
+    speech, _ = heard_utterance(audio, VadParams(), pad_s=0.0 if stream else 0.3)
+    return normalize(mfcc(speech, params), params)
 
 
 def clip_id(clip: Clip) -> str:
@@ -474,6 +531,8 @@ def variant_audio(clip: Clip, variant: Variant, seed: int) -> np.ndarray:
     y = speed_perturb(x.astype(np.float64), variant.speed)
     if variant.augment:
         y = augment(y, rng, band_limit=clip.corpus != "fsdd", babble=babble_bank(seed))
+    elif variant.stream:
+        y = streamed(y, rng)
     return to_int16(y)
 
 
@@ -511,7 +570,7 @@ class FeatureSet:
 
 def _job(task: tuple[Clip, Variant, int, str]) -> np.ndarray:
     clip, variant, seed, front_end = task
-    return clip_features(variant_audio(clip, variant, seed), front_end)
+    return clip_features(variant_audio(clip, variant, seed), front_end, variant.stream)
 
 
 def _cache_key(clips: list[Clip], variants: list[tuple[Variant, ...]], seed: int, front_end: str = "mfcc") -> str:
@@ -529,8 +588,10 @@ ALL_VARIANTS: VariantPlan = (TRAIN_VARIANTS, SYNTH_VARIANTS)
 
 
 def variants_for(clip: Clip, augment_train: bool, plan: VariantPlan = ALL_VARIANTS) -> tuple[Variant, ...]:
-    if clip.heldout or not augment_train:
+    if clip.heldout:
         return (CLEAN,)
+    if not augment_train:
+        return VALIDATION_VARIANTS
     return plan[1] if clip.corpus == "synth" else plan[0]
 
 
@@ -541,7 +602,7 @@ def _compute(tasks: list[tuple[Clip, Variant, int, str]], workers: int) -> list[
         return pool.map(_job, tasks, chunksize=64)
 
 
-_VARIANTS = {v.index: v for v in TRAIN_VARIANTS}
+_VARIANTS = {v.index: v for v in TRAIN_VARIANTS + VALIDATION_VARIANTS}
 
 
 def item_audio(fs: FeatureSet, i: int, seed: int) -> np.ndarray:
@@ -556,7 +617,7 @@ def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:
         return True
     rng = np.random.default_rng()
     for i in rng.choice(len(fs), size=min(n, len(fs)), replace=False):
-        fresh = clip_features(item_audio(fs, int(i), seed), fs.front_end)
+        fresh = clip_features(item_audio(fs, int(i), seed), fs.front_end, _VARIANTS[int(fs.variant[i])].stream)
         cached = fs.item(i)
         if fresh.shape != cached.shape or not np.allclose(fresh, cached, rtol=0, atol=1e-4):
             return False
