@@ -1,10 +1,12 @@
 """Features, offline and streaming, computed by one function so they cannot drift.
 
-Two front ends: MFCC (python_speech_features; the digit model) and a mel power spectrogram
-(the speaker encoder's own front end). Both paths pre-emphasise the signal (MFCC only), cut
-it into frames that lie wholly inside the audio (no zero padding at the end, unlike
-python_speech_features' default) and compute each frame from exactly those samples, so
-streaming reproduces offline features.
+Three front ends: MFCC (python_speech_features; the digit model), a mel power spectrogram
+(the GE2E speaker encoder's own front end) and Kaldi's log mel filterbank (``kaldifbank``,
+the front end CAM++ was trained on). Both paths pre-emphasise the signal (MFCC only; Kaldi
+pre-emphasises each frame on its own, after removing its DC), cut it into frames that lie
+wholly inside the audio (no zero padding at the end, unlike python_speech_features' default;
+Kaldi's snip_edges) and compute each frame from exactly those samples, so streaming
+reproduces offline features.
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ class FeatureParams:
     @property
     def stored_dims(self) -> int:
         """Columns per frame in the ring: mel power keeps the frame's energy beside the bands."""
+        if self.kind == "kaldifbank":
+            return self.nfilt
         return self.numcep if self.kind == "mfcc" else self.nfilt + 1
+
+    @property
+    def signal_preemph(self) -> float:
+        """Pre-emphasis of the continuous signal, before framing. Kaldi pre-emphasises inside
+        each frame (after removing the frame's DC), so its kind sees the signal unchanged."""
+        return 0.0 if self.kind == "kaldifbank" else self.preemph
 
     def frames_in(self, num_samples: int) -> int:
         """Number of whole analysis frames in ``num_samples`` samples."""
@@ -80,6 +90,8 @@ def _window(params: FeatureParams):
         return lambda n: 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
     if params.window == "rect":
         return lambda n: np.ones((n,))
+    if params.window == "povey":  # Kaldi's default: a Hann window (symmetric) to the power 0.85
+        return lambda n: (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / (n - 1))) ** 0.85
     raise ValueError(f"unknown window {params.window!r}")
 
 
@@ -87,6 +99,46 @@ def mel_params() -> FeatureParams:
     """The speaker encoder's front end: 40 Slaney mel bands of the power spectrum."""
     return FeatureParams(kind="melpower", winlen=0.025, winstep=0.01, numcep=40, nfilt=40, nfft=400,
                          lowfreq=0.0, highfreq=8000.0, preemph=0.0, ceplifter=0, window="hann")
+
+
+def kaldi_fbank_params() -> FeatureParams:
+    """CAM++'s front end (3D-Speaker; Kaldi's compute-fbank-feats defaults but 80 bins and no
+    dither): 25 ms frames every 10 ms, DC removed and pre-emphasis 0.97 per frame, povey
+    window, 512-point power spectrum, 80 mel bins from 20 Hz to Nyquist, log."""
+    return FeatureParams(kind="kaldifbank", winlen=0.025, winstep=0.01, numcep=80, nfilt=80, nfft=512,
+                         lowfreq=20.0, highfreq=8000.0, preemph=0.97, ceplifter=0, window="povey")
+
+
+@functools.lru_cache(maxsize=8)
+def kaldi_mel_banks(sample_rate: int, nfft: int, nfilt: int, lowfreq: float, highfreq: float) -> np.ndarray:
+    """(nfilt, nfft//2+1) triangular filters as Kaldi's MelBanks builds them: evenly spaced on
+    the mel scale 1127 ln(1 + f/700), unnormalised peaks of 1, and zero on the Nyquist bin."""
+    def mel(f):
+        return 1127.0 * np.log(1.0 + np.asarray(f, np.float64) / 700.0)
+
+    edges = mel(lowfreq) + (mel(highfreq) - mel(lowfreq)) / (nfilt + 1) * np.arange(nfilt + 2)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    m = mel(np.arange(nfft // 2) * sample_rate / nfft)[None, :]
+    weights = np.where(m <= centre, (m - left) / (centre - left), (right - m) / (right - centre))
+    weights = np.where((m > left) & (m < right), weights, 0.0)
+    return np.concatenate((weights, np.zeros((nfilt, 1))), axis=1)
+
+
+# Kaldi floors the mel energies at float32's epsilon before the log.
+KALDI_ENERGY_FLOOR = float(np.finfo(np.float32).eps)
+
+
+def _kaldi_fbank(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
+    """Log mel filterbank of each frame as Kaldi computes it (int16-scaled samples): the
+    frame's DC removed, then pre-emphasis within the frame (its first sample against itself),
+    window, power spectrum, mel banks, log."""
+    frames = _frames(np.asarray(signal, np.float64), params, n)
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    frames = np.concatenate((frames[:, :1] * (1 - params.preemph), frames[:, 1:] - params.preemph * frames[:, :-1]),
+                            axis=1)
+    power = np.abs(np.fft.rfft(frames * _window_array(params), params.nfft)) ** 2
+    fb = kaldi_mel_banks(params.sample_rate, params.nfft, params.nfilt, params.lowfreq, params.highfreq)
+    return np.log(np.maximum(power @ fb.T, KALDI_ENERGY_FLOOR))
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -165,6 +217,8 @@ def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.
         return np.zeros((0, params.stored_dims), dtype=np.float64)
     if params.kind == "melpower":
         return _melpower(emphasised, params, n)
+    if params.kind == "kaldifbank":
+        return _kaldi_fbank(emphasised, params, n)
     feats = _psf_mfcc(emphasised, params, n)
     feats[:, 0] = np.maximum(feats[:, 0], LOG_ENERGY_FLOOR)
     return feats
@@ -173,12 +227,13 @@ def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.
 def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
     """Offline features of a whole clip (int16 samples at params.sample_rate); MFCC unless
     ``params.kind`` names another front end."""
-    return features_of_emphasised(preemphasis(signal, params.preemph), params)
+    return features_of_emphasised(preemphasis(signal, params.signal_preemph), params)
 
 
 def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndarray:
     """Per-utterance normalisation, as the models were trained: mean and variance for MFCC;
-    for mel power, gain up to MEL_TARGET_DBFS (the energy column is used, then dropped)."""
+    for mel power, gain up to MEL_TARGET_DBFS (the energy column is used, then dropped); for
+    Kaldi fbank, the mean only (3D-Speaker's per-utterance CMN)."""
     if params is not None and params.kind == "melpower":
         power, energy = feats[:, :-1], feats[:, -1]
         level = 10 * np.log10(max(float(np.mean(energy)) if len(energy) else 0.0, 1e-20))
@@ -187,6 +242,8 @@ def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndar
     if len(feats) == 0:
         return feats.astype(np.float32)
     mean = feats.mean(axis=0, keepdims=True)
+    if params is not None and params.kind == "kaldifbank":
+        return (feats - mean).astype(np.float32)
     std = feats.std(axis=0, keepdims=True)
     return ((feats - mean) / np.maximum(std, 1e-3)).astype(np.float32)
 
@@ -220,7 +277,7 @@ class StreamingMfcc:
         """Add audio; returns how many new frames were computed now."""
         if len(samples) == 0:
             return 0
-        self._pending.append(preemphasis(samples, self.params.preemph, self._previous))
+        self._pending.append(preemphasis(samples, self.params.signal_preemph, self._previous))
         self._pending_len += len(samples)
         self._previous = float(samples[-1])
         return self._compute() if self._pending_len >= self.chunk_samples else 0
