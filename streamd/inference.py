@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from streamd.digits import Cascade, Fusion
-from streamd.features import FeatureParams, mfcc, normalize
+from streamd.features import FeatureParams, kaldi_fbank_params, mfcc, normalize
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,12 @@ def load_card(path: Path, kind: str) -> ModelCard:
     return ModelCard(path, data)
 
 
+def front_end(cfg, kind: str) -> FeatureParams:
+    """The front end a model card names: MFCC and mel power as configured (``features``,
+    ``mel``); Kaldi fbank (CAM++) is fixed, its parameters those the model was trained with."""
+    return kaldi_fbank_params() if kind == "kaldifbank" else cfg.feature_params(kind)
+
+
 def verify(card: ModelCard, features: FeatureParams) -> None:
     """Refuse a model whose file is missing or altered, or that expects other features."""
     model = card.model_path
@@ -123,7 +129,7 @@ def verify(card: ModelCard, features: FeatureParams) -> None:
         raise ModelError(f"{model}: sha256 mismatch: expected {card.sha256}, got {actual}")
     wanted = features.as_dict()
     theirs = {"kind": "mfcc", **card.data["features"]}
-    section = "mel" if features.kind == "melpower" else "features"
+    section = {"melpower": "mel", "kaldifbank": "kaldifbank (fixed)"}.get(features.kind, "features")
     diff = [k for k in wanted if theirs.get(k) != wanted[k]]
     if diff:
         k = diff[0]
@@ -377,7 +383,7 @@ class Models:
 def load_model(cfg, kind: str, provider: str | None = None, on_fallback: FallbackListener | None = None) -> OnnxModel:
     """One model named by the config (``speaker`` or ``digits``), verified, on a session."""
     card = load_card(cfg.path(cfg.models.dir) / getattr(cfg.models, kind), kind)
-    params = cfg.feature_params(card.feature_kind)
+    params = front_end(cfg, card.feature_kind)
     verify(card, params)
     return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads, cfg.models.bucket_frames,
                      on_fallback)
@@ -452,14 +458,14 @@ def load_digits(cfg, provider: str | None = None, on_fallback: FallbackListener 
     """The digit model(s) the config chooses, verified, on sessions."""
     plan = digit_plan(cfg)
     for card in plan.cards.values():
-        verify(card, cfg.feature_params(card.feature_kind))
+        verify(card, front_end(cfg, card.feature_kind))
     members = {name: _session_for(cfg, card, provider or cfg.models.provider, on_fallback)
                for name, card in plan.cards.items()}
     return DigitModels(members, plan.fusion, plan.choice, plan.thresholds, plan.cascade)
 
 
 def _session_for(cfg, card: ModelCard, provider: str, on_fallback: FallbackListener | None) -> OnnxModel:
-    model = OnnxModel(card, cfg.feature_params(card.feature_kind), provider, cfg.models.threads,
+    model = OnnxModel(card, front_end(cfg, card.feature_kind), provider, cfg.models.threads,
                       cfg.models.bucket_frames, on_fallback)
     log.info("model %s (%s, sha256 %s) on %s", card.name, card.model_path.name, card.sha256[:12], model.provider)
     return model
@@ -471,7 +477,7 @@ def load_models(cfg, provider: str | None = None, on_fallback: FallbackListener 
     speaker = load_card(cfg.path(cfg.models.dir) / cfg.models.speaker, "speaker")
     plan = digit_plan(cfg)
     for card in [speaker, *plan.cards.values()]:
-        verify(card, cfg.feature_params(card.feature_kind))
+        verify(card, front_end(cfg, card.feature_kind))
     speaker_model = _session_for(cfg, speaker, provider, on_fallback)
     if provider == "auto" and speaker_model.provider == CPU and gains_on_cuda(speaker):
         provider = "cpu"  # CUDA failed once: do not try (and fail) again
