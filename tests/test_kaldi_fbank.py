@@ -13,7 +13,8 @@ CLIPS = ["parity.flac", "word.flac", "demo.flac", "visitor12.flac", "enroll_asc0
 
 def kaldi_reference(audio: np.ndarray) -> np.ndarray:
     """k2-fsa's kaldi-native-fbank (a port of Kaldi's compute-fbank-feats) set as 3D-Speaker
-    sets Kaldi for CAM++: 80 bins, no dither, otherwise Kaldi's defaults."""
+    sets torchaudio's Kaldi fbank for CAM++: 80 bins, no dither, otherwise Kaldi's defaults,
+    samples in [-1, 1]."""
     knf = pytest.importorskip("kaldi_native_fbank")
     opts = knf.FbankOptions()
     opts.frame_opts.dither = 0.0
@@ -22,7 +23,7 @@ def kaldi_reference(audio: np.ndarray) -> np.ndarray:
     opts.mel_opts.low_freq = 20.0
     opts.mel_opts.high_freq = 0.0  # Nyquist
     fbank = knf.OnlineFbank(opts)
-    fbank.accept_waveform(16000, audio.astype(np.float32))
+    fbank.accept_waveform(16000, audio.astype(np.float32) / 32768)  # as torchaudio.load gives it
     fbank.input_finished()
     return np.stack([np.asarray(fbank.get_frame(i)) for i in range(fbank.num_frames_ready)])
 
@@ -99,3 +100,28 @@ def test_existing_front_ends_are_unchanged_by_the_new_kind():
     assert FeatureParams().signal_preemph == FeatureParams().preemph == 0.97
     assert kaldi_fbank_params().signal_preemph == 0.0
     assert kaldi_fbank_params().stored_dims == 80
+
+
+def test_daemon_reads_the_fixed_kaldi_front_end_for_a_card_that_names_it(tmp_path):
+    """A speaker card on kaldifbank gets CAM++'s parameters whatever the config's [features]
+    and [mel] say; a card on other parameters is refused, naming the first that differs."""
+    import json
+
+    from streamd.config import Config
+    from streamd.inference import ModelError, front_end, load_card, verify
+
+    cfg = Config()
+    assert front_end(cfg, "kaldifbank") == kaldi_fbank_params()
+    assert front_end(cfg, "mfcc") == cfg.features.params() and front_end(cfg, "melpower") == cfg.mel.params()
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")
+    from streamd.inference import sha256_of
+
+    card = {"kind": "speaker", "file": model.name, "sha256": sha256_of(model), "input": {}, "output": {},
+            "features": {**kaldi_fbank_params().as_dict(), "nfilt": 64}}
+    (tmp_path / "m.card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="trained on features.nfilt=64 but config has kaldifbank"):
+        verify(load_card(tmp_path / "m.card.json", "speaker"), front_end(cfg, "kaldifbank"))
+    card["features"]["nfilt"] = 80
+    (tmp_path / "m.card.json").write_text(json.dumps(card))
+    verify(load_card(tmp_path / "m.card.json", "speaker"), front_end(cfg, "kaldifbank"))
