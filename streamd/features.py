@@ -104,7 +104,8 @@ def mel_params() -> FeatureParams:
 def kaldi_fbank_params() -> FeatureParams:
     """CAM++'s front end (3D-Speaker; Kaldi's compute-fbank-feats defaults but 80 bins and no
     dither): 25 ms frames every 10 ms, DC removed and pre-emphasis 0.97 per frame, povey
-    window, 512-point power spectrum, 80 mel bins from 20 Hz to Nyquist, log."""
+    window, 512-point power spectrum, 80 mel bins from 20 Hz to Nyquist, log of samples in
+    [-1, 1]."""
     return FeatureParams(kind="kaldifbank", winlen=0.025, winstep=0.01, numcep=80, nfilt=80, nfft=512,
                          lowfreq=20.0, highfreq=8000.0, preemph=0.97, ceplifter=0, window="povey")
 
@@ -129,10 +130,12 @@ KALDI_ENERGY_FLOOR = float(np.finfo(np.float32).eps)
 
 
 def _kaldi_fbank(signal: np.ndarray, params: FeatureParams, n: int) -> np.ndarray:
-    """Log mel filterbank of each frame as Kaldi computes it (int16-scaled samples): the
-    frame's DC removed, then pre-emphasis within the frame (its first sample against itself),
-    window, power spectrum, mel banks, log."""
-    frames = _frames(np.asarray(signal, np.float64), params, n)
+    """Log mel filterbank of each frame as Kaldi computes it: the frame's DC removed, then
+    pre-emphasis within the frame (its first sample against itself), window, power spectrum,
+    mel banks, log. Samples are scaled to [-1, 1], as 3D-Speaker feeds torchaudio's Kaldi
+    fbank: the energy floor then silences bands ~65 dB quieter than Kaldi's int16 scale does,
+    and CAM++ was trained with those floors (mean subtraction cancels the scale, not them)."""
+    frames = _frames(np.asarray(signal, np.float64) / 32768.0, params, n)
     frames = frames - frames.mean(axis=1, keepdims=True)
     frames = np.concatenate((frames[:, :1] * (1 - params.preemph), frames[:, 1:] - params.preemph * frames[:, :-1]),
                             axis=1)
