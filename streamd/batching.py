@@ -36,6 +36,8 @@ class Job:
     ready_at: float = field(default_factory=time.monotonic)
     utterance: int | None = None  # with stream: which utterance (partials superseded, finals first)
     early: bool = False  # a final decision computed before the utterance closed (it may never be used)
+    word_input: np.ndarray | None = None  # the word model's input, while vocabularies are taught: finish
+    # is then called with the word embedding as a third argument
 
     @property
     def partial(self) -> bool:
@@ -62,8 +64,10 @@ class Batcher:
     were submitted. ``wake`` is called from a worker when results are back."""
 
     def __init__(self, models: Models, max_batch: int = 64, wait_s: float = 0.002,
-                 observe: Callable[[list[Job], float], None] | None = None, workers: int = 1):
+                 observe: Callable[[list[Job], float], None] | None = None, workers: int = 1,
+                 word_model=None):
         self.models = models
+        self.word_model = word_model  # streamd.vocabulary.WordModel, for jobs with a word_input
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.observe = observe  # told each batch and how long the models took
@@ -125,23 +129,31 @@ class Batcher:
             self._finish(jobs, *self._compute(jobs))
         return len(jobs)
 
-    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], float, dict[str, float]]:
-        """The models' outputs, the seconds the batch took, and each model's CPU seconds."""
+    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray],
+                                                 float, dict[str, float]]:
+        """The models' outputs (speaker, digits, words), the seconds the batch took, and each
+        model's CPU seconds."""
         start, cpu0 = time.perf_counter(), time.thread_time()
         embeddings = run_batched(self.models.speaker, [j.speaker_feats for j in jobs], self.max_batch)
         cpu1 = time.thread_time()
         with_digits = [i for i, j in enumerate(jobs) if j.digit_feats is not None]
         logits = self.models.digits.run_many([jobs[i].digit_feats for i in with_digits], self.max_batch)
-        cpu = {"speaker": cpu1 - cpu0, "digits": time.thread_time() - cpu1}
-        return embeddings, dict(zip(with_digits, logits)), time.perf_counter() - start, cpu
+        cpu2 = time.thread_time()
+        with_words = [i for i, j in enumerate(jobs) if j.word_input is not None] if self.word_model else []
+        vectors = self.word_model.embed_many([jobs[i].word_input for i in with_words]) if with_words else []
+        cpu = {"speaker": cpu1 - cpu0, "digits": cpu2 - cpu1, "words": time.thread_time() - cpu2}
+        return embeddings, dict(zip(with_digits, logits)), dict(zip(with_words, vectors)), time.perf_counter() - start, cpu
 
     def _finish(self, jobs: list[Job], embeddings: list[np.ndarray], logits: dict[int, np.ndarray],
-                seconds: float, cpu: dict[str, float]) -> None:
+                words: dict[int, np.ndarray], seconds: float, cpu: dict[str, float]) -> None:
         self.model_cpu_s.update(cpu)
         if self.observe is not None:
             self.observe(jobs, seconds)
         for i, job in enumerate(jobs):
-            job.finish(embeddings[i], logits.get(i))
+            if i in words:
+                job.finish(embeddings[i], logits.get(i), words[i])
+            else:
+                job.finish(embeddings[i], logits.get(i))
 
     def _take(self) -> list[Job]:
         """The next batch for the models: every final decision waiting, with the jobs of the

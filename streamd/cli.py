@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from streamd import __version__
+from streamd import cli_digits
 from streamd import config as config_mod
 from streamd.config import EX_CONFIG, ConfigError
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.add_argument("--server-key", metavar="FILE",
                           help="CurveZMQ: the daemon's public NAME.key (default: control.curve_server_key)")
 
+    cli_digits.register(sub, common)
+
     keys = sub.add_parser("keys", help="CurveZMQ key pairs for remote control")
     keys.add_argument("action", choices=("generate",))
     keys.add_argument("--dir", type=Path, help="folder for the key files (made 0700; default ~/.config/streamd/curve)")
@@ -73,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="replace existing key files of that name")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
-    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers", "stream"), default="all",
+    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers", "stream", "words"), default="all",
                     help="all: digits and speaker summary; digits: per speaker, per digit, confusion, "
                          "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve; "
                          "stream: continuous audio through the daemon's engine, per condition (levels, "
-                         "pauses, noise floors, noise types and SNRs, channels, noise-only audio)")
+                         "pauses, noise floors, noise types and SNRs, channels, noise-only audio); words: "
+                         "vocabularies taught by example (templates of some speakers, tested on others)")
     ev.add_argument("corpora", nargs="?", type=Path, metavar="DATA", help="the same as --data")
     ev.add_argument("--data", type=Path, help="corpora folder (manifests; default ../shared/datasets)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -349,6 +353,8 @@ def cmd_eval(args, cfg) -> int:
         return eval_digits(args, cfg)
     if args.what == "stream":
         return eval_stream(args, cfg)
+    if args.what == "words":
+        return cli_digits.eval_words(args, cfg)
     models = load_models(cfg, "cpu")
 
     def progress(n: int, total: int) -> None:
@@ -564,7 +570,7 @@ def _speech_frames(segmenter, frame):
 
 
 COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers,
-            "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send}
+            "digits": cli_digits.cmd_digits, "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send}
 
 
 def main(argv: list[str] | None = None) -> int:

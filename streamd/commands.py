@@ -14,9 +14,11 @@ import numpy as np
 
 from streamd.control import ControlError, ControlServer, Pending
 from streamd.gallery import Gallery, GalleryError, Utterance
+from streamd.vocabulary import WordBook, check_digit, check_vocabulary
 
 MAX_NEXT_SECONDS = 120.0
 MAX_NEXT_TIMEOUT_S = 3600.0
+MAX_NEXT_WORDS = 20
 
 
 def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
@@ -65,6 +67,35 @@ def cluster_command(book, request: dict) -> dict:
         raise ControlError(str(exc)) from None
 
 
+def word_command(words: WordBook | None, request: dict) -> dict:
+    """``words`` (the taught vocabularies, templates per digit) and ``remove_words``."""
+    if words is None:
+        raise ControlError("vocabularies are not available (no word model, or the state directory is unusable)")
+    try:
+        if request["cmd"] == "words":
+            return {"ok": True, "vocabularies": words.listing()}
+        vocabulary = _field(request, "vocabulary", str)
+        digit = request.get("digit")
+        removed = words.remove(vocabulary, None if digit is None else check_digit(digit))
+    except GalleryError as exc:
+        raise ControlError(str(exc)) from None
+    if not removed:
+        raise ControlError(f"no templates of vocabulary {vocabulary!r}" + ("" if digit is None else f" digit {digit}"))
+    return {"ok": True, "vocabulary": vocabulary, "removed": removed}
+
+
+@dataclass
+class WordCollector:
+    """``enroll_word``: the next ``count`` utterances on a stream become templates."""
+
+    vocabulary: str
+    digit: int
+    count: int
+    deadline: float
+    pending: Pending
+    audios: list[np.ndarray] = field(default_factory=list)
+
+
 @dataclass
 class Collector:
     """``enroll_next``: gathers the next N seconds of speech on a stream, then enrolls."""
@@ -97,6 +128,8 @@ class DaemonCommands:
             return gallery_command(book.gallery, request)
         if cmd in ("clusters", "promote"):
             return cluster_command(book, request)
+        if cmd in ("words", "remove_words"):
+            return word_command(self.daemon.words, request)
         handler = getattr(self, f"cmd_{cmd}", None)
         if handler is None:
             raise ControlError(f"unknown command {cmd!r}")
@@ -157,6 +190,59 @@ class DaemonCommands:
         else:
             try:
                 reply = self._enroll(collector.name, collector.utterances, collector.vectors, "live")
+            except ControlError as exc:
+                reply = {"ok": False, "error": str(exc)}
+        server.reply(collector.pending, reply)
+
+    def _word_target(self, request: dict) -> tuple[str, int]:
+        if self.daemon.words is None:
+            raise ControlError(f"{request['cmd']}: vocabularies are not available (no word model, or the state "
+                               "directory is unusable)")
+        try:
+            return check_vocabulary(_field(request, "vocabulary", str)), check_digit(request.get("digit"))
+        except GalleryError as exc:
+            raise ControlError(f"{request['cmd']}: {exc}") from None
+
+    def _enroll_words(self, vocabulary: str, digit: int, audios: list[np.ndarray], source: str) -> dict:
+        try:
+            return {"ok": True, **self.daemon.words.enroll(vocabulary, digit, audios, source)}
+        except GalleryError as exc:
+            raise ControlError(str(exc)) from None
+
+    def cmd_enroll_word_recent(self, request: dict, pending: Pending) -> dict:
+        vocabulary, digit = self._word_target(request)
+        ids = _field(request, "utterances", list)
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ControlError("enroll_word_recent: 'utterances' must be a non-empty list of utterance numbers")
+        recent = {r.utterance: r for r in self._stream(request).recent if r.audio is not None}
+        missing = [i for i in ids if i not in recent]
+        if missing:
+            raise ControlError(f"enroll_word_recent: utterances not heard recently: {missing[:10]}")
+        audios = [recent[i].audio for i in dict.fromkeys(ids)]
+        return self._enroll_words(vocabulary, digit, audios, f"recent:{ids[:50]}")
+
+    def cmd_enroll_word(self, request: dict, pending: Pending) -> None:
+        vocabulary, digit = self._word_target(request)
+        count = _field(request, "count", int, 1)
+        timeout = _field(request, "timeout_s", float, 30.0)
+        if not 1 <= count <= MAX_NEXT_WORDS:
+            raise ControlError(f"enroll_word: 'count' must be in [1, {MAX_NEXT_WORDS}]")
+        if not 0 < timeout <= MAX_NEXT_TIMEOUT_S:
+            raise ControlError(f"enroll_word: 'timeout_s' must be in (0, {MAX_NEXT_TIMEOUT_S:.0f}]")
+        pipeline = self._stream(request)
+        if pipeline.word_collector is not None:
+            c = pipeline.word_collector
+            raise ControlError(f"enroll_word: already waiting for {c.vocabulary} {c.digit} on this stream")
+        pipeline.word_collector = WordCollector(vocabulary, digit, count, time.monotonic() + timeout, pending)
+        return None  # answered when the words have been heard (Daemon._serve_control)
+
+    def finish_words(self, server: ControlServer, collector: WordCollector, timed_out: bool) -> None:
+        if timed_out:
+            reply = {"ok": False, "error": f"enroll_word: heard {len(collector.audios)} of {collector.count} "
+                                           "utterances before the timeout"}
+        else:
+            try:
+                reply = self._enroll_words(collector.vocabulary, collector.digit, collector.audios, "live")
             except ControlError as exc:
                 reply = {"ok": False, "error": str(exc)}
         server.reply(collector.pending, reply)

@@ -73,6 +73,7 @@ class ModelsConfig:
     speaker: str = "speaker.card.json"
     digits: str = "digits.card.json"
     digits_fusion: str = "digits.fusion.json"  # "" or missing file: models.digits alone
+    words: str = "words.card.json"  # the word embedding for vocabularies taught at run time; "" turns them off
     provider: str = "auto"
     threads: int = 1
     workers: int = 2

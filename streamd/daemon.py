@@ -20,6 +20,7 @@ from streamd import control
 from streamd.commands import DaemonCommands
 from streamd.gallery import Gallery
 from streamd.inference import load_models
+from streamd.vocabulary import open_word_book
 from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
 from streamd.engine import Engine
@@ -128,10 +129,11 @@ class Daemon:
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
+        self.words = open_word_book(gallery, cfg)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
                                              curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
-        self.engine = Engine(cfg, models, self.book, publisher, self.metrics, cfg.network.max_streams)
+        self.engine = Engine(cfg, models, self.book, publisher, self.metrics, cfg.network.max_streams, self.words)
         self.engine.on_results(self._wake)
         self.receiver = None
         if cfg.network.listen:
@@ -265,6 +267,12 @@ class Daemon:
                 if done or time.monotonic() > collector.deadline:
                     pipeline.collector = None
                     self.commands.finish(self.control, collector, timed_out=not done)
+            words = pipeline.word_collector
+            if words is not None:
+                done = len(words.audios) >= words.count
+                if done or time.monotonic() > words.deadline:
+                    pipeline.word_collector = None
+                    self.commands.finish_words(self.control, words, timed_out=not done)
 
     def _apply_reload(self, gallery: Gallery | None) -> None:
         """SIGHUP: re-read the config and the gallery; a bad config keeps the old one."""

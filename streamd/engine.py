@@ -15,6 +15,7 @@ from streamd.metrics import Metrics
 from streamd.pipeline import StreamPipeline
 from streamd.readers import StreamStatus
 from streamd.speakers import SpeakerBook
+from streamd.vocabulary import WordBook
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,16 @@ MIN_BACKLOG = 16
 
 class Engine:
     def __init__(self, cfg: Config, models: Models, book: SpeakerBook | None, publisher: Publisher,
-                 metrics: Metrics, max_streams: int = 100000):
+                 metrics: Metrics, max_streams: int = 100000, words: WordBook | None = None):
         self.cfg = cfg
         self.models = models
         self.book = book
+        self.words = words  # vocabularies taught at run time
         self.publisher = publisher
         self.metrics = metrics
         self.max_streams = max_streams
         self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe,
-                               cfg.models.workers)
+                               cfg.models.workers, words.model if words is not None else None)
         self.batcher.start()  # the models run on threads of their own: other cores
         self.pipelines: dict[str, StreamPipeline] = {}
 
@@ -49,7 +51,7 @@ class Engine:
             if len(self.pipelines) >= self.max_streams:
                 raise ValueError(f"stream {stream!r}: already {self.max_streams} streams (network.max_streams)")
             self.pipelines[stream] = StreamPipeline(stream, self.cfg, self.models, self.book, self.publisher,
-                                                    self.metrics, self.batcher)
+                                                    self.metrics, self.batcher, self.words)
             self.metrics.stream_up.labels(stream=stream).set(0)
         return self.pipelines[stream]
 

@@ -3,13 +3,15 @@ features as live audio, one Utterance per utterance found."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from streamd.config import Config
 from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE
 from streamd.gallery import Utterance, audio_level
 from streamd.inference import OnnxModel
 from streamd.sources import SourceError, read_audio
-from streamd.vad import segment_clip
+from streamd.vad import SpeechEnd, segment_clip
 
 # Enrollment needs seconds of speech, not hours: a longer file is refused from its header,
 # before a sample is read, so a huge file cannot take the memory (reading holds the whole
@@ -35,15 +37,28 @@ def file_utterances(path: str, cfg: Config, model: OnnxModel) -> list[Utterance]
     return audio_utterances(read_audio(path), cfg, model)
 
 
+def speech_cuts(audio, cfg: Config) -> list[tuple[SpeechEnd, np.ndarray]]:
+    """Each usable utterance the VAD finds in 16 kHz int16 audio, with the audio the models see."""
+    out = []
+    for end in segment_clip(audio, cfg.vad):
+        if end.usable:
+            a, b = (int(round(t * SAMPLE_RATE)) for t in end.model_span(cfg.vad))
+            out.append((end, audio[a:b]))
+    return out
+
+
 def audio_utterances(audio, cfg: Config, model: OnnxModel) -> list[Utterance]:
     """One Utterance per usable utterance the VAD finds in 16 kHz int16 audio."""
     out = []
-    for end in segment_clip(audio, cfg.vad):
-        if not end.usable:
-            continue
-        a, b = (int(round(t * SAMPLE_RATE)) for t in end.model_span(cfg.vad))
-        cut = audio[a:b]
+    for end, cut in speech_cuts(audio, cfg):
         feats = normalize(mfcc(cut, model.params), model.params)
         if len(feats):
             out.append(Utterance(feats, end.t_end - end.t_start, *audio_level(cut)))
     return out
+
+
+def file_words(path: str, cfg: Config) -> list[np.ndarray]:
+    """The words said in an audio file (each usable utterance, as the VAD cuts it): each becomes
+    a template of ``streamd digits enroll``."""
+    check_size(path)
+    return [cut for _, cut in speech_cuts(read_audio(path), cfg)]

@@ -70,6 +70,7 @@ class DigitEvent(Event):
     confidence: float = 0.0
     candidates: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0
+    vocabulary: str | None = None  # "builtin" (the digit models) or a vocabulary taught at run time
 
 
 @dataclass(frozen=True)

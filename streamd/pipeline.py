@@ -22,6 +22,8 @@ from streamd.inference import FeaturesByFrontEnd, Models
 from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook
 from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, model_span
+from streamd.vocabulary import WordBook
+from streamd.words import BUILTIN, centred, word_input
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Recent:
     utterance: int
     utt: Utterance
     embedding: np.ndarray
+    audio: np.ndarray | None = None  # the word model's 1.5 s of it, kept while vocabularies can be taught
 
 
 @dataclass
@@ -43,15 +46,15 @@ class EarlyFinal:
     utterance: int
     samples: int  # of the audio the models see: what the final decision would compute
     speaker_feats: np.ndarray  # the final decision's too (its Utterance record keeps them)
-    result: tuple[np.ndarray, np.ndarray] | None = None
-    waiting: Callable[[np.ndarray, np.ndarray], None] | None = None  # the close came before the result
+    result: tuple | None = None  # (embedding, logits[, word embedding])
+    waiting: Callable[..., None] | None = None  # the close came before the result
 
-    def done(self, embedding: np.ndarray, logits: np.ndarray) -> None:
-        self.result = (embedding, logits)
+    def done(self, *result) -> None:
+        self.result = result
         if self.waiting is not None:
-            self.waiting(embedding, logits)
+            self.waiting(*result)
 
-    def use(self, decide: Callable[[np.ndarray, np.ndarray], None]) -> None:
+    def use(self, decide: Callable[..., None]) -> None:
         if self.result is not None:
             decide(*self.result)
         else:
@@ -85,11 +88,12 @@ class StreamPipeline:
     the Engine runs."""
 
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
-                 publisher: Publisher, metrics: Metrics, batcher: Batcher):
+                 publisher: Publisher, metrics: Metrics, batcher: Batcher, words: WordBook | None = None):
         self.stream = stream
         self.batcher = batcher
         self.models = models
         self.book = book
+        self.words = words
         self.publisher = publisher
         self.metrics = metrics
         self.min_digit_confidence = models.digits.min_confidence(cfg.digits.min_confidence)
@@ -98,6 +102,7 @@ class StreamPipeline:
         self._early: EarlyFinal | None = None
         self.recent: collections.deque[Recent] = collections.deque(maxlen=cfg.identity.recent_utterances)
         self.collector = None  # streamd.commands.Collector while enroll_next gathers speech
+        self.word_collector = None  # streamd.commands.WordCollector while enroll_word waits for words
         self.utterances_seen = 0
         self._audio: list[np.ndarray] = []
         self._open: SpeechStart | None = None  # the utterance going on
@@ -215,7 +220,7 @@ class StreamPipeline:
         speaker_feats = self._utterance_features(self.models.speaker.params, samples)
         self._early = early = EarlyFinal(start.utterance, samples, speaker_feats)
         self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
-                                early.done, utterance=start.utterance, early=True))
+                                early.done, utterance=start.utterance, early=True, word_input=self._word_input(samples)))
 
     def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
         if early is not None:
@@ -238,8 +243,8 @@ class StreamPipeline:
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
 
-        def decide(embedding: np.ndarray, logits: np.ndarray) -> None:
-            self._decide(end, utt, embedding, logits)
+        def decide(embedding: np.ndarray, logits: np.ndarray, word: np.ndarray | None = None) -> None:
+            self._decide(end, utt, embedding, logits, word, audio)
 
         if same_audio:
             self._count_early("used", early)
@@ -247,23 +252,42 @@ class StreamPipeline:
             return
         self._count_early("wasted", early)
         self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
-                                decide, utterance=end.utterance))
+                                decide, utterance=end.utterance, word_input=self._word_input(samples)))
 
-    def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray) -> None:
+    def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray,
+                word: np.ndarray | None, audio: np.ndarray) -> None:
         with self._timed("identity"):
-            digit = digits.decide(logits, self.min_digit_confidence)
+            digit, vocabulary = self._digit(logits, word)
             who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
-        self.recent.append(Recent(end.utterance, utt, embedding))
+        kept = centred(audio).copy() if self.words is not None else None
+        self.recent.append(Recent(end.utterance, utt, embedding, kept))
         if self.collector is not None:
             self.collector.utterances.append(utt)
             self.collector.vectors.append(embedding)
+        if self.word_collector is not None:
+            self.word_collector.audios.append(audio)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self._publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
                                    latency_s=time.monotonic() - end.closed_at, cosine=who.raw,
                                    cluster=who.cluster), end.closed_at)
         self._publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
-                                 candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at),
-                      end.closed_at)
+                                 candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at,
+                                 vocabulary=vocabulary), end.closed_at)
+
+    def _digit(self, logits: np.ndarray, word: np.ndarray | None) -> tuple[digits.DigitDecision, str | None]:
+        """The taught vocabularies' answer when their templates name the word, else the digit
+        models' (vocabulary ``builtin``); no vocabulary when no digit is named."""
+        if word is not None and self.words is not None and (m := self.words.match(word)) is not None:
+            return digits.DigitDecision(m.digit, m.score, m.candidates), m.vocabulary
+        decision = digits.decide(logits, self.min_digit_confidence)
+        return decision, (BUILTIN if decision.digit is not None else None)
+
+    def _word_input(self, samples: int) -> np.ndarray | None:
+        """The word model's input for the utterance's first ``samples``, while some vocabulary
+        has templates (the word model costs ~15-30 ms an utterance: it runs only then)."""
+        if self.words is None or not self.words.active or not self._audio:
+            return None
+        return word_input(np.concatenate(self._audio)[:samples])
 
     def _digit_features(self, samples: int) -> FeaturesByFrontEnd:
         return {p: self._utterance_features(p, samples) for p in self.models.digits.front_ends}

@@ -327,6 +327,28 @@ def _speaker_md(c: dict) -> list[str]:
     return lines
 
 
+def _words_md(c: dict) -> list[str]:
+    figures, rule = c["heldout_eval"]["figures"], c["match_rule"]
+
+    def line(key: str, what: str) -> str:
+        x = figures[key]
+        other = f"; other words named {_pct(x['other_named'])}" if x.get("other_named") is not None else ""
+        return f"| {what} | {_pct(x['right'])} | {_pct(x['null'])} | {_pct(x['wrong'])}{other} |"
+
+    return [f"## {c['file']} — word embedding for vocabularies taught at run time", "",
+            f"{c['provenance']['source']}. Licence: {c['licence']} Nothing trained here: "
+            f"{c['provenance']['changes']}. {c['size_bytes'] / 1e6:.1f} MB, sha256 `{c['sha256'][:16]}…`.", "",
+            f"Input: {c['input']['note']}. Output: a unit-length {c['output']['shape'][-1]}-dim vector, compared by "
+            f"cosine with the templates users teach (`streamd digits enroll`, control `enroll_word`).", "",
+            f"Match rule (min score {rule['min_score']:.2f}, min margin {rule['min_margin']:.2f}): {rule['rule']}. "
+            f"Fitted on {rule['fitted_on']}.", "",
+            "Templates only, no digit model, on held-out speakers (`" + c["heldout_eval"]["command"] + "`):", "",
+            "| taught by -> tested on | named right | null | wrong |", "| --- | --- | --- | --- |",
+            line("arabic_5_teachers", "5 ASC training speakers x 5 reps -> the 6 ASC val speakers"),
+            line("arabic_1_teacher", "1 ASC training speaker x 5 reps (mean of 5) -> the 6 ASC val speakers"),
+            line("english_3_teachers", "3 FSDD training speakers x 5 reps -> theo"), ""]
+
+
 def write_docs(models_dir: Path) -> Path | None:
     """Summarise whichever cards exist into ``docs/models.md`` beside the models folder."""
     docs = models_dir.resolve().parent / "docs"
@@ -354,6 +376,8 @@ def write_docs(models_dir: Path) -> Path | None:
         lines += _fusion_md(json.loads(fusion.read_text()))
     if "speaker" in cards:
         lines += _speaker_md(cards["speaker"])
+    if (words := models_dir / "words.card.json").exists():
+        lines += _words_md(json.loads(words.read_text()))
     lines += ["## Data and licences", "",
               "- Free Spoken Digit Dataset: CC BY-SA 4.0. Arabic Speech Commands (Ghandoura et al., 2021): CC BY 4.0.",
               "- Synthetic English speech from espeak-ng voices, training only; never used for metrics. The digit trainer's `--flite` option (not used by the shipped models) adds flite voices: flite and its voices (awb, kal, kal16, rms, slt) are under CMU's permissive BSD-style licence (Debian's /usr/share/doc/flite/copyright); only their synthesised speech is used, in training. The `--arabic-synth` option (not used by the shipped models either: docs/measurements.md) adds espeak-ng's Arabic voice; espeak-ng is GPL-3.0, its synthesised speech is data the project makes, used in training only.",

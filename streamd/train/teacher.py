@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd.features import SAMPLE_RATE
 from streamd.train import data
 from streamd.vad import VadParams, utterance_audio
+from streamd.words import word_input
 
 DISTRIBUTION = "EfficientWord-Net"
 VERSION = "1.0.5"
 MODEL_FILE = "eff_word_net/models/resnet_50_arc/slim_93%_accuracy_72.7390%_qint8.onnx"
-WINDOW = int(1.5 * SAMPLE_RATE)
 DIM = 2048
 PROVENANCE = {
     "source": f"{DISTRIBUTION} {VERSION} (PyPI wheel), {MODEL_FILE}: ResNet-50 word embedding "
@@ -49,22 +48,8 @@ def model_path() -> Path:
     return Path(str(dist.locate_file(MODEL_FILE)))
 
 
-def centred_window(audio: np.ndarray) -> np.ndarray:
-    """``audio`` (int16) as float in [-1, 1], centred in WINDOW samples: cut or zero-padded."""
-    x = audio.astype(np.float32) / 32768
-    if len(x) >= WINDOW:
-        start = (len(x) - WINDOW) // 2
-        return x[start : start + WINDOW]
-    pad = WINDOW - len(x)
-    return np.pad(x, (pad // 2, pad - pad // 2))
-
-
 def teacher_input(utterance: np.ndarray) -> np.ndarray:
-    from python_speech_features import logfbank
-
-    f = logfbank(centred_window(utterance), samplerate=SAMPLE_RATE, winlen=0.025, winstep=0.01,
-                 nfilt=64, nfft=512, preemph=0.0)
-    return f[None, None].astype(np.float32)
+    return word_input(utterance)[None]
 
 
 class Teacher:

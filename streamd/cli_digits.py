@@ -1,0 +1,112 @@
+"""``streamd digits enroll|list|remove``: vocabularies taught at run time, from files.
+
+Enrollment writes the templates into the state database, where a running daemon sees them
+before its next decision (no restart); list and remove go to the daemon's control socket
+when one answers (as ``streamd speakers`` does), else to the database.
+"""
+
+from __future__ import annotations
+
+import sys
+
+ACTIONS = {"enroll": "--vocabulary V DIGIT FILE...", "list": "", "remove": "--vocabulary V [DIGIT]"}
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("digits", parents=[common],
+                       help="teach streamd the digits of a language or accent by example (no training)")
+    p.add_argument("action", choices=tuple(ACTIONS), help="; ".join(f"{a} {u}".strip() for a, u in ACTIONS.items()))
+    p.add_argument("digit", nargs="?", type=int, help="enroll, remove: the digit (0-9) the files say")
+    p.add_argument("audio", nargs="*", help="enroll: audio files, each word said in them becomes a template")
+    p.add_argument("--vocabulary", help="enroll, remove: the vocabulary's name, e.g. az or en-scotland")
+
+
+def cmd_digits(args, cfg) -> int:
+    if args.action == "enroll":
+        return enroll(args, cfg)
+    if args.action == "remove" and not args.vocabulary:
+        print("streamd: digits remove needs --vocabulary V [DIGIT]", file=sys.stderr)
+        return 2
+    request = {"cmd": "words"} if args.action == "list" else {"cmd": "remove_words", "vocabulary": args.vocabulary}
+    if args.action == "remove" and args.digit is not None:
+        request["digit"] = args.digit
+    reply = ask(cfg, request)
+    if not reply.get("ok"):
+        print(f"streamd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        for v in reply["vocabularies"]:
+            counts = ", ".join(f"{d}: {n}" for d, n in sorted(v["digits"].items()))
+            print(f"{v['vocabulary']}\t{counts}")
+    else:
+        print(f"removed {reply['removed']} templates of {reply['vocabulary']!r}")
+    return 0
+
+
+def ask(cfg, request: dict) -> dict:
+    """The running daemon's answer when one is listening, else the database's."""
+    from streamd import control
+
+    endpoint = cfg.control.endpoint or control.default_endpoint()
+    reply = control.request(endpoint, request, timeout_s=2.0, curve=control.client_curve(cfg, None, None)) \
+        if control.reachable(endpoint) else None
+    if reply is not None:
+        return reply
+    from streamd.commands import word_command
+    from streamd.control import ControlError
+
+    book = open_words(cfg)
+    try:
+        return word_command(book, request)
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
+    finally:
+        book.gallery.close()
+
+
+def open_words(cfg):
+    from streamd.daemon import GALLERY_FILE
+    from streamd.gallery import Gallery
+    from streamd.inference import ModelError
+    from streamd.vocabulary import WordBook, load_word_model
+
+    model = load_word_model(cfg)
+    if model is None:
+        raise ModelError("models.words is empty: vocabularies are turned off in the config")
+    return WordBook(Gallery(cfg.state_dir() / GALLERY_FILE), model)
+
+
+def enroll(args, cfg) -> int:
+    from streamd.enroll import file_words
+
+    if not args.vocabulary or args.digit is None or not args.audio:
+        print(f"streamd: digits enroll needs {ACTIONS['enroll']}", file=sys.stderr)
+        return 2
+    cuts = [cut for path in args.audio for cut in file_words(path, cfg)]
+    book = open_words(cfg)
+    try:
+        result = book.enroll(args.vocabulary, args.digit, cuts, "files:" + ",".join(args.audio))
+    finally:
+        book.gallery.close()
+    print(f"vocabulary {result['vocabulary']!r}, digit {result['digit']}: {result['added']} templates added "
+          f"({result['templates']} in all)")
+    return 0
+
+
+def eval_words(args, cfg) -> int:
+    """``streamd eval words``: templates-only figures on held-out speakers, with the shipped
+    word model and its card's match rule (the rule was fitted on validation speakers)."""
+    import json
+
+    from streamd import eval_words as ew
+    from streamd.vocabulary import load_word_model, match_rule
+
+    model = load_word_model(cfg)
+    if model is None:
+        print("streamd: eval words: models.words is empty (vocabularies turned off)", file=sys.stderr)
+        return 2
+    clips = ew.needed(ew.corpus_words(args.data))
+    vectors = model.embed_many(ew.clip_inputs(clips))
+    report = ew.held_out_report(clips, vectors, match_rule(model))
+    print(json.dumps(report, indent=2) if args.json else ew.format_report(report))
+    return 0
