@@ -90,6 +90,10 @@ class Batcher:
         """Jobs waiting or in flight."""
         return len(self.jobs) + sum(self._busy.values())
 
+    def pending(self, stream: str) -> bool:
+        """Whether a job of ``stream`` waits or is in flight (its results are still to come)."""
+        return stream in self._busy or any(j.stream == stream for j in self.jobs)
+
     def submit(self, job: Job) -> None:
         """Queue a job. A partial decision still waiting for the models when a newer partial of
         the same utterance arrives is dropped: under load it would only delay the rest. (The

@@ -40,6 +40,9 @@ class Engine:
                                cfg.models.workers, words.model if words is not None else None)
         self.batcher.start()  # the models run on threads of their own: other cores
         self.pipelines: dict[str, StreamPipeline] = {}
+        # Status events waiting for their stream's last results: a consumer that stops at
+        # "ended" must have seen every speaker and digit event of the stream before it.
+        self._held: dict[str, list[StatusEvent]] = {}
 
     def _observe(self, jobs: list[Job], seconds: float) -> None:
         self.metrics.batch_size.observe(len(jobs))
@@ -67,13 +70,23 @@ class Engine:
         self.metrics.stream_up.labels(stream=status.stream).set(1 if status.state == "up" else 0)
         if status.state == "down":
             self.metrics.source_failures.labels(stream=status.stream).inc()
-        self.publisher.publish(StatusEvent(status.stream, status.state, status.reason))
-        self.metrics.events.labels(stream=status.stream, type=StatusEvent.type).inc()
+        self._held.setdefault(status.stream, []).append(StatusEvent(status.stream, status.state, status.reason))
+        self._publish_held()
+
+    def _publish_held(self) -> None:
+        """The status events of streams whose results are all published, in their order."""
+        for stream in [s for s in self._held if not self.batcher.pending(s)]:
+            for event in self._held.pop(stream):
+                self.publisher.publish(event)
+                self.metrics.events.labels(stream=stream, type=StatusEvent.type).inc()
 
     def pump(self, force: bool = False, wait_s: float = 0.0) -> int:
         """Publish what the models have finished (waiting up to ``wait_s`` for it); hand the
         waiting utterances to the models when the oldest has waited long enough (or ``force``)."""
-        return self.batcher.pump(force, wait_s)
+        finished = self.batcher.pump(force, wait_s)
+        if self._held:
+            self._publish_held()
+        return finished
 
     def backlogged(self) -> bool:
         """Too much waits for the models: take no more audio until they catch up (a fast file
@@ -92,6 +105,10 @@ class Engine:
         for pipeline in self.pipelines.values():
             pipeline.flush()
         self.batcher.drain()
+        for stream in list(self._held):  # after drain nothing is pending (or it timed out)
+            for event in self._held.pop(stream):
+                self.publisher.publish(event)
+                self.metrics.events.labels(stream=stream, type=StatusEvent.type).inc()
 
     def close(self) -> None:
         self.batcher.close()
