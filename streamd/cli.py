@@ -293,6 +293,12 @@ def print_speakers_reply(args, reply: dict) -> None:
     elif args.action == "promote":
         print(f"promoted {args.name!r} to {reply['name']!r}: {reply['utterances']} utterances, "
               f"{reply['seconds']:.1f} s of speech")
+    elif args.action == "remove":
+        dropped = reply.get("clusters") or []
+        print(f"removed {args.name!r}" + (f" and the clusters of the same voice: {', '.join(dropped)}" if dropped else ""))
+        if reply.get("erased") is False:
+            print("streamd: warning: another process holds the gallery open: the removed data stays in its -wal "
+                  "file until that process lets go", file=sys.stderr)
     else:
         print(f"{args.action}d {args.name!r}" + (f" -> {args.new_name!r}" if args.action == "rename" else ""))
 
@@ -328,7 +334,7 @@ def speakers_offline(cfg, request: dict) -> dict:
     try:
         if request["cmd"] in ("clusters", "promote"):
             return cluster_command(book, request)
-        return gallery_command(book.gallery, request)
+        return gallery_command(book.gallery, request, book)
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}
     finally:

@@ -59,6 +59,7 @@ class ClusterStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA secure_delete=ON")  # a dropped voice's utterances are zeroed, not left in free pages
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -126,6 +127,24 @@ class ClusterStore:
     def delete(self, cid: int) -> bool:
         with Transaction(self.db):
             return self.db.execute("DELETE FROM clusters WHERE id = ?", (cid,)).rowcount > 0
+
+    def drop_utterances(self, features: list[bytes]) -> tuple[set[int], set[int]]:
+        """Delete the members whose features are these (the same utterances, stored again when
+        they were enrolled); a cluster left without members goes too. Returns the clusters
+        changed and, of them, those deleted."""
+        with Transaction(self.db):
+            changed: set[int] = set()
+            for blob in features:
+                rows = self.db.execute("SELECT id, cluster_id FROM cluster_members WHERE features = ?",
+                                       (blob,)).fetchall()
+                for mid, cid in rows:
+                    self.db.execute("DELETE FROM cluster_members WHERE id = ?", (mid,))
+                    changed.add(cid)
+            emptied = {cid for cid in changed if self.db.execute(
+                "SELECT 1 FROM cluster_members WHERE cluster_id = ? LIMIT 1", (cid,)).fetchone() is None}
+            for cid in emptied:
+                self.db.execute("DELETE FROM clusters WHERE id = ?", (cid,))
+        return changed, emptied
 
     def least_recent(self) -> int | None:
         row = self.db.execute("SELECT id FROM clusters ORDER BY updated, id LIMIT 1").fetchone()

@@ -105,6 +105,16 @@ class UnknownClusters:
             return None
         return parse_label(self._index.names[best])
 
+    def of_voice(self, embedding: np.ndarray) -> list[int]:
+        """Every cluster this voice would be given (not only the best): the clusters of an
+        enrolled voice, to drop with it."""
+        if not self._ids:
+            return []
+        e = l2_normalize(embedding)
+        raw = self._index.centroids @ e
+        scores = self.scorer.normalise(raw, self.scorer.stats(e)[0], self._index.stats)
+        return [self._ids[k] for k in np.flatnonzero(scores >= self.threshold_for(len(self._ids)))]
+
     def observe(self, embedding: np.ndarray, utt: Utterance) -> str | None:
         """An unknown utterance: join its cluster or start one; returns the label, if any."""
         cid = self.match(embedding)
@@ -145,6 +155,21 @@ class UnknownClusters:
             self.store.delete(cid)
             self._members.pop(cid, None)
             self._rebuild([cid])
+
+    def drop_utterances(self, features: list[bytes]) -> list[int]:
+        """Forget the stored utterances with these features (an enrolled speaker's, removed);
+        returns the clusters that were left empty and are gone."""
+        changed, emptied = self.store.drop_utterances(features)
+        for cid in changed:
+            if cid in emptied:
+                self._members.pop(cid, None)
+            else:
+                self._members[cid] = self.store.vectors(self.sha, cid).get(cid, np.zeros((0, 0), np.float32))
+                if not len(self._members[cid]):
+                    self._members.pop(cid)
+        if changed:
+            self._rebuild(sorted(changed))
+        return sorted(emptied)
 
     def members(self, label: str) -> tuple[list[Utterance], np.ndarray]:
         cid = parse_label(label)

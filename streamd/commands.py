@@ -6,6 +6,8 @@ them with no daemon; ``DaemonCommands`` adds the ones that need live audio and s
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from streamd.control import ControlError, ControlServer, Pending
-from streamd.gallery import Gallery, GalleryError, Utterance
+from streamd.gallery import Gallery, GalleryError, Utterance, to_blob
 from streamd.vocabulary import WordBook, check_digit, check_vocabulary
 
 MAX_NEXT_SECONDS = 120.0
@@ -32,7 +34,8 @@ def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
     return value
 
 
-def gallery_command(gallery: Gallery, request: dict) -> dict:
+def gallery_command(gallery: Gallery, request: dict, book=None) -> dict:
+    """``book`` (the SpeakerBook over this gallery): a removal drops the voice's clusters too."""
     cmd = request.get("cmd")
     try:
         if cmd == "list":
@@ -41,9 +44,11 @@ def gallery_command(gallery: Gallery, request: dict) -> dict:
                  "created": s.created, "updated": s.updated} for s in gallery.speakers()]}
         if cmd == "remove":
             name = _field(request, "name", str)
+            if book is not None:
+                return {"ok": True, **book.remove(name)}
             if not gallery.remove(name):
                 raise ControlError(f"no enrolled speaker named {name!r}")
-            return {"ok": True, "removed": name}
+            return {"ok": True, "removed": name, "clusters": [], "erased": gallery.erase()}
         if cmd == "rename":
             old, new = _field(request, "name", str), _field(request, "new_name", str)
             gallery.rename(old, new)
@@ -125,7 +130,14 @@ class DaemonCommands:
         if cmd in ("list", "remove", "rename"):
             if book is None or book.gallery is None:
                 raise ControlError("the gallery is not available (state directory unusable)")
-            return gallery_command(book.gallery, request)
+            enrolled = set()
+            if cmd == "remove" and isinstance(request.get("name"), str):
+                with contextlib.suppress(sqlite3.Error):  # the removal itself reports the error
+                    enrolled = set(book.gallery.feature_blobs(request["name"]))
+            reply = gallery_command(book.gallery, request, book)
+            if cmd == "remove":
+                self._forget_recent(reply["removed"], set(reply["clusters"]), enrolled)
+            return reply
         if cmd in ("clusters", "promote"):
             return cluster_command(book, request)
         if cmd in ("words", "remove_words"):
@@ -134,6 +146,16 @@ class DaemonCommands:
         if handler is None:
             raise ControlError(f"unknown command {cmd!r}")
         return handler(request, pending)
+
+    def _forget_recent(self, name: str, clusters: set[str], enrolled: set[bytes]) -> None:
+        """The utterances kept for enroll_recent that were given to a removed speaker or to the
+        clusters of their voice, or were enrolled as theirs, are dropped from memory too."""
+        for pipeline in self.daemon.pipelines.values():
+            kept = [r for r in pipeline.recent if r.speaker != name and r.speaker not in clusters
+                    and to_blob(r.utt.features) not in enrolled]
+            if len(kept) != len(pipeline.recent):
+                pipeline.recent.clear()
+                pipeline.recent.extend(kept)
 
     def _stream(self, request: dict):
         pipelines = self.daemon.pipelines

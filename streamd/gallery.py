@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import sqlite3
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -103,6 +104,38 @@ def storage_error(path: Path, action: str, exc: BaseException) -> StorageError:
     return StorageError(f"gallery {path}: cannot {action}: {_why(exc)} ({detail})")
 
 
+def private_dir(folder: Path) -> None:
+    """The state directory, made owner-only (0700) when streamd makes it, whatever the umask.
+    One that exists already is left as it is, with a warning when others may enter it."""
+    if folder.is_dir():
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if mode & 0o077:
+            log.warning("state directory %s is open to other users (mode %04o); its files are 0600, "
+                        "but `chmod 700 %s` keeps even their names private", folder, mode, folder)
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+        os.chmod(folder, 0o700)
+
+
+def private_file(path: Path) -> None:
+    """Create the gallery file owner-only (0600) before SQLite opens it: SQLite gives its
+    -wal and -shm files the database file's mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def tighten(path: Path) -> None:
+    """The gallery and its -wal and -shm files 0600, where this user owns them (a gallery
+    made by an older streamd, 0644, becomes private at its next start)."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 @dataclass(frozen=True)
 class Utterance:
     """One utterance's normalised speaker features, as stored for enrollment, and the
@@ -165,17 +198,22 @@ class Gallery:
         self.readonly: str | None = None  # why changes are refused, when they are
         self.uri: str | None = None  # the read-only URI other connections use, when read-only
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(path.parent)
+            private_file(path)
             self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
             try:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged enrollment survives power loss
                 self.db.execute("PRAGMA foreign_keys=ON")
+                # Deleted rows are overwritten with zeros, not merely unlinked: a removed
+                # speaker's voiceprint must not be recoverable from free pages.
+                self.db.execute("PRAGMA secure_delete=ON")
                 self.db.executescript(SCHEMA)
                 self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             except sqlite3.Error:
                 self.db.close()
                 raise
+            tighten(path)  # a gallery made by an older streamd, or its -wal and -shm
         except (OSError, sqlite3.Error) as exc:
             self._open_readonly(exc)
         self._version: int | None = None
@@ -259,13 +297,34 @@ class Gallery:
             raise storage_error(self.path, f"enroll {name!r}", exc) from None
 
     def remove(self, name: str) -> bool:
+        """Delete a speaker with every enrollment and embedding, then erase the old pages
+        from the write-ahead log (``erase``): nothing of them is left in any file."""
         self.check_writable(f"remove {name!r}")
         try:
             with self.transaction():
                 cur = self.db.execute("DELETE FROM speakers WHERE name = ?", (name,))
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"remove {name!r}", exc) from None
+        if cur.rowcount > 0:
+            self.erase()
         return cur.rowcount > 0
+
+    def erase(self) -> bool:
+        """Copy the write-ahead log into the database and truncate it to nothing. With
+        secure_delete the database holds zeros where deleted rows were; the log, until now,
+        still held the pages as they were before (every enrollment written since the last
+        checkpoint). Another process reading the gallery at that moment can hold the log
+        back (SQLite waits up to 5 s for it): False then, and the old pages stay in the log
+        until the next checkpoint."""
+        try:
+            busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("gallery %s: could not checkpoint the write-ahead log: %s", self.path, exc)
+            return False
+        if busy:
+            log.warning("gallery %s: another process holds the gallery open; removed data stays in %s-wal "
+                        "until it lets go", self.path, self.path.name)
+        return not busy
 
     def rename(self, old: str, new: str) -> None:
         new = validate_name(new)
@@ -306,6 +365,12 @@ class Gallery:
         for name, eid in rows:
             out.setdefault(name, []).append(eid)
         return {name: tuple(ids) for name, ids in out.items()}
+
+    def feature_blobs(self, name: str) -> list[bytes]:
+        """The stored features of every enrollment of a speaker, as stored (any front end)."""
+        return [blob for (blob,) in self.db.execute(
+            "SELECT e.features FROM enrollments e JOIN speakers s ON s.id = e.speaker_id WHERE s.name = ?",
+            (name,)).fetchall()]
 
     def enrollment_features(self, ids: tuple[int, ...]) -> list[np.ndarray]:
         """The stored features of these enrollments, in the order given."""

@@ -34,6 +34,7 @@ class Recent:
     utt: Utterance
     embedding: np.ndarray
     audio: np.ndarray | None = None  # the word model's 1.5 s of it, kept while vocabularies can be taught
+    speaker: str | None = None  # who it was given to (name or cluster label): removed with that speaker
 
 
 @dataclass
@@ -260,7 +261,7 @@ class StreamPipeline:
             digit, vocabulary = self._digit(logits, word)
             who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
         kept = centred(audio).copy() if self.words is not None else None
-        self.recent.append(Recent(end.utterance, utt, embedding, kept))
+        self.recent.append(Recent(end.utterance, utt, embedding, kept, who.cluster or who.speaker))
         if self.collector is not None:
             self.collector.utterances.append(utt)
             self.collector.vectors.append(embedding)

@@ -286,6 +286,43 @@ class SpeakerBook:
             log.warning("promoted %s to %r but could not delete the cluster: %s", label, name, exc)
         return {**result, "promoted": label}
 
+    def remove(self, name: str) -> dict:
+        """Forget a speaker entirely: the enrollments and embeddings, the clusters their voice
+        formed while it was unknown (else the same voice would be labelled by its old
+        cluster again), then the old pages in the write-ahead log. Raises GalleryError."""
+        if self.gallery is None:
+            raise GalleryError(self.unavailable())
+        self.gallery.check_writable(f"remove {name!r}")
+        self.enrolled()
+        known = self._voices.get(name)
+        ids: list[int] = []
+        try:
+            features = self.gallery.feature_blobs(name)
+            if known is not None and self.clusters is not None:
+                ids = self.clusters.of_voice(known[1])
+        except sqlite3.Error as exc:
+            raise storage_error(self.gallery.path, f"remove {name!r}", exc) from None
+        if not self.gallery.remove(name):
+            raise GalleryError(f"no enrolled speaker named {name!r}")
+        self.enrolled()
+        dropped = []
+        if self.clusters is not None:
+            try:
+                # The enrolled utterances themselves, kept in clusters while they were unknown
+                # (enroll_recent of utterances that had formed a cluster), and the clusters
+                # of the same voice.
+                emptied = self.clusters.drop_utterances(features)
+                for cid in ids:
+                    if cid not in emptied:
+                        self.clusters.remove(label_of(cid))
+                dropped = [label_of(cid) for cid in sorted({*ids, *emptied})]
+            except sqlite3.Error as exc:
+                raise storage_error(self.gallery.path, f"drop the unknown-voice clusters of {name!r}", exc) from None
+        erased = self.gallery.erase()  # the clusters' pages too (the speaker's were erased by remove)
+        if dropped:
+            log.info("removed %r with the unknown-voice clusters of the same voice: %s", name, ", ".join(dropped))
+        return {"removed": name, "clusters": dropped, "erased": erased}
+
     def unavailable(self) -> str:
         """Why enrollment and cluster commands cannot be served."""
         if self.gallery is not None and self.gallery.readonly:

@@ -29,3 +29,173 @@ def test_status_ended_is_the_streams_last_event(iso, tmp_path):
     assert len(ended) == 1, ended
     assert sum(e["type"] == "speaker" for e in events) >= 5 and sum(e["type"] == "digit" for e in events) >= 5
     assert ended[0] == len(events) - 1, [e["type"] for e in events[ended[0]:]]
+
+
+# ---------------------------------------------------------------- item 1: removal erases every trace
+
+CHUNK = 48
+
+
+def traces_of(db_path: Path, name: str) -> dict[str, list[bytes]]:
+    """What the gallery holds of ``name``: the name, its enrollments' features and embeddings,
+    and the utterances (features, embeddings) of the clusters their voice formed, read
+    before the removal. The connection is closed again: a reader would hold the log back."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        sid = db.execute("SELECT id FROM speakers WHERE name = ?", (name,)).fetchone()[0]
+        features = [r[0] for r in db.execute("SELECT features FROM enrollments WHERE speaker_id = ?", (sid,))]
+        vectors = [r[0] for r in db.execute("SELECT m.vector FROM embeddings m JOIN enrollments e "
+                                            "ON e.id = m.enrollment_id WHERE e.speaker_id = ?", (sid,))]
+    finally:
+        db.close()
+    assert features and vectors
+    return {"name": [name.encode()], "features": features, "embeddings": vectors}
+
+
+def cluster_traces(db_path: Path, label: str) -> dict[str, list[bytes]]:
+    cid = int(label.split("-")[1])
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        feats = [r[0] for r in db.execute("SELECT features FROM cluster_members WHERE cluster_id = ?", (cid,))]
+        vecs = [r[0] for r in db.execute("SELECT e.vector FROM cluster_embeddings e JOIN cluster_members m "
+                                         "ON m.id = e.member_id WHERE m.cluster_id = ?", (cid,))]
+    finally:
+        db.close()
+    assert feats and vecs
+    return {"cluster features": feats, "cluster embeddings": vecs}
+
+
+def scan(state: Path, traces: dict[str, list[bytes]]) -> dict[str, int]:
+    """Hits of each kind of trace in every file of the state directory: the name anywhere,
+    and any 48-byte piece of a blob (a blob partly overwritten is still found)."""
+    files = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    assert files
+    hits: dict[str, int] = {}
+    for kind, blobs in traces.items():
+        if kind == "name":
+            hits[kind] = sum(data.count(blobs[0]) for data in files.values())
+            continue
+        pieces = {b[i:i + CHUNK] for b in blobs for i in range(0, len(b) - CHUNK + 1, CHUNK)}
+        pieces.discard(bytes(CHUNK))
+        n = 0
+        for data in files.values():
+            n += sum(data[i:i + CHUNK] in pieces for i in range(len(data) - CHUNK + 1))
+        hits[kind] = n
+    return hits
+
+
+def all_files(state: Path) -> list[str]:
+    return sorted(p.name for p in state.rglob("*") if p.is_file())
+
+
+def test_offline_removal_leaves_nothing_in_any_file(iso, tmp_path):
+    state = iso.state
+    sets = ["--set", f'state.dir="{state}"', "--set", f'control.endpoint="ipc://{tmp_path}/none.sock"']
+    # The stranger is heard first by a daemon (a cluster of their voice), then enrolled by file.
+    r = streamd("run", *iso.sets('metrics.listen=""', f'control.endpoint="ipc://{tmp_path}/none.sock"'),
+                "--source", f"file:{DATA / 'visitor12.flac'}", "--pace", "fast")
+    assert r.returncode == 0, r.stderr
+    for name, clip in (("zoe-secret-4711", "visitor12.flac"), ("asc02", "enroll_asc02.flac")):
+        r = streamd("enroll", *sets, name, str(DATA / clip))
+        assert r.returncode == 0, r.stderr
+    gallery = state / "gallery.sqlite3"
+    db = sqlite3.connect(gallery)
+    labels = [f"unknown-{r[0]}" for r in db.execute("SELECT id FROM clusters")]
+    db.close()
+    assert len(labels) == 1, labels
+    traces = {**traces_of(gallery, "zoe-secret-4711"), **cluster_traces(gallery, labels[0])}
+    kept = traces_of(gallery, "asc02")
+    assert scan(state, traces)["cluster features"] > 0  # the scan finds what is there
+    r = streamd("speakers", *sets, "remove", "zoe-secret-4711")
+    assert r.returncode == 0 and r.stdout.startswith(f"removed 'zoe-secret-4711' and the clusters of the same "
+                                                     f"voice: {labels[0]}"), (r.stdout, r.stderr)
+    assert scan(state, traces) == dict.fromkeys(traces, 0), all_files(state)
+    assert scan(state, kept)["features"] > 0  # the other speaker is untouched
+    db = sqlite3.connect(gallery)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert [r[0] for r in db.execute("SELECT name FROM speakers")] == ["asc02"]
+    assert db.execute("SELECT COUNT(*) FROM clusters").fetchone()[0] == 0
+    db.close()
+
+
+def test_removal_on_a_running_daemon_survives_sigkill_and_drops_the_voices_clusters(iso, notify, tmp_path):
+    from test_control import LiveDaemon
+    from test_daemon import by_type, collect
+
+    state = tmp_path / "state"
+    gallery = state / "gallery.sqlite3"
+    old_umask = os.umask(0o022)  # as a shell usually has it: the daemon makes its files private itself
+    try:
+        d = LiveDaemon(iso, notify, tmp_path, "identity.enroll_min_seconds=1.0")
+    finally:
+        os.umask(old_umask)
+    try:
+        # A stranger is heard: a cluster of their voice forms; then they are enrolled from it.
+        d.speak("visitor12.flac")
+        first = d.speakers(5)
+        labels = {e["cluster"] for e in first}
+        assert len(labels) == 1 and None not in labels, first
+        label = labels.pop()
+        reply = d.ask({"cmd": "enroll_recent", "name": "zoe-secret-4711", "utterances": [0, 1, 2, 3, 4]})
+        assert reply["ok"], reply
+        d.speak("visitor12.flac")
+        assert [e["speaker"] for e in d.speakers(5)] == ["zoe-secret-4711"] * 5
+        traces = {**traces_of(gallery, "zoe-secret-4711"), **cluster_traces(gallery, label)}
+        assert scan(state, traces)["cluster features"] > 0
+        reply = d.ask({"cmd": "remove", "name": "zoe-secret-4711"})
+        assert reply["ok"] and reply["clusters"] == [label] and reply["erased"] is True, reply
+        # Acknowledged: already gone from every file, and from the utterances kept in memory.
+        assert scan(state, traces) == dict.fromkeys(traces, 0), all_files(state)
+        assert "not heard recently" in d.ask({"cmd": "enroll_recent", "name": "again",
+                                              "utterances": [0, 9]})["error"]
+        assert d.ask({"cmd": "clusters"})["clusters"] == []
+        # The same voice again: a stranger with a new label, not the old cluster.
+        d.speak("visitor12.flac")
+        again = d.speakers(5)
+        assert all(e["speaker"] == "unknown" for e in again) and label not in {e["cluster"] for e in again}
+
+        # A second speaker, removed, and the daemon killed the moment it acknowledges.
+        d.speak("enroll_asc07.flac")
+        heard = d.speakers(16)
+        numbers = [e["utterance"] for e in heard if e["utterance"] >= 15]
+        reply = d.ask({"cmd": "enroll_recent", "name": "asc07-secret", "utterances": numbers})
+        assert reply["ok"], reply
+        traces = traces_of(gallery, "asc07-secret")
+        reply = d.ask({"cmd": "remove", "name": "asc07-secret"})
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+        assert reply["ok"], reply
+    finally:
+        stop(d.proc)
+    assert all_files(state) == ["gallery.sqlite3", "gallery.sqlite3-shm", "gallery.sqlite3-wal"]  # killed
+    assert modes(state) == {".": 0o700, "gallery.sqlite3": 0o600, "gallery.sqlite3-shm": 0o600,
+                            "gallery.sqlite3-wal": 0o600}
+    assert scan(state, traces) == {"name": 0, "features": 0, "embeddings": 0}, all_files(state)
+    db = sqlite3.connect(gallery)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM speakers").fetchone()[0] == 0
+    db.close()
+
+
+# ---------------------------------------------------------------- item 2: private state
+
+
+def modes(state: Path) -> dict[str, int]:
+    out = {".": stat.S_IMODE(state.stat().st_mode)}
+    out.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()})
+    return out
+
+
+def test_state_directory_and_gallery_are_private_whatever_the_umask(tmp_path):
+    state = tmp_path / "deep" / "state"
+    sets = ["--set", f'state.dir="{state}"', "--set", f'control.endpoint="ipc://{tmp_path}/none.sock"']
+    r = streamd("enroll", *sets, "asc02", str(DATA / "enroll_asc02.flac"), preexec_fn=lambda: os.umask(0o002))
+    assert r.returncode == 0, r.stderr
+    assert modes(state) == {".": 0o700, "gallery.sqlite3": 0o600}
+    # A gallery left 0644 (by an older streamd) with its -wal and -shm becomes private when opened.
+    for p in (state / "gallery.sqlite3", state / "gallery.sqlite3-wal", state / "gallery.sqlite3-shm"):
+        p.touch()
+        os.chmod(p, 0o644)
+    r = streamd("speakers", *sets, "list")
+    assert r.returncode == 0 and r.stdout.startswith("asc02\t"), r.stderr
+    assert all(mode == 0o600 for name, mode in modes(state).items() if name != "."), modes(state)
