@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -154,16 +155,17 @@ def cmd_run(args, cfg) -> int:
     return Daemon(cfg, opts).run()
 
 
-def open_book(cfg, write: bool = True):
-    """The gallery and speaker model, for commands that run without a daemon. ``write``: the
-    command changes the gallery, so a read-only or full one is refused here, in one line."""
+def open_book(cfg, write: bool = True, state: Path | None = None):
+    """The gallery (in ``state``, default the config's state directory) and speaker model, for
+    commands that run without a daemon. ``write``: the command changes the gallery, so a
+    read-only or full one is refused here, in one line."""
     from streamd.daemon import GALLERY_FILE
     from streamd.gallery import Gallery, StorageError
     from streamd.inference import load_model
     from streamd.speakers import SpeakerBook, book_settings
 
     model = load_model(cfg, "speaker", "cpu")
-    gallery = Gallery(cfg.state_dir() / GALLERY_FILE)
+    gallery = Gallery((state or cfg.state_dir()) / GALLERY_FILE)
     if write and gallery.readonly:
         gallery.close()
         raise StorageError(f"gallery {gallery.path}: cannot be changed: {gallery.readonly}")
@@ -239,22 +241,48 @@ def describe(event: dict) -> str:
 
 
 def cmd_speakers(args, cfg) -> int:
-    """Against the running daemon's control socket when one answers, else on the database."""
+    """Against the running daemon's control socket when one answers, else on the database.
+    The request names the state directory this command means; a daemon serving another one
+    is refused (its gallery is not the one asked about). With no daemon, a read never creates
+    a gallery, and every command says which gallery it used."""
     from streamd import control
+    from streamd.commands import same_dir
+    from streamd.daemon import GALLERY_FILE
 
     request = speakers_request(args)
     if request is None:
         print(f"streamd: speakers {args.action} needs {SPEAKER_ACTIONS[args.action]}", file=sys.stderr)
         return 2
-    endpoint = cfg.control.endpoint or control.default_endpoint()
+    state = cfg.client_state_dir()
+    request["state_dir"] = str(state)
+    endpoint = control.client_endpoint(cfg)
     curve = control.client_curve(cfg, args.client_key, args.server_key)
     reply = control.request(endpoint, request, timeout_s=2.0, curve=curve) if control.reachable(endpoint) else None
     if reply is None and not config_mod.local_endpoint(endpoint):
         print(f"streamd: no reply from {endpoint} (daemon not running, or it refused this client's key)",
               file=sys.stderr)
         return EX_UNAVAILABLE
-    if reply is None:
-        reply = speakers_offline(cfg, request)
+    gallery = state / GALLERY_FILE
+    if reply is not None:
+        served = reply.get("state_dir")
+        if isinstance(served, str) and not same_dir(served, str(state)):
+            print(f"streamd: the daemon at {endpoint} serves the state directory {served}, not {state} "
+                  "(this command's state.dir): give the command that daemon's config", file=sys.stderr)
+            return EX_UNAVAILABLE
+        print(f"gallery: {gallery} (daemon at {endpoint})", file=sys.stderr)
+    else:
+        try:
+            os.stat(gallery)
+        except FileNotFoundError:
+            print(f"streamd: no gallery at {gallery}: nothing enrolled", file=sys.stderr)
+            if request["cmd"] in ("list", "clusters"):
+                return 0
+            return 1
+        except OSError as exc:
+            print(f"streamd: gallery {gallery}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"gallery: {gallery}", file=sys.stderr)
+        reply = speakers_offline(cfg, request, state)
     if not reply.get("ok"):
         print(f"streamd: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -321,14 +349,14 @@ def cmd_keys(args) -> int:
     return 0
 
 
-def speakers_offline(cfg, request: dict) -> dict:
+def speakers_offline(cfg, request: dict, state: Path | None = None) -> dict:
     """The same commands directly on the gallery database (no daemon running)."""
     from streamd.commands import cluster_command, gallery_command
     from streamd.control import ControlError
     from streamd.gallery import GalleryError
 
     try:
-        book = open_book(cfg, write=request["cmd"] not in ("list", "clusters"))
+        book = open_book(cfg, write=request["cmd"] not in ("list", "clusters"), state=state)
     except GalleryError as exc:
         return {"ok": False, "error": str(exc)}
     try:

@@ -7,6 +7,7 @@ them with no daemon; ``DaemonCommands`` adds the ones that need live audio and s
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ControlError(f"{request['cmd']}: field {name!r} must be {kind.__name__}")
     return value
+
+
+def same_dir(a: str, b: str) -> bool:
+    """Whether two paths name one folder (links and relative paths resolved)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def gallery_command(gallery: Gallery, request: dict, book=None) -> dict:
@@ -125,6 +131,19 @@ class DaemonCommands:
         self.started = time.time()
 
     def __call__(self, request: dict, pending: Pending) -> dict | None:
+        """Every reply names the state directory this daemon serves (``state_dir``); a request
+        that names another one (the CLI's config) is refused before it runs."""
+        served = str(self.daemon.state_dir)
+        wanted = request.get("state_dir")
+        if wanted is not None and (not isinstance(wanted, str) or not same_dir(wanted, served)):
+            return {"ok": False, "state_dir": served,
+                    "error": f"this daemon serves the state directory {served}, not {wanted!r}"}
+        reply = self._call(request, pending)
+        if reply is not None:
+            reply.setdefault("state_dir", served)
+        return reply
+
+    def _call(self, request: dict, pending: Pending) -> dict | None:
         cmd = request["cmd"]
         book = self.daemon.book
         if cmd in ("list", "remove", "rename"):

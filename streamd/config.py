@@ -195,6 +195,40 @@ class Config:
         xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
         return Path(xdg) / "streamd"
 
+    def client_state_dir(self) -> Path:
+        """The state directory a client (``streamd speakers``) looks in: ``state_dir()``, except
+        that when that is only the per-user default and does not exist while the service's
+        (the unit's StateDirectory=) does, the service's."""
+        default = self.state_dir()
+        if self.state.dir or os.environ.get("STATE_DIRECTORY") or os.path.lexists(default):
+            return default
+        service = unit_directories()[0]
+        return service if os.path.lexists(service) else default
+
+
+# The system's root, where the installed unit and its directories are found (tests move it).
+SYSTEMD_ROOT = Path("/")
+UNIT_NAME = "streamd.service"
+UNIT_DIRS = ("etc/systemd/system", "usr/local/lib/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+SHIPPED_UNIT = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
+
+
+def unit_directories() -> tuple[Path, Path]:
+    """The service's state and runtime directories as its unit defines them (StateDirectory=
+    under /var/lib, RuntimeDirectory= under /run): the installed unit's, else the shipped one's."""
+    dirs = {"StateDirectory": "streamd", "RuntimeDirectory": "streamd"}
+    for unit in [SYSTEMD_ROOT / d / UNIT_NAME for d in UNIT_DIRS] + [SHIPPED_UNIT]:
+        try:
+            text = unit.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.strip().partition("=")
+            if key in dirs and value.split():
+                dirs[key] = value.split()[0].split(":")[0]  # the first folder (NAME[:ALIAS])
+        break
+    return SYSTEMD_ROOT / "var/lib" / dirs["StateDirectory"], SYSTEMD_ROOT / "run" / dirs["RuntimeDirectory"]
+
 
 # Allowed ranges (inclusive) and choices, by dotted key.
 RANGES: dict[str, tuple[float, float]] = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from streamd.config import ConfigError, local_endpoint
+from streamd.config import ConfigError, local_endpoint, unit_directories
 from streamd.keys import KeyFileError, KeyPair, load_clients, load_public, load_secret
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,19 @@ def default_endpoint() -> str:
     return f"ipc://{Path(base) / 'streamd' / 'control.sock'}"
 
 
+def client_endpoint(cfg) -> str:
+    """The control endpoint a client tries: ``control.endpoint``, else the default one, except
+    that when no daemon's socket is there but the service's is (the unit's RuntimeDirectory=),
+    the service's."""
+    if cfg.control.endpoint:
+        return cfg.control.endpoint
+    default = default_endpoint()
+    if os.environ.get("RUNTIME_DIRECTORY") or reachable(default):
+        return default
+    service = unit_directories()[1] / "control.sock"
+    return f"ipc://{service}" if os.path.lexists(service) else default
+
+
 def _prepare_ipc(endpoint: str) -> Path | None:
     """An ipc:// socket lives in a folder only its owner can enter."""
     if not endpoint.startswith("ipc://"):
@@ -136,6 +150,35 @@ def _prepare_ipc(endpoint: str) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, stat.S_IRWXU)
     return path
+
+
+def check_free(endpoint: str) -> None:
+    """Refuse an ipc:// endpoint that a live daemon serves: ZeroMQ would unlink its socket
+    file and bind silently, and the other daemon's clients would then be answered by this
+    one (another gallery). A socket file with nobody behind it (a daemon killed) is taken
+    over. (A tcp:// endpoint in use fails at bind by itself.)"""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:  # refused (stale), or not a socket we may reach: ZeroMQ's bind decides
+        return
+    finally:
+        probe.close()
+    raise EndpointInUse(f"control.endpoint {endpoint}: another streamd daemon is serving it "
+                        "(stop that one, or give this one its own control.endpoint)")
+
+
+class EndpointInUse(OSError):
+    """The control endpoint is served by a live daemon (exit 69)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def parse_request(frames: list[bytes]) -> dict[str, Any]:
@@ -156,6 +199,7 @@ class ControlServer:
         if curve is None and not local_endpoint(endpoint):
             raise ConfigError(f"control.endpoint: {endpoint} is reachable beyond this machine; "
                               "set control.curve_secret_key and control.curve_clients (docs/control.md)")
+        check_free(endpoint)
         self._auth = None
         self._own_ctx = None
         if curve is not None and context is None:

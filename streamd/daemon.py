@@ -87,6 +87,8 @@ class Daemon:
 
     def run(self) -> int:
         self._signals()  # first: a SIGHUP or SIGTERM during start-up must not kill the process
+        # A control socket another daemon serves is refused before anything is loaded.
+        control.check_free(self.cfg.control.endpoint or control.default_endpoint())
         specs = stream_specs(self.cfg, self.opts)
         # Sources first: a wrong device or file is reported before anything else is loaded.
         # With one stream that is fatal; with several, the others go on without it.
@@ -128,6 +130,7 @@ class Daemon:
         publisher.on_drop = self.metrics.dropped.inc
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
+        self.state_dir = cfg.state_dir()  # named in control replies: a client can tell whose gallery answers
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
         self.words = open_word_book(gallery, cfg)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),

@@ -55,6 +55,7 @@ INSERT OR IGNORE INTO speaker_changes VALUES (1, 0);
     "BEGIN UPDATE speaker_changes SET n = n + 1; END;\n"
     for table in ("speakers", "enrollments", "embeddings") for event in ("INSERT", "UPDATE", "DELETE"))
 UNKNOWN = "unknown"
+GALLERY_NAME = "gallery.sqlite3"  # the file in the state directory (streamd.daemon.GALLERY_FILE)
 
 
 class GalleryError(RuntimeError):
@@ -106,10 +107,17 @@ def storage_error(path: Path, action: str, exc: BaseException) -> StorageError:
 
 def private_dir(folder: Path) -> None:
     """The state directory, made owner-only (0700) when streamd makes it, whatever the umask.
-    One that exists already is left as it is, with a warning when others may enter it."""
+    One that exists already and others may enter is made 0700 too when it is streamd's own
+    (this user's, holding nothing but the gallery: one an older streamd made 0755); any other
+    folder is left as it is, with a warning."""
     if folder.is_dir():
-        mode = stat.S_IMODE(folder.stat().st_mode)
-        if mode & 0o077:
+        st = folder.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077 and st.st_uid == os.getuid() and all(
+                p.name.startswith(GALLERY_NAME) for p in folder.iterdir()):
+            with contextlib.suppress(OSError):  # a read-only file system: nothing can change there anyway
+                os.chmod(folder, 0o700)
+        elif mode & 0o077:
             log.warning("state directory %s is open to other users (mode %04o); its files are 0600, "
                         "but `chmod 700 %s` keeps even their names private", folder, mode, folder)
         return

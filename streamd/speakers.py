@@ -320,7 +320,8 @@ class SpeakerBook:
                 raise storage_error(self.gallery.path, f"drop the unknown-voice clusters of {name!r}", exc) from None
         erased = self.gallery.erase()  # the clusters' pages too (the speaker's were erased by remove)
         if dropped:
-            log.info("removed %r with the unknown-voice clusters of the same voice: %s", name, ", ".join(dropped))
+            # No name in the log: the journal outlives the removal.
+            log.info("removed a speaker with the unknown-voice clusters of the same voice: %s", ", ".join(dropped))
         return {"removed": name, "clusters": dropped, "erased": erased}
 
     def unavailable(self) -> str:

@@ -87,8 +87,8 @@ def test_bad_requests_get_error_replies_and_the_daemon_goes_on(daemon):
     assert daemon.proc.poll() is None
 
 
-def test_enroll_the_person_who_just_spoke_then_remove(daemon):
-    assert daemon.ask({"cmd": "list"}) == {"ok": True, "speakers": []}
+def test_enroll_the_person_who_just_spoke_then_remove(daemon, tmp_path):
+    assert daemon.ask({"cmd": "list"}) == {"ok": True, "speakers": [], "state_dir": str(tmp_path / "state")}
     daemon.speak()
     first = daemon.speakers(10)
     assert all(e["speaker"] == "unknown" for e in first)

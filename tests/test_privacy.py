@@ -199,3 +199,118 @@ def test_state_directory_and_gallery_are_private_whatever_the_umask(tmp_path):
     r = streamd("speakers", *sets, "list")
     assert r.returncode == 0 and r.stdout.startswith("asc02\t"), r.stderr
     assert all(mode == 0o600 for name, mode in modes(state).items() if name != "."), modes(state)
+
+
+def test_an_old_world_readable_state_directory_of_streamd_becomes_private(tmp_path):
+    state = tmp_path / "state"
+    sets = ["--set", f'state.dir="{state}"', "--set", f'control.endpoint="ipc://{tmp_path}/none.sock"']
+    assert streamd("enroll", *sets, "asc02", str(DATA / "enroll_asc02.flac")).returncode == 0
+    os.chmod(state, 0o755)
+    os.chmod(state / "gallery.sqlite3", 0o644)
+    r = streamd("speakers", *sets, "list")
+    assert r.returncode == 0, r.stderr
+    assert modes(state) == {".": 0o700, "gallery.sqlite3": 0o600}
+
+
+# ---------------------------------------------------------------- item 5: the CLI invents no gallery
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def bare_host(tmp_path, monkeypatch):
+    """A user with no streamd state and no daemon, on a system root of its own (where the
+    service's unit and directories are looked for)."""
+    from streamd import config
+
+    home, root = tmp_path / "home", tmp_path / "root"
+    home.mkdir()
+    root.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run-user"))
+    for var in ("XDG_STATE_HOME", "STATE_DIRECTORY", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(config, "SYSTEMD_ROOT", root)
+    return tmp_path
+
+
+def cli(capsys, *args):
+    from streamd import cli as cli_mod
+
+    code = cli_mod.main([*args, "--config", str(Path(__file__).resolve().parent.parent / "config.toml")])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_reads_without_a_daemon_create_nothing_and_say_there_is_no_gallery(bare_host, capsys):
+    before = tree(bare_host)
+    gallery = bare_host / "home" / ".local" / "state" / "streamd" / "gallery.sqlite3"
+    for action in ("list", "clusters"):
+        code, out, err = cli(capsys, "speakers", action)
+        assert (code, out) == (0, ""), err
+        assert err.strip() == f"streamd: no gallery at {gallery}: nothing enrolled"
+    code, out, err = cli(capsys, "speakers", "remove", "theo")
+    assert code == 1 and err.strip() == f"streamd: no gallery at {gallery}: nothing enrolled"
+    assert tree(bare_host) == before  # not a folder, not a file
+
+
+def test_the_services_state_directory_is_found_as_the_unit_defines_it(bare_host, capsys):
+    root = bare_host / "root"
+    unit = root / "etc" / "systemd" / "system" / "streamd.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\nExecStart=/opt/streamd/.venv/bin/streamd run\nStateDirectory=voices\n"
+                    "RuntimeDirectory=voices-run\n")
+    service = root / "var" / "lib" / "voices"
+    r = streamd("enroll", "--set", f'state.dir="{service}"', "asc02", str(DATA / "enroll_asc02.flac"))
+    assert r.returncode == 0, r.stderr
+    code, out, err = cli(capsys, "speakers", "list")
+    assert code == 0 and out.startswith("asc02\t"), err
+    assert f"gallery: {service / 'gallery.sqlite3'}" in err.splitlines()
+    assert not (bare_host / "home" / ".local").exists()
+
+
+# ---------------------------------------------------------------- item 4: one control socket, one daemon
+
+
+def test_two_daemons_one_control_socket(bare_host, iso, notify, capsys):
+    from test_control import LiveDaemon
+
+    root = bare_host / "root"
+    unit = root / "etc" / "systemd" / "system" / "streamd.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\nStateDirectory=streamd\nRuntimeDirectory=ctl\n")
+    state = root / "var" / "lib" / "streamd"
+    d = LiveDaemon(iso, notify, root / "run", f'state.dir="{state}"')  # control socket: root/run/ctl/control.sock
+    try:
+        assert d.ask({"cmd": "list"})["state_dir"] == str(state)
+        assert d.ask({"cmd": "stats"})["state_dir"] == str(state)
+        # A second daemon on the same control socket refuses to start, in one line.
+        other = Isolated(bare_host / "b")
+        r = streamd("run", *other.sets(f'control.endpoint="{d.endpoint}"', 'metrics.listen=""'),
+                    "--source", f"file:{DATA / 'word.flac'}", "--pace", "fast", timeout=60)
+        assert r.returncode == 69, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"streamd: control.endpoint {d.endpoint}: another streamd daemon is serving it "
+            "(stop that one, or give this one its own control.endpoint)"]
+        assert d.ask({"cmd": "stats"})["ok"]  # the first one is unharmed
+        # The CLI finds the service's socket and gallery as the unit defines them.
+        code, out, err = cli(capsys, "speakers", "list")
+        assert (code, out) == (0, ""), err
+        assert err.strip() == f"gallery: {state / 'gallery.sqlite3'} (daemon at {d.endpoint})"
+        # Asked about another state directory, that daemon's answer is refused.
+        code, out, err = cli(capsys, "speakers", "list", "--set", f'state.dir="{other.state}"')
+        assert code == 69 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert f"serves the state directory {state}, not {other.state}" in err
+        code, out, err = cli(capsys, "speakers", "remove", "asc02", "--set", f'state.dir="{other.state}"')
+        assert code == 69 and "serves the state directory" in err
+        assert not other.state.exists()
+    finally:
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait(10)
+    # Killed, its socket file is left behind with nobody behind it: a new daemon takes it over.
+    assert Path(d.endpoint[len("ipc://"):]).exists()
+    r = streamd("run", *other.sets(f'control.endpoint="{d.endpoint}"', 'metrics.listen=""'),
+                "--source", f"file:{DATA / 'word.flac'}", "--pace", "fast", timeout=60)
+    assert r.returncode == 0, r.stderr
