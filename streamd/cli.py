@@ -246,17 +246,34 @@ def cmd_speakers(args, cfg) -> int:
     is refused (its gallery is not the one asked about). With no daemon, a read never creates
     a gallery, and every command says which gallery it used."""
     from streamd import control
-    from streamd.commands import same_dir
-    from streamd.daemon import GALLERY_FILE
 
     request = speakers_request(args)
     if request is None:
         print(f"streamd: speakers {args.action} needs {SPEAKER_ACTIONS[args.action]}", file=sys.stderr)
         return 2
+    curve = control.client_curve(cfg, args.client_key, args.server_key)
+    reply = ask_state(cfg, request, curve, lambda state: speakers_offline(cfg, request, state), ("list", "clusters"))
+    if isinstance(reply, int):
+        return reply
+    if not reply.get("ok"):
+        print(f"streamd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print_speakers_reply(args, reply)
+    return 0
+
+
+def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dict | int:
+    """The answer of the daemon serving this command's state directory, or, with no daemon,
+    ``offline(state)``'s on the database; an int is an exit code (its message printed). A
+    daemon serving another state directory is refused; with no daemon a read never creates
+    a gallery; either way stderr says which gallery answered."""
+    from streamd import control
+    from streamd.commands import same_dir
+    from streamd.daemon import GALLERY_FILE
+
     state = cfg.client_state_dir()
     request["state_dir"] = str(state)
     endpoint = control.client_endpoint(cfg)
-    curve = control.client_curve(cfg, args.client_key, args.server_key)
     reply = control.request(endpoint, request, timeout_s=2.0, curve=curve) if control.reachable(endpoint) else None
     if reply is None and not config_mod.local_endpoint(endpoint):
         print(f"streamd: no reply from {endpoint} (daemon not running, or it refused this client's key)",
@@ -270,24 +287,17 @@ def cmd_speakers(args, cfg) -> int:
                   "(this command's state.dir): give the command that daemon's config", file=sys.stderr)
             return EX_UNAVAILABLE
         print(f"gallery: {gallery} (daemon at {endpoint})", file=sys.stderr)
-    else:
-        try:
-            os.stat(gallery)
-        except FileNotFoundError:
-            print(f"streamd: no gallery at {gallery}: nothing enrolled", file=sys.stderr)
-            if request["cmd"] in ("list", "clusters"):
-                return 0
-            return 1
-        except OSError as exc:
-            print(f"streamd: gallery {gallery}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        print(f"gallery: {gallery}", file=sys.stderr)
-        reply = speakers_offline(cfg, request, state)
-    if not reply.get("ok"):
-        print(f"streamd: {reply.get('error')}", file=sys.stderr)
+        return reply
+    try:
+        os.stat(gallery)
+    except FileNotFoundError:
+        print(f"streamd: no gallery at {gallery}: nothing enrolled", file=sys.stderr)
+        return 0 if request["cmd"] in reads else 1
+    except OSError as exc:
+        print(f"streamd: gallery {gallery}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print_speakers_reply(args, reply)
-    return 0
+    print(f"gallery: {gallery}", file=sys.stderr)
+    return offline(state)
 
 
 SPEAKER_ACTIONS = {"list": "", "remove": "NAME", "rename": "NAME NEW_NAME", "clusters": "",

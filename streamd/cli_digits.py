@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import sys
 
-ACTIONS = {"enroll": "--vocabulary V DIGIT FILE...", "list": "", "remove": "--vocabulary V [DIGIT]"}
-
-
 def register(sub, common) -> None:
-    p = sub.add_parser("digits", parents=[common],
-                       help="teach streamd the digits of a language or accent by example (no training)")
-    p.add_argument("action", choices=tuple(ACTIONS), help="; ".join(f"{a} {u}".strip() for a, u in ACTIONS.items()))
-    p.add_argument("digit", nargs="?", type=int, help="enroll, remove: the digit (0-9) the files say")
-    p.add_argument("audio", nargs="*", help="enroll: audio files, each word said in them becomes a template")
-    p.add_argument("--vocabulary", help="enroll, remove: the vocabulary's name, e.g. az or en-scotland")
+    p = sub.add_parser("digits", help="teach streamd the digits of a language or accent by example (no training)")
+    actions = p.add_subparsers(dest="action", required=True)
+    enroll = actions.add_parser("enroll", parents=[common], help="each word said in the files becomes a template")
+    enroll.add_argument("--vocabulary", required=True, help="the vocabulary's name, e.g. az or en-scotland")
+    enroll.add_argument("digit", type=int, help="the digit (0-9) the files say")
+    enroll.add_argument("audio", nargs="+", help="audio files")
+    actions.add_parser("list", parents=[common], help="the vocabularies and their templates per digit")
+    remove = actions.add_parser("remove", parents=[common], help="drop a vocabulary's templates")
+    remove.add_argument("--vocabulary", required=True)
+    remove.add_argument("digit", type=int, nargs="?", help="only this digit's")
 
 
 def cmd_digits(args, cfg) -> int:
     if args.action == "enroll":
         return enroll(args, cfg)
-    if args.action == "remove" and not args.vocabulary:
-        print("streamd: digits remove needs --vocabulary V [DIGIT]", file=sys.stderr)
-        return 2
     request = {"cmd": "words"} if args.action == "list" else {"cmd": "remove_words", "vocabulary": args.vocabulary}
     if args.action == "remove" and args.digit is not None:
         request["digit"] = args.digit
     reply = ask(cfg, request)
+    if isinstance(reply, int):
+        return reply
     if not reply.get("ok"):
         print(f"streamd: {reply.get('error')}", file=sys.stderr)
         return 1
@@ -43,28 +43,28 @@ def cmd_digits(args, cfg) -> int:
     return 0
 
 
-def ask(cfg, request: dict) -> dict:
-    """The running daemon's answer when one is listening, else the database's."""
+def ask(cfg, request: dict) -> dict | int:
+    """The running daemon's answer when one serves this state directory, else the database's
+    (``streamd.cli.ask_state``: a read never creates a gallery); an int is an exit code."""
     from streamd import control
+    from streamd.cli import ask_state
 
-    endpoint = cfg.control.endpoint or control.default_endpoint()
-    reply = control.request(endpoint, request, timeout_s=2.0, curve=control.client_curve(cfg, None, None)) \
-        if control.reachable(endpoint) else None
-    if reply is not None:
-        return reply
-    from streamd.commands import word_command
-    from streamd.control import ControlError
+    def offline(state) -> dict:
+        from streamd.commands import word_command
+        from streamd.control import ControlError
 
-    book = open_words(cfg)
-    try:
-        return word_command(book, request)
-    except ControlError as exc:
-        return {"ok": False, "error": str(exc)}
-    finally:
-        book.gallery.close()
+        book = open_words(cfg, state)
+        try:
+            return word_command(book, request)
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+        finally:
+            book.gallery.close()
+
+    return ask_state(cfg, request, control.client_curve(cfg, None, None), offline, ("words",))
 
 
-def open_words(cfg):
+def open_words(cfg, state=None):
     from streamd.daemon import GALLERY_FILE
     from streamd.gallery import Gallery
     from streamd.inference import ModelError
@@ -73,15 +73,14 @@ def open_words(cfg):
     model = load_word_model(cfg)
     if model is None:
         raise ModelError("models.words is empty: vocabularies are turned off in the config")
-    return WordBook(Gallery(cfg.state_dir() / GALLERY_FILE), model)
+    return WordBook(Gallery((state or cfg.state_dir()) / GALLERY_FILE), model)
 
 
 def enroll(args, cfg) -> int:
     from streamd.enroll import file_words
+    from streamd.vocabulary import check_digit, check_vocabulary
 
-    if not args.vocabulary or args.digit is None or not args.audio:
-        print(f"streamd: digits enroll needs {ACTIONS['enroll']}", file=sys.stderr)
-        return 2
+    check_vocabulary(args.vocabulary), check_digit(args.digit)  # before any file is read or made
     cuts = [cut for path in args.audio for cut in file_words(path, cfg)]
     book = open_words(cfg)
     try:

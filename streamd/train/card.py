@@ -333,7 +333,7 @@ def _words_md(c: dict) -> list[str]:
     def line(key: str, what: str) -> str:
         x = figures[key]
         other = f"; other words named {_pct(x['other_named'])}" if x.get("other_named") is not None else ""
-        return f"| {what} | {_pct(x['right'])} | {_pct(x['null'])} | {_pct(x['wrong'])}{other} |"
+        return f"| {what} | {_pct(x['nearest'])} | {_pct(x['right'])} | {_pct(x['null'])} | {_pct(x['wrong'])}{other} |"
 
     return [f"## {c['file']} — word embedding for vocabularies taught at run time", "",
             f"{c['provenance']['source']}. Licence: {c['licence']} Nothing trained here: "
@@ -343,7 +343,8 @@ def _words_md(c: dict) -> list[str]:
             f"Match rule (min score {rule['min_score']:.2f}, min margin {rule['min_margin']:.2f}): {rule['rule']}. "
             f"Fitted on {rule['fitted_on']}.", "",
             "Templates only, no digit model, on held-out speakers (`" + c["heldout_eval"]["command"] + "`):", "",
-            "| taught by -> tested on | named right | null | wrong |", "| --- | --- | --- | --- |",
+            "| taught by -> tested on | nearest template (no rejection) | named right | null | wrong |",
+            "| --- | --- | --- | --- | --- |",
             line("arabic_5_teachers", "5 ASC training speakers x 5 reps -> the 6 ASC val speakers"),
             line("arabic_1_teacher", "1 ASC training speaker x 5 reps (mean of 5) -> the 6 ASC val speakers"),
             line("english_3_teachers", "3 FSDD training speakers x 5 reps -> theo"), ""]
