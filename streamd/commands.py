@@ -225,15 +225,19 @@ class DaemonCommands:
         return None  # answered when enough speech has been heard (Daemon.finish_collection)
 
     def finish(self, server: ControlServer, collector: Collector, timed_out: bool) -> None:
-        if timed_out:
-            reply = {"ok": False, "error": f"enroll_next: heard only {collector.collected:.1f} s of "
-                                           f"{collector.seconds:.1f} s before the timeout"}
-        else:
-            try:
-                reply = self._enroll(collector.name, collector.utterances, collector.vectors, "live")
-            except ControlError as exc:
-                reply = {"ok": False, "error": str(exc)}
-        server.reply(collector.pending, reply)
+        error = (f"enroll_next: heard only {collector.collected:.1f} s of {collector.seconds:.1f} s before the timeout"
+                 if timed_out else None)
+        self._answer(server, collector.pending, error,
+                     lambda: self._enroll(collector.name, collector.utterances, collector.vectors, "live"))
+
+    @staticmethod
+    def _answer(server: ControlServer, pending: Pending, error: str | None, enroll) -> None:
+        """Reply to a waiting enroll_next or enroll_word: the timeout's error, or what enrolling gave."""
+        try:
+            reply = {"ok": False, "error": error} if error else enroll()
+        except ControlError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        server.reply(pending, reply)
 
     def _word_target(self, request: dict) -> tuple[str, int]:
         if self.daemon.words is None:
@@ -278,15 +282,10 @@ class DaemonCommands:
         return None  # answered when the words have been heard (Daemon._serve_control)
 
     def finish_words(self, server: ControlServer, collector: WordCollector, timed_out: bool) -> None:
-        if timed_out:
-            reply = {"ok": False, "error": f"enroll_word: heard {len(collector.audios)} of {collector.count} "
-                                           "utterances before the timeout"}
-        else:
-            try:
-                reply = self._enroll_words(collector.vocabulary, collector.digit, collector.audios, "live")
-            except ControlError as exc:
-                reply = {"ok": False, "error": str(exc)}
-        server.reply(collector.pending, reply)
+        error = (f"enroll_word: heard {len(collector.audios)} of {collector.count} utterances before the timeout"
+                 if timed_out else None)
+        self._answer(server, collector.pending, error, lambda: self._enroll_words(
+            collector.vocabulary, collector.digit, collector.audios, "live"))
 
     def cmd_set_threshold(self, request: dict, pending: Pending) -> dict:
         book = self.daemon.book
