@@ -234,6 +234,8 @@ def describe(event: dict) -> str:
         return f"{head} {label} {who} {event['score']:.2f}{hint}  latency {event['latency_s'] * 1000:.0f} ms"
     if kind == "digit":
         said = "-" if event["digit"] is None else str(event["digit"])
+        if event.get("vocabulary") not in (None, "builtin"):
+            said += f" ({event['vocabulary']})"  # named by a vocabulary taught at run time
         return f"{head} digit   {said} (p {event['confidence']:.2f})  latency {event['latency_s'] * 1000:.0f} ms"
     if kind == "vad.end":
         return f"{head} speech ended ({event['reason']})"

@@ -74,3 +74,15 @@ def test_listen_text_describes_every_event_type_a_daemon_publishes():
     lines = out.splitlines()
     assert len(lines) == 3 and "speech started" in lines[0] and "speaker unknown" in lines[1]
     assert lines[2] == "[kitchen] status ended (end of file)"
+
+
+def test_listen_text_says_which_taught_vocabulary_named_a_digit():
+    from streamd.cli import describe
+    from streamd.events import DigitEvent
+
+    def line(**kw):
+        return describe({"stream": "s", **DigitEvent("s", 3, 1.0, 1.5, latency_s=0.01, **kw).payload(), "type": "digit"})
+
+    assert "digit   7 (az) (p 0.62)" in line(digit=7, confidence=0.62, vocabulary="az")
+    assert "digit   7 (p 0.90)" in line(digit=7, confidence=0.9, vocabulary="builtin")
+    assert "digit   - (p 0.30)" in line(digit=None, confidence=0.3)
