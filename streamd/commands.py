@@ -288,18 +288,32 @@ class DaemonCommands:
             collector.vocabulary, collector.digit, collector.audios, "live"))
 
     def cmd_set_threshold(self, request: dict, pending: Pending) -> dict:
+        """``far`` for a calibrated speaker model, ``threshold`` (a cosine) for one without: the
+        other would answer ok and change nothing that decides."""
         book = self.daemon.book
+        if book is None:
+            raise ControlError("set_threshold: no speaker model")
+        calibrated = book.calibration is not None
+        if "far" in request and "threshold" in request:
+            raise ControlError("set_threshold: give 'far' or 'threshold', not both")
         if "far" in request:
             far = _field(request, "far", float)
             if not 1e-6 <= far <= 0.5:
                 raise ControlError("set_threshold: 'far' must be in [0.000001, 0.5]")
+            if not calibrated:
+                raise ControlError("set_threshold: this speaker model has no calibration, 'far' does not apply: "
+                                   "set 'threshold' (the cosine a voice needs)")
             book.far = far
         else:
             value = _field(request, "threshold", float)
             if not -1.0 <= value <= 1.0:
                 raise ControlError("set_threshold: 'threshold' must be a cosine score in [-1, 1]")
+            if calibrated:
+                raise ControlError("set_threshold: this speaker model is calibrated: its scores are not cosines and "
+                                   "'threshold' does not apply; set 'far' instead (the share of strangers' "
+                                   "utterances that may be named, e.g. {\"far\": 0.01})")
             book.cosine_threshold = value
-        return {"ok": True, "far": book.far, "threshold": book.threshold, "calibrated": book.calibration is not None}
+        return {"ok": True, "far": book.far, "threshold": book.threshold, "calibrated": calibrated}
 
     def cmd_stats(self, request: dict, pending: Pending) -> dict:
         pipelines = self.daemon.pipelines

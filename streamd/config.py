@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class NetworkConfig:
     accept_any: bool = True
     max_streams: int = 1000
     gap_fill_ms: float = 1000.0
+    idle_ms: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "models.max_batch": (1, 4096),
     "network.max_streams": (1, 100000),
     "network.gap_fill_ms": (0.0, 60000.0),
+    "network.idle_ms": (100.0, 60000.0),
     "identity.far": (1e-6, 0.5),
     "identity.threshold": (-1.0, 1.0),
     "identity.enroll_min_seconds": (0.0, 600.0),
@@ -490,7 +493,25 @@ def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table")
         table[key] = value
+    models = tree.setdefault("models", {})
+    if isinstance(models, dict) and "dir" not in models:
+        # Not set by a config file nor --set: the models streamd was installed with, wherever
+        # the command runs (not a models/ folder of the current one).
+        models["dir"] = str(installed_models())
     return build(tree, base)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def installed_models() -> Path:
+    """The models streamd was installed with: the checkout's ``models/`` for a source or
+    editable install, else ``<prefix>/share/streamd/models`` (where a wheel puts them)."""
+    shared = Path(sys.prefix) / "share" / "streamd" / "models"
+    for folder in (PACKAGE_DIR.parent / "models", shared):
+        if any(folder.glob("*.card.json")):
+            return folder
+    return shared
 
 
 def default_config_path() -> Path | None:

@@ -25,7 +25,7 @@ from streamd.metrics import Metrics
 from streamd.notify import Watchdog, sd_notify
 from streamd.engine import Engine
 from streamd.frames import Frame
-from streamd.netaudio import NetworkReceiver
+from streamd.netaudio import NetworkReceiver, StreamIdle
 from streamd.readers import SourceReader, StreamSpec, StreamStatus
 from streamd.sources import SourceError, open_source
 from streamd.speakers import SpeakerBook, book_settings
@@ -63,10 +63,20 @@ def stream_specs(cfg: Config, opts: RunOptions) -> list[StreamSpec]:
         return StreamSpec(stream, source, pace or opts.pace or cfg.source.pace, cfg.vad.frame_samples,
                           cfg.source.mic_rate)
 
-    if opts.source or not cfg.streams:
-        source = opts.source or cfg.source.spec
-        return [] if source == "none" else [spec(opts.stream, source)]
-    return [spec(s.id, s.source, s.pace) for s in cfg.streams if s.source != "net"]
+    if opts.source:  # the command line's: a file: path is the current folder's
+        return [] if opts.source == "none" else [spec(opts.stream, opts.source)]
+    if not cfg.streams:
+        source = cfg.source.spec
+        return [] if source == "none" else [spec(opts.stream, config_source(cfg, source))]
+    return [spec(s.id, config_source(cfg, s.source), s.pace) for s in cfg.streams if s.source != "net"]
+
+
+def config_source(cfg: Config, source: str) -> str:
+    """A source of the config file: a relative ``file:`` path is the config file's folder's,
+    as every path in it is."""
+    if source.startswith("file:"):
+        return "file:" + str(cfg.path(source[len("file:"):]))
+    return source
 
 
 class Daemon:
@@ -106,7 +116,10 @@ class Daemon:
                     continue
             self.readers.append(SourceReader(spec, self.frames, source, self._stop))
         if not self.readers and not self.cfg.network.listen:
-            raise SourceError(failed[0].reason if failed else "no audio source configured")
+            raise SourceError(failed[0].reason if failed else
+                              "no audio to listen to: no local source (--source none, source.spec = \"none\" or "
+                              "only \"net\" [[streams]]) and no [network] listen; give a source (--source "
+                              "mic[:DEVICE] | file:PATH | stdin) or set network.listen to receive `streamd send`")
         try:
             return self._run(specs, failed)
         finally:
@@ -141,7 +154,9 @@ class Daemon:
         self.receiver = None
         if cfg.network.listen:
             self.receiver = NetworkReceiver(cfg.network.listen, self.frames, cfg.vad.frame_samples, self.metrics,
-                                            cfg.network.gap_fill_ms / 1000, control.server_curve(cfg))
+                                            cfg.network.gap_fill_ms / 1000, control.server_curve(cfg),
+                                            idle_s=cfg.network.idle_ms / 1000,
+                                            close_s=(cfg.vad.hangover_ms + cfg.vad.frame_ms) / 1000)
         try:
             for spec in specs:
                 self.engine.add_stream(spec.stream)
@@ -204,6 +219,8 @@ class Daemon:
                         self.engine.push(item)
                 elif isinstance(item, StreamStatus):
                     ended_with = self._status(item, up, running) or ended_with
+                elif isinstance(item, StreamIdle) and item.stream in self.engine.pipelines:
+                    self.engine.pipelines[item.stream].flush()  # its sender stopped: no more audio
                 try:
                     item = self.frames.get_nowait()
                 except queue.Empty:
@@ -226,7 +243,13 @@ class Daemon:
 
     def _admit(self, stream: str) -> bool:
         """A network stream not in [[streams]]: taken when network.accept_any allows."""
-        if not self.cfg.network.accept_any or stream in self._refused:
+        if stream in self._refused:
+            return False
+        if not self.cfg.network.accept_any:
+            # Once per stream: a sender cannot be told (its socket only sends), the log says it.
+            log.warning("stream %s: audio from the network refused: it is not in [[streams]] and "
+                        "network.accept_any is false", stream)
+            self._refused.add(stream)
             return False
         try:
             self.engine.add_stream(stream)

@@ -36,6 +36,14 @@ class BadMessage(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class StreamIdle:
+    """Put on the daemon's queue after the silence that closes an idle stream's utterance:
+    one still open then (webrtcvad can hear speech a few frames into the zeros) is ended."""
+
+    stream: str
+
+
 def encode(stream: str, seq: int, t: float, samples: np.ndarray) -> list[bytes]:
     header = {"v": VERSION, "stream": stream, "seq": seq, "t": round(t, 6), "sent": time.time()}
     return [json.dumps(header).encode(), np.ascontiguousarray(samples, "<i2").tobytes()]
@@ -70,19 +78,26 @@ class _Remote:
     sender_t: float  # audio time (sender's clock) where the next frame should start
     t: float  # the stream's audio time here
     index: int
+    last: float = 0.0  # monotonic time of the last frame received
+    closed: bool = True  # no frame since the stream's utterance was last closed for want of audio
 
 
 class NetworkReceiver(threading.Thread):
     """Receives every device's frames on one socket and puts them on the daemon's queue."""
 
     def __init__(self, endpoint: str, out: queue.Queue, frame_samples: int, metrics, gap_fill_s: float = 1.0,
-                 curve=None):
+                 curve=None, idle_s: float = 1.0, close_s: float = 0.32):
         super().__init__(name="network", daemon=True)
         self.out = out
         self.frame_samples = frame_samples
         self.frame_s = frame_samples / SAMPLE_RATE
         self.metrics = metrics
         self.gap_fill_s = gap_fill_s
+        # A stream whose frames stop for idle_s (the sender ended, went quiet under --vad, or
+        # the network dropped) gets close_s of silence (the VAD's hangover): its utterance
+        # ends and is recognised now, not when the next audio comes (maybe another sender's).
+        self.idle_s = idle_s
+        self.close_s = close_s
         self.remotes: dict[str, _Remote] = {}
         self._stopping = threading.Event()
         self._ctx = zmq.Context()  # its own: a CURVE authenticator is per context
@@ -113,6 +128,7 @@ class NetworkReceiver(threading.Thread):
         try:
             while not self._stopping.is_set():
                 if not self._sock.poll(100):
+                    self._close_idle(time.monotonic())
                     continue
                 parts = self._sock.recv_multipart()
                 try:
@@ -122,6 +138,7 @@ class NetworkReceiver(threading.Thread):
                     log.debug("network: dropped a message: %s", exc)
                     continue
                 self._frame(header, samples)
+                self._close_idle(time.monotonic())
         finally:
             self.close()
 
@@ -135,6 +152,7 @@ class NetworkReceiver(threading.Thread):
             self.out.put(StreamStatus(stream, "up", "first audio from the network"))
         elif seq <= r.seq - 1 and seq < 10:
             self.metrics.network_reconnects.labels(stream=stream).inc()
+            self._close(stream, r, now)  # the last sender's utterance is not the new one's
             self.out.put(StreamStatus(stream, "up", "sender restarted"))
             r.seq, r.sender_t = seq, sender_t
         elif seq < r.seq:
@@ -151,6 +169,28 @@ class NetworkReceiver(threading.Thread):
         if isinstance(sent, (int, float)) and np.isfinite(sent):
             self.metrics.network_delay.observe(max(0.0, time.time() - sent))
         r.seq, r.sender_t, r.t, r.index = seq + 1, sender_t + self.frame_s, r.t + self.frame_s, r.index + 1
+        r.last, r.closed = now, False
+
+    def _close_idle(self, now: float) -> None:
+        for stream, r in self.remotes.items():
+            if not r.closed and now - r.last >= self.idle_s:
+                self._close(stream, r, now)
+
+    def _close(self, stream: str, r: _Remote, now: float) -> None:
+        """The hangover's worth of silence after a stream's last frame: the VAD closes the
+        utterance going on (``vad.end`` reason ``silence``) and its decision is published.
+        The sender's clock moves on with it, so a sender that comes back keeps its times."""
+        if r.closed:
+            return
+        frames = int(np.ceil(self.close_s / self.frame_s))
+        silence = np.zeros(self.frame_samples, np.int16)
+        for _ in range(frames):
+            self.out.put(Frame(stream, r.index, silence, r.t, now))
+            r.t += self.frame_s
+            r.index += 1
+        r.sender_t += frames * self.frame_s
+        r.closed = True
+        self.out.put(StreamIdle(stream))
 
     def _fill(self, stream: str, r: _Remote, missing_s: float, now: float) -> None:
         """Silence for a short gap; a long one ends the utterance going on."""
@@ -183,8 +223,9 @@ class _Link:
     EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
-    def __init__(self, sock: zmq.Socket, endpoint: str):
+    def __init__(self, sock: zmq.Socket, endpoint: str, curve: bool = False):
         self.endpoint = endpoint
+        self.curve = curve  # whether this sender uses CurveZMQ
         self.up = False
         self.failed_handshakes = 0
         self._sock = sock
@@ -195,7 +236,8 @@ class _Link:
         the daemon will never take this sender's audio (libzmq does not retry those)."""
         while self._monitor.poll(wait_ms):
             wait_ms = 0
-            event = recv_monitor_message(self._monitor)["event"]
+            message = recv_monitor_message(self._monitor)
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("send: connected to %s", self.endpoint)
                 self.up, self.failed_handshakes = True, 0
@@ -207,9 +249,23 @@ class _Link:
                                 "daemon's control.curve_clients)")
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.failed_handshakes += 1
-            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self.failed_handshakes >= HANDSHAKE_RETRIES:
-                raise SendError(f"{self.endpoint}: the CurveZMQ handshake fails: control.curve_server_key is not "
-                                "that daemon's key, or only one side uses CurveZMQ")
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                if message["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                    raise SendError(self._curve_mismatch())
+                raise SendError(self._not_streamd("something answers there but does not speak ZeroMQ's protocol"))
+            if self.failed_handshakes >= HANDSHAKE_RETRIES:
+                # A CurveZMQ server that cannot read this sender's hello closes the connection
+                # without a word; so does a server that is not ZeroMQ at all.
+                raise SendError(self._curve_mismatch() if self.curve else
+                                self._not_streamd("something answers there but closes every connection before "
+                                                  "ZeroMQ's handshake"))
+
+    def _curve_mismatch(self) -> str:
+        return (f"{self.endpoint}: the CurveZMQ handshake fails: control.curve_server_key is not that daemon's "
+                "key, or only one side uses CurveZMQ")
+
+    def _not_streamd(self, what: str) -> str:
+        return f"{self.endpoint}: no streamd daemon listens there ({what}; is it the daemon's network.listen?)"
 
     def close(self) -> None:
         self._sock.disable_monitor()
@@ -230,7 +286,7 @@ class Sender:
         self._sock.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
             curve.secure(self._sock)
-        self._link = _Link(self._sock, endpoint)
+        self._link = _Link(self._sock, endpoint, curve is not None)
         try:
             self._sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -245,12 +301,24 @@ class Sender:
     def check(self) -> None:
         """Follows the connection (and logs it); SendError if the daemon refused this sender.
         Called for every captured frame, also those --vad does not send."""
-        self._link.update()
+        self._update()
+
+    def _update(self, wait_ms: int = 0) -> None:
+        try:
+            self._link.update(wait_ms)
+        except SendError:
+            self._give_up()
+            raise
+
+    def _give_up(self) -> None:
+        """Nothing queued will be taken: the socket's close must not linger for it (``--wait``
+        is the whole wait)."""
+        self._sock.setsockopt(zmq.LINGER, 0)
 
     def send(self, frame: Frame, block: bool = False) -> None:
         """``block``: wait while the queue is full (a file, which has time); a live capture
         never waits, its frames are dropped and counted instead."""
-        self._link.update()
+        self._update()
         parts = encode(self.stream, self.seq, frame.t, frame.samples)
         if block:
             self._send_waiting(parts)
@@ -268,17 +336,20 @@ class Sender:
                 return self._sock.send_multipart(parts, zmq.NOBLOCK)
             except zmq.Again:
                 if time.monotonic() > deadline:
+                    self._give_up()
                     raise SendError(f"no daemon at {self.endpoint} took audio for {self.wait_s:g} s") from None
-                self._link.update(100)
+                self._update(100)
 
     def finish(self) -> None:
         """Waits, up to ``wait_s``, for a daemon to take what is queued; SendError if none does."""
         deadline = time.monotonic() + self.wait_s
-        self._link.update()
+        self._update()
         while not self._link.up and self.seq > self.dropped:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._give_up()
                 raise SendError(f"no daemon at {self.endpoint} took the audio within {self.wait_s:g} s")
-            self._link.update(100)
+            self._update(max(1, min(100, int(left * 1000))))
 
     def close(self) -> None:
         self._link.close()

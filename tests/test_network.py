@@ -10,7 +10,7 @@ import zmq
 from streamd.frames import Frame
 from streamd.netaudio import Sender, SendError, encode
 from streamd.sources import read_audio
-from conftest import DATA, free_port, start_streamd, stop, streamd
+from conftest import DATA, MODELS, free_port, start_streamd, stop, streamd
 from test_daemon import by_type, collect
 from test_security import client_curve, server_sets
 from streamd.events import subscribe
@@ -154,3 +154,92 @@ def test_a_live_sender_rides_out_a_daemon_restart(iso):
     finally:
         live.close()
         sub.close(0)
+
+
+# ---------------------------------------------------------------- issue 29 items 7 and 9
+
+def test_a_senders_last_utterance_ends_when_its_audio_stops_and_refusals_are_said(tmp_path, iso):
+    """A sender that finishes gets its vad.end and decision without any more audio, and the
+    next sender on that stream starts a new utterance. Audio of a stream the daemon refuses
+    (network.accept_any = false) is logged once; set_threshold says which knob applies."""
+    from streamd import control
+
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = f"ipc://{tmp_path}/control.sock"
+    conf = tmp_path / "daemon.toml"
+    conf.write_text(f'[models]\ndir = "{MODELS}"\n[network]\nlisten = "{listen}"\naccept_any = false\n[control]\nendpoint = "{endpoint}"\n'
+                    '[[streams]]\nid = "porch"\nsource = "net"\n')
+    sub = subscribe(iso.endpoint)
+    daemon = start_streamd("run", "--config", str(conf), *iso.sets('metrics.listen=""'))
+
+    def send(stream: str, *extra: str):
+        return streamd("send", "--source", f"file:{DATA / 'word.flac'}", "--to", listen, "--stream", stream,
+                       "--pace", "fast", "--wait", "20", *extra, timeout=60)
+
+    try:
+        time.sleep(0.5)
+        for n, extra in enumerate(((), ("--vad",))):
+            r = send("porch", *extra)
+            assert r.returncode == 0, r.stderr
+            sent = time.monotonic()
+            events = collect(sub, until=lambda ev: by_type(ev, "digit"), timeout=15)
+            assert time.monotonic() - sent < 10, "the decision waited for more audio"
+            ends = by_type(events, "vad.end")
+            assert [e["stream"] for e in ends] == ["porch"], events
+            assert ends[0]["reason"] in ("silence", "end_of_stream"), ends
+            assert [e["utterance"] for e in by_type(events, "digit")] == [n]  # the second sender: a new one
+            if n:
+                assert by_type(events, "vad.start")[0]["t_start"] > first_end  # nothing of the first joined it
+            first_end = ends[0]["t_end"]
+
+        for _ in range(2):
+            r = send("stranger")
+            assert r.returncode == 0, r.stderr  # PUSH has no way back: the daemon's log says it
+        reply = control.request(endpoint, {"cmd": "set_threshold", "threshold": 0.5})
+        assert not reply["ok"] and "'far'" in reply["error"] and "calibrated" in reply["error"], reply
+        ok = control.request(endpoint, {"cmd": "set_threshold", "far": 0.05})
+        assert ok["ok"] and ok["far"] == 0.05, ok
+    finally:
+        assert stop(daemon) == 0
+        sub.close(0)
+    log = daemon.stderr.read()
+    refused = [line for line in log.splitlines() if "stranger" in line]
+    assert len(refused) == 1 and "accept_any" in refused[0], log
+
+
+def test_send_says_when_nothing_there_is_a_streamd_daemon_and_honours_its_wait():
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+
+    def refuse():  # something that is not a daemon: accepts, then hangs up
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        r = streamd("send", "--source", f"file:{DATA / 'word.flac'}", "--to", f"tcp://127.0.0.1:{port}",
+                    "--pace", "fast", "--wait", "5", timeout=30)
+    finally:
+        server.close()
+    assert r.returncode == 69 and "no streamd daemon listens there" in r.stderr, r.stderr
+    assert "CurveZMQ" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    nothing = f"tcp://127.0.0.1:{free_port()}"
+    sender = Sender(nothing, "x", wait_s=1.0)
+    start = time.monotonic()
+    try:
+        sender.send(Frame("x", 0, np.zeros(320, np.int16), 0.0, 0.0), block=True)
+        with pytest.raises(SendError, match="within 1 s"):
+            sender.finish()
+    finally:
+        sender.close()
+    assert time.monotonic() - start < 1.6  # the wait, not the wait and then a close that lingers
