@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="; ".join(f"{a} {usage}".strip() for a, usage in SPEAKER_ACTIONS.items()))
     speakers.add_argument("name", nargs="?", help="a speaker's name (promote: the cluster, e.g. unknown-3)")
     speakers.add_argument("new_name", nargs="?", help="rename: the new name; promote: the name to enroll")
+    speakers.add_argument("--out", type=Path, metavar="FILE",
+                          help="export: write the JSON to FILE (made 0600) instead of stdout")
     speakers.add_argument("--client-key", metavar="FILE",
                           help="CurveZMQ: this client's NAME.key_secret (default: control.curve_client_key)")
     speakers.add_argument("--server-key", metavar="FILE",
@@ -178,7 +180,7 @@ def cmd_enroll(args, cfg) -> int:
     book = open_book(cfg)
     try:
         utts = [u for path in args.audio for u in file_utterances(path, cfg, book.model)]
-        result = book.enroll(args.name, utts, source="files:" + ",".join(args.audio))
+        result = book.enroll(args.name, utts, source="files:" + ",".join(args.audio), who="cli")
     finally:
         book.close()
         book.gallery.close()
@@ -254,13 +256,34 @@ def cmd_speakers(args, cfg) -> int:
         print(f"streamd: speakers {args.action} needs {SPEAKER_ACTIONS[args.action]}", file=sys.stderr)
         return 2
     curve = control.client_curve(cfg, args.client_key, args.server_key)
-    reply = ask_state(cfg, request, curve, lambda state: speakers_offline(cfg, request, state), ("list", "clusters"))
+    reply = ask_state(cfg, request, curve, lambda state: speakers_offline(cfg, request, state), SPEAKER_READS)
     if isinstance(reply, int):
         return reply
     if not reply.get("ok"):
         print(f"streamd: {reply.get('error')}", file=sys.stderr)
         return 1
+    if args.action == "export":
+        return write_export(args, reply["speaker"])
     print_speakers_reply(args, reply)
+    return 0
+
+
+def write_export(args, speaker: dict) -> int:
+    """``speakers export NAME [--out FILE]``: the JSON of what is stored about one person."""
+    text = json.dumps(speaker, ensure_ascii=False, indent=1) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # biometric data: private
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        print(f"streamd: cannot write --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(f"exported {speaker['name']!r}: {len(speaker['enrollments'])} enrollments, "
+          f"{len(speaker['clusters'])} unknown-voice clusters, to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -303,7 +326,8 @@ def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dic
 
 
 SPEAKER_ACTIONS = {"list": "", "remove": "NAME", "rename": "NAME NEW_NAME", "clusters": "",
-                   "promote": "CLUSTER NAME"}
+                   "promote": "CLUSTER NAME", "export": "NAME", "audit": ""}
+SPEAKER_READS = ("list", "clusters", "export", "audit")  # never change the gallery
 
 
 def speakers_request(args) -> dict | None:
@@ -330,6 +354,14 @@ def print_speakers_reply(args, reply: dict) -> None:
         for c in reply["clusters"]:
             print(f"{c['cluster']}\theard {c['heard']} times\t{c['seconds']:.1f} s\t"
                   f"{c['kept_seconds']:.1f} s kept for promotion")
+    elif args.action == "audit":
+        import time as _time
+
+        for e in reply["audit"]:
+            when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(e["time"]))
+            who = e["name"] if e["name"] is not None else f"(removed: subject {e['subject']})"
+            extra = {k: v for k, v in e.items() if k not in ("audit", "time", "who", "action", "subject", "name")}
+            print(f"{when}\t{e['who']}\t{e['action']}\t{who}\t{e['subject']}\t{json.dumps(extra, ensure_ascii=False)}")
     elif args.action == "promote":
         print(f"promoted {args.name!r} to {reply['name']!r}: {reply['utterances']} utterances, "
               f"{reply['seconds']:.1f} s of speech")
@@ -368,13 +400,13 @@ def speakers_offline(cfg, request: dict, state: Path | None = None) -> dict:
     from streamd.gallery import GalleryError
 
     try:
-        book = open_book(cfg, write=request["cmd"] not in ("list", "clusters"), state=state)
+        book = open_book(cfg, write=request["cmd"] not in SPEAKER_READS, state=state)
     except GalleryError as exc:
         return {"ok": False, "error": str(exc)}
     try:
         if request["cmd"] in ("clusters", "promote"):
-            return cluster_command(book, request)
-        return gallery_command(book.gallery, request, book)
+            return cluster_command(book, request, "cli")
+        return gallery_command(book.gallery, request, book, "cli")
     except ControlError as exc:
         return {"ok": False, "error": str(exc)}
     finally:

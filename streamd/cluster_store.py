@@ -105,6 +105,25 @@ class ClusterStore:
         vectors = np.stack([from_blob(v) for *_, v in rows]) if rows else np.zeros((0, 0), np.float32)
         return utts, vectors
 
+    def export(self, cid: int, label: str) -> dict:
+        """A cluster as stored (for a speaker's data export): counts, times, each kept
+        utterance's features and embeddings."""
+        from streamd.gallery import array_json
+
+        created, updated, heard, seconds = self.db.execute(
+            "SELECT created, updated, heard, seconds FROM clusters WHERE id = ?", (cid,)).fetchone()
+        members = []
+        for mid, blob, dims, secs, made in self.db.execute(
+                "SELECT id, features, dims, seconds, created FROM cluster_members WHERE cluster_id = ? ORDER BY id",
+                (cid,)).fetchall():
+            vectors = self.db.execute("SELECT model_sha256, vector FROM cluster_embeddings WHERE member_id = ?",
+                                      (mid,)).fetchall()
+            members.append({"seconds": round(secs, 3), "created": made, "features": array_json(from_blob(blob, dims)),
+                            "embeddings": [{"model_sha256": sha, "vector": from_blob(v).tolist()}
+                                           for sha, v in vectors]})
+        return {"cluster": label, "created": created, "updated": updated, "heard": heard,
+                "seconds": round(seconds, 3), "utterances": members}
+
     def merge(self, into: int, others: list[int], max_members: int) -> None:
         """Move the utterances of ``others`` into cluster ``into`` and delete them."""
         marks = ",".join("?" * len(others))

@@ -22,6 +22,7 @@ from streamd.vocabulary import WordBook, check_digit, check_vocabulary
 MAX_NEXT_SECONDS = 120.0
 MAX_NEXT_TIMEOUT_S = 3600.0
 MAX_NEXT_WORDS = 20
+GALLERY_COMMANDS = ("list", "remove", "rename", "export", "audit")  # served on the database alone too
 
 
 def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
@@ -40,10 +41,17 @@ def same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def gallery_command(gallery: Gallery, request: dict, book=None) -> dict:
-    """``book`` (the SpeakerBook over this gallery): a removal drops the voice's clusters too."""
+def gallery_command(gallery: Gallery, request: dict, book=None, who: str = "local") -> dict:
+    """``book`` (the SpeakerBook over this gallery): a removal drops the voice's clusters too,
+    and an export lists them. ``who``: the client, for the audit trail."""
     cmd = request.get("cmd")
     try:
+        if cmd == "export":
+            name = _field(request, "name", str)
+            return {"ok": True, "speaker": book.export(name) if book is not None else gallery.export(name)}
+        if cmd == "audit":
+            after = _field(request, "after", int, 0)
+            return {"ok": True, "audit": gallery.audit(after)}
         if cmd == "list":
             return {"ok": True, "speakers": [
                 {"name": s.name, "utterances": s.enrollments, "seconds": round(s.seconds, 2),
@@ -51,20 +59,20 @@ def gallery_command(gallery: Gallery, request: dict, book=None) -> dict:
         if cmd == "remove":
             name = _field(request, "name", str)
             if book is not None:
-                return {"ok": True, **book.remove(name)}
-            if not gallery.remove(name):
+                return {"ok": True, **book.remove(name, who)}
+            if not gallery.remove(name, who):
                 raise ControlError(f"no enrolled speaker named {name!r}")
             return {"ok": True, "removed": name, "clusters": [], "erased": gallery.erase()}
         if cmd == "rename":
             old, new = _field(request, "name", str), _field(request, "new_name", str)
-            gallery.rename(old, new)
+            gallery.rename(old, new, who)
             return {"ok": True, "renamed": old, "to": new.strip()}
     except GalleryError as exc:
         raise ControlError(str(exc)) from None
     raise ControlError(f"unknown command {cmd!r}")
 
 
-def cluster_command(book, request: dict) -> dict:
+def cluster_command(book, request: dict, who: str = "local") -> dict:
     """``clusters`` (list the recurring unknown voices) and ``promote`` (enroll one by name)."""
     if book is None or book.clusters is None:
         raise ControlError(book.unavailable() if book is not None else
@@ -73,7 +81,7 @@ def cluster_command(book, request: dict) -> dict:
         return {"ok": True, "clusters": book.clusters.listing()}
     label, name = _field(request, "cluster", str), _field(request, "name", str)
     try:
-        return {"ok": True, **book.promote(label, name)}
+        return {"ok": True, **book.promote(label, name, who)}
     except GalleryError as exc:
         raise ControlError(str(exc)) from None
 
@@ -146,19 +154,19 @@ class DaemonCommands:
     def _call(self, request: dict, pending: Pending) -> dict | None:
         cmd = request["cmd"]
         book = self.daemon.book
-        if cmd in ("list", "remove", "rename"):
+        if cmd in GALLERY_COMMANDS:
             if book is None or book.gallery is None:
                 raise ControlError("the gallery is not available (state directory unusable)")
             enrolled = set()
             if cmd == "remove" and isinstance(request.get("name"), str):
                 with contextlib.suppress(sqlite3.Error):  # the removal itself reports the error
                     enrolled = set(book.gallery.feature_blobs(request["name"]))
-            reply = gallery_command(book.gallery, request, book)
+            reply = gallery_command(book.gallery, request, book, pending.client)
             if cmd == "remove":
                 self._forget_recent(reply["removed"], set(reply["clusters"]), enrolled)
             return reply
         if cmd in ("clusters", "promote"):
-            return cluster_command(book, request)
+            return cluster_command(book, request, pending.client)
         if cmd in ("words", "remove_words"):
             return word_command(self.daemon.words, request)
         handler = getattr(self, f"cmd_{cmd}", None)
@@ -185,9 +193,10 @@ class DaemonCommands:
             raise ControlError(f"no stream named {stream!r}")
         return pipelines[stream]
 
-    def _enroll(self, name: str, utts: list[Utterance], vectors: list[np.ndarray], source: str) -> dict:
+    def _enroll(self, name: str, utts: list[Utterance], vectors: list[np.ndarray], source: str,
+                who: str) -> dict:
         try:
-            result = self.daemon.book.enroll(name, utts, source, np.stack(vectors) if vectors else None)
+            result = self.daemon.book.enroll(name, utts, source, np.stack(vectors) if vectors else None, who)
         except GalleryError as exc:
             raise ControlError(str(exc)) from None
         return {"ok": True, **result}
@@ -202,7 +211,8 @@ class DaemonCommands:
         if missing:
             raise ControlError(f"enroll_recent: utterances not heard recently: {missing[:10]}")
         picked = [recent[i] for i in dict.fromkeys(ids)]
-        return self._enroll(name, [r.utt for r in picked], [r.embedding for r in picked], f"recent:{ids[:50]}")
+        return self._enroll(name, [r.utt for r in picked], [r.embedding for r in picked], f"recent:{ids[:50]}",
+                            pending.client)
 
     def cmd_enroll_next(self, request: dict, pending: Pending) -> None:
         name = _field(request, "name", str)
@@ -228,7 +238,8 @@ class DaemonCommands:
         error = (f"enroll_next: heard only {collector.collected:.1f} s of {collector.seconds:.1f} s before the timeout"
                  if timed_out else None)
         self._answer(server, collector.pending, error,
-                     lambda: self._enroll(collector.name, collector.utterances, collector.vectors, "live"))
+                     lambda: self._enroll(collector.name, collector.utterances, collector.vectors, "live",
+                                          collector.pending.client))
 
     @staticmethod
     def _answer(server: ControlServer, pending: Pending, error: str | None, enroll) -> None:

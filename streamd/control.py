@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from streamd.config import ConfigError, local_endpoint, unit_directories
 from streamd.keys import KeyFileError, KeyPair, load_clients, load_public, load_secret
@@ -42,9 +43,11 @@ class ControlError(ValueError):
 
 @dataclass(frozen=True)
 class Pending:
-    """A request whose reply comes later (``ControlServer.reply``)."""
+    """A request whose reply comes later (``ControlServer.reply``), and who made it: "control",
+    or "control:KEY" for a CurveZMQ client (KEY: its public key's file in control.curve_clients)."""
 
     envelope: tuple[bytes, ...]
+    client: str = "control"
 
 
 Handler = Callable[[dict[str, Any], Pending], dict[str, Any] | None]
@@ -210,6 +213,11 @@ class ControlServer:
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_BYTES)
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._key_names: dict[str, str] = {}  # a client's z85 public key: its file's name
+        if curve is not None:
+            for key, path in load_clients(curve.clients).items():
+                name = Path(path).name.removesuffix(".key")
+                self._key_names[key.decode() if len(key) == 40 else z85.encode(key).decode()] = name
         ipc_path = _prepare_ipc(endpoint)
         old_umask = os.umask(0o077)  # the ipc socket file is created owner-only
         try:
@@ -232,15 +240,26 @@ class ControlServer:
         """Serve every request waiting now; returns how many were served."""
         served = 0
         while self._sock.poll(timeout_ms if served == 0 else 0, zmq.POLLIN):
-            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = [p.bytes for p in parts]
             try:
                 split = frames.index(b"")
             except ValueError:
                 continue  # not a REQ/DEALER envelope: nobody to answer
-            pending = Pending(tuple(frames[: split + 1]))
+            pending = Pending(tuple(frames[: split + 1]), self._client(parts[-1]))
             served += 1
             self._serve(handler, frames[split + 1 :], pending)
         return served
+
+    def _client(self, frame: zmq.Frame) -> str:
+        """Who sent a request: the CurveZMQ key the authenticator admitted (its User-Id)."""
+        if not self._key_names:
+            return "control"
+        try:
+            key = frame.get("User-Id")
+        except zmq.ZMQError:
+            key = None
+        return f"control:{self._key_names.get(key, key)}" if key else "control"
 
     def _serve(self, handler: Handler, body: list[bytes], pending: Pending) -> None:
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from streamd import config as config_mod
 from streamd.config import Config, ConfigError
-from streamd.events import Publisher
+from streamd.events import GalleryEvent, Publisher
 from streamd import control
 from streamd.commands import DaemonCommands
 from streamd.gallery import Gallery
@@ -33,6 +33,7 @@ from streamd.speakers import SpeakerBook, book_settings
 log = logging.getLogger(__name__)
 
 GALLERY_FILE = "gallery.sqlite3"
+AUDIT_EVERY_S = 0.5  # how often the audit trail is read for changes made by other processes
 RESULTS_READY = "results ready"  # put in the frame queue by the models' thread: wakes the loop
 
 
@@ -145,6 +146,8 @@ class Daemon:
         gallery = open_gallery(cfg)
         self.state_dir = cfg.state_dir()  # named in control replies: a client can tell whose gallery answers
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
+        self._audit_seen = gallery.last_audit() if gallery is not None else 0  # published up to here
+        self._audit_checked = 0.0
         self.words = open_word_book(gallery, cfg)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
                                              curve=control.server_curve(cfg))
@@ -285,7 +288,11 @@ class Daemon:
 
     def _serve_control(self) -> None:
         """Control requests are served between frames, on the audio thread: no locks needed."""
-        self.control.poll(self.commands)
+        served = self.control.poll(self.commands)
+        now = time.monotonic()
+        if served or now - self._audit_checked >= AUDIT_EVERY_S:
+            self._audit_checked = now
+            self._publish_audit()
         for pipeline in self.engine.pipelines.values():
             collector = pipeline.collector
             if collector is not None:
@@ -299,6 +306,21 @@ class Daemon:
                 if done or time.monotonic() > words.deadline:
                     pipeline.word_collector = None
                     self.commands.finish_words(self.control, words, timed_out=not done)
+
+    def _publish_audit(self) -> None:
+        """A ``gallery`` event for each new entry of the audit trail: the changes made through
+        this daemon, and those made on the database by ``streamd enroll`` or ``speakers``."""
+        gallery = self.book.gallery
+        if gallery is None:
+            return
+        try:
+            entries = gallery.audit(self._audit_seen, limit=100)
+        except sqlite3.Error as exc:
+            log.warning("could not read the gallery's audit trail: %s", exc)
+            return
+        for entry in entries:
+            self.publisher.publish(GalleryEvent(entry))
+            self._audit_seen = entry["audit"]
 
     def _apply_reload(self, gallery: Gallery | None) -> None:
         """SIGHUP: re-read the config and the gallery; a bad config keeps the old one."""

@@ -86,6 +86,21 @@ class StatusEvent:
         return {"stream": self.stream, "state": self.state, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class GalleryEvent:
+    """An entry of the gallery's audit trail (docs/events.md, ``gallery``): who enrolled,
+    promoted, renamed or removed whom, and when. Never a voice's features or embeddings."""
+
+    type: ClassVar[str] = "gallery"
+    entry: dict[str, Any]
+    stream: str = "daemon"  # the gallery serves every stream
+
+    def payload(self) -> dict[str, Any]:
+        entry = dict(self.entry)
+        entry["at"] = entry.pop("time")  # when the change was made; "time" is the publication's
+        return {"stream": self.stream, **entry}
+
+
 def envelope(event: Event, seq: int, now: float) -> dict[str, Any]:
     body = {"v": SCHEMA_VERSION, "type": event.type, "stream": event.stream, "seq": seq}
     body.update(event.payload())

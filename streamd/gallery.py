@@ -6,10 +6,13 @@ changes the gallery is re-embedded at start-up instead of silently scoring acros
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import json
 import logging
 import os
+import secrets
 import sqlite3
 import stat
 import time
@@ -46,6 +49,23 @@ CREATE TABLE IF NOT EXISTS embeddings (
     PRIMARY KEY (enrollment_id, model_sha256)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- A random reference for each enrolled person, kept in the audit trail when the person is
+-- removed (their name is not: docs/operations.md, "Personal data").
+CREATE TABLE IF NOT EXISTS subjects (
+    speaker_id INTEGER PRIMARY KEY REFERENCES speakers(id) ON DELETE CASCADE,
+    subject TEXT NOT NULL UNIQUE
+);
+-- Who changed the gallery, how and when: enroll, promote, rename, remove. No biometric content.
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    who TEXT NOT NULL,               -- cli | control | control:KEY | local
+    action TEXT NOT NULL,            -- enroll | promote | rename | remove
+    subject TEXT NOT NULL,
+    name TEXT,                       -- NULL once the person is removed
+    old_name TEXT,                   -- rename: the name before; NULL once removed
+    detail TEXT NOT NULL             -- JSON: counts and source kinds, never names or paths
+);
 -- Counts every change to the speakers (from any connection or process), so the daemon re-reads
 -- them only then and not when unknown-voice clusters, in the same file, are written.
 CREATE TABLE IF NOT EXISTS speaker_changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
@@ -191,6 +211,13 @@ def to_blob(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a, dtype="<f4").tobytes()
 
 
+def array_json(a: np.ndarray) -> dict:
+    """An array in an export: its dtype, shape and little-endian bytes in base64."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    return {"dtype": "float32", "byteorder": "little", "shape": list(a.shape),
+            "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
 def from_blob(blob: bytes, dims: int | None = None) -> np.ndarray:
     a = np.frombuffer(blob, dtype="<f4")
     return a.reshape(-1, dims) if dims else a
@@ -283,8 +310,9 @@ class Gallery:
         return row[0] if row else None
 
     def add_enrollments(self, name: str, utterances: list[Utterance], vectors: np.ndarray,
-                        model_sha256: str, feature_key: str, source: str) -> None:
-        """Add utterances (and their embeddings for the current model) to a speaker, creating it."""
+                        model_sha256: str, feature_key: str, source: str, who: str = "local") -> None:
+        """Add utterances (and their embeddings for the current model) to a speaker, creating
+        it; the audit trail records it (``who``: the client) in the same transaction."""
         name = validate_name(name)
         now = time.time()
         self.check_writable(f"enroll {name!r}")
@@ -301,21 +329,111 @@ class Gallery:
                         (sid, to_blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
                     self.db.execute("INSERT INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
                                     (cur.lastrowid, model_sha256, to_blob(vec)))
+                kind, _, what = source.partition(":")
+                detail = {"source": kind, "utterances": len(utterances),
+                          "seconds": round(sum(u.seconds for u in utterances), 2)}
+                if kind == "cluster":
+                    detail["cluster"] = what
+                elif kind == "files":  # how many, not their paths: a file is often named after its speaker
+                    detail["files"] = len(what.split(","))
+                self._audit(who, "promote" if kind == "cluster" else "enroll", sid, name, detail=detail, now=now)
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"enroll {name!r}", exc) from None
 
-    def remove(self, name: str) -> bool:
+    def remove(self, name: str, who: str = "local") -> bool:
         """Delete a speaker with every enrollment and embedding, then erase the old pages
-        from the write-ahead log (``erase``): nothing of them is left in any file."""
+        from the write-ahead log (``erase``): nothing of them is left in any file. The audit
+        trail keeps the removal, and the person's earlier entries, under their subject
+        reference only: the name goes from them too."""
         self.check_writable(f"remove {name!r}")
         try:
             with self.transaction():
-                cur = self.db.execute("DELETE FROM speakers WHERE name = ?", (name,))
+                sid = self.speaker_id(name)
+                if sid is None:
+                    return False
+                subject = self._subject(sid)
+                n, seconds = self.db.execute("SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM enrollments "
+                                             "WHERE speaker_id = ?", (sid,)).fetchone()
+                self.db.execute("DELETE FROM speakers WHERE id = ?", (sid,))
+                self.db.execute("UPDATE audit SET name = NULL, old_name = NULL WHERE subject = ?", (subject,))
+                self._audit(who, "remove", None, None, subject=subject,
+                            detail={"enrollments": n, "seconds": round(seconds, 2)})
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"remove {name!r}", exc) from None
-        if cur.rowcount > 0:
-            self.erase()
-        return cur.rowcount > 0
+        self.erase()
+        return True
+
+    # ------------------------------------------------------------------ audit trail and export
+
+    def _subject(self, sid: int) -> str:
+        """The person's random reference (made at their first audited change)."""
+        row = self.db.execute("SELECT subject FROM subjects WHERE speaker_id = ?", (sid,)).fetchone()
+        if row:
+            return row[0]
+        subject = secrets.token_hex(6)
+        self.db.execute("INSERT INTO subjects(speaker_id, subject) VALUES (?, ?)", (sid, subject))
+        return subject
+
+    def _audit(self, who: str, action: str, sid: int | None, name: str | None, old_name: str | None = None,
+               subject: str | None = None, detail: dict | None = None, now: float | None = None) -> None:
+        """One entry of the audit trail, inside the change's transaction."""
+        if subject is None:
+            subject = self._subject(sid)
+        self.db.execute("INSERT INTO audit(time, who, action, subject, name, old_name, detail) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (now or time.time(), who, action, subject, name, old_name, json.dumps(detail or {})))
+
+    def audit(self, after: int = 0, subject: str | None = None, limit: int = 100000) -> list[dict]:
+        """Entries of the audit trail with an id above ``after`` (of one subject), oldest first.
+        An old gallery opened read-only, made before the trail, has none."""
+        where, args = "id > ?", [after]
+        if subject is not None:
+            where, args = where + " AND subject = ?", [after, subject]
+        try:
+            rows = self.db.execute(f"SELECT id, time, who, action, subject, name, old_name, detail FROM audit "
+                                   f"WHERE {where} ORDER BY id LIMIT ?", (*args, limit)).fetchall()
+        except sqlite3.OperationalError:  # no such table
+            return []
+        out = []
+        for aid, at, who, action, subj, name, old, detail in rows:
+            entry = {"audit": aid, "time": at, "who": who, "action": action, "subject": subj, "name": name}
+            if action == "rename":
+                entry["from"] = old
+            entry.update(json.loads(detail))
+            out.append(entry)
+        return out
+
+    def last_audit(self) -> int:
+        try:
+            return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM audit").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    def export(self, name: str) -> dict:
+        """Everything stored about a speaker: their entry, each enrollment with its source,
+        length, time, stored features and embeddings, and their audit trail. Raises
+        GalleryError when nobody has that name."""
+        row = self.db.execute("SELECT id, name, created, updated FROM speakers WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise GalleryError(f"no enrolled speaker named {name!r}")
+        sid = row[0]
+        try:
+            subject = self.db.execute("SELECT subject FROM subjects WHERE speaker_id = ?", (sid,)).fetchone()
+        except sqlite3.OperationalError:
+            subject = None
+        enrollments = []
+        for eid, blob, dims, key, seconds, source, created in self.db.execute(
+                "SELECT id, features, dims, feature_key, seconds, source, created FROM enrollments "
+                "WHERE speaker_id = ? ORDER BY id", (sid,)).fetchall():
+            vectors = self.db.execute("SELECT model_sha256, vector FROM embeddings WHERE enrollment_id = ? "
+                                      "ORDER BY model_sha256", (eid,)).fetchall()
+            enrollments.append({
+                "source": source, "seconds": round(seconds, 3), "created": created, "feature_key": key,
+                "features": array_json(from_blob(blob, dims)),
+                "embeddings": [{"model_sha256": sha, "vector": from_blob(v).tolist()} for sha, v in vectors]})
+        subject = subject[0] if subject else None
+        return {"name": row[1], "subject": subject, "created": row[2], "updated": row[3],
+                "enrollments": enrollments, "audit": self.audit(subject=subject) if subject else []}
 
     def erase(self) -> bool:
         """Copy the write-ahead log into the database and truncate it to nothing. With
@@ -334,16 +452,18 @@ class Gallery:
                         "until it lets go", self.path, self.path.name)
         return not busy
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, who: str = "local") -> None:
         new = validate_name(new)
         self.check_writable(f"rename {old!r}")
         try:
             with self.transaction():
-                if self.speaker_id(old) is None:
+                sid = self.speaker_id(old)
+                if sid is None:
                     raise GalleryError(f"no enrolled speaker named {old!r}")
                 if self.speaker_id(new) is not None:
                     raise GalleryError(f"a speaker named {new!r} is already enrolled")
                 self.db.execute("UPDATE speakers SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
+                self._audit(who, "rename", sid, new, old_name=old)
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"rename {old!r}", exc) from None
 

@@ -271,7 +271,7 @@ class SpeakerBook:
     def _clustering(self) -> bool:
         return self.clusters is not None and self._cluster_settings.enabled
 
-    def promote(self, label: str, name: str) -> dict:
+    def promote(self, label: str, name: str, who: str = "local") -> dict:
         """Enroll ``name`` from the utterances a cluster of unknown voice has gathered."""
         if self.clusters is None:
             raise GalleryError(self.unavailable())
@@ -279,14 +279,14 @@ class SpeakerBook:
             utts, vectors = self.clusters.members(label)
         except sqlite3.Error as exc:
             raise storage_error(self.gallery.path, f"read {label}", exc) from None
-        result = self.enroll(name, utts, f"cluster:{label}", vectors)
+        result = self.enroll(name, utts, f"cluster:{label}", vectors, who=who)
         try:
             self.clusters.remove(label)
         except sqlite3.Error as exc:  # the enrollment is stored: the cluster stays, harmless
             log.warning("promoted %s to %r but could not delete the cluster: %s", label, name, exc)
         return {**result, "promoted": label}
 
-    def remove(self, name: str) -> dict:
+    def remove(self, name: str, who: str = "local") -> dict:
         """Forget a speaker entirely: the enrollments and embeddings, the clusters their voice
         formed while it was unknown (else the same voice would be labelled by its old
         cluster again), then the old pages in the write-ahead log. Raises GalleryError."""
@@ -302,7 +302,7 @@ class SpeakerBook:
                 ids = self.clusters.of_voice(known[1])
         except sqlite3.Error as exc:
             raise storage_error(self.gallery.path, f"remove {name!r}", exc) from None
-        if not self.gallery.remove(name):
+        if not self.gallery.remove(name, who):
             raise GalleryError(f"no enrolled speaker named {name!r}")
         self.enrolled()
         dropped = []
@@ -324,6 +324,20 @@ class SpeakerBook:
             log.info("removed a speaker with the unknown-voice clusters of the same voice: %s", ", ".join(dropped))
         return {"removed": name, "clusters": dropped, "erased": erased}
 
+    def export(self, name: str) -> dict:
+        """What is stored about a speaker (Gallery.export), with the unknown-voice clusters
+        their voice matches: what a removal would drop with them."""
+        if self.gallery is None:
+            raise GalleryError(self.unavailable())
+        out = self.gallery.export(name)
+        self.enrolled()
+        known = self._voices.get(name)
+        out["clusters"] = []
+        if known is not None and self.clusters is not None:
+            for cid in self.clusters.of_voice(known[1]):
+                out["clusters"].append(self.clusters.store.export(cid, label_of(cid)))
+        return out
+
     def unavailable(self) -> str:
         """Why enrollment and cluster commands cannot be served."""
         if self.gallery is not None and self.gallery.readonly:
@@ -333,7 +347,7 @@ class SpeakerBook:
         return "the gallery is not available (state directory unusable)"
 
     def enroll(self, name: str, utterances: list[Utterance], source: str,
-               vectors: np.ndarray | None = None) -> dict:
+               vectors: np.ndarray | None = None, who: str = "local") -> dict:
         """Check the quality gates, then store; returns a summary. Raises GalleryError."""
         name = validate_name(name)
         if self.gallery is None:
@@ -342,7 +356,7 @@ class SpeakerBook:
         if vectors is None:
             vectors = np.stack([self.model.run(u.features) for u in utterances]) if utterances else np.zeros((0, 0))
         self._check(name, utterances, vectors)
-        self.gallery.add_enrollments(name, utterances, vectors, self.sha, self.key, source)
+        self.gallery.add_enrollments(name, utterances, vectors, self.sha, self.key, source, who)
         self.enrolled()  # the new voice worked out here, not during the next utterance
         seconds = sum(u.seconds for u in utterances)
         return {"name": name, "utterances": len(utterances), "seconds": round(seconds, 2)}

@@ -314,3 +314,87 @@ def test_two_daemons_one_control_socket(bare_host, iso, notify, capsys):
     r = streamd("run", *other.sets(f'control.endpoint="{d.endpoint}"', 'metrics.listen=""'),
                 "--source", f"file:{DATA / 'word.flac'}", "--pace", "fast", timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------- item 6: export and audit trail
+
+def test_export_and_an_audit_trail_without_biometric_content_or_the_removed_name(curve, iso, notify, tmp_path):
+    """What is stored about a person comes out as JSON (through the daemon and on the
+    database); every change is in the audit trail and published as a `gallery` event naming
+    the client (the CurveZMQ key's name); the removal keeps only the person's subject."""
+    import base64
+
+    from streamd import control
+    from streamd.events import subscribe
+    from test_daemon import collect
+    from test_security import client_curve, server_sets
+
+    ctl = f"tcp://127.0.0.1:{free_port_here()}"
+    sets = iso.sets(f'control.endpoint="{ctl}"', *server_sets(curve))
+    keys = ["--client-key", f"{curve}/client/client.key_secret", "--server-key", f"{curve}/server/server.key"]
+    who = client_curve(curve)
+    offline = streamd("enroll", *iso.sets(), "asc02", str(DATA / "enroll_asc02.flac"))  # before the daemon
+    assert offline.returncode == 0, offline.stderr
+    sub = subscribe(iso.endpoint, "gallery.")
+    proc = start_streamd("run", *sets, "--source", "stdin", env={"NOTIFY_SOCKET": notify.path}, stdin=subprocess.PIPE)
+    try:
+        assert notify.wait_for("READY=1", 60), proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.5)  # the subscriber's connection
+        enrolled = streamd("enroll", *sets, "theo", str(DATA / "enroll_theo.flac"))  # on the database, daemon running
+        assert enrolled.returncode == 0, enrolled.stderr
+        model = control.request(ctl, {"cmd": "stats"}, 5, curve=who)["speaker_model"]
+
+        reply = control.request(ctl, {"cmd": "export", "name": "theo"}, 10, curve=who)
+        assert reply["ok"], reply
+        person = reply["speaker"]
+        assert person["name"] == "theo" and person["created"] <= person["updated"] and len(person["subject"]) == 12
+        assert len(person["enrollments"]) == 10 and person["clusters"] == []
+        for e in person["enrollments"]:
+            assert e["source"].startswith("files:") and e["seconds"] > 0 and e["created"] > 0
+            f = e["features"]
+            data = np.frombuffer(base64.b64decode(f["base64"]), "<f4")
+            assert f["dtype"] == "float32" and data.size == f["shape"][0] * f["shape"][1] > 0
+            assert [m["model_sha256"] for m in e["embeddings"]] == [model] and len(e["embeddings"][0]["vector"]) > 16
+        assert [a["action"] for a in person["audit"]] == ["enroll"] and person["audit"][0]["who"] == "cli"
+
+        out = tmp_path / "theo.json"
+        cli = streamd("speakers", *sets, "export", "theo", "--out", str(out), *keys)
+        assert cli.returncode == 0, cli.stderr
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600 and json.loads(out.read_text()) == person
+        missing = control.request(ctl, {"cmd": "export", "name": "nobody"}, 5, curve=who)
+        assert not missing["ok"] and "nobody" in missing["error"]
+
+        assert control.request(ctl, {"cmd": "rename", "name": "theo", "new_name": "theodore"}, 5, curve=who)["ok"]
+        removed = streamd("speakers", *sets, "remove", "theodore", *keys)
+        assert removed.returncode == 0, removed.stderr
+        events = collect(sub, until=lambda ev: any(e.get("action") == "remove" for e in ev), timeout=15)
+    finally:
+        proc.stdin.close()
+        code = proc.wait(30)
+        sub.close(0)
+    assert code == 0, proc.stderr.read()[-3000:]
+
+    assert [(e["type"], e["stream"], e["action"], e["who"], e["name"]) for e in events] == [
+        ("gallery", "daemon", "enroll", "cli", "theo"),
+        ("gallery", "daemon", "rename", "control:client", "theodore"),
+        ("gallery", "daemon", "remove", "control:client", None)], events
+    assert len({e["subject"] for e in events}) == 1 and events[1]["from"] == "theo"
+    assert events[0]["utterances"] == 10 and events[0]["source"] == "files" and "enroll_theo" not in json.dumps(events)
+    for e in events:  # no biometric content: counts, names, times, never features or embeddings
+        assert set(e) <= {"v", "type", "stream", "seq", "time", "audit", "at", "who", "action", "subject", "name",
+                          "from", "source", "utterances", "seconds", "files", "cluster", "enrollments"}, e
+
+    trail = streamd("speakers", *iso.sets(), "audit")  # no daemon now: on the database
+    assert trail.returncode == 0, trail.stderr
+    lines = trail.stdout.strip().splitlines()
+    assert [line.split("\t")[2] for line in lines] == ["enroll", "enroll", "rename", "remove"], lines
+    assert lines[0].split("\t")[3] == "asc02" and "theo" not in trail.stdout
+    assert all(events[0]["subject"] in line for line in lines[1:])
+    hits = sum(p.read_bytes().count(b"theo") for p in iso.state.rglob("*") if p.is_file())
+    assert hits == 0  # the removed name is in no file of the state directory, the audit trail included
+
+
+def free_port_here() -> int:
+    from conftest import free_port
+
+    return free_port()
