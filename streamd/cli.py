@@ -223,6 +223,9 @@ def cmd_listen(args, cfg) -> int:
 def describe(event: dict) -> str:
     """A short human line for an event (``listen --format text``)."""
     kind = event.get("type", "?")
+    if kind == "gallery":
+        who = event.get("name") or f"subject {event.get('subject')}"
+        return f"[gallery] {event.get('action')} {who} by {event.get('who')}"
     if "utterance" not in event:  # stream status, or a type newer than this listener
         state = f" {event['state']}" if "state" in event else ""
         reason = f" ({event['reason']})" if event.get("reason") else ""
