@@ -101,6 +101,10 @@ def test_enroll_the_person_who_just_spoke_then_remove(daemon, tmp_path):
     assert [s["name"] for s in listed] == ["theo"] and listed[0]["utterances"] == 4
     assert daemon.ask({"cmd": "rename", "name": "theo", "new_name": "Theo"})["ok"]
     assert daemon.ask({"cmd": "remove", "name": "Theo"})["ok"]
+    trail = daemon.ask({"cmd": "audit"})["audit"]  # issue 29 item 6: who changed what, no name kept after removal
+    assert [(a["action"], a["who"], a["name"]) for a in trail] == [
+        ("enroll", "control", None), ("rename", "control", None), ("remove", "control", None)], trail
+    assert trail[0]["source"] == "recent" and trail[0]["utterances"] == 4 and len({a["subject"] for a in trail}) == 1
     daemon.speak("word.flac")
     assert daemon.speakers(1)[0]["speaker"] == "unknown"
     assert daemon.close() == 0
@@ -118,6 +122,8 @@ def test_enroll_from_the_next_seconds_of_speech(daemon):
     reply = req.recv_json()
     req.close(0)
     assert reply["ok"] is True and reply["name"] == "asc07" and reply["seconds"] >= 2.0, reply
+    trail = daemon.ask({"cmd": "audit"})["audit"]
+    assert [(a["action"], a["name"], a["source"]) for a in trail] == [("enroll", "asc07", "live")], trail
 
 
 def test_sigkill_during_enrollment_loses_no_enrolled_speaker(iso, notify, tmp_path):
@@ -163,6 +169,8 @@ def test_partials_then_a_recurring_unknown_voice_is_promoted(daemon, tmp_path):
     assert daemon.ask({"cmd": "promote", "cluster": label})["error"] == "promote: missing field 'name'"
     reply = daemon.ask({"cmd": "promote", "cluster": label, "name": "Nadia"})
     assert reply["ok"] and reply["name"] == "Nadia" and reply["utterances"] == 5, reply
+    trail = daemon.ask({"cmd": "audit"})["audit"]
+    assert [(a["action"], a["name"], a["cluster"], a["who"]) for a in trail] == [("promote", "Nadia", label, "control")]
     daemon.speak("visitor12.flac")
     assert [e["speaker"] for e in daemon.speakers(5)] == ["Nadia"] * 5  # from the very next event
     daemon.speak("visitor21.flac")
