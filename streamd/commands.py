@@ -51,6 +51,8 @@ def gallery_command(gallery: Gallery, request: dict, book=None, who: str = "loca
             return {"ok": True, "speaker": book.export(name) if book is not None else gallery.export(name)}
         if cmd == "audit":
             after = _field(request, "after", int, 0)
+            if not 0 <= after < 2**62:
+                raise ControlError("audit: 'after' must be an audit number (0 or more)")
             return {"ok": True, "audit": gallery.audit(after)}
         if cmd == "list":
             return {"ok": True, "speakers": [

@@ -17,8 +17,8 @@ from conftest import DATA, stop, streamd  # noqa: E402
 from test_control import LiveDaemon  # noqa: E402
 
 COMMANDS = ["list", "remove", "rename", "enroll_recent", "enroll_next", "set_threshold", "clusters", "promote",
-            "stats", "nope", ""]
-FIELDS = ["name", "new_name", "utterances", "seconds", "timeout_s", "stream", "far", "threshold", "cluster"]
+            "stats", "export", "audit", "nope", ""]
+FIELDS = ["name", "new_name", "utterances", "seconds", "timeout_s", "stream", "far", "threshold", "cluster", "after"]
 NASTY_NAMES = st.sampled_from(["", " ", "unknown", "unknown-1", "a/b", "..\\x", "../../etc/passwd", "\x00",
                                "a\nb", "\x7f", "\u202e", "x" * 65, "theo ", "THEO", "théo"])
 
