@@ -121,7 +121,7 @@ def run(opts: Options) -> int:
     clips = eval_words.needed(eval_words.corpus_words(opts.data_dir))
     cache = cache_path(out, clips)
     if cache.exists():
-        inputs, vectors = None, np.load(cache)
+        inputs, vectors = None, np.load(cache, allow_pickle=False)
     else:
         print(f"word inputs of {len(clips)} clips ...", flush=True)
         inputs = eval_words.clip_inputs(clips)
