@@ -14,13 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from streamd import eval_words
 from streamd.train import teacher
+from streamd.vad import VadParams
 from streamd.words import FILTERS, FRAMES
 
 BATCH_SHAPES = {"/Reshape": [0, -1], "/Reshape_1": [-1, 1], "/Reshape_2": [-1, 1], "/Reshape_3": [-1, 1, FRAMES, FILTERS]}
@@ -85,6 +86,7 @@ def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips
                           "(streamd.words.word_input)"},
         "output": {"name": "feature_output", "shape": ["batch", 2048], "l2_normalized": True},
         "features": {"kind": "logfbank64-1.5s", "note": "computed from the utterance's audio, not from a ring"},
+        "vad": asdict(VadParams()),  # the cuts its templates and match rule were measured on
         "provenance": {**teacher.PROVENANCE, "use": "shipped: names the digits users teach at run time",
                        "source_sha256": sha256(source),
                        "changes": "batch axis made dynamic (Reshape shapes), shape annotations dropped; "
