@@ -259,12 +259,9 @@ def cmd_speakers(args, cfg) -> int:
         print(f"streamd: speakers {args.action} needs {SPEAKER_ACTIONS[args.action]}", file=sys.stderr)
         return 2
     curve = control.client_curve(cfg, args.client_key, args.server_key)
-    reply = ask_state(cfg, request, curve, lambda state: speakers_offline(cfg, request, state), SPEAKER_READS)
+    reply = checked(ask_state(cfg, request, curve, lambda state: speakers_offline(cfg, request, state), SPEAKER_READS))
     if isinstance(reply, int):
         return reply
-    if not reply.get("ok"):
-        print(f"streamd: {reply.get('error')}", file=sys.stderr)
-        return 1
     if args.action == "export":
         return write_export(args, reply["speaker"])
     print_speakers_reply(args, reply)
@@ -288,6 +285,16 @@ def write_export(args, speaker: dict) -> int:
     print(f"exported {speaker['name']!r}: {len(speaker['enrollments'])} enrollments, "
           f"{len(speaker['clusters'])} unknown-voice clusters, to {args.out}", file=sys.stderr)
     return 0
+
+
+def checked(reply: dict | int) -> dict | int:
+    """An exit code stays one; a refused request becomes exit 1, its error printed."""
+    if isinstance(reply, int):
+        return reply
+    if not reply.get("ok"):
+        print(f"streamd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    return reply
 
 
 def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dict | int:

@@ -28,12 +28,11 @@ def cmd_digits(args, cfg) -> int:
     request = {"cmd": "words"} if args.action == "list" else {"cmd": "remove_words", "vocabulary": args.vocabulary}
     if args.action == "remove" and args.digit is not None:
         request["digit"] = args.digit
-    reply = ask(cfg, request)
+    from streamd.cli import checked
+
+    reply = checked(ask(cfg, request))
     if isinstance(reply, int):
         return reply
-    if not reply.get("ok"):
-        print(f"streamd: {reply.get('error')}", file=sys.stderr)
-        return 1
     if args.action == "list":
         for v in reply["vocabularies"]:
             counts = ", ".join(f"{d}: {n}" for d, n in sorted(v["digits"].items()))
