@@ -396,7 +396,10 @@ def write_docs(models_dir: Path) -> Path | None:
                   f"on 2 CPU cores; torch {c['torch_version']}."]
     lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed:", "", "```"]
     lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards]
-    lines += [json.loads(f.read_text())["command"] for f in sorted(models_dir.glob("digits.fusion*.json"))] + ["```", "",
+    lines += [json.loads(f.read_text())["command"] for f in sorted(models_dir.glob("digits.fusion*.json"))]
+    if (models_dir / "words.card.json").exists():
+        lines += ["streamd train words --data ../shared/datasets --out models"]
+    lines += ["```", "",
               "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`). "
               "Without a cache the first run synthesises the espeak-ng clips (~40 s) and computes the "
               "features of every clip version (71,780 training items + 2,900 held-out clips: ~6.5 min "
