@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -217,6 +219,31 @@ class SendError(OSError):
 HANDSHAKE_RETRIES = 3  # failed handshakes in a row: keys that do not match, not a passing hiccup
 
 
+ZMTP_SIGNATURE = b"\xff" + bytes(8) + b"\x01\x7f"
+
+
+def peer_mechanism(endpoint: str, timeout_s: float = 1.0) -> str | None:
+    """The security mechanism (``NULL``, ``CURVE``…) in the greeting of the ZeroMQ peer at a
+    ``tcp://`` endpoint, or None when nothing there sends a ZMTP 3 greeting."""
+    match = re.fullmatch(r"tcp://\[?([^\]]+?)\]?:(\d+)", endpoint)
+    if match is None:
+        return None
+    try:
+        with socket.create_connection((match[1], int(match[2])), timeout=timeout_s) as conn:
+            conn.sendall(ZMTP_SIGNATURE + b"\x03")  # ZMTP 3: the peer then sends the rest of its greeting
+            greeting = b""
+            while len(greeting) < 32:
+                chunk = conn.recv(64 - len(greeting))
+                if not chunk:
+                    break
+                greeting += chunk
+    except OSError:
+        return None
+    if len(greeting) < 32 or greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
+        return None
+    return greeting[12:32].rstrip(b"\x00").decode("ascii", "replace")
+
+
 class _Link:
     """What the sender's socket monitor says about the connection to the daemon."""
 
@@ -255,10 +282,11 @@ class _Link:
                 raise SendError(self._not_streamd("something answers there but does not speak ZeroMQ's protocol"))
             if self.failed_handshakes >= HANDSHAKE_RETRIES:
                 # A CurveZMQ server that cannot read this sender's hello closes the connection
-                # without a word; so does a server that is not ZeroMQ at all.
-                raise SendError(self._curve_mismatch() if self.curve else
-                                self._not_streamd("something answers there but closes every connection before "
-                                                  "ZeroMQ's handshake"))
+                # without a word; so does a server that is not ZeroMQ at all, and a CurveZMQ
+                # server that saw a plain sender's greeting before sending all of its own.
+                raise SendError(self._curve_mismatch() if self.curve or peer_mechanism(self.endpoint) == "CURVE"
+                                else self._not_streamd("something answers there but closes every connection "
+                                                       "before ZeroMQ's handshake"))
 
     def _curve_mismatch(self) -> str:
         return (f"{self.endpoint}: the CurveZMQ handshake fails: control.curve_server_key is not that daemon's "

@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from streamd.frames import Frame
-from streamd.netaudio import Sender, SendError, encode
+from streamd.netaudio import Sender, SendError, encode, peer_mechanism
 from streamd.sources import read_audio
 from conftest import DATA, MODELS, free_port, start_streamd, stop, streamd
 from test_daemon import by_type, collect
@@ -205,6 +205,29 @@ def test_a_senders_last_utterance_ends_when_its_audio_stops_and_refusals_are_sai
     log = daemon.stderr.read()
     refused = [line for line in log.splitlines() if "stranger" in line]
     assert len(refused) == 1 and "accept_any" in refused[0], log
+
+
+def test_the_greeting_probe_tells_a_curve_daemon_from_a_plain_one_and_from_no_zeromq_at_all():
+    """A plain sender that a CurveZMQ daemon hangs up on must hear 'the handshake fails', not
+    'no daemon': libzmq reports a mechanism mismatch only when the daemon's greeting arrived first."""
+    import socket
+
+    ctx = zmq.Context.instance()
+    plain, secured = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    secured.curve_server = True
+    secured.curve_publickey, secured.curve_secretkey = zmq.curve_keypair()
+    ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (plain, secured)]
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(1)
+    try:
+        assert peer_mechanism(f"tcp://127.0.0.1:{ports[0]}") == "NULL"
+        assert peer_mechanism(f"tcp://127.0.0.1:{ports[1]}") == "CURVE"
+        assert peer_mechanism(f"tcp://127.0.0.1:{mute.getsockname()[1]}", timeout_s=0.3) is None
+        assert peer_mechanism(f"tcp://127.0.0.1:{free_port()}") is None
+        assert peer_mechanism("ipc:///tmp/nothing") is None
+    finally:
+        plain.close(0), secured.close(0), mute.close()
 
 
 def test_send_says_when_nothing_there_is_a_streamd_daemon_and_honours_its_wait():
