@@ -253,7 +253,7 @@ class StreamPipeline:
             return
         self._count_early("wasted", early)
         self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
-                                decide, utterance=end.utterance, word_input=self._word_input(samples)))
+                                decide, utterance=end.utterance, word_input=self._word_input(samples, audio)))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray,
                 word: np.ndarray | None, audio: np.ndarray) -> None:
@@ -283,12 +283,13 @@ class StreamPipeline:
         decision = digits.decide(logits, self.min_digit_confidence)
         return decision, (BUILTIN if decision.digit is not None else None)
 
-    def _word_input(self, samples: int) -> np.ndarray | None:
-        """The word model's input for the utterance's first ``samples``, while some vocabulary
-        has templates (the word model costs ~15-30 ms an utterance: it runs only then)."""
+    def _word_input(self, samples: int, audio: np.ndarray | None = None) -> np.ndarray | None:
+        """The word model's input for the utterance's first ``samples`` (``audio``: those samples,
+        when already joined), while some vocabulary has templates (the word model costs ~15-30 ms
+        an utterance: it runs only then)."""
         if self.words is None or not self.words.active or not self._audio:
             return None
-        return word_input(np.concatenate(self._audio)[:samples])
+        return word_input(audio if audio is not None else np.concatenate(self._audio)[:samples])
 
     def _digit_features(self, samples: int) -> FeaturesByFrontEnd:
         return {p: self._utterance_features(p, samples) for p in self.models.digits.front_ends}
