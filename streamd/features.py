@@ -2,7 +2,9 @@
 
 Three front ends: MFCC (python_speech_features; the digit model), a mel power spectrogram
 (the GE2E speaker encoder's own front end) and Kaldi's log mel filterbank (``kaldifbank``,
-the front end CAM++ was trained on). Both paths pre-emphasise the signal (MFCC only; Kaldi
+the front end CAM++ was trained on). A fourth, ``wordwin`` (the word model's 1.5 s window of
+log filterbanks, ``streamd.words.word_input``), is computed from an utterance's audio, not
+streamed into a ring. Both paths pre-emphasise the signal (MFCC only; Kaldi
 pre-emphasises each frame on its own, after removing its DC), cut it into frames that lie
 wholly inside the audio (no zero padding at the end, unlike python_speech_features' default;
 Kaldi's snip_edges) and compute each frame from exactly those samples, so streaming
@@ -18,6 +20,8 @@ import functools
 import numpy as np
 import python_speech_features as psf
 from scipy.fftpack import dct
+
+from streamd.words import word_input
 
 SAMPLE_RATE = 16000
 # Log-energy of an all-zero frame would be log(eps) = -36, an outlier that swamps
@@ -68,6 +72,12 @@ class FeatureParams:
         each frame (after removing the frame's DC), so its kind sees the signal unchanged."""
         return 0.0 if self.kind == "kaldifbank" else self.preemph
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the daemon keeps these features in a ring as audio arrives (all but the word
+        window, which depends on where the utterance's middle is)."""
+        return self.kind != "wordwin"
+
     def frames_in(self, num_samples: int) -> int:
         """Number of whole analysis frames in ``num_samples`` samples."""
         if num_samples < self.frame_len:
@@ -99,6 +109,13 @@ def mel_params() -> FeatureParams:
     """The speaker encoder's front end: 40 Slaney mel bands of the power spectrum."""
     return FeatureParams(kind="melpower", winlen=0.025, winstep=0.01, numcep=40, nfilt=40, nfft=400,
                          lowfreq=0.0, highfreq=8000.0, preemph=0.0, ceplifter=0, window="hann")
+
+
+def word_window_params() -> FeatureParams:
+    """The word model's front end (EfficientWord-Net): 64 log mel filterbanks, 25 ms / 10 ms,
+    NFFT 512, no pre-emphasis, of a 1.5 s window with the utterance centred in it."""
+    return FeatureParams(kind="wordwin", winlen=0.025, winstep=0.01, numcep=64, nfilt=64, nfft=512,
+                         lowfreq=0.0, highfreq=8000.0, preemph=0.0, ceplifter=0, window="rect")
 
 
 def kaldi_fbank_params() -> FeatureParams:
@@ -230,13 +247,17 @@ def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.
 def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
     """Offline features of a whole clip (int16 samples at params.sample_rate); MFCC unless
     ``params.kind`` names another front end."""
+    if params.kind == "wordwin":
+        return word_input(signal)[0]
     return features_of_emphasised(preemphasis(signal, params.signal_preemph), params)
 
 
 def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndarray:
     """Per-utterance normalisation, as the models were trained: mean and variance for MFCC;
     for mel power, gain up to MEL_TARGET_DBFS (the energy column is used, then dropped); for
-    Kaldi fbank, the mean only (3D-Speaker's per-utterance CMN)."""
+    Kaldi fbank, the mean only (3D-Speaker's per-utterance CMN); the word window as it is."""
+    if params is not None and params.kind == "wordwin":
+        return np.asarray(feats, np.float32)
     if params is not None and params.kind == "melpower":
         power, energy = feats[:, :-1], feats[:, -1]
         level = 10 * np.log10(max(float(np.mean(energy)) if len(energy) else 0.0, 1e-20))

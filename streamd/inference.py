@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from streamd.digits import Cascade, Fusion
-from streamd.features import FeatureParams, kaldi_fbank_params, mfcc, normalize
+from streamd.features import FeatureParams, kaldi_fbank_params, mfcc, normalize, word_window_params
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,10 @@ def load_card(path: Path, kind: str) -> ModelCard:
 
 def front_end(cfg, kind: str) -> FeatureParams:
     """The front end a model card names: MFCC and mel power as configured (``features``,
-    ``mel``); Kaldi fbank (CAM++) is fixed, its parameters those the model was trained with."""
-    return kaldi_fbank_params() if kind == "kaldifbank" else cfg.feature_params(kind)
+    ``mel``); Kaldi fbank (CAM++) and the word window are fixed, their parameters those the
+    model was trained with."""
+    fixed = {"kaldifbank": kaldi_fbank_params, "wordwin": word_window_params}
+    return fixed[kind]() if kind in fixed else cfg.feature_params(kind)
 
 
 def verify(card: ModelCard, features: FeatureParams) -> None:
@@ -129,7 +131,8 @@ def verify(card: ModelCard, features: FeatureParams) -> None:
         raise ModelError(f"{model}: sha256 mismatch: expected {card.sha256}, got {actual}")
     wanted = features.as_dict()
     theirs = {"kind": "mfcc", **card.data["features"]}
-    section = {"melpower": "mel", "kaldifbank": "kaldifbank (fixed)"}.get(features.kind, "features")
+    section = {"melpower": "mel", "kaldifbank": "kaldifbank (fixed)", "wordwin": "wordwin (fixed)"}.get(
+        features.kind, "features")
     diff = [k for k in wanted if theirs.get(k) != wanted[k]]
     if diff:
         k = diff[0]

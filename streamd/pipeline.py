@@ -14,7 +14,7 @@ from streamd import digits
 from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
-from streamd.features import FeatureParams, StreamingMfcc, normalize
+from streamd.features import FeatureParams, StreamingMfcc, mfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Utterance, audio_level
 from streamd.identity import UNKNOWN, Decision
@@ -112,7 +112,7 @@ class StreamPipeline:
         self.segmenter = Segmenter(cfg.vad)
         # One ring per front end the models need; each sample's features are computed once.
         self.rings = {p: StreamingMfcc(p, int(cfg.features.ring_seconds / p.winstep), int(FEATURE_CHUNK_S * p.sample_rate))
-                      for p in dict.fromkeys((models.speaker.params, *models.digits.front_ends))}
+                      for p in dict.fromkeys((models.speaker.params, *models.digits.front_ends)) if p.streamed}
         metrics.add_stream(stream)
         # Children resolved once: silence costs only these increments and the VAD.
         self._m_frames = metrics.frames.labels(stream=stream)
@@ -220,8 +220,10 @@ class StreamPipeline:
         self._count_early("wasted", self._early)  # speech went on after the last one
         speaker_feats = self._utterance_features(self.models.speaker.params, samples)
         self._early = early = EarlyFinal(start.utterance, samples, speaker_feats)
-        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
-                                early.done, utterance=start.utterance, early=True, word_input=self._word_input(samples)))
+        audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
+        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples, audio),
+                                early.done, utterance=start.utterance, early=True,
+                                word_input=self._word_input(samples, audio)))
 
     def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
         if early is not None:
@@ -252,7 +254,7 @@ class StreamPipeline:
             early.use(decide)  # the same audio: the same result
             return
         self._count_early("wasted", early)
-        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples),
+        self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples, audio),
                                 decide, utterance=end.utterance, word_input=self._word_input(samples, audio)))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray,
@@ -283,16 +285,19 @@ class StreamPipeline:
         decision = digits.decide(logits, self.min_digit_confidence)
         return decision, (BUILTIN if decision.digit is not None else None)
 
-    def _word_input(self, samples: int, audio: np.ndarray | None = None) -> np.ndarray | None:
-        """The word model's input for the utterance's first ``samples`` (``audio``: those samples,
-        when already joined), while some vocabulary has templates (the word model costs ~15-30 ms
-        an utterance: it runs only then)."""
-        if self.words is None or not self.words.active or not self._audio:
+    def _word_input(self, samples: int, audio: np.ndarray) -> np.ndarray | None:
+        """The word model's input for the utterance (its first ``samples``, ``audio``), while
+        some vocabulary has templates (the word model costs ~15-30 ms an utterance: it runs
+        only then)."""
+        if self.words is None or not self.words.active or not len(audio):
             return None
-        return word_input(audio if audio is not None else np.concatenate(self._audio)[:samples])
+        return word_input(audio)
 
-    def _digit_features(self, samples: int) -> FeaturesByFrontEnd:
-        return {p: self._utterance_features(p, samples) for p in self.models.digits.front_ends}
+    def _digit_features(self, samples: int, audio: np.ndarray) -> FeaturesByFrontEnd:
+        """Each digit front end's features of the utterance's first ``samples``: from the rings,
+        or (the word window) from the utterance's ``audio``."""
+        return {p: self._utterance_features(p, samples) if p.streamed else normalize(mfcc(audio, p), p)
+                for p in self.models.digits.front_ends}
 
     def _utterance_features(self, params: FeatureParams, samples: int) -> np.ndarray:
         ring = self.rings[params]

@@ -85,3 +85,17 @@ def test_many_utterances_at_once_are_named_as_one_at_a_time(digits):
     one_by_one = [m.digit if (m := index.match(v, rule)) else -1 for v in probes]
     assert list(named(index, probes, rule)) == one_by_one
     assert 0 < sum(d >= 0 for d in one_by_one) < len(probes)  # both outcomes occur
+
+
+def test_the_word_window_is_a_digit_front_end_computed_from_the_utterance_not_a_ring():
+    from streamd.config import Config
+    from streamd.features import FeatureParams, mel_params, mfcc, normalize, word_window_params
+    from streamd.inference import front_end
+
+    audio, _ = sf.read(DATA / "word.flac", dtype="int16")
+    params = word_window_params()
+    assert front_end(Config(), "wordwin") == params
+    assert not params.streamed and FeatureParams().streamed and mel_params().streamed
+    got = normalize(mfcc(audio, params), params)
+    assert got.shape == (FRAMES, FILTERS) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, word_input(audio)[0])  # what the word model reads for templates

@@ -42,6 +42,9 @@ ARCHITECTURES = {
     "kd": "DigitNet (as cnn), trained also to predict a pretrained word embedding's output (the teacher, "
           "card entry 'teacher') from its pooled features; that map is dropped at export",
     "kd-rnn": "DigitRNN (as rnn), trained also to predict the teacher's embedding (as kd)",
+    "words": "the shipped word model (EfficientWord-Net ResNet-50, int8), frozen: its 2048-d embedding of the "
+             "1.5 s word window -> linear 2048->256, ReLU, dropout 0.2, linear -> 11 logits "
+             "(streamd.train.digits_words)",
 }
 
 

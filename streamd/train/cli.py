@@ -50,12 +50,13 @@ def register(subparsers) -> None:
     p.add_argument("--cache", type=Path, default=None,
                    help="speaker: folder for the encoder's per-window outputs on the corpora "
                         "(default $STREAMD_TRAIN_WORK/speaker-ge2e)")
-    p.add_argument("--family", choices=("cnn", "rnn", "ge2e", "kd", "kd-rnn"), default="cnn",
+    p.add_argument("--family", choices=("cnn", "rnn", "ge2e", "kd", "kd-rnn", "words"), default="cnn",
                    help="digits: which model family to train: cnn (digits.onnx, default), rnn "
                         "(digits-rnn.onnx), ge2e (digits-ge2e.onnx: a head on the frozen pretrained speech "
                         "encoder's states; 12 epochs by default), kd or kd-rnn (digits-kd[-rnn].onnx: cnn or "
                         "rnn distilled from a pretrained word embedding; needs EfficientWord-Net, see make "
-                        "train); `streamd train fusion` then fuses them")
+                        "train), words (digits-words.onnx: a head on the shipped word model's embedding; 30 "
+                        "epochs by default); `streamd train fusion` then fuses them")
     p.add_argument("--english-only", action="store_true",
                    help="digits: train on English (FSDD, synthetic) only, as digits[-rnn]-en.onnx")
     p.add_argument("--flite", action="store_true",
@@ -122,6 +123,11 @@ def run(args) -> int:
 
         code = digits_ge2e.run(digits_ge2e.Options(args.data, args.out, args.epochs or digits_ge2e.Options.epochs,
                                                    args.seed, args.synth))
+    elif args.model == "digits" and args.family == "words":
+        from streamd.train import digits_words
+
+        code = digits_words.run(digits_words.Options(args.data, args.out, args.epochs or digits_words.Options.epochs,
+                                                     args.seed, args.synth))
     elif args.model == "digits":
         from streamd.train import digits
 

@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from streamd.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize
+from streamd.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize, word_window_params
 from streamd.stream_audio import fan, hum
 from streamd.vad import VadParams, heard_utterance
 
@@ -502,8 +502,9 @@ def to_int16(x: np.ndarray) -> np.ndarray:
 
 
 # The models' front ends by FeatureParams.kind (a model card's features.kind): MFCC (the design
-# card's; cnn and rnn) and the pretrained speech encoder's mel power (speaker model, digit family ge2e).
-FRONT_ENDS = {"mfcc": FeatureParams, "melpower": mel_params}
+# card's; cnn and rnn), the pretrained speech encoder's mel power (speaker model, digit family ge2e)
+# and the word model's window (digit family words).
+FRONT_ENDS = {"mfcc": FeatureParams, "melpower": mel_params, "wordwin": word_window_params}
 
 
 def clip_features(audio: np.ndarray, front_end: str = "mfcc", stream: bool = False) -> np.ndarray:
@@ -605,9 +606,13 @@ def _compute(tasks: list[tuple[Clip, Variant, int, str]], workers: int) -> list[
 _VARIANTS = {v.index: v for v in TRAIN_VARIANTS + VALIDATION_VARIANTS}
 
 
+def variant_of(fs: FeatureSet, i: int) -> Variant:
+    return _VARIANTS[int(fs.variant[i])]
+
+
 def item_audio(fs: FeatureSet, i: int, seed: int) -> np.ndarray:
     """The (augmented) audio feature item ``i`` was computed from."""
-    return variant_audio(fs.clips[fs.clip_index[i]], _VARIANTS[int(fs.variant[i])], seed)
+    return variant_audio(fs.clips[fs.clip_index[i]], variant_of(fs, i), seed)
 
 
 def cache_is_current(fs: FeatureSet, seed: int, n: int = 48) -> bool:

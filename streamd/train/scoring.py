@@ -14,7 +14,7 @@ from streamd.train import data
 # head on a pretrained encoder; and each of the first two distilled from a pretrained word
 # embedding: DistilledDigitNet, DistilledDigitRNN) and their files.
 FAMILY_FILES = {"cnn": "digits.onnx", "rnn": "digits-rnn.onnx", "ge2e": "digits-ge2e.onnx", "kd": "digits-kd.onnx",
-                "kd-rnn": "digits-kd-rnn.onnx"}
+                "kd-rnn": "digits-kd-rnn.onnx", "words": "digits-words.onnx"}
 
 
 def member_name(family: str, seed: int) -> str:
