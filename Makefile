@@ -72,15 +72,17 @@ train: venv
 	# The pretrained word embedding (EfficientWord-Net, Apache-2.0) for vocabularies taught at run
 	# time; its own dependencies are not needed (streamd reads only its ONNX file).
 	$(BIN)/pip install -q --no-deps EfficientWord-Net==1.0.5
+	# The word model first: the digit family "words" is a head on it.
+	$(BIN)/streamd train words --data ../shared/datasets --out models
 	set -e; for seed in 0 1; do for family in cnn rnn; do \
 		$(BIN)/streamd train digits --family $$family --seed $$seed --data ../shared/datasets --out models; done; done
 	$(BIN)/streamd train digits --family ge2e --data ../shared/datasets --out models
-	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e --cascade ge2e
+	$(BIN)/streamd train digits --family words --data ../shared/datasets --out models
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e words --cascade words
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --card digits.fusion-pair.json
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --card digits.fusion-mfcc.json
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
 	$(BIN)/streamd train speaker --encoder campplus --data ../shared/datasets --out models
-	$(BIN)/streamd train words --data ../shared/datasets --out models
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

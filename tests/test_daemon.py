@@ -105,11 +105,12 @@ def test_file_run_publishes_correct_events(iso, enrolled_state, tmp_path):
 
 
 def assert_digits_are_the_offline_decisions(events):
-    """The streamed features (one ring per front end: MFCC, mel power) carry the models to
-    the very decision the offline features of the same cut give, every member on its own."""
+    """The streamed features (one ring per front end: MFCC, mel power; the word window from the
+    utterance's audio) carry the models to the very decision the offline features of the same
+    cut give, every member on its own."""
     cfg = Config()
     models = load_digits(cfg, "cpu")
-    assert {p.kind for p in models.front_ends} == {"mfcc", "melpower"}  # both rings carry the decision
+    assert {p.kind for p in models.front_ends} == {"mfcc", "melpower", "wordwin"}  # all carry the decision
     audio = read_audio(str(DATA / "demo.flac"))
     ends = segment_clip(audio, cfg.vad)
     assert len(ends) == len(events)

@@ -97,7 +97,7 @@ def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
     names = [m["name"] for m in FUSION["members"]]
     seeds = sorted({0} | {int(n.split("-s")[1]) for n in names if "-s" in n})
     extra = tuple(n for n in names if n.partition("-s")[0] not in ("cnn", "rnn"))
-    assert extra == ("ge2e",)  # the family on the pretrained encoder, fused by `--with ge2e`
+    assert extra == ("ge2e", "words")  # the families on pretrained encoders, fused by `--with ge2e words`
     assert names == list(member_cards(Options(MODELS, MODELS, tuple(seeds), extra=extra)))  # both MFCC families, each seed
     assert all((MODELS / m["card"]).exists() for m in FUSION["members"])
     assert len(FUSION["weights"]) == len(names) and len(FUSION["bias"]) == 11
@@ -113,7 +113,7 @@ def test_the_shipped_fusion_card_names_the_shipped_models_and_its_choice():
             <= max(v["asc_digits_right"], v["synth_digits_right"])
 
 
-@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1", "ge2e"])
+@pytest.mark.parametrize("choice", ["auto", "fused", "cnn", "rnn", "cnn-s1", "rnn-s1", "ge2e", "words"])
 def test_config_chooses_the_decision_and_each_runs_on_the_daemons_features(choice):
     digits = load_digits(cfg_with(choice), "cpu")
     expected = FUSION["choice"] if choice == "auto" else choice
@@ -148,11 +148,11 @@ def test_the_cascade_runs_the_costly_member_only_where_the_others_are_unsure():
     full = load_digits(cfg_no_cascade(model="fused"), "cpu")
     assert cascaded.cascade is not None and full.cascade is None
     card = FUSION["cascade"]
-    assert card["then"] == ["ge2e"] and card["validation"]["decisions_differing"] == 0
+    assert card["then"] == ["words"] and card["validation"]["decisions_differing"] == 0
     ran = []
-    ge2e = cascaded.members["ge2e"]
-    infer = ge2e.infer
-    ge2e.infer = lambda batch: ran.append(len(batch)) or infer(batch)
+    words = cascaded.members["words"]
+    infer = words.infer
+    words.infer = lambda batch: ran.append(len(batch)) or infer(batch)
     feats = utterance_features(cascaded) + utterance_features(cascaded, "visitor12.flac")
     got = cascaded.run_many(feats, 7)
     settled = 0
@@ -161,9 +161,9 @@ def test_the_cascade_runs_the_costly_member_only_where_the_others_are_unsure():
         first = cascaded.cascade.settles([outputs[k] for k in cascaded.cascade.first])
         settled += first is not None
         np.testing.assert_allclose(z, first if first is not None else full.fusion(outputs), atol=1e-6)
-        # where it settles, the first members name what all five would (the gate's promise)
+        # where it settles, the first members name what all six would (the gate's promise)
         assert np.argmax(z) == np.argmax(full.run(f)) or first is None
-    assert sum(ran) == len(feats) - settled  # the GE2E head ran once per unsettled utterance
+    assert sum(ran) == len(feats) - settled  # the word model ran once per unsettled utterance
     assert 0 < settled < len(feats)
 
 
@@ -193,7 +193,7 @@ def test_the_mfcc_fusion_card_leaves_the_pretrained_encoder_out_for_machines_sho
 
 
 def test_a_model_the_fusion_card_does_not_list_is_refused_by_name():
-    with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1, ge2e and fused"):
+    with pytest.raises(ModelError, match=r"digits.model = 'kd': .*digits.fusion.json offers cnn, rnn, cnn-s1, rnn-s1, ge2e, words and fused"):
         digit_plan(cfg_with("kd"))
 
 

@@ -209,9 +209,9 @@ TEACHER_TEXT = (
     "shipped models, docs/measurements.md says why): the ResNet-50 word embedding in the "
     "`EfficientWord-Net` 1.0.5 wheel (`eff_word_net/models/resnet_50_arc/…_qint8.onnx`, by Ant-Brain). "
     "The wheel's LICENSE.md is Apache-2.0 and names no other terms for its models; its README says the "
-    "model was trained on the Multilingual Spoken Words Corpus (MLCommons, CC BY 4.0). It is over the "
-    "per-model budget (22 MB, ~9 ms per second of audio), so only its outputs on our training clips "
-    "reach a model, as distillation targets (`streamd/train/teacher.py`).")
+    "model was trained on the Multilingual Spoken Words Corpus (MLCommons, CC BY 4.0). The same file "
+    "ships as `models/words.onnx` (vocabularies taught at run time) and, with a head after it, as "
+    "`models/digits-words.onnx` (the digit family `words`, run only where the other members are unsure).")
 
 
 def _pct(x: float) -> str:
@@ -370,8 +370,9 @@ def write_docs(models_dir: Path) -> Path | None:
              "Every model reads frames of the VAD-cut utterance (`streamd.vad.utterance_audio`) "
              "computed by `streamd.features` with the parameters in its card's `features` entry "
              "(digits cnn and rnn: per-utterance mean/variance normalised 20-dim MFCC; digits ge2e and "
-             "the speaker model: 40 mel power bands, gain-normalised), exactly as the daemon computes "
-             "them.", "", "## Held-out split", "", "Speaker model: " + SPLIT_TEXT, "",
+             "the speaker model: 40 mel power bands, gain-normalised; digits words and the word model: "
+             "64 log filterbanks of the 1.5 s window the utterance is centred in), exactly as the daemon "
+             "computes them.", "", "## Held-out split", "", "Speaker model: " + SPLIT_TEXT, "",
              "Digit models: " + DIGITS_SPLIT_TEXT, ""]
     for k in digit_keys:
         if k in cards:
@@ -397,11 +398,12 @@ def write_docs(models_dir: Path) -> Path | None:
         lines += [f"- {k}: {tr['loss']}; {tr['epochs']} epochs, seed {tr['seed']}; features "
                   f"{tr['feature_seconds']:.0f} s ({how}), training {tr['train_seconds']:.0f} s "
                   f"on 2 CPU cores; torch {c['torch_version']}."]
-    lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed:", "", "```"]
-    lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards]
-    lines += [json.loads(f.read_text())["command"] for f in sorted(models_dir.glob("digits.fusion*.json"))]
+    lines += ["", "## Reproduce", "", "From the repository root, with the `[train]` extra (torch) installed "
+              "(the word model first: the digit family `words` is a head on it):", "", "```"]
     if (models_dir / "words.card.json").exists():
         lines += ["streamd train words --data ../shared/datasets --out models"]
+    lines += [cards[k].get("training", {}).get("command", f"streamd train {k}") for k in cards]
+    lines += [json.loads(f.read_text())["command"] for f in sorted(models_dir.glob("digits.fusion*.json"))]
     lines += ["```", "",
               "Feature and synthetic-speech caches go to `$STREAMD_TRAIN_WORK` (default `/tmp/train_work`). "
               "Without a cache the first run synthesises the espeak-ng clips (~40 s) and computes the "
