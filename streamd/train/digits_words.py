@@ -107,7 +107,7 @@ def embeddings(items: data.FeatureSet, seed: int, model: Path, workers: int = 2,
                                                for c, v in zip(items.clip_index, items.variant)]})
     path = data.WORK_DIR / "words-head" / f"train-{hashlib.sha1(blob.encode()).hexdigest()[:16]}.npy"
     if path.exists():
-        cached = np.load(path)
+        cached = np.load(path, allow_pickle=False)
         sample = np.random.default_rng().choice(len(items), size=min(check, len(items)), replace=False).tolist()
         if len(cached) == len(items) and np.allclose(_embed(items, sample, seed, model, 1), cached[sample], atol=2e-3):
             return cached
