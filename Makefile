@@ -78,7 +78,7 @@ train: venv
 		$(BIN)/streamd train digits --family $$family --seed $$seed --data ../shared/datasets --out models; done; done
 	$(BIN)/streamd train digits --family ge2e --data ../shared/datasets --out models
 	$(BIN)/streamd train digits --family words --data ../shared/datasets --out models
-	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e words --cascade words
+	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --with ge2e words --cascade ge2e words
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --card digits.fusion-pair.json
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --card digits.fusion-mfcc.json
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models

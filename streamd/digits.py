@@ -35,11 +35,13 @@ class Fusion:
 
 @dataclass(frozen=True)
 class Cascade:
-    """The costly members run only for utterances the others are unsure of. When the fusion of
-    the ``first`` members (indices into the full member list) gives its best class at least
-    ``gate``, its logits are the decision; otherwise every member runs and the full fusion
-    decides. The gate is chosen on validation speakers so that both give the same decisions
-    there (``streamd train fusion --cascade``)."""
+    """One stage of a cascade: the costly members run only for utterances the others are unsure
+    of. When the fusion of the ``first`` members (indices into the full member list; each stage
+    holds the members of the stages before it) gives its best class at least ``gate``, its
+    logits are the decision; otherwise the next stage's members run too, and after the last
+    stage every member runs and the full fusion decides. Each gate is chosen on validation
+    speakers so that the cascade gives the full fusion's decisions there (``streamd train
+    fusion --cascade``)."""
 
     first: tuple[int, ...]
     fusion: Fusion
@@ -50,10 +52,15 @@ class Cascade:
         z = self.fusion(first_logits)
         return z if float(np.max(softmax(z))) >= self.gate else None
 
-    def combine(self, outputs: list[np.ndarray], full: Fusion) -> np.ndarray:
-        """What the cascade decides from every member's logits (for evaluation)."""
-        z = self.settles([outputs[i] for i in self.first])
-        return full(outputs) if z is None else z
+
+def cascaded(stages: tuple[Cascade, ...], outputs: list[np.ndarray], full: Fusion) -> np.ndarray:
+    """What a cascade decides from every member's logits (for evaluation): the first stage
+    that settles, else the full fusion."""
+    for stage in stages:
+        z = stage.settles([outputs[i] for i in stage.first])
+        if z is not None:
+            return z
+    return full(outputs)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from streamd.digits import Cascade, Fusion
+from streamd.digits import Cascade, Fusion, cascaded
 from streamd.features import FeatureParams, kaldi_fbank_params, mfcc, normalize, word_window_params
 
 log = logging.getLogger(__name__)
@@ -312,12 +312,12 @@ class DigitModels:
     they are given one utterance's features per front end."""
 
     def __init__(self, members: dict[str, OnnxModel], fusion: Fusion | None = None, choice: str = "",
-                 thresholds: dict[str, float] | None = None, cascade: Cascade | None = None):
+                 thresholds: dict[str, float] | None = None, cascade: tuple[Cascade, ...] = ()):
         if fusion is None and len(members) != 1:
             raise ModelError("several digit models need a fusion")
         self.members = members
         self.fusion = fusion
-        self.cascade = cascade if fusion is not None else None
+        self.cascade = cascade if fusion is not None else ()  # its stages, cheapest first
         self.choice = choice or next(iter(members))
         self.front_ends = tuple(dict.fromkeys(m.params for m in members.values()))
         self.card = next(iter(members.values())).card
@@ -343,27 +343,31 @@ class DigitModels:
         """The decision's logits from every member's (the cascade's, when there is one)."""
         if self.fusion is None:
             return outputs[0]
-        return self.cascade.combine(outputs, self.fusion) if self.cascade else self.fusion(outputs)
+        return cascaded(self.cascade, outputs, self.fusion)
 
     def run(self, feats: FeaturesByFrontEnd) -> np.ndarray:
         return self.run_many([feats], 1)[0]
 
     def run_many(self, utterances: list[FeaturesByFrontEnd], max_batch: int) -> list[np.ndarray]:
-        """Each utterance's decision logits; with a cascade, the members after the first run
-        only on the utterances the first leave unsettled."""
+        """Each utterance's decision logits; with a cascade, each stage's new members run only
+        on the utterances the stages before it leave unsettled."""
         if not utterances:
             return []
         models = list(self.members.values())
-        first = self.cascade.first if self.cascade else tuple(range(len(models)))
         outputs: list[list] = [[None] * len(models) for _ in utterances]
-        self._run_members(models, first, utterances, range(len(utterances)), outputs, max_batch)
-        if not self.cascade:
-            return [self.combine(out) for out in outputs]
-        settled = [self.cascade.settles([out[k] for k in first]) for out in outputs]
-        rest = tuple(k for k in range(len(models)) if k not in first)
-        open_ = [i for i, z in enumerate(settled) if z is None]
-        self._run_members(models, rest, utterances, open_, outputs, max_batch)
-        return [z if z is not None else self.fusion(outputs[i]) for i, z in enumerate(settled)]
+        decided: list[np.ndarray | None] = [None] * len(utterances)
+        open_, ran = list(range(len(utterances))), set()
+        for stage in self.cascade:
+            self._run_members(models, [k for k in stage.first if k not in ran], utterances, open_, outputs, max_batch)
+            ran.update(stage.first)
+            for i in open_:
+                decided[i] = stage.settles([outputs[i][k] for k in stage.first])
+            open_ = [i for i in open_ if decided[i] is None]
+        self._run_members(models, [k for k in range(len(models)) if k not in ran], utterances, open_, outputs,
+                          max_batch)
+        for i in open_:
+            decided[i] = self.fusion(outputs[i]) if self.fusion is not None else outputs[i][0]
+        return decided  # type: ignore[return-value]
 
     @staticmethod
     def _run_members(models: list[OnnxModel], which, utterances, rows, outputs, max_batch: int) -> None:
@@ -401,7 +405,7 @@ class DigitPlan:
     choice: str
     thresholds: dict[str, float]  # min_confidence per choice, chosen on validation speakers
     source: Path  # the card the plan was read from: the fusion card, or the single model's
-    cascade: Cascade | None = None  # fused: the costly members only when the others are unsure
+    cascade: tuple[Cascade, ...] = ()  # fused: the costly members only when the others are unsure
 
 
 def _fusion_card(path: Path) -> dict:
@@ -411,19 +415,26 @@ def _fusion_card(path: Path) -> dict:
     return data
 
 
-def _cascade(path: Path, data: dict, names: list[str]) -> Cascade | None:
+def _cascade(path: Path, data: dict, names: list[str]) -> tuple[Cascade, ...]:
+    """The card's cascade stages (``cascade.stages``, cheapest first), or none."""
     spec = data.get("cascade")
     if spec is None:
-        return None
+        return ()
     try:
-        first = tuple(names.index(n) for n in spec["first"])
-        fusion = Fusion(tuple(spec["weights"]), tuple(spec["bias"]))
-        gate = float(spec["gate"])
+        stages = tuple(_stage(s, names) for s in spec["stages"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: malformed cascade entry ({type(exc).__name__}: {exc})") from None
-    if len(fusion.weights) != len(first) or len(fusion.bias) != len(data["bias"]) or not 0 < gate <= 1:
-        raise ModelError(f"{path}: cascade needs a weight per first member, {len(data['bias'])} biases and 0 < gate <= 1")
-    return Cascade(first, fusion, gate)
+    for stage in stages:
+        if len(stage.fusion.weights) != len(stage.first) or len(stage.fusion.bias) != len(data["bias"]) \
+                or not 0 < stage.gate <= 1:
+            raise ModelError(f"{path}: each cascade stage needs a weight per member, {len(data['bias'])} biases "
+                             "and 0 < gate <= 1")
+    return stages
+
+
+def _stage(spec: dict, names: list[str]) -> Cascade:
+    return Cascade(tuple(names.index(n) for n in spec["members"]),
+                   Fusion(tuple(spec["weights"]), tuple(spec["bias"])), float(spec["gate"]))
 
 
 def digit_plan(cfg) -> DigitPlan:
@@ -449,7 +460,7 @@ def digit_plan(cfg) -> DigitPlan:
     choice = data["choice"] if want == "auto" else want
     thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
     if choice == "fused":
-        cascade = _cascade(fusion_path, data, list(cards)) if cfg.digits.cascade else None
+        cascade = _cascade(fusion_path, data, list(cards)) if cfg.digits.cascade else ()
         return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds, fusion_path,
                          cascade)
     if choice not in cards:

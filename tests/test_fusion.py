@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.digits import Fusion, log_softmax
+from streamd.digits import Fusion, cascaded, log_softmax
 from streamd.inference import ModelError, digit_plan, load_digits
 from streamd.train import data
 from streamd.train.fusion import Options, fit, member_cards, shift_non_digit
@@ -143,34 +143,41 @@ def cfg_no_cascade(**kw):
     return replace(cfg, digits=replace(cfg.digits, cascade=False))
 
 
-def test_the_cascade_runs_the_costly_member_only_where_the_others_are_unsure():
-    cascaded = load_digits(cfg_with("fused"), "cpu")
+def test_the_cascade_runs_each_costly_member_only_where_the_stages_before_it_are_unsure():
+    cascaded_models = load_digits(cfg_with("fused"), "cpu")
     full = load_digits(cfg_no_cascade(model="fused"), "cpu")
-    assert cascaded.cascade is not None and full.cascade is None
+    assert len(cascaded_models.cascade) == 2 and full.cascade == ()
     card = FUSION["cascade"]
-    assert card["then"] == ["words"] and card["validation"]["decisions_differing"] == 0
-    ran = []
-    words = cascaded.members["words"]
-    infer = words.infer
-    words.infer = lambda batch: ran.append(len(batch)) or infer(batch)
-    feats = utterance_features(cascaded) + utterance_features(cascaded, "visitor12.flac")
-    got = cascaded.run_many(feats, 7)
-    settled = 0
+    assert card["then"] == ["ge2e", "words"] and card["validation"]["decisions_differing"] == 0
+    names = list(cascaded_models.members)
+    assert [[names[k] for k in st.first] for st in cascaded_models.cascade] == [
+        ["cnn", "rnn", "cnn-s1", "rnn-s1"], ["cnn", "rnn", "cnn-s1", "rnn-s1", "ge2e"]]
+    ran = {"ge2e": [], "words": []}
+    for name, rows in ran.items():
+        member = cascaded_models.members[name]
+        member.infer = (lambda infer, rows: lambda batch: rows.append(len(batch)) or infer(batch))(member.infer, rows)
+    feats = utterance_features(cascaded_models) + utterance_features(cascaded_models, "visitor12.flac")
+    got = cascaded_models.run_many(feats, 7)
+    settled = [0, 0]
     for f, z in zip(feats, got):
         outputs = [m.run(f[m.params]) for m in full.members.values()]
-        first = cascaded.cascade.settles([outputs[k] for k in cascaded.cascade.first])
-        settled += first is not None
-        np.testing.assert_allclose(z, first if first is not None else full.fusion(outputs), atol=1e-6)
-        # where it settles, the first members name what all six would (the gate's promise)
-        assert np.argmax(z) == np.argmax(full.run(f)) or first is None
-    assert sum(ran) == len(feats) - settled  # the word model ran once per unsettled utterance
-    assert 0 < settled < len(feats)
+        np.testing.assert_allclose(z, cascaded(cascaded_models.cascade, outputs, full.fusion), atol=1e-6)
+        stage = next((k for k, st in enumerate(cascaded_models.cascade)
+                      if st.settles([outputs[i] for i in st.first]) is not None), None)
+        if stage is not None:
+            settled[stage] += 1
+        # where a stage settles, its members name what all six would (the gates' promise)
+        assert np.argmax(z) == np.argmax(full.run(f)) or stage is None
+    assert sum(ran["ge2e"]) == len(feats) - settled[0]  # once per utterance the MFCC models leave open
+    assert sum(ran["words"]) == len(feats) - sum(settled)  # once per utterance both stages leave open
+    assert 0 < settled[0] < len(feats)
 
 
 @pytest.mark.parametrize("damage", [
-    lambda c: c["cascade"].update(first=["cnn", "nope"]),
-    lambda c: c["cascade"].update(gate=1.5),
-    lambda c: c["cascade"].pop("weights"),
+    lambda c: c["cascade"]["stages"][0].update(members=["cnn", "nope"]),
+    lambda c: c["cascade"]["stages"][1].update(gate=1.5),
+    lambda c: c["cascade"]["stages"][0].pop("weights"),
+    lambda c: c["cascade"].pop("stages"),
 ])
 def test_a_broken_cascade_entry_is_refused_in_one_line(tmp_path, damage):
     models = tmp_path / "models"
@@ -181,7 +188,7 @@ def test_a_broken_cascade_entry_is_refused_in_one_line(tmp_path, damage):
     with pytest.raises(ModelError, match="cascade") as err:
         digit_plan(cfg_with("fused", models))
     assert "\n" not in str(err.value)
-    assert digit_plan(cfg_no_cascade(model="fused", models_dir=models)).cascade is None  # switched off: not read
+    assert digit_plan(cfg_no_cascade(model="fused", models_dir=models)).cascade == ()  # switched off: not read
 
 
 def test_the_mfcc_fusion_card_leaves_the_pretrained_encoder_out_for_machines_short_of_cpu():

@@ -263,10 +263,11 @@ def _fusion_md(f: dict) -> list[str]:
                      f"{_pct(t['non_digit_accepted'])} |")
     if "cascade" in f:
         c = f["cascade"]
-        lines += ["", f"Cascade (`digits.cascade = true`): {', '.join(c['then'])} runs only where the fusion of "
-                      f"{', '.join(c['first'])} gives its best class p < {c['gate']} ({c['gate_rule']}): "
-                      f"{_pct(c['validation']['settled_by_first'])} of the validation clips and "
-                      f"{_pct(c['test']['settled_by_first'])} of the test clips are settled without it."]
+        lines += ["", f"Cascade (`digits.cascade = true`; {c['gate_rule']}):", ""]
+        for stage, val, test in zip(c["stages"], c["validation"]["settled_by_stage"], c["test"]["settled_by_stage"]):
+            lines.append(f"- the fusion of {', '.join(stage['members'])} decides where its best class has "
+                         f"p >= {stage['gate']}: {_pct(val)} of the validation clips, {_pct(test)} of the test clips")
+        lines.append("- the rest: every member, the full fusion")
     return lines + ["", f"Reproduce: `{f['command']}`", ""]
 
 

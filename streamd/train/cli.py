@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--with", dest="extra", nargs="+", default=[], metavar="MEMBER",
                    help="fusion: fuse these digit models too, by name (e.g. kd: digits-kd.onnx)")
     p.add_argument("--cascade", nargs="+", default=[], metavar="MEMBER",
-                   help="fusion: run these members only when the others' fusion is unsure (a gate chosen "
-                        "on the validation speakers so that every decision there stays the same)")
+                   help="fusion: run these members only when the others' fusion is unsure, one stage each in "
+                        "the order given (each stage's gate chosen on the validation speakers so that every "
+                        "decision there stays the same)")
     p.add_argument("--card", default="digits.fusion.json",
                    help="fusion: the fusion card's file name in --out (default digits.fusion.json, the "
                         "one config's models.digits_fusion names)")

@@ -140,35 +140,52 @@ def decisions_at(logits: np.ndarray, threshold: float) -> np.ndarray:
 
 def cascade_entry(opts: Options, val: dict[str, np.ndarray], tested: dict[str, np.ndarray],
                   validation: data.FeatureSet, test: data.FeatureSet, full: Fusion, threshold: float) -> dict | None:
-    """The members not in ``opts.cascade`` fused alone (fitted and shifted as the full fusion),
-    and the lowest gate at which their fusion, where sure, gives every validation clip the full
-    fusion's decision; None when no gate does."""
+    """A stage per member of ``opts.cascade``, in order: the members before it fused alone
+    (fitted and shifted as the full fusion) with the lowest gate at which the cascade so far,
+    where sure, gives every validation clip the full fusion's decision. A stage no gate allows
+    is left out (its members then run with the next). None when no stage is kept."""
     first = [n for n in val if n not in opts.cascade]
-    fusion, _ = shift_non_digit(fit([val[n] for n in first], validation.labels()), [val[n] for n in first],
-                                validation.labels(), SHIFT_NON_DIGIT)
-    full_val = full(list(val.values()))
-    wanted = decisions_at(full_val, threshold)
+    wanted = decisions_at(full(list(val.values())), threshold)
+    stages: list[dict] = []
+    for k in range(len(opts.cascade)):
+        members = first + list(opts.cascade[:k])
+        fusion, _ = shift_non_digit(fit([val[n] for n in members], validation.labels()), [val[n] for n in members],
+                                    validation.labels(), SHIFT_NON_DIGIT)
+        stage = {"members": members, "weights": list(fusion.weights), "bias": list(fusion.bias)}
+        for gate in GATES:
+            z, _ = cascade_logits([*stages, stage | {"gate": gate}], val, full)
+            if np.array_equal(decisions_at(z, threshold), wanted):
+                stages.append(stage | {"gate": gate})
+                break
+    if not stages:
+        return None
+    _, settled = cascade_logits(stages, val, full)
+    zt, settled_t = cascade_logits(stages, tested, full)
+    return {"stages": stages, "then": list(opts.cascade),
+            "rule": "each stage's members' fusion decides where its best class has p >= its gate; elsewhere the "
+                    "next stage's members run too, and after the last every member runs and the full fusion "
+                    "decides (streamd.digits.Cascade)",
+            "gate_rule": f"per stage, the lowest of {list(GATES)} giving every validation clip the full fusion's "
+                         "decision",
+            "validation": {"settled_by_stage": settled, "decisions_differing": 0},
+            "test": {"settled_by_stage": settled_t,
+                     "decisions_differing": float(np.mean(decisions_at(zt, threshold)
+                                                          != decisions_at(tested["fused"], threshold))),
+                     **held_out_report(zt, test, threshold)["at_threshold"]}}
 
-    def cascaded(members: dict[str, np.ndarray], unsettled: np.ndarray, gate: float) -> tuple[np.ndarray, np.ndarray]:
-        z = fusion([members[n] for n in first])
-        settled = softmax(z).max(axis=1) >= gate
-        return np.where(settled[:, None], z, unsettled), settled
 
-    for gate in GATES:
-        z, settled = cascaded(val, full_val, gate)
-        if np.array_equal(decisions_at(z, threshold), wanted):
-            zt, settled_t = cascaded(tested, tested["fused"], gate)
-            return {"first": first, "then": list(opts.cascade), "weights": list(fusion.weights),
-                    "bias": list(fusion.bias), "gate": gate,
-                    "rule": "the first members' fusion decides where its best class has p >= gate; elsewhere "
-                            "every member runs and the full fusion decides (streamd.digits.Cascade)",
-                    "gate_rule": f"the lowest of {list(GATES)} giving every validation clip the full fusion's decision",
-                    "validation": {"settled_by_first": float(settled.mean()), "decisions_differing": 0},
-                    "test": {"settled_by_first": float(settled_t.mean()),
-                             "decisions_differing": float(np.mean(decisions_at(zt, threshold)
-                                                                  != decisions_at(tested["fused"], threshold))),
-                             **held_out_report(zt, test, threshold)["at_threshold"]}}
-    return None
+def cascade_logits(stages: list[dict], members: dict[str, np.ndarray], full: Fusion) -> tuple[np.ndarray, list[float]]:
+    """The cascade's logits for every clip, and the share of clips each stage settles."""
+    z = full([members[n] for n in members if n != "fused"])
+    open_ = np.ones(len(z), bool)
+    shares = []
+    for stage in stages:
+        zs = Fusion(tuple(stage["weights"]), tuple(stage["bias"]))([members[n] for n in stage["members"]])
+        settled = open_ & (softmax(zs).max(axis=1) >= stage["gate"])
+        z[settled] = zs[settled]
+        open_ &= ~settled
+        shares.append(float(settled.mean()))
+    return z, shares
 
 
 def digits_right(logits: np.ndarray, fs: data.FeatureSet, threshold: float, corpora: tuple[str, ...]) -> dict:
