@@ -171,6 +171,11 @@ def digits_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: di
     return card
 
 
+def head_augmentation() -> str:
+    """The augmentation text of a head on a frozen encoder (data.HEAD_PLAN's versions)."""
+    return data.AUGMENTATION_TEXT.rsplit("; every clip", 1)[0] + "; " + data.HEAD_PLAN_TEXT
+
+
 def speaker_card(path: Path, train: data.FeatureSet, heldout: data.FeatureSet, metrics: dict,
                  threshold: dict, info: TrainingInfo, dim: int, n_classes: int) -> dict:
     out = {"name": "embedding", "shape": ["batch", dim], "dtype": "float32",

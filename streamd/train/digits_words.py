@@ -33,8 +33,7 @@ FAMILY = "words"
 FRONT_END = "wordwin"
 DIM = 2048
 WORD_CARD = Path(__file__).resolve().parents[2] / "models" / "words.card.json"
-# As the ge2e head: four versions of each real training clip, two of each synthetic one.
-PLAN: data.VariantPlan = (tuple(data.TRAIN_VARIANTS[i] for i in (0, 1, 3, 5)), data.SYNTH_VARIANTS[:2])
+PLAN = data.HEAD_PLAN
 BATCH = 128
 LR = 2e-3
 LOSS_TEXT = "cross-entropy, label smoothing 0.05, AdamW (lr 2e-3, wd 1e-2); word model frozen"
@@ -185,9 +184,7 @@ def model_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dic
                   "notes": "the utterance's 1.5 s word window (cut or zero-padded, centred), from its audio, not a ring"}
     c["pretrained"] = {**words["provenance"], "sha256": words["sha256"],
                        "use": "the shipped word model (models/words.onnx), frozen, before the head"}
-    c["training"]["augmentation"] = (data.AUGMENTATION_TEXT.rsplit("; every clip", 1)[0]
-                                     + "; every clip also kept clean; 4 versions per real training clip "
-                                       "(clean, augmented, speed 0.9 and 1.1 augmented), 2 per synthetic clip")
+    c["training"]["augmentation"] = card.head_augmentation()
     return c
 
 
