@@ -252,6 +252,11 @@ def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
     return features_of_emphasised(preemphasis(signal, params.signal_preemph), params)
 
 
+def features_of_audio(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """A whole utterance's normalised features, offline: what the models read."""
+    return normalize(mfcc(signal, params), params)
+
+
 def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndarray:
     """Per-utterance normalisation, as the models were trained: mean and variance for MFCC;
     for mel power, gain up to MEL_TARGET_DBFS (the energy column is used, then dropped); for

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from streamd.digits import Cascade, Fusion, cascaded
-from streamd.features import FeatureParams, kaldi_fbank_params, mfcc, normalize, word_window_params
+from streamd.features import FeatureParams, features_of_audio, kaldi_fbank_params, word_window_params
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,10 @@ def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) 
     return results  # type: ignore[return-value]
 
 
-# One utterance's normalised features for each front end a model reads.
-FeaturesByFrontEnd = Mapping[FeatureParams, np.ndarray]
+# One utterance's normalised features for each front end a model reads; a front end computed
+# from the utterance's audio (the word window) may come as a function, called only if a member
+# that reads it runs (a cascade's last stage runs for few utterances).
+FeaturesByFrontEnd = Mapping[FeatureParams, "np.ndarray | Callable[[], np.ndarray]"]
 
 
 class DigitModels:
@@ -325,7 +327,7 @@ class DigitModels:
 
     def features_of(self, audio: np.ndarray) -> dict[FeatureParams, np.ndarray]:
         """An utterance's audio (int16) as each member's input features, offline."""
-        return {p: normalize(mfcc(audio, p), p) for p in self.front_ends}
+        return {p: features_of_audio(audio, p) for p in self.front_ends}
 
     def min_confidence(self, configured: float, choice: str = "") -> float:
         """``digits.min_confidence``; below 0: the one chosen on validation speakers for the
@@ -374,7 +376,9 @@ class DigitModels:
         """Fill ``outputs[i][k]`` for the utterances ``rows`` and the members ``which``."""
         rows = list(rows)
         for k in which if rows else ():
-            for i, out in zip(rows, run_batched(models[k], [utterances[i][models[k].params] for i in rows], max_batch)):
+            feats = [utterances[i][models[k].params] for i in rows]
+            feats = [f() if callable(f) else f for f in feats]
+            for i, out in zip(rows, run_batched(models[k], feats, max_batch)):
                 outputs[i][k] = out
 
 

@@ -6,6 +6,7 @@ import collections
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -14,7 +15,7 @@ from streamd import digits
 from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
-from streamd.features import FeatureParams, StreamingMfcc, mfcc, normalize
+from streamd.features import FeatureParams, StreamingMfcc, features_of_audio, normalize
 from streamd.frames import SAMPLE_RATE, Frame
 from streamd.gallery import Utterance, audio_level
 from streamd.identity import UNKNOWN, Decision
@@ -295,8 +296,9 @@ class StreamPipeline:
 
     def _digit_features(self, samples: int, audio: np.ndarray) -> FeaturesByFrontEnd:
         """Each digit front end's features of the utterance's first ``samples``: from the rings,
-        or (the word window) from the utterance's ``audio``."""
-        return {p: self._utterance_features(p, samples) if p.streamed else normalize(mfcc(audio, p), p)
+        or (the word window) from the utterance's ``audio``, on the model thread and only if
+        the member reading it runs."""
+        return {p: self._utterance_features(p, samples) if p.streamed else partial(features_of_audio, audio, p)
                 for p in self.models.digits.front_ends}
 
     def _utterance_features(self, params: FeatureParams, samples: int) -> np.ndarray:

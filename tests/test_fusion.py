@@ -227,3 +227,18 @@ def test_a_stale_or_broken_fusion_card_is_refused_in_one_line(tmp_path, damage, 
     with pytest.raises(ModelError, match=message) as err:
         digit_plan(cfg_with("auto", models))
     assert "\n" not in str(err.value)
+
+
+def test_the_word_window_is_computed_only_for_the_utterances_that_reach_the_word_model():
+    models = load_digits(cfg_with("fused"), "cpu")
+    window = next(p for p in models.front_ends if not p.streamed)
+    feats = utterance_features(models) + utterance_features(models, "visitor12.flac")
+    calls = []
+    lazy = [{**f, window: (lambda w: lambda: calls.append(1) or w)(f[window])} for f in feats]
+    np.testing.assert_allclose(np.stack(models.run_many(lazy, 7)), np.stack(models.run_many(feats, 7)), atol=1e-6)
+    ran = []
+    words = models.members["words"]
+    words.infer = (lambda infer: lambda batch: ran.append(len(batch)) or infer(batch))(words.infer)
+    calls.clear()
+    models.run_many(lazy, 7)
+    assert 0 < len(calls) == sum(ran) < len(feats)  # one window per utterance the word model saw, no more
