@@ -224,7 +224,7 @@ class StreamPipeline:
         audio = np.concatenate(self._audio)[:samples] if self._audio else np.zeros(0, np.int16)
         self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples, audio),
                                 early.done, utterance=start.utterance, early=True,
-                                word_input=self._word_input(samples, audio)))
+                                word_input=self._word_input(audio)))
 
     def _count_early(self, outcome: str, early: EarlyFinal | None) -> None:
         if early is not None:
@@ -256,7 +256,7 @@ class StreamPipeline:
             return
         self._count_early("wasted", early)
         self.batcher.submit(Job(self.stream, speaker_feats, self._digit_features(samples, audio),
-                                decide, utterance=end.utterance, word_input=self._word_input(samples, audio)))
+                                decide, utterance=end.utterance, word_input=self._word_input(audio)))
 
     def _decide(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, logits: np.ndarray,
                 word: np.ndarray | None, audio: np.ndarray) -> None:
@@ -286,10 +286,9 @@ class StreamPipeline:
         decision = digits.decide(logits, self.min_digit_confidence)
         return decision, (BUILTIN if decision.digit is not None else None)
 
-    def _word_input(self, samples: int, audio: np.ndarray) -> np.ndarray | None:
-        """The word model's input for the utterance (its first ``samples``, ``audio``), while
-        some vocabulary has templates (the word model costs ~15-30 ms an utterance: it runs
-        only then)."""
+    def _word_input(self, audio: np.ndarray) -> np.ndarray | None:
+        """The word model's input for the utterance's ``audio``, while some vocabulary has
+        templates (the word model costs ~15-30 ms an utterance: it runs only then)."""
         if self.words is None or not self.words.active or not len(audio):
             return None
         return word_input(audio)
