@@ -69,10 +69,23 @@ def test_reset_starts_a_new_utterance():
     np.testing.assert_allclose(s.frames(0), mfcc(audio, FeatureParams()), atol=1e-5)
 
 
-def test_silence_does_not_produce_infinite_features():
-    feats = mfcc(np.zeros(16000, np.int16), FeatureParams())
+def test_silence_log_energy_is_floored_not_log_eps():
+    """An all-zero frame's log-energy would be log(eps) = -36 (python_speech_features puts eps
+    in for zero energy, so it is finite either way): streamd floors it at LOG_ENERGY_FLOOR, so
+    a pause inside an utterance does not swamp its normalisation. Offline and streamed alike."""
+    from streamd.features import LOG_ENERGY_FLOOR
+
+    params = FeatureParams()
+    feats = mfcc(np.zeros(16000, np.int16), params)
     assert np.all(np.isfinite(feats))
-    assert np.all(np.isfinite(normalize(feats)))
+    assert np.all(feats[:, 0] == LOG_ENERGY_FLOOR) and LOG_ENERGY_FLOOR > np.log(np.finfo(float).eps) + 1
+    speech, _ = sf.read(DATA / "word.flac", dtype="int16")
+    paused = np.concatenate([speech, np.zeros(8000, np.int16), speech])
+    offline = mfcc(paused, params)
+    # The pause's frames (0.5 s: about 48 wholly inside it) sit on the floor, none below it.
+    assert offline[:, 0].min() == LOG_ENERGY_FLOOR and np.sum(offline[:, 0] == LOG_ENERGY_FLOOR) >= 45
+    np.testing.assert_allclose(stream_features(paused, params, [320] * (len(paused) // 320)), offline, atol=1e-5)
+    assert np.all(np.isfinite(normalize(offline)))
 
 
 @pytest.mark.parametrize("chunk", [160, 333])
