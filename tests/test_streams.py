@@ -110,10 +110,16 @@ def test_models_on_their_own_thread_give_the_same_results_on_the_callers_thread(
         for (_, e, l), (we, wl) in zip(got, want):
             np.testing.assert_allclose(e, we, atol=2e-5)
             np.testing.assert_allclose(l, wl, atol=2e-5)
-        batcher.submit(Job("s", np.zeros((0, 3), np.float32), None, lambda e, l: None))  # models refuse it
+        bad = np.zeros((0, 3), np.float32)  # features of the wrong width: the models refuse them
+        with pytest.raises(Exception) as direct:
+            models.speaker.run(bad)
+        batcher.submit(Job("s", bad, None, lambda e, l: got.append("bad")))
         batcher.pump(force=True)
-        with pytest.raises(Exception):
-            batcher.drain()  # the models' error comes out here, not lost on their thread
+        # The models' own error comes out here, on the caller's thread, not lost on theirs
+        # (nor turned into another error on the way), and the job is not finished.
+        with pytest.raises(type(direct.value), match="Got invalid dimensions for input"):
+            batcher.drain()
+        assert "bad" not in got
     finally:
         batcher.close()
 
