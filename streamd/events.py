@@ -122,10 +122,24 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(_round(body), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+DROP_LOG_EVERY_S = 10.0  # a stalled subscriber is named in the log at most this often
+
+
 class Publisher:
-    """Publishes events on an XPUB socket (PUB semantics: never blocks, a subscriber that
-    falls behind its high-water mark loses messages, visible to it as gaps in ``seq``).
-    XPUB rather than PUB so the daemon can see when a subscriber has joined."""
+    """Publishes events on an XPUB socket, never blocking, and counts every event a
+    subscriber lost.
+
+    The socket is ``XPUB_NODROP``: an event is queued for every subscriber whose topic matches
+    or, when one of them already holds ``hwm`` messages (it reads too slowly, or not at all),
+    for none of them. The send is non-blocking, so that refusal is ZeroMQ's ``EAGAIN``: the
+    event is counted in ``dropped`` (and ``on_drop``) and publishing goes on. The count is
+    exact: each subscriber of the topic gets every event that was not counted and misses every
+    one that was (a gap in ``seq``). The price: while one subscriber is stalled, the others of
+    its topics lose the same events. Sparing them cannot be counted with ZeroMQ: a lossy XPUB
+    (or PUB) drops a full subscriber's messages silently, and stops matching that subscriber
+    until it reads again, so its later losses are not even refused (docs/operations.md,
+    "Slow subscribers", says why this choice). XPUB rather than PUB also lets the daemon see
+    subscribers join and leave."""
 
     def __init__(self, endpoint: str, hwm: int = 1000, jsonl: TextIO | None = None,
                  context: zmq.Context | None = None):
@@ -133,18 +147,25 @@ class Publisher:
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full subscriber refuses the send (EAGAIN): counted
+        self._sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every (un)subscription, duplicates too: each subscriber counts
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self._sock.close(0)
             raise OSError(f"events.endpoint {endpoint}: cannot bind: {exc}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.hwm = hwm
         self._jsonl = jsonl
         self._lock = threading.Lock()
         self.seq = 0
         self.dropped = 0
         self.on_drop = None  # called once per dropped event (the daemon counts them in /metrics)
+        # Subscriptions held by connected subscribers, each one counted: two subscribers of the
+        # same topic are 2 (a subscriber of two topics is 2 as well; one of none receives nothing).
         self.subscribers = 0
+        self._drop_logged_at = float("-inf")
+        self._drops_unlogged = 0
 
     def _drain_subscriptions(self) -> None:
         while True:
@@ -163,8 +184,22 @@ class Publisher:
         deadline = time.monotonic() + timeout_s
         while self.subscribers == 0 and time.monotonic() < deadline:
             if self._sock.poll(50, zmq.POLLIN):
-                self._drain_subscriptions()
+                with self._lock:
+                    self._drain_subscriptions()
         return self.subscribers > 0
+
+    def _count_drop(self, topic: bytes) -> None:
+        self.dropped += 1
+        self._drops_unlogged += 1
+        if self.on_drop is not None:
+            self.on_drop()
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_EVERY_S:  # not one line per event: a stall lasts
+            log.warning("events dropped: a subscriber of %s holds events.hwm (%d) unread events; %d dropped "
+                        "since the last report, %d in all (streamd_events_dropped_total)",
+                        topic.decode(), self.hwm, self._drops_unlogged, self.dropped)
+            self._drop_logged_at = now
+            self._drops_unlogged = 0
 
     def publish(self, event: Event) -> dict[str, Any]:
         with self._lock:
@@ -173,11 +208,11 @@ class Publisher:
             data = encode(body)
             topic = f"{event.type}.{event.stream}".encode()
             try:
-                self._sock.send_multipart((topic, data), zmq.NOBLOCK)
+                self._sock.send_multipart((topic, data), zmq.NOBLOCK)  # never waits
+            except zmq.Again:
+                self._count_drop(topic)
             except zmq.ZMQError as exc:
-                self.dropped += 1
-                if self.on_drop is not None:
-                    self.on_drop()
+                self._count_drop(topic)
                 log.warning("event %s dropped: %s", topic.decode(), exc)
             self._drain_subscriptions()
             if self._jsonl is not None:

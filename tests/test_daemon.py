@@ -154,6 +154,51 @@ def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_sta
     assert not any("theo" in k or "asc02" in k for k in metric), "speaker names must never be label values"
 
 
+def test_a_stalled_subscriber_s_losses_are_counted_in_metrics(iso, tmp_path):
+    """A subscriber that never reads, on a daemon: every event it did not get is in
+    streamd_events_dropped_total, and the daemon went on (docs/operations.md, "Slow subscribers")."""
+    import subprocess
+
+    import zmq
+
+    from streamd import events
+
+    endpoint = f"ipc://{tmp_path}/events"  # the kernel's buffer: a few hundred events, not thousands
+    stuck = zmq.Context.instance().socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt_string(zmq.SUBSCRIBE, "")
+    stuck.connect(endpoint)
+    jsonl = tmp_path / "events.jsonl"
+    passes = 12  # the demo's 10 words, 12 times: twice the events the stalled subscriber's queues hold
+    proc = start_streamd("run", *iso.sets(f'events.endpoint="{endpoint}"', "events.hwm=1"), "--source", "stdin",
+                         "--wait-subscriber", "20", "--events-jsonl", str(jsonl), stdin=subprocess.PIPE)
+    try:
+        audio = read_audio(str(DATA / "demo.flac")).astype("<i2").tobytes()
+        for _ in range(passes):
+            proc.stdin.buffer.write(audio)
+        proc.stdin.buffer.flush()
+        deadline, seen, still = time.monotonic() + 120, -1, 0
+        while time.monotonic() < deadline and proc.poll() is None and still < 8:  # until 2 s without events
+            lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+            seen, still = len(lines), (still + 1 if len(lines) == seen > 0 else 0)
+            time.sleep(0.25)
+        time.sleep(0.5)
+        body = urllib.request.urlopen(iso.metrics_url, timeout=5).read().decode()
+        published = [json.loads(line)["seq"] for line in jsonl.read_text().splitlines()]
+        got = []
+        while (event := events.receive(stuck, 1000)) is not None:
+            got.append(event["seq"])
+    finally:
+        proc.stdin.close()
+        code = proc.wait(30)
+        stuck.close(0)
+    assert code == 0, proc.stderr.read()
+    dropped = [float(line.split()[1]) for line in body.splitlines() if line.startswith("streamd_events_dropped_total ")]
+    assert len(published) > 3 * 8 * passes  # vad.start, vad.end, speaker, digit for most words
+    assert dropped[0] > 0, "a stalled subscriber's losses must be counted"
+    assert set(got) <= set(published) and len(got) + dropped[0] == len(published)
+
+
 def test_sigterm_flushes_pending_events_within_2s(iso):
     sock = subscribe(iso.endpoint)
     proc = start_streamd("run", *iso.sets(), "--source", f"file:{DATA / 'demo.flac'}", "--pace", "realtime",

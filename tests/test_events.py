@@ -25,26 +25,117 @@ def test_two_frame_messages_with_topic_and_sequence(tmp_path):
     assert [l["type"] for l in lines] == ["vad.start", "digit"]
 
 
-def test_a_subscriber_that_never_reads_does_not_block_publishing():
-    pub = Publisher("tcp://127.0.0.1:*", hwm=10)
-    ctx = zmq.Context.instance()
-    stuck = ctx.socket(zmq.SUB)
-    stuck.setsockopt(zmq.RCVHWM, 10)
-    stuck.setsockopt_string(zmq.SUBSCRIBE, "")
-    stuck.connect(pub.endpoint)
+def stalled_subscriber(endpoint: str, topic: str = "") -> zmq.Socket:
+    """A subscriber that never reads, with the smallest queues ZeroMQ and the kernel allow."""
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, 1)
+    sock.setsockopt(zmq.RCVBUF, 4096)
+    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    sock.connect(endpoint)
+    return sock
+
+
+def drain(sock: zmq.Socket, quiet_ms: int = 500) -> list[int]:
+    """The seq of every event a subscriber has been sent, once nothing more comes."""
+    seqs = []
+    while (event := receive(sock, quiet_ms)) is not None:
+        seqs.append(event["seq"])
+    return seqs
+
+
+def speaker(i: int) -> SpeakerEvent:
+    return SpeakerEvent("s", i, 0.0, 1.0, speaker="unknown", latency_s=0.0,
+                        candidates=[{"name": f"speaker-{k}", "score": 0.1} for k in range(3)])
+
+
+def test_a_stalled_subscriber_never_blocks_publishing_and_every_event_it_loses_is_counted(tmp_path):
+    """One subscriber never reads; another reads all along. Publishing never waits; each event
+    is delivered to both or to neither, and those delivered to neither are the ones counted."""
+    import threading
+
+    pub = Publisher(f"ipc://{tmp_path}/events", hwm=10)
+    stuck = stalled_subscriber(pub.endpoint)
+    reader = subscribe(pub.endpoint)
     assert pub.wait_for_subscriber(5)
+    deadline = time.monotonic() + 5
+    while pub.subscribers < 2 and time.monotonic() < deadline:
+        pub.wait_for_subscriber(0.05)  # reads the second subscription
+        time.sleep(0.01)
+    assert pub.subscribers == 2
+    read: list[int] = []
+    done = threading.Event()
+
+    def read_all():
+        while not done.is_set() or reader.poll(500):
+            event = receive(reader, 50)
+            if event is not None:
+                read.append(event["seq"])
+
+    thread = threading.Thread(target=read_all)
+    thread.start()
     t0 = time.monotonic()
     for i in range(20000):
-        pub.publish(SpeakerEvent("s", i, 0.0, 1.0, speaker="unknown", candidates=[], latency_s=0.0))
-    assert time.monotonic() - t0 < 30  # it finished: never waited on the stuck subscriber
+        pub.publish(speaker(i))
+    elapsed = time.monotonic() - t0
+    done.set()
+    thread.join(30)
+    got = drain(stuck)
+    assert elapsed < 30  # it finished: never waited on the stalled subscriber
     assert pub.seq == 20000
+    assert pub.dropped > 0, "the stalled subscriber's losses must be counted"
+    assert len(got) + pub.dropped == 20000 and got == sorted(got)  # every loss counted, nothing more
+    assert read == got  # the price of counting: the reader lost the same events
     late = subscribe(pub.endpoint)  # a late joiner gets what is published after it joined
+    time.sleep(0.3)
+    stuck.close(0)  # (else the late joiner's first event may be refused: stuck still holds its queue full)
     time.sleep(0.3)
     pub.publish(VadStart("s", 1, 0.0, 0.1))
     event = receive(late, 5000)
     assert event is not None and event["seq"] == 20000
-    stuck.close(0)
+    reader.close(0)
     late.close(0)
+    pub.close(0)
+
+
+def test_every_drop_calls_on_drop_and_a_drop_on_one_topic_spares_the_others(tmp_path):
+    pub = Publisher(f"ipc://{tmp_path}/events", hwm=2)
+    calls = []
+    pub.on_drop = lambda: calls.append(1)
+    stuck = stalled_subscriber(pub.endpoint, "speaker.")
+    assert pub.wait_for_subscriber(5)
+    for i in range(5000):
+        pub.publish(speaker(i))
+    assert pub.dropped > 0 and len(calls) == pub.dropped
+    dropped = pub.dropped
+    for i in range(100):  # no subscriber of vad.* is full: nothing refused
+        pub.publish(VadStart("s", i, 0.0, 0.1))
+    assert pub.dropped == dropped
+    assert len(drain(stuck)) + dropped == 5000
+    stuck.close(0)
+    pub.close(0)
+
+
+def test_subscribers_counts_each_subscriber_even_of_the_same_topic(tmp_path):
+    pub = Publisher(f"ipc://{tmp_path}/events")
+
+    def settle(want: int) -> int:
+        deadline = time.monotonic() + 5
+        while pub.subscribers != want and time.monotonic() < deadline:
+            pub.wait_for_subscriber(0.05)
+            pub.publish(VadStart("s", 0, 0.0, 0.1))  # reads (un)subscriptions too
+            time.sleep(0.02)
+        return pub.subscribers
+
+    a = subscribe(pub.endpoint, "digit.")
+    b = subscribe(pub.endpoint, "digit.")
+    assert settle(2) == 2
+    c = subscribe(pub.endpoint, "vad.")
+    assert settle(3) == 3
+    a.close(0)
+    assert settle(2) == 2
+    b.close(0)
+    c.close(0)
+    assert settle(0) == 0
     pub.close(0)
 
 
