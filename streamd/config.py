@@ -208,6 +208,83 @@ class Config:
         return service if os.path.lexists(service) else default
 
 
+# What a SIGHUP reload does with each key (docs/operations.md, "Lifecycle"): RELOAD keys take
+# effect in the running daemon; RESTART keys are named in a warning and keep their running
+# value until streamd restarts. A section named alone covers every key of it, present and
+# future (a key added there needs a restart until someone makes it reloadable); the sections
+# where some keys reload list each key. tests/test_config.py checks that every key is covered.
+RELOAD, RESTART = "reload", "restart"
+ON_RELOAD: dict[str, str] = {
+    "source": RESTART,  # the audio sources are opened once
+    "vad": RESTART,
+    "features": RESTART,  # the models were checked against these front ends at load
+    "mel": RESTART,
+    "models": RESTART,
+    "control": RESTART,  # sockets and keys
+    "events": RESTART,
+    "metrics": RESTART,
+    "state": RESTART,  # the gallery is open
+    "network": RESTART,
+    "streams": RESTART,
+    "identity.far": RELOAD,
+    "identity.score": RELOAD,
+    "identity.threshold": RELOAD,
+    "identity.enroll_min_seconds": RELOAD,
+    "identity.enroll_max_clipped": RELOAD,
+    "identity.enroll_min_dbfs": RELOAD,
+    "identity.enroll_min_consistency": RELOAD,
+    "identity.enroll_duplicate_score": RELOAD,
+    "identity.recent_utterances": RELOAD,  # each stream's list keeps its newest utterances
+    "identity.partial_every_s": RELOAD,
+    "identity.cluster_unknown": RELOAD,
+    "identity.cluster_far": RELOAD,
+    "identity.cluster_min_seconds": RELOAD,
+    "identity.cluster_max": RELOAD,
+    "identity.cluster_keep": RELOAD,
+    "digits.model": RESTART,  # which models are loaded
+    "digits.min_confidence": RELOAD,
+    "digits.cascade": RESTART,  # its stages are read from the fusion card with the models
+    "log.level": RELOAD,
+}
+
+
+def config_keys() -> list[str]:
+    """Every key of the config, dotted (``[[streams]]`` as the one key ``streams``)."""
+    keys = []
+    for f in dataclasses.fields(Config):
+        if f.name == "base_dir":
+            continue
+        if f.name == "streams":
+            keys.append("streams")
+            continue
+        keys += [f"{f.name}.{k.name}" for k in dataclasses.fields(f.default_factory())]  # type: ignore[misc]
+    return keys
+
+
+def on_reload(key: str) -> str:
+    """RELOAD or RESTART for a dotted key (``ON_RELOAD``); KeyError for a key it does not cover."""
+    return ON_RELOAD[key] if key in ON_RELOAD else ON_RELOAD[key.partition(".")[0]]
+
+
+def reload_plan(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """What a reload to ``new`` does: the config that then runs (``new``'s value for every
+    RELOAD key, ``running``'s for the others) and the RESTART keys whose value changed, which
+    a warning names. Each later reload names them again until streamd restarts."""
+    restart, applied = [], {}
+    for key in config_keys():
+        section, _, name = key.partition(".")
+        old_value = getattr(running, section) if not name else getattr(getattr(running, section), name)
+        new_value = getattr(new, section) if not name else getattr(getattr(new, section), name)
+        if old_value == new_value:
+            continue
+        if on_reload(key) == RESTART:
+            restart.append(key)
+        else:
+            applied.setdefault(section, {})[name] = new_value
+    sections = {name: dataclasses.replace(getattr(running, name), **values) for name, values in applied.items()}
+    return dataclasses.replace(running, **sections), restart
+
+
 # The system's root, where the installed unit and its directories are found (tests move it).
 SYSTEMD_ROOT = Path("/")
 UNIT_NAME = "streamd.service"

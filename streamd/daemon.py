@@ -3,6 +3,7 @@ sd_notify readiness and watchdog, and SIGHUP reloads."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -323,30 +324,36 @@ class Daemon:
             self._audit_seen = entry["audit"]
 
     def _apply_reload(self, gallery: Gallery | None) -> None:
-        """SIGHUP: re-read the config and the gallery; a bad config keeps the old one."""
+        """SIGHUP: re-read the config and the gallery; a bad config keeps the old one. Each key
+        is applied or named as needing a restart, as ``config.ON_RELOAD`` says."""
         try:
             path = self.opts.config_path
             new = config_mod.load(path, self.opts.overrides)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        for section in ("vad", "features", "mel", "models", "events", "metrics", "state", "source", "control",
-                        "network", "streams"):
-            if getattr(new, section) != getattr(self.cfg, section):
-                log.warning("reload: [%s] changed; restart streamd to apply it", section)
-        if new.digits.model != self.cfg.digits.model:
-            log.warning("reload: digits.model changed; restart streamd to apply it")
+        running, restart = config_mod.reload_plan(self.cfg, new)
+        if restart:
+            log.warning("reload: %s changed; restart streamd to apply %s", ", ".join(restart),
+                        "it" if len(restart) == 1 else "them")
+        set_log_level(running.log.level)
         for pipeline in self.engine.pipelines.values():
-            pipeline.min_digit_confidence = self.engine.models.digits.min_confidence(new.digits.min_confidence)
-            pipeline.partial_every_s = new.identity.partial_every_s
-        for key, value in book_settings(new.identity).items():
+            pipeline.min_digit_confidence = self.engine.models.digits.min_confidence(running.digits.min_confidence)
+            pipeline.partial_every_s = running.identity.partial_every_s
+            if pipeline.recent.maxlen != running.identity.recent_utterances:  # keeps the newest
+                pipeline.recent = collections.deque(pipeline.recent, maxlen=running.identity.recent_utterances)
+        for key, value in book_settings(running.identity).items():
             setattr(self.book, key, value)
-        self.cfg = new
+        self.cfg = self.engine.cfg = running  # and the streams that join later
         if gallery is not None:
             gallery.invalidate()
         if self.book.clusters is not None:
             self.book.clusters.reload()
-        log.info("reloaded config and gallery")
+        log.info("reloaded config and gallery%s", f" ({len(restart)} changed keys wait for a restart)" if restart else "")
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(getattr(logging, level.upper()))
 
 
 def setup_logging(level: str) -> None:

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from streamd.train.adapt import HEAD
 from conftest import MODELS, streamd
-from test_eval import make_digit_corpus
+from helpers import make_digit_corpus
 
 
 def initializers(path):

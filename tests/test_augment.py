@@ -7,7 +7,7 @@ import numpy as np
 import soundfile as sf
 
 from streamd.train import data
-from test_eval import make_digit_corpus
+from helpers import make_digit_corpus
 
 RATE = 16000
 

@@ -104,3 +104,68 @@ def test_streams_need_unique_ids_and_a_source(tmp_path):
     ):
         with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("]", r"\]")):
             config.build({"streams": entries})
+
+
+def test_every_key_is_classified_for_reload():
+    """Each key is applied at a SIGHUP reload or named as needing a restart: one table says
+    which (config.ON_RELOAD), and it covers every key, with no entry left over."""
+    keys = config.config_keys()
+    assert "log.level" in keys and "digits.cascade" in keys and "streams" in keys
+    for key in keys:
+        assert config.on_reload(key) in (config.RELOAD, config.RESTART), key
+    sections = {k.partition(".")[0] for k in keys}
+    for entry in config.ON_RELOAD:
+        assert entry in keys or entry in sections, f"ON_RELOAD names {entry}, which is no key"
+    split = {k.partition(".")[0] for k in config.ON_RELOAD if "." in k}  # sections listed key by key
+    for key in keys:
+        if key.partition(".")[0] in split:
+            assert key in config.ON_RELOAD, f"{key}: its section is listed key by key, it is not"
+
+
+def test_a_reload_applies_reload_keys_and_names_the_others_until_a_restart():
+    running = config.load(None)
+    new = config.load(None, ['log.level="debug"', "identity.recent_utterances=5", "digits.min_confidence=0.7",
+                             "vad.aggressiveness=1", "digits.cascade=false", 'events.endpoint="tcp://127.0.0.1:5999"'])
+    after, restart = config.reload_plan(running, new)
+    assert after.log.level == "debug" and after.identity.recent_utterances == 5 and after.digits.min_confidence == 0.7
+    assert after.vad == running.vad and after.digits.cascade and after.events == running.events
+    assert sorted(restart) == ["digits.cascade", "events.endpoint", "vad.aggressiveness"]
+    again, restart_again = config.reload_plan(after, new)  # still waiting for a restart: said again
+    assert again == after and sorted(restart_again) == sorted(restart)
+    assert config.reload_plan(running, running) == (running, [])
+
+
+def test_sighup_applies_log_level_and_names_the_keys_that_need_a_restart(iso, tmp_path):
+    """On a real daemon: log.level takes effect at the reload; vad.aggressiveness and
+    digits.cascade do not, and the warning names them."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import MODELS, start_streamd
+
+    conf = tmp_path / "streamd.toml"
+    conf.write_text(f'[models]\ndir = "{MODELS}"\n[log]\nlevel = "warning"\n')
+    proc = start_streamd("run", "--config", str(conf), *iso.sets(), "--source", "stdin", stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # ready once /metrics answers
+            try:
+                urllib.request.urlopen(iso.metrics_url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        conf.write_text(f'[models]\ndir = "{MODELS}"\n[log]\nlevel = "info"\n[vad]\naggressiveness = 1\n'
+                        "[digits]\ncascade = false\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        assert proc.poll() is None
+    finally:
+        proc.stdin.close()
+        code = proc.wait(30)
+    err = proc.stderr.read()
+    assert code == 0, err
+    assert "INFO: ready" not in err  # log.level "warning" at start
+    assert "reload: vad.aggressiveness, digits.cascade changed; restart streamd to apply them" in err, err
+    assert "INFO: reloaded config and gallery (2 changed keys wait for a restart)" in err, err  # "info" now

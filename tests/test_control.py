@@ -2,46 +2,13 @@
 
 import signal
 import sqlite3
-import subprocess
 import time
 
-import numpy as np
 import pytest
 import zmq
 
-from streamd import control
-from streamd.events import subscribe
-from streamd.sources import read_audio
-from conftest import DATA, start_streamd, stop, streamd
-from test_daemon import by_type, collect
-
-
-class LiveDaemon:
-    def __init__(self, iso, notify, tmp_path, *extra):
-        self.endpoint = f"ipc://{tmp_path}/ctl/control.sock"
-        self.sub = subscribe(iso.endpoint)
-        self.proc = start_streamd("run", *iso.sets(f'control.endpoint="{self.endpoint}"', *extra), "--source", "stdin",
-                                  "--wait-subscriber", "20", env={"NOTIFY_SOCKET": notify.path}, stdin=subprocess.PIPE)
-        assert notify.wait_for("READY=1", 60), self.proc.stderr.read() if self.proc.poll() is not None else ""
-
-    def ask(self, message, timeout_s=10.0):
-        return control.request(self.endpoint, message, timeout_s)
-
-    def speak(self, clip="demo.flac"):
-        """Play a clip into the daemon, then a second of silence so its last word ends."""
-        audio = np.concatenate((read_audio(str(DATA / clip)), np.zeros(16000, np.int16)))
-        self.proc.stdin.buffer.write(audio.astype("<i2").tobytes())
-        self.proc.stdin.buffer.flush()
-
-    def speakers(self, n):
-        events = collect(self.sub, until=lambda ev: len(by_type(ev, "speaker")) >= n, timeout=60)
-        return by_type(events, "speaker")
-
-    def close(self):
-        self.proc.stdin.close()
-        code = self.proc.wait(30)
-        self.sub.close(0)
-        return code
+from conftest import DATA, stop, streamd
+from helpers import LiveDaemon, by_type, collect
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The daemon end to end: started from the CLI, real audio, real ZeroMQ, real /metrics."""
 
-import csv
 import json
 import os
 import shutil
@@ -13,39 +12,16 @@ import pytest
 
 from streamd.config import Config
 from streamd.digits import decide
-from streamd.events import receive, subscribe
+from streamd.events import subscribe
 from streamd.inference import load_digits
 from streamd.pipeline import METRICS_EVERY
 from streamd.sources import read_audio
 from streamd.vad import segment_clip
 from conftest import DATA, MODELS, ROOT, start_streamd, streamd
+from helpers import by_type, collect, demo_truth
 
 EVENT_KEYS = {"v", "type", "stream", "seq", "utterance", "t_start", "t_end", "time"}
 DEMO_NAMES = {"theo": "theo", "00000002": "asc02", "00000007": "asc07", "00000008": "unknown"}
-
-
-def demo_truth() -> list[dict]:
-    with open(DATA / "demo.csv") as fh:
-        return list(csv.DictReader(fh))
-
-
-def collect(sock, proc=None, until=None, timeout=60.0) -> list[dict]:
-    """Events until ``until(events)`` is true, or the process has exited and nothing more comes."""
-    events: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ev = receive(sock, 200)
-        if ev is not None:
-            events.append(ev)
-            if until is not None and until(events):
-                break
-        elif proc is not None and proc.poll() is not None:
-            break
-    return events
-
-
-def by_type(events, kind):
-    return [e for e in events if e["type"] == kind]
 
 
 def check_schema(events):
@@ -217,36 +193,66 @@ def test_sigterm_flushes_pending_events_within_2s(iso):
     assert rest[0]["reason"] == "end_of_stream"
 
 
-def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(iso, tmp_path):
-    import subprocess
+def threshold_at(far: float) -> float:
+    """The speaker threshold a daemon with an empty gallery reports (``stats``) at ``far``."""
+    from streamd.inference import load_model
+    from streamd.speakers import SpeakerBook, book_settings
 
+    cfg = Config()
+    book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
+    book.far = far
+    return book.threshold
+
+
+def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(iso, tmp_path):
+    """SIGHUP re-reads the config: a bad one is refused and the running threshold stays; a
+    good one's threshold is the one the daemon then decides with (its control socket says)."""
+    import subprocess
+    import threading
+
+    from streamd import control
+
+    ctl = f"ipc://{tmp_path}/ctl/control.sock"
     conf = tmp_path / "streamd.toml"
-    conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nthreshold = 0.5\n')
-    proc = start_streamd("run", "--config", str(conf), *iso.sets(), "--source", "stdin", stdin=subprocess.PIPE)
+    conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nfar = 0.01\n')
+    proc = start_streamd("run", "--config", str(conf), *iso.sets(f'control.endpoint="{ctl}"'), "--source", "stdin",
+                         stdin=subprocess.PIPE)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def threshold(deadline_s: float, until=lambda t: True) -> float:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            assert proc.poll() is None, "".join(err)
+            reply = control.request(ctl, {"cmd": "stats"}, 2.0)  # None until the daemon answers
+            if reply is not None and (until(reply["threshold"]) or time.monotonic() > deadline):
+                return reply["threshold"]
+            assert reply is not None or time.monotonic() < deadline, "no answer on the control socket\n" + "".join(err)
+            time.sleep(0.1)
+
+    def logged(text: str, deadline_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + deadline_s
+        while not any(text in line for line in err) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return any(text in line for line in err)
+
+    old, new = threshold_at(0.01), threshold_at(0.2)
+    assert abs(new - old) > 0.1  # the two settings decide differently
     try:
-        time.sleep(0.5)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # ready once /metrics answers
-            try:
-                urllib.request.urlopen(iso.metrics_url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        conf.write_text("[identity]\nthreshold = 7\n")
+        assert threshold(60) == pytest.approx(old)
+        conf.write_text("[identity]\nfar = 7\n")  # out of range: refused
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
-        assert proc.poll() is None
-        conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nthreshold = 0.4\n')
+        assert logged("reload refused") and any("identity.far" in line for line in err), "".join(err)
+        assert threshold(0) == pytest.approx(old)  # the running config kept
+        conf.write_text(f'[models]\ndir = "{MODELS}"\n[identity]\nfar = 0.2\n')
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1.0)
-        assert proc.poll() is None
+        assert threshold(10, lambda t: t == pytest.approx(new)) == pytest.approx(new), "".join(err)
     finally:
         proc.stdin.close()
         code = proc.wait(30)
-    err = proc.stderr.read()
-    assert code == 0, err
-    assert "reload refused" in err and "identity.threshold" in err
-    assert "reloaded config" in err
+        reader.join(5)
+    assert code == 0, "".join(err)
 
 
 def corrupt_copy(tmp_path, mutate) -> str:

@@ -7,7 +7,7 @@ import pytest
 from streamd.config import Config
 from streamd.inference import load_digits, load_models
 from streamd.train import scoring
-from test_streams import utterance_features
+from helpers import utterance_features
 
 
 def test_the_family_is_a_fusion_member_by_name():

@@ -12,21 +12,10 @@ import soundfile as sf
 from streamd.evaluate import Clip, digit_report
 
 from streamd.frames import SAMPLE_RATE
-from streamd.sources import read_audio
-from streamd.vad import VadParams, segment_clip
 from conftest import DATA, MODELS, streamd
+from helpers import make_digit_corpus, words
 
 DEMO_SPEAKER = {"theo": "theo", "00000002": "asc02", "00000007": "asc07"}
-
-
-def words(clip: str) -> list:
-    audio = read_audio(str(DATA / clip))
-    out = []
-    for e in segment_clip(audio, VadParams()):
-        if e.usable:
-            a, b = int(max(0.0, e.audio_t - 0.2) * SAMPLE_RATE), int((e.t_end + 0.3) * SAMPLE_RATE)
-            out.append(audio[a:b])
-    return out
 
 
 def make_corpus(root):
@@ -112,28 +101,6 @@ def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
     assert point["strangers_named"] <= 0.05
     lower = np.max(scores[scores < point["threshold"]])  # one step lower names too many strangers
     assert open_set_rates(scores, truth, lambda n: lower)[1] > 0.05
-
-
-def make_digit_corpus(root):
-    """The demo's words, with demo.csv's labels: FSDD theo's digits, ASC digits and one
-    other ASC word, as manifests like the real corpora's."""
-    with open(DATA / "demo.csv") as fh:
-        truth = list(csv.DictReader(fh))
-    fsdd, asc = root / "fsdd", root / "arabic-speech-commands"
-    fsdd.mkdir(parents=True)
-    asc.mkdir(parents=True)
-    rows = {fsdd: ["path,speaker,digit,rep,duration_s"], asc: ["path,speaker,label,duration_s,rep,split,digit,source_file"]}
-    for i, (t, w) in enumerate(zip(truth, words("demo.flac"))):
-        corpus = fsdd if t["corpus"] == "fsdd" else asc
-        (corpus / t["speaker"]).mkdir(exist_ok=True)
-        rel = f"{t['speaker']}/{i}.flac"
-        sf.write(corpus / rel, w, SAMPLE_RATE)
-        seconds = len(w) / SAMPLE_RATE
-        rows[corpus].append(f"{rel},{t['speaker']},{t['digit']},{i},{seconds}" if corpus == fsdd else
-                            f"{rel},{t['speaker']},{t['digit'] or 'open'},{seconds},{i},val,{t['digit']},x")
-    for corpus, lines in rows.items():
-        (corpus / "manifest.csv").write_text("\n".join(lines) + "\n")
-    return truth
 
 
 def copy_models(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from conftest import DATA, ROOT, streamd
-from test_control import LiveDaemon
+from helpers import LiveDaemon
 
 EX_DATAERR, EX_CANTCREAT = 65, 73
 

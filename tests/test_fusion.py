@@ -14,7 +14,7 @@ from streamd.train import data
 from streamd.train.fusion import Options, fit, member_cards, shift_non_digit
 from streamd.train.scoring import operating_points, softmax
 from conftest import MODELS
-from test_streams import utterance_features
+from helpers import utterance_features
 
 FUSION = json.loads((MODELS / "digits.fusion.json").read_text())
 

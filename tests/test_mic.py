@@ -2,25 +2,14 @@
 paplay is the person speaking into it. The setup starts PulseAudio when none runs; if it
 cannot, the test fails rather than skips."""
 
-import re
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from streamd.events import subscribe
 from conftest import DATA, start_streamd, stop, streamd
-from test_daemon import by_type, collect, demo_truth
-
-
-def frames_seen(url: str) -> float:
-    try:
-        body = urllib.request.urlopen(url, timeout=2).read().decode()
-    except OSError:
-        return 0.0
-    m = re.search(r'^streamd_frames_total\{stream="default"\} (\S+)$', body, re.M)
-    return float(m.group(1)) if m else 0.0
+from helpers import by_type, collect, demo_truth, frames_seen
 
 
 @pytest.mark.pulse

@@ -1,7 +1,6 @@
 """Audio from remote devices: `streamd send` to a daemon's network source over real ZeroMQ."""
 
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -11,15 +10,8 @@ from streamd.frames import Frame
 from streamd.netaudio import Sender, SendError, encode, peer_mechanism
 from streamd.sources import read_audio
 from conftest import DATA, MODELS, free_port, start_streamd, stop, streamd
-from test_daemon import by_type, collect
-from test_security import client_curve, server_sets
+from helpers import by_type, client_curve, collect, metric, server_sets
 from streamd.events import subscribe
-
-
-def metric(url: str, name: str, stream: str | None = None) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    want = f'{name}{{stream="{stream}"}}' if stream else name
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(want + " "))
 
 
 def test_two_devices_send_audio_and_gaps_restarts_and_garbage_are_survived(iso, tmp_path):

@@ -119,8 +119,7 @@ def test_offline_removal_leaves_nothing_in_any_file(iso, tmp_path):
 
 
 def test_removal_on_a_running_daemon_survives_sigkill_and_drops_the_voices_clusters(iso, notify, tmp_path):
-    from test_control import LiveDaemon
-    from test_daemon import by_type, collect
+    from helpers import LiveDaemon, by_type, collect
 
     state = tmp_path / "state"
     gallery = state / "gallery.sqlite3"
@@ -275,7 +274,7 @@ def test_the_services_state_directory_is_found_as_the_unit_defines_it(bare_host,
 
 
 def test_two_daemons_one_control_socket(bare_host, iso, notify, capsys):
-    from test_control import LiveDaemon
+    from helpers import LiveDaemon
 
     root = bare_host / "root"
     unit = root / "etc" / "systemd" / "system" / "streamd.service"
@@ -326,8 +325,7 @@ def test_export_and_an_audit_trail_without_biometric_content_or_the_removed_name
 
     from streamd import control
     from streamd.events import subscribe
-    from test_daemon import collect
-    from test_security import client_curve, server_sets
+    from helpers import client_curve, collect, server_sets
 
     ctl = f"tcp://127.0.0.1:{free_port_here()}"
     sets = iso.sets(f'control.endpoint="{ctl}"', *server_sets(curve))

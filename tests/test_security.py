@@ -9,21 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from streamd import config, control, keys
 from streamd.config import ConfigError
 from conftest import ROOT, free_port, start_streamd, stop, streamd
-
-
-def server_sets(d: Path) -> list[str]:
-    return [f'control.curve_secret_key="{d}/server/server.key_secret"', f'control.curve_clients="{d}/clients"']
-
-
-def client_curve(d: Path, who: str = "client", server: str = "server/server.key") -> control.ClientCurve:
-    return control.ClientCurve(keys.load_secret(d / who / f"{who}.key_secret"), keys.load_public(d / server))
+from helpers import client_curve, server_sets
 
 
 class Served:

@@ -7,28 +7,16 @@ import pytest
 
 from streamd.batching import Batcher, Job
 from streamd.config import Config
-from streamd.features import mfcc, normalize
-from streamd.inference import DigitModels, load_models, run_batched
+from streamd.inference import load_models, run_batched
 from streamd.sources import read_audio
 from streamd.vad import segment_clip
 from conftest import DATA, MODELS, streamd
-from test_daemon import by_type
+from helpers import by_type, utterance_features
 
 
 @pytest.fixture(scope="module")
 def models():
     return load_models(Config(), "cpu")
-
-
-def utterance_features(model, clip="demo.flac"):
-    audio = read_audio(str(DATA / clip))
-    cfg = Config()
-    out = []
-    for end in segment_clip(audio, cfg.vad):
-        a, b = (int(round(t * 16000)) for t in end.model_span(cfg.vad))
-        cut = audio[a:b]
-        out.append(model.features_of(cut) if isinstance(model, DigitModels) else normalize(mfcc(cut, model.params), model.params))
-    return out
 
 
 @pytest.mark.parametrize("kind", ["speaker", "digits"])

@@ -12,8 +12,7 @@ import pytest
 
 from streamd.events import subscribe
 from conftest import DATA, ROOT, free_port, start_streamd, stop
-from test_daemon import by_type, collect
-from test_security import server_sets
+from helpers import by_type, collect, server_sets
 
 UNIT = ROOT / "systemd" / "streamd.service"
 SEND_UNIT = ROOT / "systemd" / "streamd-send.service"

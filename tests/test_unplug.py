@@ -11,10 +11,8 @@ import pytest
 
 from streamd.events import subscribe
 from conftest import DATA, start_streamd, stop
-from test_daemon import by_type, collect
 from conftest import pactl
-from test_mic import frames_seen
-from test_network import metric
+from helpers import by_type, collect, frames_seen, metric
 
 
 def start_pulse() -> None:

@@ -14,8 +14,7 @@ from streamd.metrics import Metrics
 from streamd.sources import read_audio
 from streamd.vocabulary import WordBook, load_word_model
 from conftest import DATA, MODELS, stop, streamd
-from test_control import LiveDaemon
-from test_daemon import by_type, collect
+from helpers import LiveDaemon, by_type, collect
 
 pytestmark = pytest.mark.skipif(not (MODELS / "words.card.json").exists(), reason="no word model (streamd train words)")
 
