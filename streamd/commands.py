@@ -234,7 +234,7 @@ class DaemonCommands:
         except GalleryError as exc:
             raise ControlError(str(exc)) from None
         pipeline.collector = Collector(name, seconds, time.monotonic() + timeout, pending)
-        return None  # answered when enough speech has been heard (Daemon.finish_collection)
+        return None  # answered when enough speech has been heard: Daemon._serve_control calls finish()
 
     def finish(self, server: ControlServer, collector: Collector, timed_out: bool) -> None:
         error = (f"enroll_next: heard only {collector.collected:.1f} s of {collector.seconds:.1f} s before the timeout"

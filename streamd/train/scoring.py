@@ -49,7 +49,10 @@ def ort_session(path: Path):
 
 
 def ort_outputs(session, mats: list[np.ndarray]) -> np.ndarray:
-    """Run the ONNX model on each matrix alone (batch of one, as the daemon does)."""
+    """Run the ONNX model on each matrix alone, a batch of one, unpadded. Not quite as the
+    daemon does: it repeats an utterance's last frame up to a multiple of
+    ``models.bucket_frames`` (``OnnxModel.inputs``) and batches utterances, so its outputs
+    for the same matrix may differ slightly from these; the fitted models were scored this way."""
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: m[None].astype(np.float32)})[0] for m in mats])
 
