@@ -15,7 +15,7 @@ DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.
 # phrases) mostly leaves "unknown" (docs/measurements.md): the run shows a looser setting.
 DEMO_RUN_SET := $(DEMO_SET) --set identity.far=0.2
 
-.PHONY: all sysdeps venv demo test soak run train bench clean
+.PHONY: all sysdeps venv demo test test-fast soak run train bench clean
 
 all: venv
 
@@ -50,6 +50,11 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# A quick subset while working: leaves out the tests marked slow (training, long daemon runs)
+# and server (they start Prometheus or PulseAudio). `make test` (and CI) runs them all.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not server"
 
 # Not part of `make test`: replays SOAK_SECONDS of speech (default 3600) through a running daemon
 # at fast pace and fails if its RSS grew > 10 MB or its fds or threads grew (scripts/soak.py).

@@ -114,6 +114,14 @@ def enrolled_state(tmp_path_factory) -> Path:
     return state
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the PulseAudio server (marked pulse, or given a null sink) starts an
+    outside server: it is marked ``server`` too, so ``-m "not server"`` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("pulse") or "null_sink" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
 def pactl(*args: str) -> str:
     return subprocess.run(["pactl", *args], check=True, capture_output=True, text=True, timeout=20).stdout
 

@@ -229,6 +229,7 @@ def scraped(stack):
     return stack
 
 
+@pytest.mark.server  # runs Prometheus
 def test_every_dashboard_query_returns_data(scraped):
     at = time.time()
     failures = []
@@ -246,12 +247,14 @@ def test_every_dashboard_query_returns_data(scraped):
     assert all(0 < float(r["value"][1]) < 1 for r in ratio), ratio
 
 
+@pytest.mark.server  # runs Prometheus
 def test_template_variables_find_the_stream(scraped):
     for metric, label in variable_queries(load()):
         values = scraped.api(f"label/{label}/values", **{"match[]": metric})
         assert values == ["default", "remote"], (metric, label, values)
 
 
+@pytest.mark.server  # runs Prometheus
 def test_dashboard_uses_only_metrics_the_daemon_exposes(scraped):
     body = http_get(scraped.iso.metrics_url)
     exposed = {re.split(r"[{ ]", line, 1)[0] for line in body.splitlines() if line and not line.startswith("#")}

@@ -78,6 +78,7 @@ def check_reply(reply):
         assert isinstance(reply.get("error"), str) and reply["error"], reply
 
 
+@pytest.mark.slow  # about 26 s on a 2-core machine
 def test_random_control_messages_and_audio_leave_the_daemon_whole(fuzzed):
     d = fuzzed
     ctx = zmq.Context.instance()

@@ -103,6 +103,7 @@ def test_control_server_refuses_to_listen_beyond_loopback_without_curve():
         control.ControlServer("tcp://0.0.0.0:0")
 
 
+@pytest.mark.slow  # about 12 s on a 2-core machine
 def test_daemon_with_curve_serves_the_authorised_cli(curve, iso, notify, tmp_path):
     ctl = f"tcp://127.0.0.1:{free_port()}"
     sets = iso.sets(f'control.endpoint="{ctl}"', *server_sets(curve))
