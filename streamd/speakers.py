@@ -22,6 +22,7 @@ from streamd.clusters import ClusterSettings, UnknownClusters, label_of
 from streamd.gallery import UNKNOWN, Gallery, GalleryError, StorageError, Utterance, storage_error, validate_name
 from streamd.identity import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
 from streamd.inference import ModelError, OnnxModel, sha256_of, window_starts
+from streamd.voice_count import TwoVoiceGate, split_score, window_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class SpeakerBook:
         self._enrolled = Enrolled()
         self._voices: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}  # name: (enrollment ids, voice)
         self.key = feature_key(model)
+        self._gate: tuple[TwoVoiceGate, Scorer] | None = None
         self.clusters: UnknownClusters | None = None
         if gallery is not None and gallery.readonly:
             log.warning("gallery %s is read-only (%s): enrolled speakers are recognised; enrollment, changes and "
@@ -372,17 +374,56 @@ class SpeakerBook:
         level = max(u.rms_dbfs for u in utts)
         if level < g.min_rms_dbfs:
             raise GalleryError(f"enrollment audio is too quiet ({level:.0f} dBFS, at least {g.min_rms_dbfs:.0f} needed)")
+        self._check_one_voice(name, utts, vectors)
+        self._check_not_enrolled(name, utts)
+
+    def _check_one_voice(self, name: str, utts: list[Utterance], vectors: np.ndarray) -> None:
+        """Refuse two voices: with the card's fitted gate (streamd.voice_count), over the
+        speaker's stored enrollments and the new ones, else the mean cosine between the new
+        enrollment's utterances."""
+        gate = self._two_voice_gate()
+        if gate is not None:
+            ids = self.gallery.enrollment_ids(self.key).get(name, ()) if self.gallery is not None else ()
+            stored = self.gallery.enrollment_features(ids) if ids else []
+            split = split_score(window_embeddings(self.model, [*stored, *(u.features for u in utts)]), gate[1])
+            if split is not None and split.score < gate[0].threshold:
+                raise GalleryError(f"two voices were heard in the enrollment audio (the voice changes after "
+                                   f"{split.windows[0]} of {sum(split.windows)} windows of 1.6 s: score "
+                                   f"{split.score:.2f}, one voice scores at least {gate[0].threshold:.2f}): "
+                                   "enroll one person at a time")
+            return
         e = l2_normalize(vectors)
         if len(e) > 1:
             sims = (e @ e.T)[np.triu_indices(len(e), k=1)]
-            if float(np.mean(sims)) < g.min_consistency:
-                raise GalleryError(f"enrollment clips disagree with each other (mean similarity {np.mean(sims):.2f}): "
-                                   "more than one voice, or noise?")
+            if float(np.mean(sims)) < self.gates.min_consistency:
+                raise GalleryError(f"two voices were heard, or noise: the enrollment clips disagree with each "
+                                   f"other (mean similarity {np.mean(sims):.2f}, at least "
+                                   f"{self.gates.min_consistency:.2f} needed)")
+
+    def _two_voice_gate(self) -> tuple[TwoVoiceGate, Scorer] | None:
+        """The card's two-voice gate and the fused scorer it was fitted with, when it has both."""
+        spec = self.model.card.data.get("enroll_gate")
+        if not spec or self._fusion is None or not self.scorer.normalised:
+            return None
+        if self._gate is None:
+            self._gate = (TwoVoiceGate.from_card(spec), Scorer(self.scorer.cohort, fusion=self._fusion[0]))
+        return self._gate
+
+    def _check_not_enrolled(self, name: str, utts: list[Utterance]) -> None:
+        """Refuse a voice already enrolled under another name: identified as that speaker by
+        the daemon's own decision, or closer than ``duplicate_score`` in cosine."""
         enrolled = self.enrolled()
-        if enrolled.names:
-            scores = enrolled.centroids @ l2_normalize(self.voice_of([u.features for u in utts]))
-            for i in np.argsort(-scores):
-                other = enrolled.names[i]
-                if other != name and scores[i] >= g.duplicate_score:
-                    raise GalleryError(f"this voice already matches enrolled speaker {other!r} "
-                                       f"(score {scores[i]:.2f}); add to {other!r} or rename it")
+        if not enrolled.names:
+            return
+        feats = [u.features for u in utts]
+        voice = self.voice_of(feats)
+        who = self._against_enrolled(voice, self.seconds_of(joined_features(feats)))
+        if who.speaker not in (UNKNOWN, name):
+            raise GalleryError(f"this voice is already enrolled as {who.speaker!r} (identified with score "
+                               f"{who.score:.2f}): add to {who.speaker!r} or remove it first")
+        scores = enrolled.centroids @ l2_normalize(voice)
+        for i in np.argsort(-scores):
+            other = enrolled.names[i]
+            if other != name and scores[i] >= self.gates.duplicate_score:
+                raise GalleryError(f"this voice is already enrolled as {other!r} "
+                                   f"(cosine {scores[i]:.2f}): add to {other!r} or remove it first")

@@ -133,7 +133,6 @@ def test_cli_enroll_list_rename_remove(tmp_path):
 @pytest.mark.parametrize("setting,why", [
     ("identity.enroll_min_seconds=60.0", "too little speech"),
     ("identity.enroll_min_dbfs=-5.0", "too quiet"),
-    ("identity.enroll_min_consistency=0.99", "disagree"),
 ])
 def test_enrollment_quality_gates_say_why(tmp_path, setting, why):
     r = streamd("enroll", "--set", f'state.dir="{tmp_path}"', "--set", setting, "theo", str(DATA / "enroll_theo.flac"))

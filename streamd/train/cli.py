@@ -22,10 +22,11 @@ DEFAULT_EPOCHS = {"digits": 60, "speaker": 30}
 def register(subparsers) -> None:
     """Add the ``train`` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser("train", help="train a model (needs the [train] extra: torch)")
-    p.add_argument("model", choices=("digits", "fusion", "speaker", "words"),
+    p.add_argument("model", choices=("digits", "enroll-gate", "fusion", "speaker", "words"),
                    help="which model to train (fusion: fit the late fusion of the two digit families; words: "
                         "ship the pretrained word embedding for vocabularies taught at run time, needs "
-                        "EfficientWord-Net, see make train)")
+                        "EfficientWord-Net, see make train; enroll-gate: fit the speaker model's two-voice "
+                        "enrollment gate and record it in its card)")
     p.add_argument("--data", type=Path, default=Path("../shared/datasets"),
                    help="folder holding fsdd/ and arabic-speech-commands/ (default ../shared/datasets)")
     p.add_argument("--out", type=Path, default=Path("models"),
@@ -104,7 +105,11 @@ def run(args) -> int:
             return 2
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(args.model, 0)
     t0 = time.time()
-    if args.model == "words":
+    if args.model == "enroll-gate":
+        from streamd.train import enroll_gate
+
+        code = enroll_gate.run(args.data, args.out, seed=args.seed)
+    elif args.model == "words":
         from streamd.train import words
 
         code = words.run(words.Options(args.data, args.out))
