@@ -87,6 +87,7 @@ train: venv
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --card digits.fusion-pair.json
 	$(BIN)/streamd train fusion --data ../shared/datasets --out models --seeds 0 1 --card digits.fusion-mfcc.json
 	$(BIN)/streamd train speaker --data ../shared/datasets --out models
+	$(BIN)/streamd train enroll-gate --data ../shared/datasets --out models
 	$(BIN)/streamd train speaker --encoder campplus --data ../shared/datasets --out models
 
 clean:
