@@ -29,7 +29,7 @@ LABEL = re.compile(rf"^{UNKNOWN}-(\d+)$")
 class ClusterSettings:
     enabled: bool = True
     far: float = 0.01
-    min_seconds: float = 1.0  # shorter unknown utterances may join a cluster, never start one
+    min_seconds: float = 1.3  # shorter unknown utterances (single words) may join a cluster, never start one
     max_clusters: int = 200
     max_members: int = 20  # utterances kept per cluster (the most recent), for promotion
 

@@ -98,7 +98,7 @@ class IdentityConfig:
     partial_every_s: float = 1.5
     cluster_unknown: bool = True
     cluster_far: float = 0.01
-    cluster_min_seconds: float = 1.0
+    cluster_min_seconds: float = 1.3
     cluster_max: int = 200
     cluster_keep: int = 20
 

@@ -347,8 +347,7 @@ class Daemon:
         self.cfg = self.engine.cfg = running  # and the streams that join later
         if gallery is not None:
             gallery.invalidate()
-        if self.book.clusters is not None:
-            self.book.clusters.reload()
+        self.book.reload_clusters()
         log.info("reloaded config and gallery%s", f" ({len(restart)} changed keys wait for a restart)" if restart else "")
 
 

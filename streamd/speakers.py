@@ -135,6 +135,7 @@ class SpeakerBook:
             self.enrolled()  # the enrolled voices worked out now, not during the first utterance
             self.clusters = None if gallery.readonly else self._open_clusters(gallery, cluster_settings)
         self._cluster_settings = cluster_settings
+        self.drop_clusters_of_enrolled()  # of voices enrolled while this daemon was not running
 
     @property
     def score(self) -> str:
@@ -270,6 +271,30 @@ class SpeakerBook:
             log.warning("could not store an unknown voice: %s", exc)
             return who
 
+    def drop_clusters_of_enrolled(self, names: list[str] | None = None) -> list[str]:
+        """Drop the unknown-voice clusters of enrolled voices (``names``, or everyone's): a
+        voice with a name never keeps a cluster label. Returns the labels dropped."""
+        if self.clusters is None:
+            return []
+        self.enrolled()
+        found = {cid for name, (_, voice) in self._voices.items() if names is None or name in names
+                 for cid in self.clusters.of_voice(voice)}
+        try:
+            for cid in sorted(found):
+                self.clusters.remove(label_of(cid))
+        except sqlite3.Error as exc:  # they stay until the next try; recognition goes on
+            log.warning("could not drop the clusters of enrolled voices: %s", exc)
+            return []
+        if found:
+            log.info("unknown-voice clusters of enrolled voices dropped: %s", ", ".join(label_of(c) for c in sorted(found)))
+        return [label_of(c) for c in sorted(found)]
+
+    def reload_clusters(self) -> None:
+        """Re-read the clusters (another process may have changed them and the gallery)."""
+        if self.clusters is not None:
+            self.clusters.reload()
+            self.drop_clusters_of_enrolled()
+
     def _clustering(self) -> bool:
         return self.clusters is not None and self._cluster_settings.enabled
 
@@ -360,6 +385,7 @@ class SpeakerBook:
         self._check(name, utterances, vectors)
         self.gallery.add_enrollments(name, utterances, vectors, self.sha, self.key, source, who)
         self.enrolled()  # the new voice worked out here, not during the next utterance
+        self.drop_clusters_of_enrolled([name])
         seconds = sum(u.seconds for u in utterances)
         return {"name": name, "utterances": len(utterances), "seconds": round(seconds, 2)}
 

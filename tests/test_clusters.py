@@ -138,3 +138,40 @@ def test_utterances_of_other_speaker_features_are_dropped(tmp_path, model, voice
     u, e = voices["visitor12"][0]
     clusters.observe(e, u)
     assert book_on(path, model).clusters.listing() == []
+
+
+def test_single_words_of_a_stranger_start_no_cluster(tmp_path, model):
+    """Ten single Arabic digits (0.7-1.1 s as cut) of one unknown voice used to found clusters
+    of their own; a word's embedding is too unsure to found a voice."""
+    book = book_on(tmp_path / "g.sqlite3", model)
+    words = file_utterances(str(DATA / "enroll_asc07.flac"), Config(), model)
+    assert len(words) == 10 and max(u.seconds for u in words) < ClusterSettings().min_seconds
+    assert [book.identify(model.run(u.features), u).cluster for u in words] == [None] * 10
+    assert book.clusters.listing() == []
+
+
+def test_enrolling_a_voice_drops_its_clusters(tmp_path, model, voices):
+    book = book_on(tmp_path / "g.sqlite3", model)
+    phrases = voices["visitor12"]
+    label = [book.identify(e, u).cluster for u, e in phrases[:3]][-1]
+    assert label is not None and len(book.clusters) == 1
+    book.enroll("Nadia", [u for u, _ in phrases[3:]], "test")  # other phrases of the same voice
+    assert book.clusters.listing() == []
+    decision = book.identify(phrases[0][1], phrases[0][0])
+    assert decision.speaker == "Nadia" and decision.cluster is None
+
+
+def test_clusters_of_a_voice_enrolled_meanwhile_are_dropped_at_start_up(tmp_path, model, voices):
+    path = tmp_path / "g.sqlite3"
+    book = book_on(path, model)
+    twelve = [book.identify(e, u).cluster for u, e in voices["visitor12"][:3]][-1]
+    other = book.identify(voices["visitor21"][1][1], voices["visitor21"][1][0]).cluster
+    assert twelve and other and twelve != other
+    book.close()
+    book.gallery.close()
+    g = Gallery(path)  # enrolled by a streamd of before this rule: the cluster stayed
+    utts = [u for u, _ in voices["visitor12"][3:]]
+    g.add_enrollments("Nadia", utts, np.stack([e for _, e in voices["visitor12"][3:]]), book.sha, book.key, "test")
+    g.close()
+    again = book_on(path, model)
+    assert [c["cluster"] for c in again.clusters.listing()] == [other]
