@@ -9,7 +9,7 @@ import numpy as np
 
 from streamd import config
 from streamd.inference import load_models
-from streamd.words import FRAMES
+from streamd.features import FRAMES
 
 CALLS = 50
 

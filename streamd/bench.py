@@ -28,7 +28,9 @@ from streamd.enroll import file_utterances
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd
 from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE, Frame
-from streamd.gallery import Gallery, Utterance, audio_level
+from streamd.gallery import Gallery
+from streamd.identity import Utterance
+from streamd.vad import audio_level
 from streamd.inference import load_models
 from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook, book_settings

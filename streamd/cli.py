@@ -605,7 +605,7 @@ def cmd_bench(args, cfg) -> int:
 def cmd_send(args, cfg) -> int:
     """Frames of a local source to a daemon's network source, optionally only speech."""
     from streamd import control
-    from streamd.config import STREAM_ID
+    from streamd.frames import STREAM_ID
     from streamd.netaudio import Sender
     from streamd.sources import open_source
     from streamd.vad import Segmenter

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd.gallery import Utterance, from_blob, to_blob, Transaction
+from streamd.gallery import from_blob, to_blob, Transaction
+
+from streamd.identity import Utterance
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clusters (

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from streamd.cluster_store import ClusterStore
-from streamd.gallery import UNKNOWN, GalleryError, Utterance
+from streamd.gallery import GalleryError
+from streamd.identity import UNKNOWN, Utterance
 from streamd.identity import Enrolled, Scorer, l2_normalize
 
 log = logging.getLogger(__name__)

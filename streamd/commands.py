@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from streamd.control import ControlError, ControlServer, Pending
-from streamd.gallery import Gallery, GalleryError, Utterance, to_blob
+from streamd.gallery import Gallery, GalleryError, to_blob
+from streamd.identity import Utterance
 from streamd.vocabulary import WordBook, check_digit, check_vocabulary
 
 MAX_NEXT_SECONDS = 120.0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from streamd.features import FeatureParams, mel_params
+from streamd.frames import STREAM_ID
 from streamd.vad import VAD_FRAME_MS, VadParams
 
 EX_CONFIG = 78
@@ -149,7 +150,6 @@ class StreamConfig:
     pace: str = ""  # "" = source.pace
 
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)

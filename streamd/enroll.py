@@ -8,7 +8,8 @@ import numpy as np
 from streamd.config import Config
 from streamd.features import mfcc, normalize
 from streamd.frames import SAMPLE_RATE
-from streamd.gallery import Utterance, audio_level
+from streamd.identity import Utterance
+from streamd.vad import audio_level
 from streamd.inference import OnnxModel
 from streamd.sources import SourceError, read_audio
 from streamd.vad import SpeechEnd, segment_clip

@@ -17,7 +17,8 @@ import numpy as np
 import soundfile as sf
 
 from streamd.vad import VadParams, heard_utterance
-from streamd.words import MatchRule, TemplateIndex, choose, word_input
+from streamd.features import word_input
+from streamd.words import MatchRule, TemplateIndex, choose
 
 ASC = "arabic-speech-commands"
 FSDD_TRAINING = ("jackson", "nicolas", "yweweler")  # the digit models' English training speakers

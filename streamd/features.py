@@ -3,7 +3,7 @@
 Three front ends: MFCC (python_speech_features; the digit model), a mel power spectrogram
 (the GE2E speaker encoder's own front end) and Kaldi's log mel filterbank (``kaldifbank``,
 the front end CAM++ was trained on). A fourth, ``wordwin`` (the word model's 1.5 s window of
-log filterbanks, ``streamd.words.word_input``), is computed from an utterance's audio, not
+log filterbanks, ``word_input``), is computed from an utterance's audio, not
 streamed into a ring. Both paths pre-emphasise the signal (MFCC only; Kaldi
 pre-emphasises each frame on its own, after removing its DC), cut it into frames that lie
 wholly inside the audio (no zero padding at the end, unlike python_speech_features' default;
@@ -21,9 +21,8 @@ import numpy as np
 import python_speech_features as psf
 from scipy.fftpack import dct
 
-from streamd.words import word_input
+from streamd.frames import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # Log-energy of an all-zero frame would be log(eps) = -36, an outlier that swamps
 # per-utterance normalisation; floor it at 0, an energy of 1 on the int16 scale: a frame of
 # samples about 0.1 in size. (A frame of unit samples, +-1, has 4.4 to 4.8: 4.83 constant or
@@ -352,3 +351,35 @@ class StreamingMfcc:
             return np.zeros((0, self.params.stored_dims), dtype=np.float64)
         idx = np.arange(start, stop) % self.capacity
         return self._ring[idx].copy()
+
+
+# --------------------------------------------------------------------------- the word model's input
+
+WINDOW = int(1.5 * SAMPLE_RATE)  # the word model reads 1.5 s, the utterance centred in it
+FILTERS = 64
+FRAMES = 149  # 25 ms windows every 10 ms in 1.5 s
+
+
+def centred(audio: np.ndarray) -> np.ndarray:
+    """The middle WINDOW samples of ``audio`` (all of it if shorter): what the word model reads."""
+    start = max(0, (len(audio) - WINDOW) // 2)
+    return audio[start : start + WINDOW]
+
+
+def centred_window(audio: np.ndarray) -> np.ndarray:
+    """``audio`` (int16) as float in [-1, 1], centred in WINDOW samples: cut or zero-padded."""
+    x = audio.astype(np.float32) / 32768
+    if len(x) >= WINDOW:
+        start = (len(x) - WINDOW) // 2
+        return x[start : start + WINDOW]
+    pad = WINDOW - len(x)
+    return np.pad(x, (pad // 2, pad - pad // 2))
+
+
+def word_input(utterance: np.ndarray) -> np.ndarray:
+    """The word model's input for one utterance's audio (the VAD's cut, int16): 64 log mel
+    filterbanks (25 ms / 10 ms, NFFT 512, no pre-emphasis) of the centred 1.5 s window, as
+    EfficientWord-Net computes them. Shape (1, FRAMES, FILTERS), float32."""
+    f = psf.logfbank(centred_window(utterance), samplerate=SAMPLE_RATE, winlen=0.025, winstep=0.01,
+                     nfilt=FILTERS, nfft=512, preemph=0.0)
+    return f[None].astype(np.float32)

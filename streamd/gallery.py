@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamd.identity import UNKNOWN, Utterance
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -74,7 +76,6 @@ INSERT OR IGNORE INTO speaker_changes VALUES (1, 0);
     f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()}_counted AFTER {event} ON {table} "
     "BEGIN UPDATE speaker_changes SET n = n + 1; END;\n"
     for table in ("speakers", "enrollments", "embeddings") for event in ("INSERT", "UPDATE", "DELETE"))
-UNKNOWN = "unknown"
 GALLERY_NAME = "gallery.sqlite3"  # the file in the state directory (streamd.daemon.GALLERY_FILE)
 
 
@@ -162,27 +163,6 @@ def tighten(path: Path) -> None:
             st = p.stat()
             if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
                 os.chmod(p, stat.S_IMODE(st.st_mode) & 0o700)
-
-
-@dataclass(frozen=True)
-class Utterance:
-    """One utterance's normalised speaker features, as stored for enrollment, and the
-    level of its audio (checked by the enrollment quality gates, not stored)."""
-
-    features: np.ndarray  # (frames, dims) float32
-    seconds: float
-    peak: float = 0.0  # largest |sample| / 32768
-    clipped: float = 0.0  # share of samples at full scale
-    rms_dbfs: float = -100.0
-
-
-def audio_level(audio: np.ndarray) -> tuple[float, float, float]:
-    """(peak, clipped share, RMS in dBFS) of int16 audio."""
-    if len(audio) == 0:
-        return 0.0, 0.0, -100.0
-    a = np.abs(audio.astype(np.int32))
-    rms = float(np.sqrt(np.mean((audio.astype(np.float64) / 32768.0) ** 2)))
-    return float(a.max()) / 32768.0, float(np.mean(a >= 32767)), 20 * np.log10(max(rms, 1e-5))
 
 
 @dataclass(frozen=True)

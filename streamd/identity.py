@@ -11,10 +11,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamd.gallery import UNKNOWN
+from streamd.vad import SILENT_DBFS
 
-__all__ = ["UNKNOWN", "Decision", "Scorer", "Calibration", "QualityFusion", "Enrolled", "decide", "l2_normalize",
+UNKNOWN = "unknown"  # the speaker of an utterance nobody enrolled matches
+
+__all__ = ["Utterance", "UNKNOWN", "Decision", "Scorer", "Calibration", "QualityFusion", "Enrolled", "decide", "l2_normalize",
            "quality_measures", "QUALITY_MEASURES"]
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One utterance's normalised speaker features, as stored for enrollment, and the
+    level of its audio (checked by the enrollment quality gates, not stored)."""
+
+    features: np.ndarray  # (frames, dims) float32
+    seconds: float
+    peak: float = 0.0  # largest |sample| / 32768
+    clipped: float = 0.0  # share of samples at full scale
+    rms_dbfs: float = SILENT_DBFS
 
 
 def l2_normalize(v: np.ndarray) -> np.ndarray:

@@ -24,8 +24,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from streamd.config import STREAM_ID
-from streamd.frames import SAMPLE_RATE, Frame
+from streamd.frames import SAMPLE_RATE, STREAM_ID, Frame
 from streamd.readers import StreamStatus
 
 log = logging.getLogger(__name__)

@@ -15,16 +15,17 @@ from streamd import digits
 from streamd.batching import Batcher, Job
 from streamd.config import Config
 from streamd.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd, VadStart
-from streamd.features import FeatureParams, StreamingMfcc, features_of_audio, normalize
+from streamd.features import FeatureParams, StreamingMfcc, centred, features_of_audio, normalize, word_input
 from streamd.frames import SAMPLE_RATE, Frame
-from streamd.gallery import Utterance, audio_level
+from streamd.identity import Utterance
+from streamd.vad import audio_level
 from streamd.identity import UNKNOWN, Decision
 from streamd.inference import FeaturesByFrontEnd, Models
 from streamd.metrics import STAGES, Metrics
 from streamd.speakers import SpeakerBook
 from streamd.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart, model_span
 from streamd.vocabulary import WordBook
-from streamd.words import BUILTIN, centred, word_input
+from streamd.words import BUILTIN
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import numpy as np
 
 from streamd.cluster_store import ClusterStore
 from streamd.clusters import ClusterSettings, UnknownClusters, label_of
-from streamd.gallery import UNKNOWN, Gallery, GalleryError, StorageError, Utterance, storage_error, validate_name
+from streamd.gallery import Gallery, GalleryError, StorageError, storage_error, validate_name
+from streamd.identity import UNKNOWN, Utterance
 from streamd.identity import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
 from streamd.inference import ModelError, OnnxModel, sha256_of, window_starts
 from streamd.voice_count import TwoVoiceGate, split_score, window_embeddings

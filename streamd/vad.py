@@ -114,6 +114,14 @@ def frame_levels(samples: np.ndarray) -> tuple[float, float]:
     return 10.0 * math.log10(max(power, least)), 10.0 * math.log10(max(ac, least))
 
 
+def audio_level(audio: np.ndarray) -> tuple[float, float, float]:
+    """(peak, clipped share, RMS in dBFS) of int16 audio (digital silence: ``SILENT_DBFS``)."""
+    if len(audio) == 0:
+        return 0.0, 0.0, SILENT_DBFS
+    a = np.abs(audio.astype(np.int32))
+    return float(a.max()) / 32768.0, float(np.mean(a >= 32767)), frame_dbfs(audio)
+
+
 class NoiseFloor:
     """The microphone's noise floor: a low percentile of the levels of the last ``WINDOW_S``,
     digital silence left out (a dip of zeros is no microphone's floor); and whether the audio

@@ -17,7 +17,8 @@ import numpy as np
 
 from streamd.gallery import Gallery, GalleryError, StorageError, storage_error
 from streamd.inference import ModelCard, ModelError, load_card, session_options, sha256_of
-from streamd.words import BUILTIN, FILTERS, FRAMES, MatchRule, TemplateIndex, WordMatch, word_input
+from streamd.features import FILTERS, FRAMES, word_input
+from streamd.words import BUILTIN, MatchRule, TemplateIndex, WordMatch
 
 log = logging.getLogger(__name__)
 

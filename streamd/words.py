@@ -6,7 +6,7 @@ vocabulary and digit. A later utterance is named by its nearest templates when i
 enough to one digit's and clearly closer to it than to any other's; otherwise the built-in
 digit models decide. Nothing is trained: enrollment is data.
 
-Pure processing: the model's input from audio, and the match. Storage and the model's
+Pure processing: the match (the model's input from audio is streamd.features.word_input). Storage and the model's
 session are in ``streamd.vocabulary``.
 """
 
@@ -15,39 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from python_speech_features import logfbank
 
-SAMPLE_RATE = 16000
-WINDOW = int(1.5 * SAMPLE_RATE)  # the word model reads 1.5 s, the utterance centred in it
-FILTERS = 64
-FRAMES = 149  # 25 ms windows every 10 ms in 1.5 s
 BUILTIN = "builtin"  # the vocabulary of the digit models' own decisions
 TOP_K = 3  # a digit's score: the mean cosine of its nearest templates (fewer if it has fewer)
-
-
-def centred(audio: np.ndarray) -> np.ndarray:
-    """The middle WINDOW samples of ``audio`` (all of it if shorter): what the word model reads."""
-    start = max(0, (len(audio) - WINDOW) // 2)
-    return audio[start : start + WINDOW]
-
-
-def centred_window(audio: np.ndarray) -> np.ndarray:
-    """``audio`` (int16) as float in [-1, 1], centred in WINDOW samples: cut or zero-padded."""
-    x = audio.astype(np.float32) / 32768
-    if len(x) >= WINDOW:
-        start = (len(x) - WINDOW) // 2
-        return x[start : start + WINDOW]
-    pad = WINDOW - len(x)
-    return np.pad(x, (pad // 2, pad - pad // 2))
-
-
-def word_input(utterance: np.ndarray) -> np.ndarray:
-    """The word model's input for one utterance's audio (the VAD's cut, int16): 64 log mel
-    filterbanks (25 ms / 10 ms, NFFT 512, no pre-emphasis) of the centred 1.5 s window, as
-    EfficientWord-Net computes them. Shape (1, FRAMES, FILTERS), float32."""
-    f = logfbank(centred_window(utterance), samplerate=SAMPLE_RATE, winlen=0.025, winstep=0.01,
-                 nfilt=FILTERS, nfft=512, preemph=0.0)
-    return f[None].astype(np.float32)
 
 
 @dataclass(frozen=True)

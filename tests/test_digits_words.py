@@ -8,7 +8,7 @@ from streamd.features import word_window_params
 from streamd.train import scoring
 from conftest import MODELS, DATA
 from streamd.sources import read_audio
-from streamd.words import word_input
+from streamd.features import word_input
 
 
 def test_the_family_is_a_fusion_member_by_name():

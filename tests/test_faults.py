@@ -175,7 +175,8 @@ def test_disk_full_while_running_refuses_enrollment_and_recognition_goes_on(
 
 def test_sqlite_full_maps_to_a_one_line_gallery_error(tmp_path):
     """SQLITE_FULL for real, without a file system: the database may not grow past its pages."""
-    from streamd.gallery import Gallery, StorageError, Utterance
+    from streamd.gallery import Gallery, StorageError
+    from streamd.identity import Utterance
 
     g = Gallery(tmp_path / "g.sqlite3")
     utt = Utterance(np.zeros((100, 40), np.float32), 1.0)
@@ -358,7 +359,8 @@ WRITER = """
 import sys
 from pathlib import Path
 import numpy as np
-from streamd.gallery import Gallery, Utterance
+from streamd.gallery import Gallery
+from streamd.identity import Utterance
 
 gallery, start = Gallery(Path(sys.argv[1])), int(sys.argv[2])
 rng = np.random.default_rng(start)

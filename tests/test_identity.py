@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from streamd import digits
-from streamd.gallery import Gallery, GalleryError, Utterance
+from streamd.gallery import Gallery, GalleryError
+from streamd.identity import Utterance
 from streamd.identity import UNKNOWN, Enrolled, Scorer, decide, l2_normalize
 from conftest import DATA, streamd
 

@@ -123,7 +123,7 @@ def test_offline_removal_leaves_nothing_in_any_file(iso, tmp_path):
 
 
 def test_removal_on_a_running_daemon_survives_sigkill_and_leaves_no_cluster_of_the_voice(iso, notify, tmp_path):
-    from helpers import LiveDaemon, by_type, collect
+    from helpers import LiveDaemon
 
     state = tmp_path / "state"
     gallery = state / "gallery.sqlite3"

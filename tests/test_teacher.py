@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd import words
+from streamd import features
 from streamd.train import data, scoring, teacher
 from streamd.train.fusion import Options, member_cards
 from streamd.vad import VadParams, utterance_audio
@@ -36,12 +36,12 @@ def stand_in_teacher(path, dim=32):
 
 def test_the_utterance_is_centred_in_the_teachers_window():
     short = np.full(8000, 16384, np.int16)
-    w = words.centred_window(short)
-    assert w.shape == (words.WINDOW,) and w.dtype == np.float32
+    w = features.centred_window(short)
+    assert w.shape == (features.WINDOW,) and w.dtype == np.float32
     nz = np.flatnonzero(w)
-    assert nz[0] == (words.WINDOW - 8000) // 2 and len(nz) == 8000 and np.allclose(w[nz], 0.5)
+    assert nz[0] == (features.WINDOW - 8000) // 2 and len(nz) == 8000 and np.allclose(w[nz], 0.5)
     long = np.arange(40000).astype(np.int16)
-    assert words.centred_window(long)[0] * 32768 == pytest.approx((40000 - words.WINDOW) // 2)
+    assert features.centred_window(long)[0] * 32768 == pytest.approx((40000 - features.WINDOW) // 2)
     assert teacher.teacher_input(short).shape == (1, 1, 149, 64)
 
 

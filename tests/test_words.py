@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.words import FILTERS, FRAMES, WINDOW, MatchRule, TemplateIndex, centred, word_input
+from streamd.features import FILTERS, FRAMES, WINDOW, centred, word_input
+from streamd.words import MatchRule, TemplateIndex
 
 DATA = Path(__file__).parent / "data"
 

@@ -179,7 +179,7 @@ def model_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dic
     c = card.digits_card(path, split, metrics, threshold, info, head)
     c["trainable_parameters"] = c["parameters"]
     c["features"] = word_window_params().as_dict()
-    c["normalization"] = "none: the word model reads its log filterbanks as they are (streamd.words.word_input)"
+    c["normalization"] = "none: the word model reads its log filterbanks as they are (streamd.features.word_input)"
     c["input"] = {"name": "feats", "shape": ["batch", 149, 64], "dtype": "float32", "bucket": False,
                   "notes": "the utterance's 1.5 s word window (cut or zero-padded, centred), from its audio, not a ring"}
     c["pretrained"] = {**words["provenance"], "sha256": words["sha256"],

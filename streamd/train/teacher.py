@@ -23,7 +23,7 @@ import numpy as np
 
 from streamd.train import data
 from streamd.vad import VadParams, utterance_audio
-from streamd.words import word_input
+from streamd.features import word_input
 
 DISTRIBUTION = "EfficientWord-Net"
 VERSION = "1.0.5"

@@ -22,7 +22,7 @@ import numpy as np
 from streamd import eval_words
 from streamd.train import teacher
 from streamd.vad import VadParams
-from streamd.words import FILTERS, FRAMES
+from streamd.features import FILTERS, FRAMES
 
 BATCH_SHAPES = {"/Reshape": [0, -1], "/Reshape_1": [-1, 1], "/Reshape_2": [-1, 1], "/Reshape_3": [-1, 1, FRAMES, FILTERS]}
 
@@ -83,7 +83,7 @@ def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips
         "input": {"name": "input", "shape": ["batch", 1, FRAMES, FILTERS],
                   "note": "64 log mel filterbanks (python_speech_features.logfbank: 25 ms / 10 ms, NFFT 512, "
                           "no pre-emphasis) of a 1.5 s window, the VAD-cut utterance centred in it "
-                          "(streamd.words.word_input)"},
+                          "(streamd.features.word_input)"},
         "output": {"name": "feature_output", "shape": ["batch", 2048], "l2_normalized": True},
         "features": {"kind": "logfbank64-1.5s", "note": "computed from the utterance's audio, not from a ring"},
         "vad": asdict(VadParams()),  # the cuts its templates and match rule were measured on
