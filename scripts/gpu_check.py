@@ -1,5 +1,5 @@
 """The shipped models on onnxruntime's CUDA provider, against the CPU provider, through the
-daemon's own loading code (streamd.inference.load_models):
+daemon's own loading code (streamd.models.inference.load_models):
 
 - which provider each model's session runs on, any fallback, and where onnxruntime placed
   each graph node (from its profiler: the int8 LSTM layers have no CUDA kernel);
@@ -29,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd import config, digits
-from streamd.evaluate import Clip, run_models
-from streamd.inference import CPU, CUDA, OnnxModel, load_card, load_models, session_options
+from streamd import config
+
+from streamd.models import digits
+from streamd.offline.evaluate import Clip, run_models
+from streamd.models.inference import CPU, CUDA, OnnxModel, load_card, load_models, session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ["word.flac", "parity.flac", "demo.flac", "visitor12.flac", "visitor21.flac", "enroll_theo.flac",
@@ -128,8 +130,8 @@ def conv_search(model: OnnxModel, sample: np.ndarray) -> dict:
 def model_inputs(models) -> dict[str, np.ndarray]:
     """A real input row for each model: the speaker's first 1.6 s window of the demo, the
     digit models' first second of it."""
-    from streamd.features import mfcc, normalize
-    from streamd.sources import read_audio
+    from streamd.signal.features import mfcc, normalize
+    from streamd.audio.sources import read_audio
 
     audio = read_audio(str(ROOT / "tests" / "data" / "demo.flac"))
     out = {}

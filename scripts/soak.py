@@ -34,8 +34,8 @@ DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(ROOT))
 
 from streamd import control  # noqa: E402
-from streamd.events import receive, subscribe  # noqa: E402
-from streamd.sources import read_audio  # noqa: E402
+from streamd.service.events import receive, subscribe  # noqa: E402
+from streamd.audio.sources import read_audio  # noqa: E402
 
 RATE = 16000
 CLIPS = ("demo.flac", "visitor12.flac", "visitor21.flac", "enroll_asc02.flac", "enroll_asc07.flac")

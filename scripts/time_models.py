@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 
 from streamd import config
-from streamd.inference import load_models
-from streamd.features import FRAMES
+from streamd.models.inference import load_models
+from streamd.signal.features import FRAMES
 
 CALLS = 50
 

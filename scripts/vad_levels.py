@@ -20,12 +20,12 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import build, read_toml
-from streamd.stream_audio import pink as pink_noise
-from streamd.evaluate import Clip, digit_report
-from streamd.frames import SAMPLE_RATE
-from streamd.inference import load_digits
+from streamd.audio.stream_audio import pink as pink_noise
+from streamd.offline.evaluate import Clip, digit_report
+from streamd.audio.frames import SAMPLE_RATE
+from streamd.models.inference import load_digits
 from streamd.train import data
-from streamd.vad import VadParams, heard_utterance, segment_clip
+from streamd.signal.vad import VadParams, heard_utterance, segment_clip
 
 LEVELS_DB = (0, -10, -20, -30)
 NOISE_DBFS = (-70, -55, -40)
@@ -55,7 +55,7 @@ def word_table(clips: list[data.Clip], settings: dict[str, VadParams]) -> None:
 
 
 def digit_table(clips: list[data.Clip], settings: dict[str, VadParams]) -> None:
-    """Scored by ``streamd.evaluate.digit_report``, as ``streamd eval digits`` scores the
+    """Scored by ``streamd.offline.evaluate.digit_report``, as ``streamd eval digits`` scores the
     held-out speakers (a clip the VAD does not hear is said nothing)."""
     cfg = build(read_toml(Path("config.toml")))
     digits = load_digits(cfg)

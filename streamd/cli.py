@@ -144,7 +144,7 @@ def load_config(args) -> config_mod.Config:
 
 
 def cmd_run(args, cfg) -> int:
-    from streamd.daemon import Daemon, RunOptions
+    from streamd.service.daemon import Daemon, RunOptions
 
     opts = RunOptions(
         source=args.source,
@@ -161,10 +161,10 @@ def open_book(cfg, write: bool = True, state: Path | None = None):
     """The gallery (in ``state``, default the config's state directory) and speaker model, for
     commands that run without a daemon. ``write``: the command changes the gallery, so a
     read-only or full one is refused here, in one line."""
-    from streamd.daemon import GALLERY_FILE
-    from streamd.gallery import Gallery, StorageError
-    from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook, book_settings
+    from streamd.service.daemon import GALLERY_FILE
+    from streamd.identity.gallery import Gallery, StorageError
+    from streamd.models.inference import load_model
+    from streamd.identity.speakers import SpeakerBook, book_settings
 
     model = load_model(cfg, "speaker", "cpu")
     gallery = Gallery((state or cfg.state_dir()) / GALLERY_FILE)
@@ -175,7 +175,7 @@ def open_book(cfg, write: bool = True, state: Path | None = None):
 
 
 def cmd_enroll(args, cfg) -> int:
-    from streamd.enroll import file_utterances
+    from streamd.identity.enrollment import file_utterances
 
     book = open_book(cfg)
     try:
@@ -191,7 +191,7 @@ def cmd_enroll(args, cfg) -> int:
 def cmd_listen(args, cfg) -> int:
     import zmq
 
-    from streamd.events import receive, subscribe
+    from streamd.service.events import receive, subscribe
 
     endpoint = args.endpoint or cfg.events.endpoint
     try:
@@ -252,7 +252,7 @@ def cmd_speakers(args, cfg) -> int:
     The request names the state directory this command means; a daemon serving another one
     is refused (its gallery is not the one asked about). With no daemon, a read never creates
     a gallery, and every command says which gallery it used."""
-    from streamd import control
+    from streamd.service import control
 
     request = speakers_request(args)
     if request is None:
@@ -302,9 +302,9 @@ def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dic
     ``offline(state)``'s on the database; an int is an exit code (its message printed). A
     daemon serving another state directory is refused; with no daemon a read never creates
     a gallery; either way stderr says which gallery answered."""
-    from streamd import control
-    from streamd.commands import same_dir
-    from streamd.daemon import GALLERY_FILE
+    from streamd.service import control
+    from streamd.service.commands import same_dir
+    from streamd.service.daemon import GALLERY_FILE
 
     state = cfg.client_state_dir()
     request["state_dir"] = str(state)
@@ -405,9 +405,9 @@ def cmd_keys(args) -> int:
 
 def speakers_offline(cfg, request: dict, state: Path | None = None) -> dict:
     """The same commands directly on the gallery database (no daemon running)."""
-    from streamd.commands import cluster_command, gallery_command
-    from streamd.control import ControlError
-    from streamd.gallery import GalleryError
+    from streamd.service.commands import cluster_command, gallery_command
+    from streamd.service.control import ControlError
+    from streamd.identity.gallery import GalleryError
 
     try:
         book = open_book(cfg, write=request["cmd"] not in SPEAKER_READS, state=state)
@@ -425,8 +425,8 @@ def speakers_offline(cfg, request: dict, state: Path | None = None) -> dict:
 
 
 def cmd_eval(args, cfg) -> int:
-    from streamd import evaluate
-    from streamd.inference import load_models
+    from streamd.offline import evaluate
+    from streamd.models.inference import load_models
 
     if args.corpora and args.data and args.corpora != args.data:
         print(f"streamd: eval: two corpora folders given ({args.corpora} and --data {args.data})", file=sys.stderr)
@@ -457,8 +457,8 @@ def cmd_eval(args, cfg) -> int:
 def eval_digits(args, cfg) -> int:
     from dataclasses import replace
 
-    from streamd import eval_digits as ed
-    from streamd.inference import digit_plan, load_digits
+    from streamd.offline import eval_digits as ed
+    from streamd.models.inference import digit_plan, load_digits
 
     def progress(condition: str, n: int, total: int) -> None:
         if n % 500 == 0 or n == total:
@@ -484,9 +484,9 @@ def eval_digits(args, cfg) -> int:
 
 
 def eval_stream(args, cfg) -> int:
-    from streamd import eval_stream as es
-    from streamd.inference import load_models
-    from streamd.stream_audio import standard_conditions
+    from streamd.offline import eval_stream as es
+    from streamd.models.inference import load_models
+    from streamd.audio.stream_audio import standard_conditions
 
     conditions = standard_conditions(args.noise_minutes * 60)
     if args.only:
@@ -559,9 +559,9 @@ clip_count = bounded(int, 1, 50, "clips")
 
 
 def eval_speakers(args, cfg) -> int:
-    from streamd import eval_speakers as es
-    from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook, book_settings
+    from streamd.offline import eval_speakers as es
+    from streamd.models.inference import load_model
+    from streamd.identity.speakers import SpeakerBook, book_settings
 
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
     result = es.evaluate_speakers(args.data, cfg, book, phrase_clips=args.phrase_clips)
@@ -577,7 +577,7 @@ def eval_speakers(args, cfg) -> int:
 
 
 def keep_in_card(card: Path, report: dict, command: str) -> int:
-    from streamd.evaluate import record_in_card
+    from streamd.offline.evaluate import record_in_card
 
     try:
         record_in_card(card, report, command)
@@ -588,7 +588,7 @@ def keep_in_card(card: Path, report: dict, command: str) -> int:
 
 
 def cmd_bench(args, cfg) -> int:
-    from streamd import bench
+    from streamd.offline import bench
 
     if not 1 <= args.streams <= 10000:
         print("streamd: bench --streams must be 1..10000", file=sys.stderr)
@@ -604,11 +604,11 @@ def cmd_bench(args, cfg) -> int:
 
 def cmd_send(args, cfg) -> int:
     """Frames of a local source to a daemon's network source, optionally only speech."""
-    from streamd import control
-    from streamd.frames import STREAM_ID
-    from streamd.netaudio import Sender
-    from streamd.sources import open_source
-    from streamd.vad import Segmenter
+    from streamd.service import control
+    from streamd.audio.frames import STREAM_ID
+    from streamd.audio.netaudio import Sender
+    from streamd.audio.sources import open_source
+    from streamd.signal.vad import Segmenter
 
     if not STREAM_ID.match(args.stream):
         print(f"streamd: --stream {args.stream!r} must be 1-64 letters, digits, '_' or '-'", file=sys.stderr)
@@ -641,8 +641,8 @@ def _interrupt(signum, _frame) -> None:
 
 def _speech_frames(segmenter, frame):
     """--vad: the frames to send for this one (its utterance's pre-roll when speech starts)."""
-    from streamd.frames import SAMPLE_RATE, Frame
-    from streamd.vad import SpeechAudio, SpeechStart
+    from streamd.audio.frames import SAMPLE_RATE, Frame
+    from streamd.signal.vad import SpeechAudio, SpeechStart
 
     out = []
     for o in segmenter.push(frame):
@@ -669,11 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         return train_cli.run(args)
     if args.command == "keys":
         return cmd_keys(args)
-    from streamd.daemon import setup_logging
-    from streamd.control import ControlError
-    from streamd.gallery import GalleryError, StorageError
-    from streamd.inference import ModelError
-    from streamd.sources import SourceError
+    from streamd.service.daemon import setup_logging
+    from streamd.service.control import ControlError
+    from streamd.identity.gallery import GalleryError, StorageError
+    from streamd.models.inference import ModelError
+    from streamd.audio.sources import SourceError
 
     try:
         cfg = load_config(args)

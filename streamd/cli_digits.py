@@ -45,12 +45,12 @@ def cmd_digits(args, cfg) -> int:
 def ask(cfg, request: dict) -> dict | int:
     """The running daemon's answer when one serves this state directory, else the database's
     (``streamd.cli.ask_state``: a read never creates a gallery); an int is an exit code."""
-    from streamd import control
+    from streamd.service import control
     from streamd.cli import ask_state
 
     def offline(state) -> dict:
-        from streamd.commands import word_command
-        from streamd.control import ControlError
+        from streamd.service.commands import word_command
+        from streamd.service.control import ControlError
 
         book = open_words(cfg, state)
         try:
@@ -64,10 +64,10 @@ def ask(cfg, request: dict) -> dict | int:
 
 
 def open_words(cfg, state=None):
-    from streamd.daemon import GALLERY_FILE
-    from streamd.gallery import Gallery
-    from streamd.inference import ModelError
-    from streamd.vocabulary import WordBook, load_word_model
+    from streamd.service.daemon import GALLERY_FILE
+    from streamd.identity.gallery import Gallery
+    from streamd.models.inference import ModelError
+    from streamd.identity.vocabulary import WordBook, load_word_model
 
     model = load_word_model(cfg)
     if model is None:
@@ -76,8 +76,8 @@ def open_words(cfg, state=None):
 
 
 def enroll(args, cfg) -> int:
-    from streamd.enroll import file_words
-    from streamd.vocabulary import check_digit, check_vocabulary
+    from streamd.identity.enrollment import file_words
+    from streamd.identity.vocabulary import check_digit, check_vocabulary
 
     check_vocabulary(args.vocabulary), check_digit(args.digit)  # before any file is read or made
     cuts = [cut for path in args.audio for cut in file_words(path, cfg)]
@@ -96,8 +96,8 @@ def eval_words(args, cfg) -> int:
     word model and its card's match rule (the rule was fitted on validation speakers)."""
     import json
 
-    from streamd import eval_words as ew
-    from streamd.vocabulary import load_word_model, match_rule
+    from streamd.offline import eval_words as ew
+    from streamd.identity.vocabulary import load_word_model, match_rule
 
     model = load_word_model(cfg)
     if model is None:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamd.features import FeatureParams, mel_params
-from streamd.frames import STREAM_ID
-from streamd.vad import VAD_FRAME_MS, VadParams
+from streamd.signal.features import FeatureParams, mel_params
+from streamd.audio.frames import STREAM_ID
+from streamd.signal.vad import VAD_FRAME_MS, VadParams
 
 EX_CONFIG = 78
 

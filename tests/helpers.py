@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from streamd import control, keys
-from streamd.events import receive, subscribe
-from streamd.frames import SAMPLE_RATE
-from streamd.sources import read_audio
-from streamd.vad import VadParams, segment_clip
+from streamd import keys
+
+from streamd.service import control
+from streamd.service.events import receive, subscribe
+from streamd.audio.frames import SAMPLE_RATE
+from streamd.audio.sources import read_audio
+from streamd.signal.vad import VadParams, segment_clip
 from conftest import DATA, start_streamd
 
 # ---------------------------------------------------------------- events of a running daemon
@@ -113,8 +115,8 @@ def client_curve(d: Path, who: str = "client", server: str = "server/server.key"
 def utterance_features(model, clip="demo.flac"):
     """The model's input for each utterance the VAD finds in a bundled clip."""
     from streamd.config import Config
-    from streamd.features import mfcc, normalize
-    from streamd.inference import DigitModels
+    from streamd.signal.features import mfcc, normalize
+    from streamd.models.inference import DigitModels
 
     audio = read_audio(str(DATA / clip))
     cfg = Config()

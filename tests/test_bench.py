@@ -64,7 +64,7 @@ def test_bench_names_the_provider_of_every_model(speech):
 
 def decisions_of(naive: bool) -> dict:
     """The speaker and digit decisions of one in-process bench run, by (stream, utterance, type)."""
-    from streamd import bench as bench_mod
+    from streamd.offline import bench as bench_mod
     from streamd.config import load
 
     published: list[dict] = []

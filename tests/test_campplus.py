@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 
 from streamd.config import build
-from streamd.features import StreamingMfcc, kaldi_fbank_params, mfcc, normalize
-from streamd.inference import load_model
+from streamd.signal.features import StreamingMfcc, kaldi_fbank_params, mfcc, normalize
+from streamd.models.inference import load_model
 from conftest import DATA, MODELS, ROOT
 
 CARD = MODELS / "speaker-campplus.card.json"

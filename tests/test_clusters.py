@@ -7,14 +7,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from streamd.cluster_store import ClusterStore
-from streamd.clusters import ClusterSettings, UnknownClusters, parse_label
+from streamd.identity.cluster_store import ClusterStore
+from streamd.identity.clusters import ClusterSettings, UnknownClusters, parse_label
 from streamd.config import Config
-from streamd.enroll import file_utterances
-from streamd.gallery import Gallery, GalleryError
-from streamd.inference import load_model
-from streamd.identity import Scorer
-from streamd.speakers import SpeakerBook, feature_key
+from streamd.identity.enrollment import file_utterances
+from streamd.identity.gallery import Gallery, GalleryError
+from streamd.models.inference import load_model
+from streamd.identity.scoring import Scorer
+from streamd.identity.speakers import SpeakerBook, feature_key
 from conftest import DATA, ROOT
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.digits import decide
-from streamd.events import subscribe
-from streamd.inference import load_digits
-from streamd.pipeline import METRICS_EVERY
-from streamd.sources import read_audio
-from streamd.vad import segment_clip
+from streamd.models.digits import decide
+from streamd.service.events import subscribe
+from streamd.models.inference import load_digits
+from streamd.service.pipeline import METRICS_EVERY
+from streamd.audio.sources import read_audio
+from streamd.signal.vad import segment_clip
 from conftest import DATA, MODELS, ROOT, start_streamd, streamd
 from helpers import by_type, collect, demo_truth
 
@@ -137,7 +137,7 @@ def test_a_stalled_subscriber_s_losses_are_counted_in_metrics(iso, tmp_path):
 
     import zmq
 
-    from streamd import events
+    from streamd.service import events
 
     endpoint = f"ipc://{tmp_path}/events"  # the kernel's buffer: a few hundred events, not thousands
     stuck = zmq.Context.instance().socket(zmq.SUB)
@@ -195,8 +195,8 @@ def test_sigterm_flushes_pending_events_within_2s(iso):
 
 def threshold_at(far: float) -> float:
     """The speaker threshold a daemon with an empty gallery reports (``stats``) at ``far``."""
-    from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook, book_settings
+    from streamd.models.inference import load_model
+    from streamd.identity.speakers import SpeakerBook, book_settings
 
     cfg = Config()
     book = SpeakerBook(None, load_model(cfg, "speaker", "cpu"), **book_settings(cfg.identity))
@@ -210,7 +210,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(iso, tmp_path):
     import subprocess
     import threading
 
-    from streamd import control
+    from streamd.service import control
 
     ctl = f"ipc://{tmp_path}/ctl/control.sock"
     conf = tmp_path / "streamd.toml"

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from streamd.sources import read_audio
+from streamd.audio.sources import read_audio
 from conftest import DATA, ROOT, Isolated, free_port, start_streamd, stop
 
 DASHBOARD = ROOT / "dashboards" / "streamd.json"

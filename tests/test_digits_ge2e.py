@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.inference import load_digits, load_models
+from streamd.models.inference import load_digits, load_models
 from streamd.train import scoring
 from helpers import utterance_features
 

@@ -4,11 +4,11 @@ the word model then the head, reading the word window front end."""
 import numpy as np
 import pytest
 
-from streamd.features import word_window_params
+from streamd.signal.features import word_window_params
 from streamd.train import scoring
 from conftest import MODELS, DATA
-from streamd.sources import read_audio
-from streamd.features import word_input
+from streamd.audio.sources import read_audio
+from streamd.signal.features import word_input
 
 
 def test_the_family_is_a_fusion_member_by_name():

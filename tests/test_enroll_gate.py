@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.enroll import file_utterances
-from streamd.gallery import Gallery, GalleryError
-from streamd.identity import Scorer, l2_normalize
-from streamd.inference import load_model
-from streamd.speakers import SpeakerBook
+from streamd.identity.enrollment import file_utterances
+from streamd.identity.gallery import Gallery, GalleryError
+from streamd.identity.scoring import Scorer, l2_normalize
+from streamd.models.inference import load_model
+from streamd.identity.speakers import SpeakerBook
 from streamd.train.enroll_gate import Trial, trials
-from streamd.voice_count import split_score
+from streamd.identity.voice_count import split_score
 from conftest import DATA, ROOT, streamd
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.evaluate import Clip, digit_report
+from streamd.offline.evaluate import Clip, digit_report
 
-from streamd.frames import SAMPLE_RATE
+from streamd.audio.frames import SAMPLE_RATE
 from conftest import DATA, MODELS, streamd
 from helpers import make_digit_corpus, words
 
@@ -90,8 +90,8 @@ def test_eval_speakers_joins_as_many_clips_per_phrase_as_asked(tmp_path):
 def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
     import numpy as np
 
-    from streamd.eval_speakers import operating_point
-    from streamd.evaluate import open_set_rates
+    from streamd.offline.eval_speakers import operating_point
+    from streamd.offline.evaluate import open_set_rates
 
     rng = np.random.default_rng(0)
     truth = np.repeat(np.arange(4), 50)
@@ -157,7 +157,7 @@ def test_a_card_that_cannot_be_written_is_one_line_and_left_as_it_was(tmp_path):
 def test_noise_is_added_at_the_asked_snr_against_the_speech():
     import numpy as np
 
-    from streamd.eval_digits import add_noise
+    from streamd.offline.eval_digits import add_noise
 
     rng = np.random.default_rng(0)
     audio = np.zeros(32000, np.int16)
@@ -184,7 +184,7 @@ def test_a_clip_the_vad_does_not_hear_counts_as_said_nothing():
 
 
 def test_the_report_names_each_speakers_figures_choice_and_named():
-    from streamd.evaluate import digit_lines
+    from streamd.offline.evaluate import digit_lines
 
     clips = [Clip(Path(f"{s}{i}.flac"), "asc", s, 3) for s in ("a", "b") for i in range(2)]
     logits = np.full((4, 11), -5.0)

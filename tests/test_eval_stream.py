@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd import eval_stream as es
-from streamd import stream_audio as sa
+from streamd.offline import eval_stream as es
+from streamd.audio import stream_audio as sa
 from streamd.cli import main
 from conftest import DATA
 

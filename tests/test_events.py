@@ -3,7 +3,7 @@ import time
 
 import zmq
 
-from streamd.events import DigitEvent, Publisher, SpeakerEvent, VadStart, receive, subscribe
+from streamd.service.events import DigitEvent, Publisher, SpeakerEvent, VadStart, receive, subscribe
 
 
 def test_two_frame_messages_with_topic_and_sequence(tmp_path):
@@ -145,7 +145,7 @@ def test_listen_text_describes_every_event_type_a_daemon_publishes():
     import subprocess
     import sys
 
-    from streamd.events import StatusEvent, VadStart
+    from streamd.service.events import StatusEvent, VadStart
 
     pub = Publisher("tcp://127.0.0.1:*", hwm=100)
     listener = subprocess.Popen([sys.executable, "-m", "streamd", "listen", "--endpoint", pub.endpoint,
@@ -169,7 +169,7 @@ def test_listen_text_describes_every_event_type_a_daemon_publishes():
 
 def test_listen_text_says_which_taught_vocabulary_named_a_digit():
     from streamd.cli import describe
-    from streamd.events import DigitEvent
+    from streamd.service.events import DigitEvent
 
     def line(**kw):
         return describe({"stream": "s", **DigitEvent("s", 3, 1.0, 1.5, latency_s=0.01, **kw).payload(), "type": "digit"})

@@ -175,8 +175,8 @@ def test_disk_full_while_running_refuses_enrollment_and_recognition_goes_on(
 
 def test_sqlite_full_maps_to_a_one_line_gallery_error(tmp_path):
     """SQLITE_FULL for real, without a file system: the database may not grow past its pages."""
-    from streamd.gallery import Gallery, StorageError
-    from streamd.identity import Utterance
+    from streamd.identity.gallery import Gallery, StorageError
+    from streamd.identity.scoring import Utterance
 
     g = Gallery(tmp_path / "g.sqlite3")
     utt = Utterance(np.zeros((100, 40), np.float32), 1.0)
@@ -197,7 +197,7 @@ def test_sqlite_full_maps_to_a_one_line_gallery_error(tmp_path):
     ("SQLITE_IOERR_WRITE", "disk I/O error", "disk I/O error"),
 ])
 def test_sqlite_error_names_map_to_reasons(name, message, expect):
-    from streamd.gallery import storage_error
+    from streamd.identity.gallery import storage_error
 
     exc = sqlite3.OperationalError(message)
     exc.sqlite_errorname = name
@@ -261,8 +261,8 @@ def test_a_cuda_session_failing_while_running_is_replaced_by_cpu(caplog):
     from prometheus_client import generate_latest
 
     from streamd import config
-    from streamd.inference import load_model
-    from streamd.metrics import Metrics
+    from streamd.models.inference import load_model
+    from streamd.service.metrics import Metrics
 
     metrics = Metrics()
     model = load_model(config.load(None), "digits", "cpu", on_fallback=metrics.provider_fallback)
@@ -359,8 +359,8 @@ WRITER = """
 import sys
 from pathlib import Path
 import numpy as np
-from streamd.gallery import Gallery
-from streamd.identity import Utterance
+from streamd.identity.gallery import Gallery
+from streamd.identity.scoring import Utterance
 
 gallery, start = Gallery(Path(sys.argv[1])), int(sys.argv[2])
 rng = np.random.default_rng(start)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.features import FeatureParams, StreamingMfcc, mfcc, normalize
+from streamd.signal.features import FeatureParams, StreamingMfcc, mfcc, normalize
 from conftest import DATA
 
 
@@ -73,7 +73,7 @@ def test_silence_log_energy_is_floored_not_log_eps():
     """An all-zero frame's log-energy would be log(eps) = -36 (python_speech_features puts eps
     in for zero energy, so it is finite either way): streamd floors it at LOG_ENERGY_FLOOR, so
     a pause inside an utterance does not swamp its normalisation. Offline and streamed alike."""
-    from streamd.features import LOG_ENERGY_FLOOR
+    from streamd.signal.features import LOG_ENERGY_FLOOR
 
     params = FeatureParams()
     feats = mfcc(np.zeros(16000, np.int16), params)
@@ -91,7 +91,7 @@ def test_silence_log_energy_is_floored_not_log_eps():
 @pytest.mark.parametrize("chunk", [160, 333])
 @pytest.mark.parametrize("chunk_samples", [0, 3200])
 def test_mel_front_end_streams_like_offline(chunk, chunk_samples):
-    from streamd.features import mel_params
+    from streamd.signal.features import mel_params
 
     audio, _ = sf.read(DATA / "demo.flac", dtype="int16")
     params = mel_params()
@@ -102,7 +102,7 @@ def test_mel_front_end_streams_like_offline(chunk, chunk_samples):
 
 
 def test_mel_filterbank_is_slaney_and_normalisation_only_raises_gain():
-    from streamd.features import mel_params, slaney_filterbank
+    from streamd.signal.features import mel_params, slaney_filterbank
 
     fb = slaney_filterbank(16000, 400, 40, 0.0, 8000.0)
     assert fb.shape == (40, 201) and np.all(fb >= 0)
@@ -121,12 +121,12 @@ def test_mel_filterbank_is_slaney_and_normalisation_only_raises_gain():
 
 
 def test_mfcc_equals_python_speech_features_bit_for_bit():
-    """streamd.features computes python_speech_features' MFCC step by step (its filterbank
+    """streamd.signal.features computes python_speech_features' MFCC step by step (its filterbank
     built once, not per call): the numbers must not move at all."""
     import python_speech_features as psf
 
     from streamd import config
-    from streamd.features import LOG_ENERGY_FLOOR, _window, features_of_emphasised
+    from streamd.signal.features import LOG_ENERGY_FLOOR, _window, features_of_emphasised
 
     p = config.load(None).feature_params("mfcc")
     rng = np.random.default_rng(3)

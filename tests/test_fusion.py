@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from streamd.config import Config
-from streamd.digits import Fusion, cascaded, log_softmax
-from streamd.inference import ModelError, digit_plan, load_digits
+from streamd.models.digits import Fusion, cascaded, log_softmax
+from streamd.models.inference import ModelError, digit_plan, load_digits
 from streamd.train import data
 from streamd.train.fusion import Options, fit, member_cards, shift_non_digit
 from streamd.train.scoring import operating_points, softmax

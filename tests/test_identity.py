@@ -3,10 +3,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from streamd import digits
-from streamd.gallery import Gallery, GalleryError
-from streamd.identity import Utterance
-from streamd.identity import UNKNOWN, Enrolled, Scorer, decide, l2_normalize
+from streamd.models import digits
+from streamd.identity.gallery import Gallery, GalleryError
+from streamd.identity.scoring import Utterance
+from streamd.identity.scoring import UNKNOWN, Enrolled, Scorer, decide, l2_normalize
 from conftest import DATA, streamd
 
 
@@ -59,7 +59,7 @@ def test_changes_by_another_process_are_seen(tmp_path):
 
 
 def test_only_changes_to_the_speakers_make_the_gallery_re_read(tmp_path):
-    from streamd.cluster_store import ClusterStore
+    from streamd.identity.cluster_store import ClusterStore
 
     path = tmp_path / "g.sqlite3"
     daemon_side = Gallery(path)
@@ -160,7 +160,7 @@ def test_enrolling_silence_is_refused(tmp_path):
 
 
 def test_fixed_windows_cover_the_utterance_as_resemblyzer_does():
-    from streamd.inference import window_starts
+    from streamd.models.inference import window_starts
 
     assert window_starts(50, 160, 77, 0.75) == [0]  # short: one zero-padded window
     assert window_starts(160, 160, 77, 0.75) == [0]
@@ -204,7 +204,7 @@ def test_as_norm_statistics_are_worked_out_once_per_vector_and_the_memo_stays_bo
 
 
 def test_calibration_maps_false_accept_rate_to_threshold():
-    from streamd.identity import Calibration
+    from streamd.identity.scoring import Calibration
 
     cal = Calibration((0.001, 0.01, 0.1), (3.0, 2.0, 0.0))
     assert cal.threshold_for(0.01) == pytest.approx(2.0)
@@ -212,7 +212,7 @@ def test_calibration_maps_false_accept_rate_to_threshold():
 
 
 def test_a_short_utterance_gets_the_single_word_threshold_and_a_long_one_the_phrase_threshold():
-    from streamd.identity import Calibration
+    from streamd.identity.scoring import Calibration
 
     cal = Calibration((0.001, 0.01), (3.0, 2.0), short=(1.0, 0.0), short_seconds=1.0, long_seconds=3.0)
     assert cal.threshold_for(0.01) == pytest.approx(2.0)  # length unknown: the phrases' (stricter)
@@ -228,8 +228,8 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     import shutil
 
     from streamd import config
-    from streamd.inference import ModelError, load_model
-    from streamd.speakers import SpeakerBook
+    from streamd.models.inference import ModelError, load_model
+    from streamd.identity.speakers import SpeakerBook
     from conftest import MODELS
 
     cfg = config.load(None)
@@ -263,7 +263,7 @@ def test_every_shipped_model_was_fitted_on_the_cuts_the_daemon_makes():
     import dataclasses
     import json
 
-    from streamd.vad import VadParams
+    from streamd.signal.vad import VadParams
     from conftest import MODELS
 
     cards = sorted(MODELS.glob("*.card.json"))
@@ -277,9 +277,9 @@ def test_an_enrolled_voice_is_all_its_enrollment_speech_joined(tmp_path):
     normalised on its own), not the mean of one embedding per word; only speakers whose
     enrollments changed are embedded again."""
     from streamd import config
-    from streamd.enroll import file_utterances
-    from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook
+    from streamd.identity.enrollment import file_utterances
+    from streamd.models.inference import load_model
+    from streamd.identity.speakers import SpeakerBook
 
     cfg = config.load(None)
     model = load_model(cfg, "speaker", "cpu")
@@ -304,9 +304,9 @@ def test_an_enrolled_voice_is_all_its_enrollment_speech_joined(tmp_path):
 
 def test_the_decision_threshold_follows_the_utterance_length(tmp_path):
     from streamd import config
-    from streamd.enroll import file_utterances
-    from streamd.inference import load_model
-    from streamd.speakers import SpeakerBook
+    from streamd.identity.enrollment import file_utterances
+    from streamd.models.inference import load_model
+    from streamd.identity.speakers import SpeakerBook
 
     cfg = config.load(None)
     model = load_model(cfg, "speaker", "cpu")
@@ -322,7 +322,7 @@ def test_the_decision_threshold_follows_the_utterance_length(tmp_path):
 
 
 def test_the_fused_score_is_the_as_norm_score_and_quality_measures_weighed():
-    from streamd.identity import QUALITY_MEASURES, QualityFusion, quality_measures
+    from streamd.identity.scoring import QUALITY_MEASURES, QualityFusion, quality_measures
 
     rng = np.random.default_rng(2)
     cohort = l2_normalize(rng.normal(size=(300, 16)))
@@ -357,9 +357,9 @@ def test_the_quality_fusion_is_refused_when_unusable_and_can_be_turned_off(tmp_p
     import shutil
 
     from streamd import config
-    from streamd.identity import QUALITY_MEASURES
-    from streamd.inference import ModelError, load_model
-    from streamd.speakers import SpeakerBook
+    from streamd.identity.scoring import QUALITY_MEASURES
+    from streamd.models.inference import ModelError, load_model
+    from streamd.identity.speakers import SpeakerBook
     from conftest import MODELS
 
     models = tmp_path / "models"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from streamd.events import subscribe
+from streamd.service.events import subscribe
 from conftest import DATA, start_streamd, stop, streamd
 from helpers import by_type, collect, demo_truth, frames_seen
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import zmq
 
-from streamd.frames import Frame
-from streamd.netaudio import Sender, SendError, encode, peer_mechanism
-from streamd.sources import read_audio
+from streamd.audio.frames import Frame
+from streamd.audio.netaudio import Sender, SendError, encode, peer_mechanism
+from streamd.audio.sources import read_audio
 from conftest import DATA, MODELS, free_port, start_streamd, stop, streamd
 from helpers import by_type, client_curve, collect, metric, server_sets
-from streamd.events import subscribe
+from streamd.service.events import subscribe
 
 
 def test_two_devices_send_audio_and_gaps_restarts_and_garbage_are_survived(iso, tmp_path):
@@ -154,7 +154,7 @@ def test_a_senders_last_utterance_ends_when_its_audio_stops_and_refusals_are_sai
     """A sender that finishes gets its vad.end and decision without any more audio, and the
     next sender on that stream starts a new utterance. Audio of a stream the daemon refuses
     (network.accept_any = false) is logged once; set_threshold says which knob applies."""
-    from streamd import control
+    from streamd.service import control
 
     listen = f"tcp://127.0.0.1:{free_port()}"
     endpoint = f"ipc://{tmp_path}/control.sock"

@@ -329,8 +329,8 @@ def test_export_and_an_audit_trail_without_biometric_content_or_the_removed_name
     the client (the CurveZMQ key's name); the removal keeps only the person's subject."""
     import base64
 
-    from streamd import control
-    from streamd.events import subscribe
+    from streamd.service import control
+    from streamd.service.events import subscribe
     from helpers import client_curve, collect, server_sets
 
     ctl = f"tcp://127.0.0.1:{free_port_here()}"

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from streamd import config, control, keys
+from streamd import config, keys
+
+from streamd.service import control
 from streamd.config import ConfigError
 from conftest import ROOT, free_port, start_streamd, stop, streamd
 from helpers import client_curve, server_sets

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.sources import FileSource, SourceError, StdinSource, iter_audio, read_audio, open_source
+from streamd.audio.sources import FileSource, SourceError, StdinSource, iter_audio, read_audio, open_source
 from conftest import DATA
 
 

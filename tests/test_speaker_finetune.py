@@ -1,14 +1,20 @@
-"""Fine-tuning the speaker encoder's top layers (streamd.train.speaker_finetune): the split
+"""Fine-tuning the speaker encoder's top layers (scripts/experiments/speaker_finetune.py, measured
+and not shipped; its probe relies on these): the split
 encoder is the encoder, the loss rewards separated speakers, and a fine-tune learns from the
 given speakers without touching the encoder it started from."""
+
+import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from streamd.train import speaker_finetune as ft  # noqa: E402
 from streamd.train.speaker_encoder import VoiceEncoder  # noqa: E402
+from conftest import ROOT  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
+import speaker_finetune as ft  # noqa: E402
 
 
 def encoder() -> VoiceEncoder:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd import stream_audio as sa
-from streamd.sources import read_audio
+from streamd.audio import stream_audio as sa
+from streamd.audio.sources import read_audio
 from conftest import DATA, streamd
 
 RATE = 16000
@@ -139,7 +139,7 @@ def test_noise_alone_gives_no_speaker_or_digit_event(kind, tmp_path):
 def test_words_ten_db_over_other_people_talking_stay_apart(demo):
     """Babble rises and falls: over the floor's gate alone webrtcvad's "speech" never paused
     and every word merged into 10 s pieces. The gate over the pauses' noise keeps them apart."""
-    from streamd.vad import SpeechEnd, VadParams, segment_clip
+    from streamd.signal.vad import SpeechEnd, VadParams, segment_clip
 
     spans = word_spans(demo)
     words = [sa.Word(demo[a:b], "x", "x", None) for a, b in spans]

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from streamd.batching import Batcher, Job
+from streamd.models.batching import Batcher, Job
 from streamd.config import Config
-from streamd.inference import load_models, run_batched
-from streamd.sources import read_audio
-from streamd.vad import segment_clip
+from streamd.models.inference import load_models, run_batched
+from streamd.audio.sources import read_audio
+from streamd.signal.vad import segment_clip
 from conftest import DATA, MODELS, streamd
 from helpers import by_type, utterance_features
 
@@ -61,7 +61,7 @@ def test_a_waiting_partial_is_dropped_for_a_newer_partial_of_its_utterance(model
 
 
 def test_final_decisions_go_to_the_models_before_waiting_partials(models):
-    from streamd.batching import PARTIALS_PER_BATCH
+    from streamd.models.batching import PARTIALS_PER_BATCH
 
     s = utterance_features(models.speaker)[0]
     d = utterance_features(models.digits)[0]
@@ -139,12 +139,12 @@ def engine_run(models, audio: np.ndarray, *overrides: str):
     returns each utterance's embedding, the digit events and the early-final counts."""
     import io
 
-    from streamd.bench import _early_finals
+    from streamd.offline.bench import _early_finals
     from streamd.config import load
-    from streamd.engine import Engine
-    from streamd.events import Publisher
-    from streamd.frames import Frame
-    from streamd.metrics import Metrics
+    from streamd.service.engine import Engine
+    from streamd.service.events import Publisher
+    from streamd.audio.frames import Frame
+    from streamd.service.metrics import Metrics
 
     cfg = load(None, [f'models.dir="{MODELS}"', *overrides])
     out, metrics = io.StringIO(), Metrics()
@@ -252,9 +252,9 @@ def test_the_engine_holds_the_sources_back_while_too_much_waits_for_the_models(m
     """A file read faster than the models run must not pile utterances up without bound: the
     daemon takes no frames while the engine is backlogged (scripts/soak.py measures the RSS)."""
     from streamd.config import load
-    from streamd.engine import MIN_BACKLOG, Engine
-    from streamd.events import Publisher
-    from streamd.metrics import Metrics
+    from streamd.service.engine import MIN_BACKLOG, Engine
+    from streamd.service.events import Publisher
+    from streamd.service.metrics import Metrics
 
     cfg = load(None, [f'models.dir="{MODELS}"', "models.batch_wait_ms=100"])
     publisher = Publisher("tcp://127.0.0.1:*")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streamd.events import subscribe
+from streamd.service.events import subscribe
 from conftest import DATA, ROOT, free_port, start_streamd, stop
 from helpers import by_type, collect, server_sets
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd import features
+from streamd.signal import features
 from streamd.train import data, scoring, teacher
 from streamd.train.fusion import Options, member_cards
-from streamd.vad import VadParams, utterance_audio
+from streamd.signal.vad import VadParams, utterance_audio
 from conftest import DATA
 
 onnx = pytest.importorskip("onnx")

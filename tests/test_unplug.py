@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from streamd.events import subscribe
+from streamd.service.events import subscribe
 from conftest import DATA, start_streamd, stop
 from conftest import pactl
 from helpers import by_type, collect, frames_seen, metric

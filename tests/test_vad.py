@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.frames import Frame
-from streamd.vad import (InputGain, NoiseFloor, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, frame_dbfs,
+from streamd.audio.frames import Frame
+from streamd.signal.vad import (InputGain, NoiseFloor, Segmenter, SpeechAudio, SpeechEnd, SpeechStart, VadParams, frame_dbfs,
                          heard_utterance, segment_clip, utterance_audio)
 from conftest import DATA
 
@@ -217,7 +217,7 @@ def test_a_stream_with_a_noise_floor_is_gated_from_its_first_frame():
 
 
 def test_pause_noise_gate_sits_above_noise_that_rises_and_falls():
-    from streamd.vad import PauseNoise
+    from streamd.signal.vad import PauseNoise
 
     rng = np.random.default_rng(0)
     steady, babble = PauseNoise(20), PauseNoise(20)

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from streamd import config as config_mod
-from streamd.engine import Engine
-from streamd.eval_stream import CollectingPublisher
-from streamd.frames import Frame
-from streamd.gallery import Gallery, GalleryError
-from streamd.inference import load_models
-from streamd.metrics import Metrics
-from streamd.sources import read_audio
-from streamd.vocabulary import WordBook, load_word_model
+from streamd.service.engine import Engine
+from streamd.offline.eval_stream import CollectingPublisher
+from streamd.audio.frames import Frame
+from streamd.identity.gallery import Gallery, GalleryError
+from streamd.models.inference import load_models
+from streamd.service.metrics import Metrics
+from streamd.audio.sources import read_audio
+from streamd.identity.vocabulary import WordBook, load_word_model
 from conftest import DATA, MODELS, stop, streamd
 from helpers import LiveDaemon, by_type, collect
 
@@ -23,7 +23,7 @@ ARABIC_DEMO = {3: 5, 4: 2, 5: 9, 6: 4, 7: 6}  # demo.flac's utterance: the Arabi
 
 def words_of(path) -> list[np.ndarray]:
     """Each word of a bundled recording, as the daemon's VAD cuts it."""
-    from streamd.enroll import speech_cuts
+    from streamd.identity.enrollment import speech_cuts
 
     cfg = config_mod.load(None, [])
     return [cut for _, cut in speech_cuts(read_audio(str(DATA / path)), cfg)]

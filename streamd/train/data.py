@@ -2,7 +2,7 @@
 and a feature cache.
 
 Every feature matrix is made by :func:`clip_features`, which runs the daemon's own VAD cut
-(:func:`streamd.vad.heard_utterance`) and MFCC (:func:`streamd.features.mfcc`, ``normalize``)
+(:func:`streamd.signal.vad.heard_utterance`) and MFCC (:func:`streamd.signal.features.mfcc`, ``normalize``)
 on the (augmented) waveform, so training sees exactly what the daemon will compute. A clean
 clip is cut as a clip (padded with digital silence); every other version is a word inside
 continuous audio (:func:`in_stream`: context before and after, a microphone's floor, now and
@@ -29,9 +29,9 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from streamd.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize, word_window_params
-from streamd.stream_audio import fan, hum
-from streamd.vad import VadParams, heard_utterance
+from streamd.signal.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize, word_window_params
+from streamd.audio.stream_audio import fan, hum
+from streamd.signal.vad import VadParams, heard_utterance
 
 WORK_DIR = Path(os.environ.get("STREAMD_TRAIN_WORK", "/tmp/train_work"))
 AUG_VERSION = 8  # bump when augmentation or synthesis changes: invalidates the cache

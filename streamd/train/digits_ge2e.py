@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamd.features import mel_params
+from streamd.signal.features import mel_params
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import evaluate
 from streamd.train.speaker_encoder import load_encoder, pretrained_path, quantize
@@ -188,7 +188,7 @@ def model_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dic
     c["name"] = f"streamd-digits-{FAMILY}" + (f"-s{info.seed}" if info.seed else "")
     c["trainable_parameters"] = sum(p.numel() for p in net.head.parameters())
     c["features"] = mel_params().as_dict()
-    c["normalization"] = "per-utterance gain to the mel front end's target level (streamd.features.normalize)"
+    c["normalization"] = "per-utterance gain to the mel front end's target level (streamd.signal.features.normalize)"
     c["input"] = {"name": "feats", "shape": ["batch", "time", mel_params().numcep], "dtype": "float32",
                   "batch_invariant": False, "bucket": False,
                   "notes": "one utterance per row, unpadded (the head pools over every frame it is given; "

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamd.features import word_window_params
-from streamd.inference import load_card
+from streamd.signal.features import word_window_params
+from streamd.models.inference import load_card
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import evaluate
-from streamd.vad import VadParams
+from streamd.signal.vad import VadParams
 
 FAMILY = "words"
 FRONT_END = "wordwin"
@@ -179,7 +179,7 @@ def model_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dic
     c = card.digits_card(path, split, metrics, threshold, info, head)
     c["trainable_parameters"] = c["parameters"]
     c["features"] = word_window_params().as_dict()
-    c["normalization"] = "none: the word model reads its log filterbanks as they are (streamd.features.word_input)"
+    c["normalization"] = "none: the word model reads its log filterbanks as they are (streamd.signal.features.word_input)"
     c["input"] = {"name": "feats", "shape": ["batch", 149, 64], "dtype": "float32", "bucket": False,
                   "notes": "the utterance's 1.5 s word window (cut or zero-padded, centred), from its audio, not a ring"}
     c["pretrained"] = {**words["provenance"], "sha256": words["sha256"],

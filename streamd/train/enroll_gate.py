@@ -1,4 +1,4 @@
-"""``streamd train enroll-gate``: fit the two-voice enrollment gate (streamd.voice_count) on
+"""``streamd train enroll-gate``: fit the two-voice enrollment gate (streamd.identity.voice_count) on
 simulated enrollments of the speaker model's training speakers, measure it on held-out ones,
 and record both in the speaker model's card.
 
@@ -25,13 +25,13 @@ import numpy as np
 import soundfile as sf
 
 from streamd.config import load as load_config
-from streamd.enroll import audio_utterances
-from streamd.identity import Scorer
-from streamd.speakers import load_cohort, load_fusion
+from streamd.identity.enrollment import audio_utterances
+from streamd.identity.scoring import Scorer
+from streamd.identity.speakers import load_cohort, load_fusion
 from streamd.train import data
 from streamd.train.card import write_card
 from streamd.train.speaker_compare import load_speaker_model
-from streamd.voice_count import split_score, window_embeddings
+from streamd.identity.voice_count import split_score, window_embeddings
 
 WORD_CLIPS = 12  # clips in a word enrollment: 3-8 s of speech (FSDD words are short)
 MIN_PASSAGE_S = 6.0
@@ -184,7 +184,7 @@ def fit(data_dir: Path, card_path: Path, per_group: int = 150, one_person_refuse
     two = [v >= threshold for v, t in zip(s_fit, fitting) if t.people == 2 and not np.isnan(v)]
     return {"threshold": round(threshold, 4),
             "statistic": "the lowest fused score between the model windows before and after a point of the "
-                         "enrollment's speech (streamd.voice_count.split_score)",
+                         "enrollment's speech (streamd.identity.voice_count.split_score)",
             "one_person_refused": round(float(np.mean(~(one >= threshold))), 4),
             "two_people_accepted": round(float(np.mean(two)), 4),
             "rule": f"refuses {one_person_refused:.0%} of the fitting speakers' one-person enrollments",

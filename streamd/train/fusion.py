@@ -1,6 +1,6 @@
 """``streamd train fusion``: one digit decision from the two model families.
 
-The late-fusion layer (``streamd.digits.Fusion``: a weight per family on its log-probabilities
+The late-fusion layer (``streamd.models.digits.Fusion``: a weight per family on its log-probabilities
 and a bias per class) is fitted on the validation speakers, which neither family was trained
 on, by minimising the cross-entropy. On the same speakers each decision (each family alone,
 and fused) gets its rejection threshold, and the one identifying most digits there at <= 2%
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from streamd.digits import Fusion, log_softmax
-from streamd.inference import load_card
+from streamd.models.digits import Fusion, log_softmax
+from streamd.models.inference import load_card
 from streamd.train import card, data, scoring
 from streamd.train.scoring import accepted, confidence_threshold, corpus_metrics, onnx_logits, softmax
 
@@ -164,7 +164,7 @@ def cascade_entry(opts: Options, val: dict[str, np.ndarray], tested: dict[str, n
     return {"stages": stages, "then": list(opts.cascade),
             "rule": "each stage's members' fusion decides where its best class has p >= its gate; elsewhere the "
                     "next stage's members run too, and after the last every member runs and the full fusion "
-                    "decides (streamd.digits.Cascade)",
+                    "decides (streamd.models.digits.Cascade)",
             "gate_rule": f"per stage, the lowest of {list(GATES)} giving every validation clip the full fusion's "
                          "decision",
             "validation": {"settled_by_stage": settled, "decisions_differing": 0},
@@ -212,7 +212,7 @@ def write(opts: Options, cards: dict[str, Path], fusion: Fusion, shift: float, t
         "kind": "digits-fusion",
         "members": [{"name": name, "card": path.with_suffix(".card.json").name, "sha256": scoring.sha256(path)}
                     for name, path in cards.items()],
-        "rule": "z = bias + sum_k weights[k] * log_softmax(logits_k); z is used as the logits (streamd.digits.Fusion)",
+        "rule": "z = bias + sum_k weights[k] * log_softmax(logits_k); z is used as the logits (streamd.models.digits.Fusion)",
         "weights": list(fusion.weights),
         "bias": list(fusion.bias),
         "non_digit_bias_shift": shift,

@@ -10,11 +10,11 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from streamd.features import FeatureParams, mfcc, normalize
+from streamd.signal.features import FeatureParams, mfcc, normalize
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import spec_augment
 from streamd.train.nets import AAMSoftmax, NormalizedEmbedding, SpeakerNet
-from streamd.vad import VadParams, utterance_audio
+from streamd.signal.vad import VadParams, utterance_audio
 
 BATCH = 128
 PEAK_LR = 2e-3

@@ -2,14 +2,14 @@
 
 Any speaker model card (the shipped GE2E ``speaker.card.json``, CAM++'s
 ``speaker-campplus.card.json``) is loaded as the daemon loads it and each utterance goes
-through the daemon's path: VAD cut (held-out clips), ``streamd.features`` front end named by
+through the daemon's path: VAD cut (held-out clips), ``streamd.signal.features`` front end named by
 the card, per-utterance normalisation, ``OnnxModel.run`` (windows or the whole utterance, as
 the card says). Scores are raw cosines, no back end or cohort: the encoders themselves are
 compared, on
 
 - 3 s segments of the LibriSpeech readers (``librispeech-excerpts``: one passage each, cut into
   consecutive 3 s segments, no VAD: read speech), every pair of segments;
-- single words of the held-out FSDD/ASC speakers (``streamd.evaluate.held_out_clips``), every pair;
+- single words of the held-out FSDD/ASC speakers (``streamd.offline.evaluate.held_out_clips``), every pair;
 - 3-word phrases of the same (their VAD cuts joined, ~2-3 s, as ``streamd eval speakers`` forms them).
 
 CPU cost: CPU time of the model call on one onnxruntime thread per second of speech
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from streamd import evaluate
-from streamd.features import FeatureParams, mel_params, kaldi_fbank_params, mfcc, normalize
-from streamd.identity import l2_normalize
-from streamd.inference import OnnxModel, load_card, verify
-from streamd.vad import VadParams, utterance_audio
+from streamd.offline import evaluate
+from streamd.signal.features import FeatureParams, mel_params, kaldi_fbank_params, mfcc, normalize
+from streamd.identity.scoring import l2_normalize
+from streamd.models.inference import OnnxModel, load_card, verify
+from streamd.signal.vad import VadParams, utterance_audio
 
 SEGMENT_S = 3.0
 PHRASE_CLIPS = 3

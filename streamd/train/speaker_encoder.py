@@ -4,7 +4,7 @@ Resemblyzer (PyPI ``Resemblyzer==0.1.4``, Apache-2.0) ships ``pretrained.pt``: a
 trained with the GE2E loss on thousands of speakers, which our 21 training speakers cannot
 match (an x-vector trained here from scratch reached 17.5% EER on single held-out clips,
 this encoder 10.9%). This module loads those weights into our own torch module, exports the
-ONNX model the daemon runs on the ``mel`` front end (streamd.features, kind ``melpower``),
+ONNX model the daemon runs on the ``mel`` front end (streamd.signal.features, kind ``melpower``),
 builds an impostor cohort from the training speakers, measures the model on held-out
 speakers and writes the model card.
 
@@ -42,14 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamd import evaluate
-from streamd.features import mel_params, mfcc, normalize
-from streamd.identity import l2_normalize
-from streamd.inference import ModelCard, OnnxModel
-from streamd.speakers import joined_features
+from streamd.offline import evaluate
+from streamd.signal.features import mel_params, mfcc, normalize
+from streamd.identity.scoring import l2_normalize
+from streamd.models.inference import ModelCard, OnnxModel
+from streamd.identity.speakers import joined_features
 from streamd.train import speaker_quality
 from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
-from streamd.vad import VadParams, utterance_audio
+from streamd.signal.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
 COHORT_PER_SPEAKER = 40  # single words, and as many 3-clip phrases, of each training speaker (and of each copy)
@@ -59,10 +59,10 @@ COHORT_SPEEDS = (0.9, 1.1)  # speed-perturbed training speakers: more cohort voi
 NAP_DIMS = 2
 ENROLL_CLIPS = 10
 PHRASE_CLIPS = 3
-TOP_K = 100  # streamd.identity.Scorer's default, which the daemon uses
+TOP_K = 100  # streamd.identity.scoring.Scorer's default, which the daemon uses
 COHORT_SELECTION = (
     "chosen on the leave-pair-out phrase trials of the training speakers (the calibration's; "
-    "python scripts/speaker_cohorts.py): share of target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
+    "python scripts/experiments/speaker_cohorts.py): share of target phrases missed at a per-trial false-accept rate of 0.17% (identity.far 1% split over 6 "
     "enrolled speakers): clips + band-limited copies 33.1%; 34.3% with 60 instead of 40 of them per "
     "speaker; random-channel copies added 27.6%; the NAP fitted on them too 32.8%; channel copies and "
     "speeds 0.9 and 1.1 added 20.2% (shipped); also 0.85 and 1.15 19.0% (but 3x the cohort's CPU per "
@@ -210,7 +210,7 @@ def feature_window_outputs(model: OnnxModel, feats: np.ndarray) -> np.ndarray:
 
 
 def joined_window_outputs(model: OnnxModel, cuts: list[np.ndarray]) -> np.ndarray:
-    """An enrolled voice as the daemon forms it (streamd.speakers.joined_features): every
+    """An enrolled voice as the daemon forms it (streamd.identity.speakers.joined_features): every
     enrollment utterance normalised on its own, then all of them as one utterance."""
     p = model.params
     return feature_window_outputs(model, joined_features([normalize(mfcc(c, p), p) for c in cuts]))
@@ -307,9 +307,9 @@ def make_cohort(sets: list[dict], speakers: set[str], proj, per: int = COHORT_PE
 def trial_measures(t: dict, speakers: list[str], proj, cohort: np.ndarray, kind: str,
                    top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
     """Quality measures (probes, speakers, len(QUALITY_MEASURES)) of ``kind`` probes against
-    speakers enrolled from their ``ENROLL_CLIPS`` clips, exactly as streamd.identity scores
+    speakers enrolled from their ``ENROLL_CLIPS`` clips, exactly as streamd.identity.scoring scores
     them (the first measure is the AS-norm score), and the truth."""
-    from streamd.identity import Enrolled, Scorer, quality_measures
+    from streamd.identity.scoring import Enrolled, Scorer, quality_measures
 
     scorer = Scorer(cohort, top_k)
     gallery = Enrolled.build({n: np.stack([utterance(w, proj) for w in t["enrolled"][n]]) for n in speakers}, scorer)
@@ -354,7 +354,7 @@ def calibration(sets: list[dict], cohort_sets: list[dict], seconds: dict[str, fl
     against the other (impostor) and itself (target). Thresholds come from the phrase trials,
     the kind of utterance the daemon sees (1-3 s). The back end is fitted on ``sets``, the
     cohort drawn from ``cohort_sets``. Single-word trials give a second table, for short
-    utterances (``streamd.identity.Calibration``); ``seconds`` the probes' median lengths.
+    utterances (``streamd.identity.scoring.Calibration``); ``seconds`` the probes' median lengths.
     ``quality``: the quality fusion fitted on the same trials, with tables of its own."""
     names = sorted(set(sets[0]["names"]))
     x, same, kind, pairs = pair_trials(sets, cohort_sets)
@@ -406,7 +406,7 @@ def quality_calibration(x: np.ndarray, same: np.ndarray, kind: np.ndarray, pairs
 
 def one_window_frames() -> int:
     """The most feature frames the speaker model runs as a single window."""
-    from streamd.inference import window_starts
+    from streamd.models.inference import window_starts
 
     frames = WINDOW["frames"]
     while len(window_starts(frames + 1, WINDOW["frames"], WINDOW["hop_frames"], WINDOW["min_coverage"])) == 1:
@@ -416,7 +416,7 @@ def one_window_frames() -> int:
 
 def threshold_tables(scores: np.ndarray, same: np.ndarray, kind: np.ndarray, seconds: dict[str, float]) -> dict:
     """A score's thresholds per false-accept rate from the phrase trials, and from the single
-    words' (streamd.identity.Calibration), with the miss rates they give."""
+    words' (streamd.identity.scoring.Calibration), with the miss rates they give."""
     imp = {k: scores[(kind == k) & ~same] for k in ("phrase", "single")}
     tgt = {k: scores[(kind == k) & same] for k in ("phrase", "single")}
     thresholds = [float(np.quantile(imp["phrase"], 1 - far)) for far in CALIBRATION_FARS]
@@ -431,7 +431,7 @@ def threshold_tables(scores: np.ndarray, same: np.ndarray, kind: np.ndarray, sec
                             "miss_rate": [float(np.mean(tgt["single"] < thr)) for thr in single],
                             "impostor_trials": int(len(imp["single"])),
                             "rule": "utterances of `seconds` or less get these thresholds, of `phrase_seconds` or "
-                                    "more the phrases', in between a linear mix (streamd.identity.Calibration)"}}
+                                    "more the phrases', in between a linear mix (streamd.identity.scoring.Calibration)"}}
 
 
 def held_out_measures(t: dict, proj, cohort: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -445,8 +445,8 @@ def held_out_open_set(trials: dict[str, tuple[np.ndarray, np.ndarray]], cal: dic
     the calibrated threshold for ``far`` (each kind at its own table: the probes' lengths are
     not kept), and at the threshold that names <= 1% of strangers. ``fused``: the decision's
     score with the card's quality fusion, else the AS-norm score."""
-    from streamd.eval_speakers import operating_point
-    from streamd.identity import Calibration, QualityFusion
+    from streamd.offline.eval_speakers import operating_point
+    from streamd.identity.scoring import Calibration, QualityFusion
 
     spec = cal["quality"] if fused else cal
     table = Calibration.from_card(spec)
@@ -660,13 +660,13 @@ def run(opts: Options) -> int:
         "embedding_dim": dim,
         "features": params.as_dict(),
         "vad": dataclasses.asdict(VadParams()),
-        "normalization": "per-utterance gain up to -30 dBFS, never down (streamd.features.normalize, kind melpower)",
+        "normalization": "per-utterance gain up to -30 dBFS, never down (streamd.signal.features.normalize, kind melpower)",
         "provenance": {
             "source": "Resemblyzer 0.1.4 (PyPI wheel), resemblyzer/pretrained.pt: GE2E voice encoder by Resemble AI",
             "licence": "Apache-2.0 (the wheel's LICENSE covers the code and the bundled pretrained model)",
             "pretrained_sha256": sha256(weights),
             "conversion": "weights loaded into streamd.train.speaker_encoder.VoiceEncoder and exported to ONNX; "
-                          "the front end (librosa mel) re-implemented in streamd.features (Slaney mel, power, "
+                          "the front end (librosa mel) re-implemented in streamd.signal.features (Slaney mel, power, "
                           "uncentred frames for streaming); encoder weights not fine-tuned",
         },
         "quantization": quantized,

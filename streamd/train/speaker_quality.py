@@ -1,4 +1,4 @@
-"""The speaker decision's quality fusion (streamd.identity.QualityFusion), fitted on the
+"""The speaker decision's quality fusion (streamd.identity.scoring.QualityFusion), fitted on the
 calibration's own trials: training speakers only, every pair left out in turn.
 
 A logistic regression over the trials' quality measures (AS-norm score, cosine, each side's
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from streamd.identity import LOG_WINDOWS, QUALITY_MEASURES
+from streamd.identity.scoring import LOG_WINDOWS, QUALITY_MEASURES
 
 L2 = 1e-3  # on standardised measures
 
@@ -68,7 +68,7 @@ def cross_fitted(x: np.ndarray, same: np.ndarray, weight: np.ndarray, pairs: np.
 def card_entry(w: np.ndarray, b: float, max_windows: int) -> dict:
     return {"measures": list(QUALITY_MEASURES), "weights": [round(float(v), 6) for v in w], "bias": round(b, 6),
             "max_windows": max_windows,
-            "rule": "score = bias + sum(weights * measures) (streamd.identity.QualityFusion), log_windows "
+            "rule": "score = bias + sum(weights * measures) (streamd.identity.scoring.QualityFusion), log_windows "
                     "being the log of the number of 1.6 s windows the utterance filled, at most "
                     "`max_windows` (the longest trials it was fitted on; longer utterances are scored as that long)",
             "fit": "a logistic regression (L2 1e-3 on standardised measures) on the calibration's trials, targets "

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from streamd.train import data
-from streamd.vad import VadParams, utterance_audio
-from streamd.features import word_input
+from streamd.signal.vad import VadParams, utterance_audio
+from streamd.signal.features import word_input
 
 DISTRIBUTION = "EfficientWord-Net"
 VERSION = "1.0.5"

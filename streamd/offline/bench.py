@@ -1,0 +1,264 @@
+"""``streamd bench``: N concurrent streams through the whole pipeline in one process, measured.
+
+Each stream replays speech recordings with their pauses (the bundled held-out clips, each
+stream starting at another place), or near-silence with ``--silent``. Frames are delivered
+as a microphone would (``--pace realtime``: every 20 ms, all streams) or as fast as the
+pipeline takes them. ``--naive`` runs the straightforward per-utterance pipeline instead
+(features computed offline from the utterance's audio, one model call per utterance, no
+ring buffer, no batching) on the same audio, for comparison.
+
+Latency percentiles come from the events themselves (``latency_s``); stage percentiles from
+the same Prometheus histograms the daemon exports.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamd.models import digits
+from streamd.config import Config
+from streamd.service.engine import Engine
+from streamd.identity.enrollment import file_utterances
+from streamd.service.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd
+from streamd.signal.features import mfcc, normalize
+from streamd.audio.frames import SAMPLE_RATE, Frame
+from streamd.identity.gallery import Gallery
+from streamd.identity.scoring import Utterance
+from streamd.signal.vad import audio_level
+from streamd.models.inference import load_models
+from streamd.service.metrics import STAGES, Metrics
+from streamd.identity.speakers import SpeakerBook, book_settings
+from streamd.audio.sources import read_audio
+from streamd.signal.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
+
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+LATE_S = 0.5  # a frame handled later than this after its capture would have overrun a capture buffer
+
+
+class RecordingPublisher(Publisher):
+    """Keeps each final decision's latency. Decisions published once the streams have ended
+    go to ``end_latencies``: every stream's open utterance is closed at the same moment there,
+    a burst no set of microphones makes, which would otherwise set the p99."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.latencies: list[float] = []
+        self.end_latencies: list[float] = []
+        self.ended = False
+
+    def publish(self, event):
+        body = super().publish(event)
+        if "latency_s" in body and body["type"] != "speaker.partial":
+            (self.end_latencies if self.ended else self.latencies).append(body["latency_s"])
+        return body
+
+
+def histogram_quantile(metrics: Metrics, stage: str, q: float) -> float:
+    """Like PromQL's histogram_quantile over one stage's buckets, all streams together."""
+    buckets: dict[float, float] = {}
+    for m in metrics.stage.collect():
+        for s in m.samples:
+            if s.name.endswith("_bucket") and s.labels["stage"] == stage:
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0
+    if total == 0:
+        return 0.0
+    rank, prev_le, prev_n = q * total, 0.0, 0.0
+    for le, n in ordered:
+        if n >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_n) / max(n - prev_n, 1e-12)
+        prev_le, prev_n = le, n
+    return prev_le
+
+
+def speech_audio(seconds: float, offset_s: float = 0.0) -> np.ndarray:
+    """The bundled recordings (words and phrases with their pauses), looped, from ``offset_s``."""
+    loop = np.concatenate([read_audio(str(DATA / f)) for f in ("demo.flac", "visitor12.flac", "visitor21.flac")])
+    start = int(offset_s * SAMPLE_RATE) % len(loop)
+    n = int(seconds * SAMPLE_RATE)
+    reps = int(np.ceil((start + n) / len(loop)))
+    return np.tile(loop, reps)[start : start + n]
+
+
+def quiet_audio(seconds: float, seed: int) -> np.ndarray:
+    """Room noise at about -70 dBFS: what a microphone hears when nobody speaks."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 10).astype(np.int16)
+
+
+class NaivePipeline:
+    """The straightforward way, for comparison: keep the utterance's audio, and when it ends
+    compute its features from scratch and run each model once on it."""
+
+    def __init__(self, stream: str, cfg: Config, models, book: SpeakerBook, publisher: Publisher):
+        self.stream, self.cfg, self.models, self.book, self.publisher = stream, cfg, models, book, publisher
+        self.min_digit_confidence = models.digits.min_confidence(cfg.digits.min_confidence)
+        self.segmenter = Segmenter(cfg.vad)
+        self.audio: list[np.ndarray] = []
+        self.start: SpeechStart | None = None
+        self.next_partial = 0.0
+
+    def push(self, frame: Frame) -> None:
+        outputs = self.segmenter.push(frame)
+        for out in outputs:
+            if isinstance(out, SpeechStart):
+                self.audio, self.start, self.next_partial = [out.audio], out, self.cfg.identity.partial_every_s
+            elif isinstance(out, SpeechAudio):
+                self.audio.append(out.audio)
+                if len(outputs) == 1:
+                    self._partial(frame)
+            elif isinstance(out, SpeechEnd):
+                self._end(out)
+
+    def _partial(self, frame: Frame) -> None:
+        every = self.cfg.identity.partial_every_s
+        if every <= 0 or self.segmenter.last_voiced_end != frame.t_end:
+            return
+        if frame.t_end - self.start.t_start < self.next_partial:
+            return
+        self.next_partial += every
+        sp = self.models.speaker
+        feats = normalize(mfcc(np.concatenate(self.audio), sp.params), sp.params)
+        who = self.book.decide(sp.run(feats), self.book.seconds_of(feats))
+        self.publisher.publish(SpeakerPartial(self.stream, self.start.utterance, self.start.t_start, frame.t_end,
+                                              speaker=who.speaker, score=who.score,
+                                              latency_s=time.monotonic() - frame.captured_at))
+
+    def _end(self, end: SpeechEnd) -> None:
+        self.publisher.publish(VadEnd(self.stream, end.utterance, end.t_start, end.t_end, reason=end.reason))
+        if not end.usable:
+            return
+        a, b = end.model_span(self.segmenter.params)
+        audio = np.concatenate(self.audio)[: int(round((b - a) * SAMPLE_RATE))]
+        sp, dg = self.models.speaker, self.models.digits
+        embedding = sp.run(normalize(mfcc(audio, sp.params), sp.params))  # features computed twice, as such code does
+        logits = dg.run(dg.features_of(audio))
+        utt = Utterance(normalize(mfcc(audio, sp.params), sp.params), end.t_end - end.t_start, *audio_level(audio))
+        who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.min_digit_confidence)
+        base = (self.stream, end.utterance, end.t_start, end.t_end)
+        self.publisher.publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score,
+                                            latency_s=time.monotonic() - end.closed_at))
+        self.publisher.publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
+                                          latency_s=time.monotonic() - end.closed_at))
+
+    def flush(self) -> None:
+        for out in self.segmenter.flush():
+            if isinstance(out, SpeechEnd):
+                self._end(out)
+
+
+def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1, silent: bool = False,
+        naive: bool = False) -> dict:
+    metrics = Metrics()
+    models = load_models(cfg, on_fallback=metrics.provider_fallback)
+    with tempfile.TemporaryDirectory() as tmp:
+        gallery = Gallery(Path(tmp) / "gallery.sqlite3")
+        book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
+        for name in ("theo", "asc02", "asc07"):
+            book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
+        publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
+        engine = Engine(cfg, models, book, publisher, metrics)
+        names = [f"s{i:03d}" for i in range(streams)]
+        pipes = {n: NaivePipeline(n, cfg, models, book, publisher) for n in names} if naive else \
+            {n: engine.add_stream(n) for n in names}
+        audio = [quiet_audio(seconds, i) if silent else speech_audio(seconds, 7.3 * i) for i in range(streams)]
+        result = _feed(cfg, engine, pipes, audio, pace, publisher)
+        publisher.close(0)
+        book.close()
+        gallery.close()
+    lat = np.array(publisher.latencies)
+    audio_s = sum(len(a) for a in audio) / SAMPLE_RATE
+    return {
+        "streams": streams, "pace": pace, "mode": "naive" if naive else "streamd", "silent": silent,
+        "audio_s": round(audio_s, 3),
+        "overruns": result["overruns"],
+        "dropped_events": publisher.dropped,
+        "events": publisher.seq,
+        "latency_s_p50": float(np.percentile(lat, 50)) if len(lat) else None,
+        "latency_s_p99": float(np.percentile(lat, 99)) if len(lat) else None,
+        "end_of_streams": {"decisions": len(publisher.end_latencies),
+                           "latency_s_max": max(publisher.end_latencies, default=None)},
+        "stage_s_p99": {s: histogram_quantile(metrics, s, 0.99) for s in STAGES},
+        "batch_mean": _mean_batch(metrics),
+        "jobs_superseded": 0 if naive else engine.batcher.superseded,
+        "early_finals": _early_finals(metrics),
+        "cpu_per_audio_s": result["cpu"] / audio_s,
+        "model_cpu_ms_per_audio_s": {} if naive else
+            {m: round(1000 * s / audio_s, 3) for m, s in sorted(engine.batcher.model_cpu_s.items())},
+        "cpu_cores": result["cpu"] / result["wall"],
+        "realtime_factor": (audio_s / streams) / result["wall"],
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "provider": models.speaker.provider,
+        "providers": {m.card.name: m.provider for m in models.all()},  # "auto" may place each apart
+    }
+
+
+def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pace: str,
+          publisher: RecordingPublisher) -> dict:
+    """Deliver frame i of every stream at once, as N microphones would; between frames,
+    hand due utterances to the models' thread and publish its results as they come."""
+    step, frame_s = cfg.vad.frame_samples, cfg.vad.frame_ms / 1000
+    names = list(pipes)
+    ticks = min(len(a) for a in audio) // step
+    overruns = 0
+    results = threading.Event()
+    engine.on_results(results.set)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for i in range(ticks):
+        due = wall0 + (i + 1) * frame_s
+        if pace == "realtime":
+            _serve_until(engine, results, due)
+        captured = due if pace == "realtime" else time.monotonic()
+        if pace == "realtime" and time.monotonic() - due > LATE_S:
+            overruns += len(names)  # a capture buffer would have overflowed: these frames are lost
+            continue
+        for name, samples in zip(names, audio):
+            pipes[name].push(Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured))
+        engine.pump(force=pace != "realtime")
+        while pace != "realtime" and engine.backlogged():  # as the daemon holds a fast file back
+            engine.pump(force=True, wait_s=0.05)
+    engine.batcher.drain()  # what the audio itself closed, then the streams end
+    publisher.ended = True
+    for pipe in pipes.values():
+        pipe.flush()
+    engine.batcher.drain()
+    engine.close()
+    return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+def _serve_until(engine: Engine, results: threading.Event, until: float) -> None:
+    """The daemon's loop between frames: publish results as they come back, hand over
+    utterances when due."""
+    while True:
+        results.clear()  # before pump: a batch finishing after it sets it again
+        engine.pump()
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        results.wait(min(left, engine.wait_left()))
+
+
+def _mean_batch(metrics: Metrics) -> float | None:
+    samples = {s.name: s.value for m in metrics.batch_size.collect() for s in m.samples}
+    count = samples.get("streamd_batch_size_count", 0)
+    return samples["streamd_batch_size_sum"] / count if count else None
+
+
+def _early_finals(metrics: Metrics) -> dict[str, int]:
+    """Final decisions computed before their utterance closed: used, or wasted (speech went on)."""
+    out = {"used": 0, "wasted": 0}
+    for m in metrics.early_finals.collect():
+        for s in m.samples:
+            if s.name == "streamd_early_finals_total":
+                out[s.labels["outcome"]] += int(s.value)
+    return out

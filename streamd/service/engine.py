@@ -1,0 +1,114 @@
+"""Many streams, shared models: routes each frame to its stream's pipeline and runs the
+utterances that are ready, across streams, through the models in batches."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from streamd.models.batching import Batcher, Job
+from streamd.config import Config
+from streamd.service.events import Publisher, StatusEvent
+from streamd.audio.frames import Frame
+from streamd.models.inference import Models
+from streamd.service.metrics import Metrics
+from streamd.service.pipeline import StreamPipeline
+from streamd.audio.readers import StreamStatus
+from streamd.identity.speakers import SpeakerBook
+from streamd.identity.vocabulary import WordBook
+
+log = logging.getLogger(__name__)
+
+# Jobs a stream may have waiting for the models (a partial, an early final, a final, the next
+# utterance's) before the sources are held back: a file or stdin read faster than the models
+# run would otherwise pile utterances up in memory without bound.
+BACKLOG_PER_STREAM = 4
+MIN_BACKLOG = 16
+
+
+class Engine:
+    def __init__(self, cfg: Config, models: Models, book: SpeakerBook | None, publisher: Publisher,
+                 metrics: Metrics, max_streams: int = 100000, words: WordBook | None = None):
+        self.cfg = cfg
+        self.models = models
+        self.book = book
+        self.words = words  # vocabularies taught at run time
+        self.publisher = publisher
+        self.metrics = metrics
+        self.max_streams = max_streams
+        self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe,
+                               cfg.models.workers, words.model if words is not None else None)
+        self.batcher.start()  # the models run on threads of their own: other cores
+        self.pipelines: dict[str, StreamPipeline] = {}
+        # Status events waiting for their stream's last results: a consumer that stops at
+        # "ended" must have seen every speaker and digit event of the stream before it.
+        self._held: dict[str, list[StatusEvent]] = {}
+
+    def _observe(self, jobs: list[Job], seconds: float) -> None:
+        self.metrics.batch_size.observe(len(jobs))
+        for stream in {j.stream for j in jobs}:
+            self.metrics.stage.labels(stream=stream, stage="inference").observe(seconds)
+
+    def add_stream(self, stream: str) -> StreamPipeline:
+        if stream not in self.pipelines:
+            if len(self.pipelines) >= self.max_streams:
+                raise ValueError(f"stream {stream!r}: already {self.max_streams} streams (network.max_streams)")
+            self.pipelines[stream] = StreamPipeline(stream, self.cfg, self.models, self.book, self.publisher,
+                                                    self.metrics, self.batcher, self.words)
+            self.metrics.stream_up.labels(stream=stream).set(0)
+        return self.pipelines[stream]
+
+    def push(self, frame: Frame) -> None:
+        self.pipelines[frame.stream].push(frame)
+
+    def status(self, status: StreamStatus) -> None:
+        """A source came up, went down or ended: end its utterance if audio stopped, tell
+        subscribers and /metrics."""
+        pipeline = self.pipelines.get(status.stream)
+        if pipeline is not None and status.state != "up":
+            pipeline.flush()
+        self.metrics.stream_up.labels(stream=status.stream).set(1 if status.state == "up" else 0)
+        if status.state == "down":
+            self.metrics.source_failures.labels(stream=status.stream).inc()
+        self._held.setdefault(status.stream, []).append(StatusEvent(status.stream, status.state, status.reason))
+        self._publish_held()
+
+    def _publish_held(self) -> None:
+        """The status events of streams whose results are all published, in their order."""
+        for stream in [s for s in self._held if not self.batcher.pending(s)]:
+            for event in self._held.pop(stream):
+                self.publisher.publish(event)
+                self.metrics.events.labels(stream=stream, type=StatusEvent.type).inc()
+
+    def pump(self, force: bool = False, wait_s: float = 0.0) -> int:
+        """Publish what the models have finished (waiting up to ``wait_s`` for it); hand the
+        waiting utterances to the models when the oldest has waited long enough (or ``force``)."""
+        finished = self.batcher.pump(force, wait_s)
+        if self._held:
+            self._publish_held()
+        return finished
+
+    def backlogged(self) -> bool:
+        """Too much waits for the models: take no more audio until they catch up (a fast file
+        source then waits; a microphone that outruns them counts overruns)."""
+        return self.batcher.backlog >= max(MIN_BACKLOG, BACKLOG_PER_STREAM * len(self.pipelines))
+
+    def on_results(self, wake) -> None:
+        """``wake()`` is called (from the models' thread) when results are ready for pump()."""
+        self.batcher.wake = wake
+
+    def wait_left(self) -> float:
+        return self.batcher.wait_left(time.monotonic())
+
+    def flush(self) -> None:
+        """End of everything: close every open utterance and run what is left."""
+        for pipeline in self.pipelines.values():
+            pipeline.flush()
+        self.batcher.drain()
+        for stream in list(self._held):  # after drain nothing is pending (or it timed out)
+            for event in self._held.pop(stream):
+                self.publisher.publish(event)
+                self.metrics.events.labels(stream=stream, type=StatusEvent.type).inc()
+
+    def close(self) -> None:
+        self.batcher.close()
