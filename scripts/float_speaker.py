@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from streamd.train.speaker_encoder import (WithBackEnd, export, load_encoder, pretrained_path, sha256,
-                                           window_input)
+from streamd.models.cards import sha256_of
+from streamd.train.speaker_encoder import WithBackEnd, export, load_encoder, pretrained_path, window_input
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def main(out: Path) -> None:
     path = out / "speaker.float.onnx"
     parity = export(WithBackEnd(load_encoder(pretrained_path()), shipped_projection()).eval(), path)
     card = json.loads((ROOT / "models" / "speaker.card.json").read_text())
-    card.update({"name": "speaker-ge2e-float", "file": path.name, "sha256": sha256(path),
+    card.update({"name": "speaker-ge2e-float", "file": path.name, "sha256": sha256_of(path),
                  "size_bytes": path.stat().st_size,
                  "input": {**card["input"], **window_input(False), "note": "float layers: windows batch together"},
                  "note": "float twin of models/speaker.onnx for GPU timing (scripts/float_speaker.py); not shipped"})

@@ -33,7 +33,9 @@ from streamd import config
 
 from streamd.models import digits
 from streamd.offline.evaluate import Clip, run_models
-from streamd.models.inference import CPU, CUDA, OnnxModel, load_card, load_models, session_options
+from streamd.models.cards import load_card
+from streamd.models.inference import OnnxModel, load_models
+from streamd.models.providers import CPU, CUDA, session_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ["word.flac", "parity.flac", "demo.flac", "visitor12.flac", "visitor21.flac", "enroll_theo.flac",

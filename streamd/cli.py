@@ -458,7 +458,8 @@ def eval_digits(args, cfg) -> int:
     from dataclasses import replace
 
     from streamd.offline import eval_digits as ed
-    from streamd.models.inference import digit_plan, load_digits
+    from streamd.models.digits import digit_plan
+    from streamd.models.inference import load_digits
 
     def progress(condition: str, n: int, total: int) -> None:
         if n % 500 == 0 or n == total:
@@ -672,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamd.service.daemon import setup_logging
     from streamd.service.control import ControlError
     from streamd.identity.gallery import GalleryError, StorageError
-    from streamd.models.inference import ModelError
+    from streamd.models.cards import ModelError
     from streamd.audio.sources import SourceError
 
     try:

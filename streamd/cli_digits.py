@@ -66,7 +66,7 @@ def ask(cfg, request: dict) -> dict | int:
 def open_words(cfg, state=None):
     from streamd.service.daemon import GALLERY_FILE
     from streamd.identity.gallery import Gallery
-    from streamd.models.inference import ModelError
+    from streamd.models.cards import ModelError
     from streamd.identity.vocabulary import WordBook, load_word_model
 
     model = load_word_model(cfg)

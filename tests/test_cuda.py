@@ -17,7 +17,8 @@ from conftest import DATA, MODELS, ROOT
 from streamd import config
 from streamd.models import digits
 from streamd.offline.evaluate import Clip, run_models
-from streamd.models.inference import CUDA, load_models
+from streamd.models.inference import load_models
+from streamd.models.providers import CUDA
 
 CLIPS = ["word.flac", "parity.flac", "demo.flac", "visitor12.flac", "visitor21.flac", "enroll_theo.flac"]
 
@@ -72,7 +73,8 @@ def test_auto_puts_only_fixed_window_batching_models_on_cuda():
     stay on the CPU, where the daemon's calls are faster (BENCHMARKS.md, "CUDA")."""
     import onnxruntime as ort
 
-    from streamd.models.inference import CPU, ModelCard, load_card, wanted_providers
+    from streamd.models.cards import ModelCard, load_card
+    from streamd.models.providers import CPU, wanted_providers
 
     shipped = [load_card(MODELS / "speaker.card.json", "speaker"), load_card(MODELS / "digits.card.json", "digits")]
     float_speaker = ModelCard(shipped[0].path, {**shipped[0].data, "input": {**shipped[0].data["input"],

@@ -9,7 +9,9 @@ import pytest
 
 from streamd.config import Config
 from streamd.models.digits import Fusion, cascaded, log_softmax
-from streamd.models.inference import ModelError, digit_plan, load_digits
+from streamd.models.cards import ModelError
+from streamd.models.digits import digit_plan
+from streamd.models.inference import load_digits
 from streamd.train import data
 from streamd.train.fusion import Options, fit, member_cards, shift_non_digit
 from streamd.train.scoring import operating_points, softmax

@@ -228,7 +228,8 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
     import shutil
 
     from streamd import config
-    from streamd.models.inference import ModelError, load_model
+    from streamd.models.cards import ModelError
+    from streamd.models.inference import load_model
     from streamd.identity.speakers import SpeakerBook
     from conftest import MODELS
 
@@ -358,7 +359,8 @@ def test_the_quality_fusion_is_refused_when_unusable_and_can_be_turned_off(tmp_p
 
     from streamd import config
     from streamd.identity.scoring import QUALITY_MEASURES
-    from streamd.models.inference import ModelError, load_model
+    from streamd.models.cards import ModelError
+    from streamd.models.inference import load_model
     from streamd.identity.speakers import SpeakerBook
     from conftest import MODELS
 

@@ -108,14 +108,14 @@ def test_daemon_reads_the_fixed_kaldi_front_end_for_a_card_that_names_it(tmp_pat
     import json
 
     from streamd.config import Config
-    from streamd.models.inference import ModelError, front_end, load_card, verify
+    from streamd.models.cards import ModelError, front_end, load_card, verify
 
     cfg = Config()
     assert front_end(cfg, "kaldifbank") == kaldi_fbank_params()
     assert front_end(cfg, "mfcc") == cfg.features.params() and front_end(cfg, "melpower") == cfg.mel.params()
     model = tmp_path / "m.onnx"
     model.write_bytes(b"not a model")
-    from streamd.models.inference import sha256_of
+    from streamd.models.cards import sha256_of
 
     card = {"kind": "speaker", "file": model.name, "sha256": sha256_of(model), "input": {}, "output": {},
             "features": {**kaldi_fbank_params().as_dict(), "nfilt": 64}}

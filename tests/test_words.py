@@ -91,7 +91,7 @@ def test_many_utterances_at_once_are_named_as_one_at_a_time(digits):
 def test_the_word_window_is_a_digit_front_end_computed_from_the_utterance_not_a_ring():
     from streamd.config import Config
     from streamd.signal.features import FeatureParams, mel_params, mfcc, normalize, word_window_params
-    from streamd.models.inference import front_end
+    from streamd.models.cards import front_end
 
     audio, _ = sf.read(DATA / "word.flac", dtype="int16")
     params = word_window_params()

@@ -22,7 +22,8 @@ from streamd.identity.clusters import ClusterSettings, UnknownClusters, label_of
 from streamd.identity.gallery import Gallery, GalleryError, StorageError, storage_error, validate_name
 from streamd.identity.scoring import UNKNOWN, Utterance
 from streamd.identity.scoring import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
-from streamd.models.inference import ModelError, OnnxModel, sha256_of, window_starts
+from streamd.models.cards import ModelError, verified
+from streamd.models.inference import OnnxModel, window_starts
 from streamd.identity.voice_count import TwoVoiceGate, split_score, window_embeddings
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,7 @@ def load_cohort(model: OnnxModel) -> np.ndarray | None:
     spec = model.card.data.get("cohort")
     if not spec:
         return None
-    path = model.card.path.parent / spec["file"]
-    if not path.is_file():
-        raise ModelError(f"{path}: cohort file missing (expected sha256 {spec['sha256']})")
-    actual = sha256_of(path)
-    if actual != spec["sha256"]:
-        raise ModelError(f"{path}: sha256 mismatch: expected {spec['sha256']}, got {actual}")
+    path = verified(model.card.path.parent / spec["file"], spec["sha256"], "cohort file")
     return np.load(path, allow_pickle=False).astype(np.float32)  # shipped as float16
 
 

@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from streamd.identity.gallery import Gallery, GalleryError, StorageError, storage_error
-from streamd.models.inference import ModelCard, ModelError, load_card, session_options, sha256_of
+from streamd.models.cards import ModelCard, ModelError, load_card, verified
+from streamd.models.providers import session_options
 from streamd.signal.features import FILTERS, FRAMES, word_input
 from streamd.models.words import BUILTIN, MatchRule, TemplateIndex, WordMatch
 
@@ -75,10 +76,7 @@ def load_word_model(cfg) -> WordModel | None:
     if not cfg.models.words:
         return None
     card = load_card(cfg.path(cfg.models.dir) / cfg.models.words, "words")
-    if not card.model_path.is_file():
-        raise ModelError(f"{card.model_path}: model file missing (expected sha256 {card.sha256})")
-    if (actual := sha256_of(card.model_path)) != card.sha256:
-        raise ModelError(f"{card.model_path}: sha256 mismatch: expected {card.sha256}, got {actual}")
+    verified(card.model_path, card.sha256)
     return WordModel(card, cfg.models.threads)
 
 

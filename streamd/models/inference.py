@@ -1,180 +1,29 @@
-"""ONNX models: model cards, sha256 and feature checks, provider choice, sessions.
+"""ONNX sessions: a model card's file on its session (``OnnxModel``), batched runs, and the
+models the daemon loads: the speaker model and the digit model(s), fused and cascaded as the
+plan read from the fusion card says (``streamd.models.digits.digit_plan``).
 
-This module sees arrays, not streams.
+Cards and their checks live in ``streamd.models.cards``, provider choice in
+``streamd.models.providers``. This module sees arrays, not streams.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from streamd.models.digits import Cascade, Fusion, cascaded
-from streamd.signal.features import FeatureParams, features_of_audio, kaldi_fbank_params, word_window_params
+from streamd.models.cards import ModelCard, ModelError, front_end, load_card, verify
+from streamd.models.digits import Cascade, Fusion, cascaded, digit_plan
+from streamd.models.providers import (CPU, CUDA, FallbackListener, gains_on_cuda, open_session, report_fallback,
+                                      wanted_providers)
+from streamd.signal.features import FeatureParams, features_of_audio
 
 log = logging.getLogger(__name__)
 
 MIN_FRAMES = 10  # the models' convolutions need a few frames; shorter input is padded
-
-
-class ModelError(RuntimeError):
-    """A model cannot be used; the message is one line naming the file."""
-
-
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-# on_fallback(model, sha256, requested, stage, old_provider, new_provider): a model runs on CPU
-# although models.provider asked for CUDA ("auto" or "cuda"); stage is "load" (CUDA could not
-# start) or "run" (a CUDA session failed while running and was replaced by a CPU one).
-FallbackListener = Callable[[str, str, str, str, str, str], None]
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    path: Path  # the card file
-    data: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return str(self.data.get("name", self.path.stem))
-
-    @property
-    def kind(self) -> str:
-        return str(self.data["kind"])
-
-    @property
-    def model_path(self) -> Path:
-        return self.path.parent / self.data["file"]
-
-    @property
-    def sha256(self) -> str:
-        return str(self.data["sha256"])
-
-    @property
-    def feature_kind(self) -> str:
-        return str(self.data["features"].get("kind", "mfcc"))
-
-    @property
-    def window(self) -> tuple[int, int, float] | None:
-        """(window_frames, hop_frames, min_coverage) for models run on fixed windows."""
-        spec = self.data["input"].get("window")
-        if not spec:
-            return None
-        return int(spec["frames"]), int(spec["hop_frames"]), float(spec.get("min_coverage", 0.75))
-
-    @property
-    def rows_alone(self) -> bool:
-        """Whether each input row must go through the model alone. Dynamically quantised
-        layers scale their inputs by the whole batch's range, so a row's output would depend
-        on the other rows in its batch (other windows, other streams)."""
-        return self.data["input"].get("batch_invariant", True) is False
-
-    @property
-    def bucketed(self) -> bool:
-        """Whether whole-utterance input may be padded to a multiple of ``bucket_frames``
-        (a model that pools over every frame it is given says no: it was trained unpadded)."""
-        return self.data["input"].get("bucket", True) is not False
-
-
-def read_card(path: Path, what: str, keys: tuple[str, ...]) -> dict:
-    """A JSON card with ``keys``; anything else is a one-line ModelError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: {what} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: {what} is not a JSON object")
-    for key in keys:
-        if key not in data:
-            raise ModelError(f"{path}: {what} lacks {key!r}")
-    return data
-
-
-def load_card(path: Path, kind: str) -> ModelCard:
-    data = read_card(path, "model card", ("kind", "file", "sha256", "features", "input", "output"))
-    if data["kind"] != kind:
-        raise ModelError(f"{path}: model card is for a {data['kind']!r} model, expected {kind!r}")
-    return ModelCard(path, data)
-
-
-def front_end(cfg, kind: str) -> FeatureParams:
-    """The front end a model card names: MFCC and mel power as configured (``features``,
-    ``mel``); Kaldi fbank (CAM++) and the word window are fixed, their parameters those the
-    model was trained with."""
-    fixed = {"kaldifbank": kaldi_fbank_params, "wordwin": word_window_params}
-    return fixed[kind]() if kind in fixed else cfg.feature_params(kind)
-
-
-def verify(card: ModelCard, features: FeatureParams) -> None:
-    """Refuse a model whose file is missing or altered, or that expects other features."""
-    model = card.model_path
-    if not model.is_file():
-        raise ModelError(f"{model}: model file missing (expected sha256 {card.sha256})")
-    actual = sha256_of(model)
-    if actual != card.sha256:
-        raise ModelError(f"{model}: sha256 mismatch: expected {card.sha256}, got {actual}")
-    wanted = features.as_dict()
-    theirs = {"kind": "mfcc", **card.data["features"]}
-    section = {"melpower": "mel", "kaldifbank": "kaldifbank (fixed)", "wordwin": "wordwin (fixed)"}.get(
-        features.kind, "features")
-    diff = [k for k in wanted if theirs.get(k) != wanted[k]]
-    if diff:
-        k = diff[0]
-        raise ModelError(
-            f"{model}: trained on features.{k}={theirs.get(k)!r} but config has {section}.{k}={wanted[k]!r}")
-
-
-def session_options(threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    # Spinning worker threads steal the CPU from capture and VAD in the same process.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
-
-
-# cuDNN's default, an exhaustive timing of every convolution algorithm, runs again for each
-# input shape it has not seen, and a stream of utterances of every length and batch size is
-# nothing but new shapes: on an H200 it cost 60 ms a call and put the bench 10 s behind
-# (BENCHMARKS.md, "CUDA"). Its heuristic choice cut that to 10 ms.
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
-
-
-def gains_on_cuda(card: ModelCard) -> bool:
-    """Whether ``models.provider = "auto"`` runs this model on CUDA: only a model of fixed
-    windows whose rows batch together. On an H200 (BENCHMARKS.md, "CUDA") a call whose input
-    length differs from the last one cost the digit models 5-10 ms of host time on CUDA
-    (0.2-0.9 ms on a CPU core), and the int8 layers of a rows-alone model run on the CPU anyway."""
-    return card.window is not None and not card.rows_alone
-
-
-def wanted_providers(choice: str, card: ModelCard) -> list:
-    import onnxruntime as ort
-
-    # onnxruntime-gpu lists CUDA even without a GPU; only a session tells whether it works.
-    available = ort.get_available_providers()
-    if choice == "cpu" or CUDA not in available or (choice == "auto" and not gains_on_cuda(card)):
-        return [CPU]
-    return [(CUDA, CUDA_OPTIONS), CPU]
 
 
 def window_starts(frames: int, window: int, hop: int, min_coverage: float) -> list[int]:
@@ -211,21 +60,10 @@ class OnnxModel:
         self.output_name = self.session.get_outputs()[0].name
 
     def _session(self, providers: list):
-        import onnxruntime as ort
-
-        try:
-            return ort.InferenceSession(str(self.card.model_path), sess_options=session_options(self._threads),
-                                        providers=providers)
-        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
-            raise ModelError(f"{self.card.model_path}: cannot load model: {str(exc).splitlines()[0]}") from None
+        return open_session(self.card, self._threads, providers)
 
     def _fell_back(self, stage: str, reason: str) -> None:
-        # "auto" on a machine without a GPU is expected: info. Anything else is worth a warning.
-        level = logging.INFO if self.requested == "auto" and stage == "load" else logging.WARNING
-        log.log(level, "%s: %s; using CPU", self.card.name, reason)
-        if self.on_fallback is not None:
-            with contextlib.suppress(Exception):  # metrics must never break inference
-                self.on_fallback(self.card.name, self.card.sha256, self.requested, stage, CUDA, CPU)
+        report_fallback(self.card, self.requested, stage, reason, self.on_fallback)
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """The model's outputs for a batch of inputs: one session call, or one per row for a
@@ -398,78 +236,6 @@ def load_model(cfg, kind: str, provider: str | None = None, on_fallback: Fallbac
     verify(card, params)
     return OnnxModel(card, params, provider or cfg.models.provider, cfg.models.threads, cfg.models.bucket_frames,
                      on_fallback)
-
-
-@dataclass(frozen=True)
-class DigitPlan:
-    """Which digit model cards to load and how to combine them (from config and the fusion card)."""
-
-    cards: dict[str, ModelCard]
-    fusion: Fusion | None
-    choice: str
-    thresholds: dict[str, float]  # min_confidence per choice, chosen on validation speakers
-    source: Path  # the card the plan was read from: the fusion card, or the single model's
-    cascade: tuple[Cascade, ...] = ()  # fused: the costly members only when the others are unsure
-
-
-def _fusion_card(path: Path) -> dict:
-    data = read_card(path, "fusion card", ("kind", "members", "weights", "bias", "choice", "min_confidence"))
-    if data["kind"] != "digits-fusion" or len(data["weights"]) != len(data["members"]):
-        raise ModelError(f"{path}: not a digits-fusion card with one weight per member")
-    return data
-
-
-def _cascade(path: Path, data: dict, names: list[str]) -> tuple[Cascade, ...]:
-    """The card's cascade stages (``cascade.stages``, cheapest first), or none."""
-    spec = data.get("cascade")
-    if spec is None:
-        return ()
-    try:
-        stages = tuple(_stage(s, names) for s in spec["stages"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: malformed cascade entry ({type(exc).__name__}: {exc})") from None
-    for stage in stages:
-        if len(stage.fusion.weights) != len(stage.first) or len(stage.fusion.bias) != len(data["bias"]) \
-                or not 0 < stage.gate <= 1:
-            raise ModelError(f"{path}: each cascade stage needs a weight per member, {len(data['bias'])} biases "
-                             "and 0 < gate <= 1")
-    return stages
-
-
-def _stage(spec: dict, names: list[str]) -> Cascade:
-    return Cascade(tuple(names.index(n) for n in spec["members"]),
-                   Fusion(tuple(spec["weights"]), tuple(spec["bias"])), float(spec["gate"]))
-
-
-def digit_plan(cfg) -> DigitPlan:
-    """``digits.model``: auto (what the fusion card found best on validation speakers), fused,
-    or one family by name. Without a fusion card, the single ``models.digits`` model."""
-    models_dir = cfg.path(cfg.models.dir)
-    want = cfg.digits.model
-    fusion_path = models_dir / cfg.models.digits_fusion if cfg.models.digits_fusion else None
-    if fusion_path is None or not fusion_path.exists():
-        if want == "fused":
-            raise ModelError(f"digits.model = 'fused' needs a fusion card (models.digits_fusion: {fusion_path})")
-        card = load_card(models_dir / cfg.models.digits, "digits")
-        return DigitPlan({str(card.data.get("family", "digits")): card}, None, "single", {}, card.path)
-    data = _fusion_card(fusion_path)
-    cards = {m["name"]: load_card(models_dir / m["card"], "digits") for m in data["members"]}
-    for m in data["members"]:
-        if cards[m["name"]].sha256 != m["sha256"]:
-            raise ModelError(f"{fusion_path}: fitted on {m['card']} sha256 {m['sha256'][:12]}, which now has "
-                             f"{cards[m['name']].sha256[:12]}: run `streamd train fusion`")
-    classes = {c.data["output"]["shape"][-1] for c in cards.values()}
-    if classes != {len(data["bias"])}:
-        raise ModelError(f"{fusion_path}: {len(data['bias'])} biases for models with {sorted(classes)} classes")
-    choice = data["choice"] if want == "auto" else want
-    thresholds = {k: float(v) for k, v in data["min_confidence"].items()}
-    if choice == "fused":
-        cascade = _cascade(fusion_path, data, list(cards)) if cfg.digits.cascade else ()
-        return DigitPlan(cards, Fusion(tuple(data["weights"]), tuple(data["bias"])), choice, thresholds, fusion_path,
-                         cascade)
-    if choice not in cards:
-        raise ModelError(f"digits.model = {want!r}: {fusion_path} offers {', '.join(cards)} and fused")
-    return DigitPlan({choice: cards[choice]}, None, choice, thresholds, fusion_path)
 
 
 def load_digits(cfg, provider: str | None = None, on_fallback: FallbackListener | None = None) -> DigitModels:

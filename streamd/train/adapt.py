@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from streamd.models.cards import sha256_of
 from streamd.train import data, scoring
 
 HEAD = ("head.0.weight", "head.0.bias", "head.3.weight", "head.3.bias")
@@ -174,10 +175,10 @@ def write_card(opts: Options, clips: list[data.Clip], items: int, report: dict) 
     card.update({
         "name": base_card.get("name", "streamd-digits") + "-adapted",
         "file": opts.out.name,
-        "sha256": scoring.sha256(opts.out),
+        "sha256": sha256_of(opts.out),
         "size_bytes": opts.out.stat().st_size,
         "adapted": {
-            "from": {"file": opts.base.name, "sha256": scoring.sha256(opts.base)},
+            "from": {"file": opts.base.name, "sha256": sha256_of(opts.base)},
             "method": f"trunk frozen (the base graph unchanged up to the head's input); head re-trained "
                       f"{STEPS} steps of 64, Adam {LEARNING_RATE:g}, dropout 0.2, label smoothing 0.05, "
                       f"L2-SP {L2_SP:g} towards the base head; other words {NON_DIGIT_SHARE:.0%} of the digit clips",

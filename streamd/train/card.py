@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from streamd.signal.features import FeatureParams
+from streamd.models.cards import sha256_of
 from streamd.train import data, scoring
 from streamd.signal.vad import VadParams
 
@@ -119,7 +120,7 @@ def base_card(kind: str, path: Path, output: dict, train: data.FeatureSet, heldo
         "name": f"streamd-{kind}",
         "kind": kind,
         "file": path.name,
-        "sha256": scoring.sha256(path),
+        "sha256": sha256_of(path),
         "size_bytes": path.stat().st_size,
         "input": {"name": "feats", "shape": ["batch", "time", FeatureParams().numcep], "dtype": "float32",
                   "notes": "time >= 10 frames; tested up to 1500 frames"},

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamd.train import card, common, data, scoring, teacher
+from streamd.models.cards import sha256_of
+from streamd.train import card, common, data, teacher
 from streamd.train.scoring import confidence_threshold, corpus_metrics, member_file, onnx_logits, operating_points, softmax
 from streamd.train.nets import DigitNet, DigitRNN, DistilledDigitNet, DistilledDigitRNN
 
@@ -137,7 +138,7 @@ def run(opts: Options) -> int:
                              t_feats, t_train, opts.data_dir, opts.out_dir, opts.family)
     c = card.digits_card(path, split, metrics, threshold, info, net)
     if targets is not None:
-        c["teacher"] = teacher.PROVENANCE | {"sha256": scoring.sha256(teacher.model_path())}
+        c["teacher"] = teacher.PROVENANCE | {"sha256": sha256_of(teacher.model_path())}
     if opts.flite:
         c["training"]["command"] += " --flite"
         c["split"] += card.FLITE_SPLIT_TEXT

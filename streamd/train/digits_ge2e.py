@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamd.signal.features import mel_params
+from streamd.models.cards import sha256_of
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import evaluate
 from streamd.train.speaker_encoder import load_encoder, pretrained_path, quantize
@@ -196,7 +197,7 @@ def model_card(path: Path, split: data.DigitSplit, metrics: dict, threshold: dic
     c["pretrained"] = {
         "source": "Resemblyzer 0.1.4 wheel (PyPI), resemblyzer/pretrained.pt: GE2E speaker encoder by "
                   "Corentin Jemine, Apache-2.0 (the wheel's licence)",
-        "sha256": scoring.sha256(pretrained_path()), "use": "LSTM weights copied unchanged and frozen"}
+        "sha256": sha256_of(pretrained_path()), "use": "LSTM weights copied unchanged and frozen"}
     c["training"]["augmentation"] = card.head_augmentation()
     return c
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamd.signal.features import word_window_params
-from streamd.models.inference import load_card
+from streamd.models.cards import load_card, sha256_of
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import evaluate
 from streamd.signal.vad import VadParams
@@ -101,7 +101,7 @@ def _embed(items: data.FeatureSet, which: list[int], seed: int, model: Path, wor
 def embeddings(items: data.FeatureSet, seed: int, model: Path, workers: int = 2, check: int = 8) -> np.ndarray:
     """The word model's embedding (float16) of every item, cached in WORK_DIR/words-head and
     trusted only if ``check`` random items, embedded afresh, match."""
-    blob = json.dumps({"model": scoring.sha256(model), "aug": data.AUG_VERSION, "vad": asdict(VadParams()),
+    blob = json.dumps({"model": sha256_of(model), "aug": data.AUG_VERSION, "vad": asdict(VadParams()),
                        "seed": seed, "items": [[data.clip_id(items.clips[c]), int(v)]
                                                for c, v in zip(items.clip_index, items.variant)]})
     path = data.WORK_DIR / "words-head" / f"train-{hashlib.sha1(blob.encode()).hexdigest()[:16]}.npy"

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from streamd.models.digits import Fusion, log_softmax
-from streamd.models.inference import load_card
+from streamd.models.cards import load_card
 from streamd.train import card, data, scoring
 from streamd.train.scoring import accepted, confidence_threshold, corpus_metrics, onnx_logits, softmax
 

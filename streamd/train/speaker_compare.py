@@ -31,7 +31,8 @@ import soundfile as sf
 from streamd.offline import evaluate
 from streamd.signal.features import FeatureParams, mel_params, kaldi_fbank_params, mfcc, normalize
 from streamd.identity.scoring import l2_normalize
-from streamd.models.inference import OnnxModel, load_card, verify
+from streamd.models.cards import load_card, verify
+from streamd.models.inference import OnnxModel
 from streamd.signal.vad import VadParams, utterance_audio
 
 SEGMENT_S = 3.0

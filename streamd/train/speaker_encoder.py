@@ -45,10 +45,11 @@ from torch import nn
 from streamd.offline import evaluate
 from streamd.signal.features import mel_params, mfcc, normalize
 from streamd.identity.scoring import l2_normalize
-from streamd.models.inference import ModelCard, OnnxModel
+from streamd.models.cards import ModelCard, sha256_of
+from streamd.models.inference import OnnxModel
 from streamd.identity.speakers import joined_features
 from streamd.train import speaker_quality
-from streamd.train.scoring import OPSET, ort_outputs, ort_session, sha256
+from streamd.train.scoring import OPSET, ort_outputs, ort_session
 from streamd.signal.vad import VadParams, utterance_audio
 
 WINDOW = {"frames": 160, "hop_frames": 77, "min_coverage": 0.75}  # Resemblyzer's partials: 1.6 s, 1.3/s
@@ -565,14 +566,14 @@ def window_model(enc: nn.Module, folder: Path, int8: bool) -> OnnxModel:
         quantize(path, path.with_suffix(".int8.onnx"))
         path = path.with_suffix(".int8.onnx")
     return OnnxModel(ModelCard(folder / "encoder.card.json",
-                               {"kind": "speaker", "file": path.name, "sha256": sha256(path),
+                               {"kind": "speaker", "file": path.name, "sha256": sha256_of(path),
                                 "features": mel_params().as_dict(), "input": window_input(int8), "output": {}}),
                      mel_params(), "cpu")
 
 
 def cache_key(weights: Path, data_dir: Path, int8: bool) -> str:
     """Same weights, front end, VAD and data folder: same per-window outputs."""
-    return hashlib.sha256(json.dumps([sha256(weights), mel_params().as_dict(), dataclasses.asdict(VadParams()),
+    return hashlib.sha256(json.dumps([sha256_of(weights), mel_params().as_dict(), dataclasses.asdict(VadParams()),
                                       str(data_dir.resolve()), ENROLL_CLIPS, PHRASE_CLIPS, "enrollment joined"]
                                      + (["int8 rows alone", onnxruntime_version()] if int8 else []),
                                      sort_keys=True).encode()).hexdigest()[:12]
@@ -635,7 +636,7 @@ def run(opts: Options) -> int:
                          "agreement_with_float_on_speech": agreement(float_path, onnx_path, windows)}
     else:
         parity = export(full, onnx_path, windows)
-    card_data = {"kind": "speaker", "file": onnx_path.name, "sha256": sha256(onnx_path),
+    card_data = {"kind": "speaker", "file": onnx_path.name, "sha256": sha256_of(onnx_path),
                  "features": params.as_dict(), "input": window_input(opts.int8), "output": {}}
     model = OnnxModel(ModelCard(opts.out_dir / "speaker.card.json", card_data), params, "cpu")
     emb = embed_clips(model, held)
@@ -649,7 +650,7 @@ def run(opts: Options) -> int:
         "name": "speaker-ge2e",
         "kind": "speaker",
         "file": onnx_path.name,
-        "sha256": sha256(onnx_path),
+        "sha256": sha256_of(onnx_path),
         "size_bytes": onnx_path.stat().st_size,
         "input": {"name": "feats", "shape": ["batch", "time", 40], "window": WINDOW,
                   "batch_invariant": not opts.int8,
@@ -664,7 +665,7 @@ def run(opts: Options) -> int:
         "provenance": {
             "source": "Resemblyzer 0.1.4 (PyPI wheel), resemblyzer/pretrained.pt: GE2E voice encoder by Resemble AI",
             "licence": "Apache-2.0 (the wheel's LICENSE covers the code and the bundled pretrained model)",
-            "pretrained_sha256": sha256(weights),
+            "pretrained_sha256": sha256_of(weights),
             "conversion": "weights loaded into streamd.train.speaker_encoder.VoiceEncoder and exported to ONNX; "
                           "the front end (librosa mel) re-implemented in streamd.signal.features (Slaney mel, power, "
                           "uncentred frames for streaming); encoder weights not fine-tuned",
@@ -681,7 +682,7 @@ def run(opts: Options) -> int:
                                   "make-up were compared on training-speaker cross-validation and also on the "
                                   "held-out speakers' scores, so model selection saw the held-out speakers; "
                                   "nothing was fitted on them"},
-        "cohort": {"file": cohort_path.name, "sha256": sha256(cohort_path), "vectors": len(cohort),
+        "cohort": {"file": cohort_path.name, "sha256": sha256_of(cohort_path), "vectors": len(cohort),
                    "source": f"{COHORT_PER_SPEAKER} single words and {COHORT_PER_SPEAKER} 3-clip phrases of each "
                              "training speaker, of the band-limited copies of the ASC training speakers and of "
                              "copies of every training speaker through random channels (streamd.train.data."

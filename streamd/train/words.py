@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamd.models.cards import sha256_of
 from streamd.offline import eval_words
 from streamd.train import teacher
 from streamd.signal.vad import VadParams
@@ -32,10 +33,6 @@ class Options:
     data_dir: Path
     out_dir: Path
     reps: int = 5
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def batchable(source: Path, out: Path) -> None:
@@ -79,7 +76,7 @@ def embed(path: Path, inputs: list[np.ndarray], batch: int = 32) -> np.ndarray:
 
 def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips: int) -> dict:
     return {
-        "name": "words", "kind": "words", "file": out.name, "sha256": sha256(out), "size_bytes": out.stat().st_size,
+        "name": "words", "kind": "words", "file": out.name, "sha256": sha256_of(out), "size_bytes": out.stat().st_size,
         "input": {"name": "input", "shape": ["batch", 1, FRAMES, FILTERS],
                   "note": "64 log mel filterbanks (python_speech_features.logfbank: 25 ms / 10 ms, NFFT 512, "
                           "no pre-emphasis) of a 1.5 s window, the VAD-cut utterance centred in it "
@@ -88,7 +85,7 @@ def card(out: Path, source: Path, rule: dict, report: dict, parity: float, clips
         "features": {"kind": "logfbank64-1.5s", "note": "computed from the utterance's audio, not from a ring"},
         "vad": asdict(VadParams()),  # the cuts its templates and match rule were measured on
         "provenance": {**teacher.PROVENANCE, "use": "shipped: names the digits users teach at run time",
-                       "source_sha256": sha256(source),
+                       "source_sha256": sha256_of(source),
                        "changes": "batch axis made dynamic (Reshape shapes), shape annotations dropped; "
                                   f"weights untouched; largest output difference from the wheel's file: {parity:.1e}"},
         "licence": "Apache-2.0 (the wheel's LICENSE.md, read for this card; no other terms for its models). "
@@ -111,7 +108,7 @@ def cache_path(model: Path, clips: list) -> Path:
     """Where the clips' embeddings by this model are kept (training work folder)."""
     from streamd.train.data import WORK_DIR
 
-    key = hashlib.sha1((sha256(model) + "".join(str(c.path) for c in clips)).encode()).hexdigest()[:16]
+    key = hashlib.sha1((sha256_of(model) + "".join(str(c.path) for c in clips)).encode()).hexdigest()[:16]
     return WORK_DIR / "words" / f"vectors-{key}.npy"
 
 
