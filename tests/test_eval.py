@@ -103,6 +103,38 @@ def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
     assert open_set_rates(scores, truth, lambda n: lower)[1] > 0.05
 
 
+def test_eer_on_a_hand_counted_case():
+    """Targets 0.9 0.6 0.3, impostors 0.8 0.7 0.5 0.4 0.2; accepted when score >= threshold.
+    At 0.6 two of five impostors pass (FAR 0.4) and one of three targets fails (FRR 1/3): the
+    closest the two rates come, so the EER is their mean 11/30 at threshold 0.6 (with ">" the
+    point would move to 0.5; the lower or higher rate alone would be 1/3 or 0.4). Only 0.9
+    keeps false accepts within 1%, where two of three targets are missed."""
+    from streamd.offline.evaluate import eer
+    from streamd.train.speaker import eer_summary
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    same = np.array([True, False, False, True, False, False, True, False])
+    for order in (np.arange(8), np.arange(8)[::-1]):
+        rate, threshold, at1 = eer(scores[order], same[order])
+        assert rate == pytest.approx(11 / 30) and threshold == 0.6 and at1 == 0.9
+    summary = eer_summary(scores, same)
+    assert summary["eer"] == pytest.approx(11 / 30) and summary["threshold_at_eer"] == 0.6
+    assert (summary["threshold_at_far_1pct"], summary["far_at_far_1pct_threshold"]) == (0.9, 0.0)
+    assert summary["frr_at_far_1pct"] == pytest.approx(2 / 3)
+    assert (summary["n_target_pairs"], summary["n_nontarget_pairs"], summary["n_pairs"]) == (3, 5, 8)
+
+
+def test_eer_puts_tied_scores_on_the_same_side():
+    """A target and an impostor both at 0.5 are accepted together: at 0.5 FAR 1/2, FRR 0, so
+    the EER is 1/4 whichever comes first in the input; no threshold among the scores keeps
+    false accepts within 1%, so that threshold lies above them all."""
+    from streamd.offline.evaluate import eer
+
+    for scores, same in (([0.5, 0.5, 0.1], [False, True, False]), ([0.5, 0.5, 0.1], [True, False, False])):
+        rate, threshold, at1 = eer(np.array(scores), np.array(same))
+        assert (rate, threshold) == (0.25, 0.5) and at1 > 0.5
+
+
 def copy_models(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(MODELS, models)

@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from streamd.offline.eval_digits import NOISY, add_noise
-from streamd.offline.evaluate import Clip, eer, held_out_clips, open_set_rates
+from streamd.offline.evaluate import Clip, eer, error_rates, held_out_clips, open_set_rates
 from streamd.signal.features import mfcc, normalize
 from streamd.identity.scoring import Enrolled, l2_normalize, quality_measures
 from streamd.identity.speakers import SpeakerBook
@@ -28,10 +28,8 @@ PHRASE_CLIPS = 3  # 3 words or 1-s keywords: about 2-3 s of speech
 
 def min_dcf(scores: np.ndarray, same: np.ndarray, p_target: float = 0.01) -> float:
     """Normalised minimum detection cost (C_miss = C_fa = 1)."""
-    order = np.argsort(-scores)
-    y = same[order]
-    fa = np.concatenate(([0.0], np.cumsum(~y) / max(1, (~y).sum())))
-    miss = np.concatenate(([1.0], 1 - np.cumsum(y) / max(1, y.sum())))
+    _, far, frr = error_rates(scores, same)
+    fa, miss = np.concatenate(([0.0], far)), np.concatenate(([1.0], frr))  # and: accept nothing
     cost = p_target * miss + (1 - p_target) * fa
     return float(cost.min() / min(p_target, 1 - p_target))
 
@@ -134,9 +132,8 @@ def det_plot(result: dict, path: Path) -> None:
         if kind not in result:
             continue
         s, y = result[kind]["_scores"], result[kind]["_same"]
-        order = np.argsort(-s)
-        fa = np.clip(np.cumsum(~y[order]) / (~y).sum(), 1e-4, 1 - 1e-4)
-        miss = np.clip(1 - np.cumsum(y[order]) / y.sum(), 1e-4, 1 - 1e-4)
+        _, far, frr = error_rates(s, y)
+        fa, miss = np.clip(far, 1e-4, 1 - 1e-4), np.clip(frr, 1e-4, 1 - 1e-4)
         ax.plot(norm.ppf(fa), norm.ppf(miss), label=f"{label} (EER {result[kind]['eer']:.1%})")
     ticks = [0.001, 0.01, 0.05, 0.2, 0.5]
     ax.set_xticks(norm.ppf(ticks), [f"{t:.1%}" for t in ticks])

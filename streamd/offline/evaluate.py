@@ -63,15 +63,30 @@ def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.
     return emb, models.digits.run(models.digits.features_of(speech)), heard
 
 
+def error_rates(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, false-accept rates, false-reject rates), highest threshold first. A trial is
+    accepted when its score is at least the threshold, and the thresholds tried are the scores
+    themselves, so tied scores fall on the same side."""
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    targets, impostors = np.sort(scores[same]), np.sort(scores[~same])
+    thresholds = np.unique(scores)[::-1]
+    far = (len(impostors) - np.searchsorted(impostors, thresholds, side="left")) / max(1, len(impostors))
+    frr = np.searchsorted(targets, thresholds, side="left") / max(1, len(targets))
+    return thresholds, far, frr
+
+
 def eer(scores: np.ndarray, same: np.ndarray) -> tuple[float, float, float]:
-    """Equal error rate, its threshold, and the threshold at 1% false accepts."""
-    order = np.argsort(-scores)
-    s, y = scores[order], same[order]
-    far = np.cumsum(~y) / max(1, (~y).sum())
-    frr = 1 - np.cumsum(y) / max(1, y.sum())
+    """Equal error rate, its threshold, and the threshold at 1% false accepts: the one EER
+    computation (training's summaries wrap it).
+
+    The EER is the mean of the false-accept and false-reject rates at the threshold where they
+    are closest (the higher threshold when two are as close); the 1% threshold is the lowest
+    with at most 1% false accepts (above every score when none has)."""
+    thresholds, far, frr = error_rates(scores, same)
     i = int(np.argmin(np.abs(far - frr)))
-    at1 = s[max(0, int(np.searchsorted(far, 0.01, side="right")) - 1)]
-    return float((far[i] + frr[i]) / 2), float(s[i]), float(at1)
+    within = np.flatnonzero(far <= 0.01)  # far grows as the threshold falls: a leading run
+    at1 = thresholds[within[-1]] if len(within) else np.nextafter(thresholds[0], np.inf)
+    return float((far[i] + frr[i]) / 2), float(thresholds[i]), float(at1)
 
 
 def open_set_rates(scores: np.ndarray, truth: np.ndarray, threshold_for_gallery) -> tuple[float, float]:

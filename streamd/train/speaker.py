@@ -10,6 +10,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from streamd.offline.evaluate import eer
 from streamd.signal.features import FeatureParams, mfcc, normalize
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import spec_augment
@@ -118,26 +119,23 @@ def train(fs: data.FeatureSet, opts: Options) -> tuple[SpeakerNet, int]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def eer(scores: np.ndarray, same: np.ndarray) -> dict:
-    """Equal error rate, its threshold, and the threshold/FRR at a 1% false-accept rate."""
-    tar, non = np.sort(scores[same]), np.sort(scores[~same])
-    thr = np.linspace(-1.0, 1.0, 8001)
-    far = 1.0 - np.searchsorted(non, thr, side="left") / len(non)  # accept: score >= thr
-    frr = np.searchsorted(tar, thr, side="left") / len(tar)
-    i = int(np.argmin(np.abs(far - frr)))
-    j = int(np.argmax(far <= 0.01))
-    return {"eer": float((far[i] + frr[i]) / 2), "threshold_at_eer": float(thr[i]),
-            "threshold_at_far_1pct": float(thr[j]), "frr_at_far_1pct": float(frr[j]),
-            "far_at_far_1pct_threshold": float(far[j]),
-            "n_target_pairs": int(len(tar)), "n_nontarget_pairs": int(len(non)),
-            "n_pairs": int(len(tar) + len(non))}
+def eer_summary(scores: np.ndarray, same: np.ndarray) -> dict:
+    """``streamd.offline.evaluate.eer`` as the card's metrics entry: the EER, its threshold, and
+    the threshold at a 1% false-accept rate with the error rates there."""
+    rate, threshold, at1 = eer(scores, same)
+    targets, impostors = scores[same], scores[~same]
+    return {"eer": rate, "threshold_at_eer": threshold,
+            "threshold_at_far_1pct": at1, "frr_at_far_1pct": float(np.mean(targets < at1)),
+            "far_at_far_1pct_threshold": float(np.mean(impostors >= at1)),
+            "n_target_pairs": int(len(targets)), "n_nontarget_pairs": int(len(impostors)),
+            "n_pairs": int(len(targets) + len(impostors))}
 
 
 def pair_metrics(emb: np.ndarray, spk: np.ndarray) -> dict:
     """All pairs i < j of the items, cosine scores."""
     iu = np.triu_indices(len(emb), k=1)
     scores = (emb @ emb.T)[iu]
-    out = eer(scores, spk[iu[0]] == spk[iu[1]])
+    out = eer_summary(scores, spk[iu[0]] == spk[iu[1]])
     out["n_items"] = int(len(emb))
     out["n_speakers"] = int(len(set(spk)))
     return out
@@ -151,7 +149,7 @@ def enrolled_metrics(emb: np.ndarray, spk: np.ndarray, groups: list[np.ndarray])
     for k, g in enumerate(groups):
         outside[k, g] = False
     same = spk[[g[0] for g in groups]][:, None] == spk[None, :]
-    out = eer(scores[outside], same[outside])
+    out = eer_summary(scores[outside], same[outside])
     out["n_items"] = f"{len(groups)} templates x {len(emb)} clips"
     out["n_speakers"] = int(len(set(spk)))
     return out
