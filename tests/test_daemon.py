@@ -14,11 +14,10 @@ from streamd.config import Config
 from streamd.models.digits import decide
 from streamd.service.events import subscribe
 from streamd.models.inference import load_digits
-from streamd.service.pipeline import METRICS_EVERY
 from streamd.audio.sources import read_audio
 from streamd.signal.vad import segment_clip
 from conftest import DATA, MODELS, ROOT, start_streamd, streamd
-from helpers import by_type, collect, demo_truth
+from helpers import by_type, collect, demo_truth, frames_seen
 
 EVENT_KEYS = {"v", "type", "stream", "seq", "utterance", "t_start", "t_end", "time"}
 DEMO_NAMES = {"theo": "theo", "00000002": "asc02", "00000007": "asc07", "00000008": "unknown"}
@@ -111,6 +110,10 @@ def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_sta
         events = collect(sock, until=lambda ev: len(by_type(ev, "digit")) == 10, timeout=60)
         assert len(by_type(events, "digit")) == 10
         assert notify.wait_for("WATCHDOG=1", 5)
+        frames = len(audio) // 320  # all of them pushed, stdin still open: read at scrape time, each counts
+        deadline = time.monotonic() + 10
+        while frames_seen(iso.metrics_url) < frames and time.monotonic() < deadline:
+            time.sleep(0.05)
         body = urllib.request.urlopen(iso.metrics_url, timeout=5).read().decode()
     finally:
         proc.stdin.close()
@@ -122,8 +125,10 @@ def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_sta
     for stage in ("vad", "features", "inference", "publish"):
         assert metric[f'streamd_stage_seconds_count{{stage="{stage}",stream="default"}}'] > 0
     assert metric['streamd_events_total{stream="default",type="digit"}'] == 10
-    # frames are added to the counter METRICS_EVERY at a time (0.5 s): all but the last few
-    assert metric['streamd_frames_total{stream="default"}'] == pytest.approx(len(audio) / 320, abs=METRICS_EVERY)
+    assert metric['streamd_frames_total{stream="default"}'] == frames
+    assert metric['streamd_audio_seconds_total{stream="default"}'] == pytest.approx(frames * 0.02)
+    assert 0 < metric['streamd_speech_seconds_total{stream="default"}'] < frames * 0.02
+    assert metric['streamd_utterances_total{reason="silence",stream="default"}'] == 10
     assert metric["streamd_events_dropped_total"] == 0
     assert any(k.startswith("streamd_build_info{") for k in metric)
     assert any(k.startswith("streamd_model_info{") and 'provider="CPUExecutionProvider"' in k for k in metric)

@@ -71,5 +71,6 @@ def test_the_check_sees_an_upward_import():
 
 
 def test_identity_and_pipeline_do_not_import_the_sqlite_module():
-    for name in ("identity/scoring.py", "service/pipeline.py"):
+    for name in ("identity/scoring.py", "service/pipeline.py", "service/segmentation.py", "service/pending.py",
+                 "service/decisions.py"):
         assert not any(t.startswith("streamd.identity.gallery") for t in imports_of(ROOT / "streamd" / name)), name

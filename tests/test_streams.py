@@ -273,3 +273,78 @@ def test_the_engine_holds_the_sources_back_while_too_much_waits_for_the_models(m
     finally:
         engine.close()
         publisher.close(0)
+
+
+def scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_scraped_over_http_are_the_frames_and_utterances_fed(models):
+    """/metrics reads each stream's counts when it is scraped: exactly the frames, audio and
+    speech fed so far (none waits to be added in a batch), each stream its own; the series
+    are those a prometheus_client Counter of the same name would export."""
+    import io
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from streamd.audio.frames import Frame
+    from streamd.config import load
+    from streamd.service.engine import Engine
+    from streamd.service.events import Publisher
+    from streamd.service.metrics import Metrics
+    from streamd.signal.vad import Segmenter, SpeechEnd
+    from conftest import free_port
+
+    cfg = load(None, [f'models.dir="{MODELS}"'])
+    metrics, port = Metrics(), free_port()
+    server = metrics.serve(f"127.0.0.1:{port}")
+    publisher = Publisher("tcp://127.0.0.1:*", jsonl=io.StringIO())
+    engine = Engine(cfg, models, None, publisher, metrics)
+    demo, step = read_audio(str(DATA / "demo.flac")), cfg.vad.frame_samples
+    # Unequal lengths (not whole frames either) and unequal speech: any count read from the
+    # wrong stream or the wrong counter differs.
+    feeds = {"front": demo[: 16000 * 7 + 123], "back": demo[16000 * 3 : 16000 * 8]}
+    want = {}
+    try:
+        for name, audio in feeds.items():
+            pipe, vad = engine.add_stream(name), Segmenter(cfg.vad)  # the same VAD, counted apart
+            speech_frames = ends = 0
+            for i in range(len(audio) // step):
+                frame = Frame(name, i, audio[i * step : (i + 1) * step], i * step / 16000, 0.0)
+                pipe.push(frame)
+                engine.pump()
+                ends += sum(isinstance(out, SpeechEnd) for out in vad.push(frame))
+                speech_frames += vad.in_speech
+            want[name] = {"frames": len(audio) // step, "speech": speech_frames, "utterances": ends}
+        got = scrape(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        engine.close()
+        publisher.close(0)
+        server.shutdown()
+
+    frame_s = step / 16000
+    for name, w in want.items():
+        assert 0 < w["speech"] < w["frames"] and w["utterances"] > 0, w
+        assert got[f'streamd_frames_total{{stream="{name}"}}'] == w["frames"]
+        assert got[f'streamd_audio_seconds_total{{stream="{name}"}}'] == pytest.approx(w["frames"] * frame_s, abs=1e-9)
+        assert got[f'streamd_speech_seconds_total{{stream="{name}"}}'] == pytest.approx(w["speech"] * frame_s, abs=1e-9)
+        assert sum(v for k, v in got.items() if k.startswith("streamd_utterances_total{")
+                   and f'stream="{name}"' in k) == w["utterances"]
+    assert want["front"] != want["back"]
+
+    # The same series (names, labels, _created) as the Counters they replace.
+    reference = CollectorRegistry()
+    for metric, help_text in (("streamd_frames_total", "Audio frames processed."),
+                              ("streamd_audio_seconds_total", "Audio processed."),
+                              ("streamd_speech_seconds_total", "Audio inside utterances.")):
+        Counter(metric, help_text, ["stream"], registry=reference).labels(stream="front").inc()
+    families = {f.name: f for f in metrics.registry.collect()}
+    for family in reference.collect():
+        ours = families[family.name]
+        assert (ours.type, ours.documentation) == (family.type, family.documentation)
+        assert {s.name for s in ours.samples} == {s.name for s in family.samples}
+        assert {tuple(s.labels) for s in ours.samples} == {tuple(s.labels) for s in family.samples}

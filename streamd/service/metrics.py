@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from streamd import __version__
+from streamd.audio.frames import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +25,79 @@ LATENCY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 STAGES = ("vad", "features", "inference", "identity", "publish")
+
+
+@dataclass
+class StreamCounts:
+    """A stream's running totals of audio, plain integers its pipeline adds to on every frame
+    (no lock, no Prometheus call: silence should cost little more than the VAD).
+    ``FrameCountsCollector`` reads them when /metrics is scraped."""
+
+    frames: int = 0
+    audio_samples: int = 0
+    speech_samples: int = 0  # of frames inside utterances
+    created: float = field(default_factory=time.time)  # the series' start, as a Counter's _created
+
+    def add_frame(self, samples: int, speech: bool) -> None:
+        self.frames += 1
+        self.audio_samples += samples
+        if speech:
+            self.speech_samples += samples
+
+
+class FrameCountsCollector(Collector):
+    """Exports every stream's ``StreamCounts`` as the counters streamd_frames_total,
+    streamd_audio_seconds_total and streamd_speech_seconds_total, read at scrape time: what
+    /metrics shows is what the pipelines have counted up to that moment."""
+
+    FAMILIES = (
+        ("streamd_frames_total", "Audio frames processed."),
+        ("streamd_audio_seconds_total", "Audio processed."),
+        ("streamd_speech_seconds_total", "Audio inside utterances."),
+    )
+
+    def __init__(self) -> None:
+        self._streams: dict[str, StreamCounts] = {}
+        self._lock = threading.Lock()  # add() runs on the audio thread, collect() on the HTTP server's
+
+    def add(self, stream: str) -> StreamCounts:
+        """The stream's counts (the same object for every call with that stream)."""
+        with self._lock:
+            return self._streams.setdefault(stream, StreamCounts())
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return self._families()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            streams = list(self._streams.items())
+        frames, audio, speech = families = self._families()
+        with_created = getattr(prometheus_client.metrics, "_use_created", True)  # as Counter does
+        for stream, counts in streams:
+            created = counts.created if with_created else None
+            frames.add_metric([stream], counts.frames, created=created)
+            audio.add_metric([stream], counts.audio_samples / SAMPLE_RATE, created=created)
+            speech.add_metric([stream], counts.speech_samples / SAMPLE_RATE, created=created)
+        yield from families
+
+    def _families(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(name, doc, labels=["stream"]) for name, doc in self.FAMILIES]
+
+
+class StageTimes:
+    """One stream's ``streamd_stage_seconds`` children, resolved once."""
+
+    def __init__(self, stage: Histogram, stream: str):
+        self._children = {name: stage.labels(stream=stream, stage=name) for name in STAGES}
+
+    def observe(self, stage: str, seconds: float) -> None:
+        self._children[stage].observe(seconds)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self._children[stage].observe(time.perf_counter() - start)
 
 
 class Metrics:
@@ -29,9 +111,8 @@ class Metrics:
         self.stage = Histogram(
             "streamd_stage_seconds", "Time spent in each pipeline stage per call.",
             ["stream", "stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.frames = Counter("streamd_frames_total", "Audio frames processed.", ["stream"], registry=r)
-        self.audio_seconds = Counter("streamd_audio_seconds_total", "Audio processed.", ["stream"], registry=r)
-        self.speech_seconds = Counter("streamd_speech_seconds_total", "Audio inside utterances.", ["stream"], registry=r)
+        self.frame_counts = FrameCountsCollector()  # frames, audio and speech seconds, per stream
+        r.register(self.frame_counts)
         self.utterances = Counter("streamd_utterances_total", "Utterances ended.", ["stream", "reason"], registry=r)
         self.events = Counter("streamd_events_total", "Events published.", ["stream", "type"], registry=r)
         self.dropped = Counter("streamd_events_dropped_total", "Events that could not be published.", registry=r)
@@ -76,14 +157,15 @@ class Metrics:
             pass
         self.model.labels(model=model, sha256=sha256, provider=new).set(1)
 
-    def add_stream(self, stream: str) -> None:
-        """Create a stream's series up front so dashboards show zeros, not gaps."""
+    def add_stream(self, stream: str) -> StreamCounts:
+        """Create a stream's series up front so dashboards show zeros, not gaps; returns the
+        counts its pipeline adds each frame to."""
         for stage in STAGES:
             self.stage.labels(stream=stream, stage=stage)
         self.latency.labels(stream=stream)
-        self.frames.labels(stream=stream)
         self.overruns.labels(stream=stream)
         self.source_failures.labels(stream=stream)
+        return self.frame_counts.add(stream)
 
     def add_network_stream(self, stream: str) -> None:
         """A remote stream's network series, at zero until something is lost."""

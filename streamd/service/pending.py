@@ -1,0 +1,108 @@
+"""A stream's model work: the jobs it hands the Batcher shared by all streams, and how their
+results come back (a final decision may have been computed early, in the hangover)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from prometheus_client import Counter
+
+from streamd.models.batching import Batcher, Finish, Job
+from streamd.models.inference import FeaturesByFrontEnd
+
+Decide = Callable[..., None]  # called with the embedding, the digit logits and the word embedding (or not)
+
+
+@dataclass(frozen=True)
+class FinalRequest:
+    """What the models compute a final decision from: an utterance's first ``samples``."""
+
+    utterance: int
+    samples: int
+    speaker_feats: np.ndarray
+    digit_feats: FeaturesByFrontEnd
+    word_input: np.ndarray | None  # while some vocabulary has templates
+
+
+@dataclass
+class EarlyFinal:
+    """An utterance's final decision computed once speech has been silent for ``vad.tail_ms``:
+    the audio the models see is complete then, so the rest of the hangover is spent on the
+    models instead of waiting. Used if the utterance then closes with no more speech;
+    wasted (and a newer one computed) if speech goes on."""
+
+    utterance: int
+    samples: int  # of the audio the models see: what the final decision would compute
+    speaker_feats: np.ndarray  # the final decision's too (its Utterance record keeps them)
+    result: tuple | None = None  # (embedding, logits[, word embedding])
+    waiting: Decide | None = None  # the close came before the result
+
+    def done(self, *result) -> None:
+        self.result = result
+        if self.waiting is not None:
+            self.waiting(*result)
+
+    def use(self, decide: Decide) -> None:
+        if self.result is not None:
+            decide(*self.result)
+        else:
+            self.waiting = decide
+
+    def covers(self, utterance: int, samples: int) -> bool:
+        """Whether it was computed on exactly this audio."""
+        return (self.utterance, self.samples) == (utterance, samples)
+
+
+class PendingWork:
+    """Submits a stream's partial, early final and final decisions to the Batcher; keeps the
+    early final until its utterance closes, and counts it used or wasted."""
+
+    def __init__(self, stream: str, batcher: Batcher, early_finals: Counter):
+        self.stream = stream
+        self.batcher = batcher
+        self._early_finals = early_finals  # labelled when counted: no series before the first
+        self.early: EarlyFinal | None = None
+        self.finals = 0  # final decisions asked for (early ones used included)
+
+    def partial(self, utterance: int, speaker_feats: np.ndarray, finish: Finish) -> None:
+        """The speaker decision on the utterance heard so far (a newer one supersedes it)."""
+        self.batcher.submit(Job(self.stream, speaker_feats, None, finish, utterance=utterance))
+
+    def has_early(self, utterance: int, samples: int) -> bool:
+        return self.early is not None and self.early.covers(utterance, samples)
+
+    def early_final(self, request: FinalRequest) -> None:
+        """The final decision, computed before the utterance closes; the previous one is wasted
+        (speech went on after it)."""
+        self._count("wasted", self.early)
+        self.early = early = EarlyFinal(request.utterance, request.samples, request.speaker_feats)
+        self._submit(request, early.done, early=True)
+
+    def take_early(self, utterance: int, samples: int) -> EarlyFinal | None:
+        """The early final computed on exactly this audio, if any; any other is wasted."""
+        early, self.early = self.early, None
+        if early is not None and early.covers(utterance, samples):
+            return early
+        self._count("wasted", early)
+        return None
+
+    def use_early(self, early: EarlyFinal, decide: Decide) -> None:
+        """The final decision is ``early``'s (the same audio: the same result), now or when it comes."""
+        self.finals += 1
+        self._count("used", early)
+        early.use(decide)
+
+    def final(self, request: FinalRequest, decide: Decide) -> None:
+        """The final decision, from the models."""
+        self.finals += 1
+        self._submit(request, decide)
+
+    def _submit(self, request: FinalRequest, finish: Decide, early: bool = False) -> None:
+        self.batcher.submit(Job(self.stream, request.speaker_feats, request.digit_feats, finish,
+                                utterance=request.utterance, early=early, word_input=request.word_input))
+
+    def _count(self, outcome: str, early: EarlyFinal | None) -> None:
+        if early is not None:
+            self._early_finals.labels(stream=self.stream, outcome=outcome).inc()
