@@ -132,13 +132,13 @@ def conv_search(model: OnnxModel, sample: np.ndarray) -> dict:
 def model_inputs(models) -> dict[str, np.ndarray]:
     """A real input row for each model: the speaker's first 1.6 s window of the demo, the
     digit models' first second of it."""
-    from streamd.signal.features import mfcc, normalize
+    from streamd.signal.features import features_of_audio
     from streamd.audio.sources import read_audio
 
     audio = read_audio(str(ROOT / "tests" / "data" / "demo.flac"))
     out = {}
     for model in models.all():
-        feats = normalize(mfcc(audio[: 16000 * 2], model.params), model.params)
+        feats = features_of_audio(audio[: 16000 * 2], model.params)
         out[model.card.name] = model.inputs(feats if model.card.window else feats[:100])[:1]
     return out
 

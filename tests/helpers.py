@@ -115,7 +115,7 @@ def client_curve(d: Path, who: str = "client", server: str = "server/server.key"
 def utterance_features(model, clip="demo.flac"):
     """The model's input for each utterance the VAD finds in a bundled clip."""
     from streamd.config import Config
-    from streamd.signal.features import mfcc, normalize
+    from streamd.signal.features import features_of_audio
     from streamd.models.inference import DigitModels
 
     audio = read_audio(str(DATA / clip))
@@ -124,7 +124,7 @@ def utterance_features(model, clip="demo.flac"):
     for end in segment_clip(audio, cfg.vad):
         a, b = (int(round(t * 16000)) for t in end.model_span(cfg.vad))
         cut = audio[a:b]
-        out.append(model.features_of(cut) if isinstance(model, DigitModels) else normalize(mfcc(cut, model.params), model.params))
+        out.append(model.features_of(cut) if isinstance(model, DigitModels) else features_of_audio(cut, model.params))
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from streamd.config import build
-from streamd.signal.features import StreamingMfcc, kaldi_fbank_params, mfcc, normalize
+from streamd.signal.features import StreamingFeatures, kaldi_fbank_params, normalize, features_of_audio
 from streamd.models.inference import load_model
 from conftest import DATA, MODELS, ROOT
 
@@ -19,7 +19,7 @@ def feats(clip: str, seconds: float | None = None) -> np.ndarray:
     audio, _ = sf.read(DATA / clip, dtype="int16")
     audio = audio if seconds is None else audio[: int(seconds * 16000)]
     p = kaldi_fbank_params()
-    return normalize(mfcc(audio, p), p)
+    return features_of_audio(audio, p)
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,11 @@ def test_daemon_loads_it_on_the_kaldi_front_end(shipped):
 def test_streamed_features_give_the_offline_embedding(shipped):
     audio, _ = sf.read(DATA / "visitor12.flac", dtype="int16")
     p = shipped.params
-    ring = StreamingMfcc(p, capacity_frames=3000, chunk_samples=3200)
+    ring = StreamingFeatures(p, capacity_frames=3000, chunk_samples=3200)
     for i in range(0, len(audio), 320):  # 20 ms frames, as the daemon's VAD hands them on
         ring.push(audio[i : i + 320])
     streamed = shipped.run(normalize(ring.frames(0), p))
-    offline = shipped.run(normalize(mfcc(audio, p), p))
+    offline = shipped.run(features_of_audio(audio, p))
     assert float(streamed @ offline) > 0.99999
 
 

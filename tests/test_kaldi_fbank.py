@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamd.signal.features import KALDI_ENERGY_FLOOR, FeatureParams, StreamingMfcc, kaldi_fbank_params, kaldi_mel_banks, mfcc, normalize
+from streamd.signal.features import KALDI_ENERGY_FLOOR, FeatureParams, StreamingFeatures, kaldi_fbank_params, kaldi_mel_banks, feature_frames, normalize, features_of_audio
 from conftest import DATA
 
 CLIPS = ["parity.flac", "word.flac", "demo.flac", "visitor12.flac", "enroll_asc02.flac"]
@@ -32,7 +32,7 @@ def kaldi_reference(audio: np.ndarray) -> np.ndarray:
 def test_equals_kaldi_on_real_speech(clip):
     audio, rate = sf.read(DATA / clip, dtype="int16")
     assert rate == 16000
-    ours, ref = mfcc(audio, kaldi_fbank_params()), kaldi_reference(audio)
+    ours, ref = feature_frames(audio, kaldi_fbank_params()), kaldi_reference(audio)
     assert ours.shape == ref.shape == (kaldi_fbank_params().frames_in(len(audio)), 80)
     # The reference computes in float32: a band 60 dB below its frame's strongest carries the
     # FFT's rounding of the strong ones (up to 0.006 in the log on visitor12); we use float64.
@@ -49,7 +49,7 @@ def test_frame_is_preemphasised_on_its_own_after_removing_dc():
     p = kaldi_fbank_params()
     shifted = np.clip(audio.astype(np.int32) + 1000, -32768, 32767).astype(np.int16)
     assert np.array_equal(shifted.astype(np.int32) - audio, np.full(len(audio), 1000))
-    np.testing.assert_allclose(mfcc(shifted, p), mfcc(audio, p), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(feature_frames(shifted, p), feature_frames(audio, p), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("clip", ["demo.flac", "visitor21.flac"])
@@ -57,10 +57,10 @@ def test_frame_is_preemphasised_on_its_own_after_removing_dc():
 def test_streaming_20ms_frames_equals_offline(clip, chunk_samples):
     audio, _ = sf.read(DATA / clip, dtype="int16")
     p = kaldi_fbank_params()
-    ring = StreamingMfcc(p, capacity_frames=100_000, chunk_samples=chunk_samples)
+    ring = StreamingFeatures(p, capacity_frames=100_000, chunk_samples=chunk_samples)
     for i in range(0, len(audio), 320):
         ring.push(audio[i : i + 320])
-    offline = mfcc(audio, p)
+    offline = feature_frames(audio, p)
     streamed = ring.frames(0)
     assert streamed.shape == offline.shape == (p.frames_in(len(audio)), p.stored_dims)
     # the same samples per frame; only float rounding of batched FFTs may differ
@@ -71,7 +71,7 @@ def test_streaming_20ms_frames_equals_offline(clip, chunk_samples):
 def test_normalisation_subtracts_the_mean_only():
     audio, _ = sf.read(DATA / "word.flac", dtype="int16")
     p = kaldi_fbank_params()
-    feats = mfcc(audio, p)
+    feats = feature_frames(audio, p)
     out = normalize(feats, p)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-5)
@@ -79,7 +79,7 @@ def test_normalisation_subtracts_the_mean_only():
     # a gain is a constant in the log: normalised features do not see it (save in bands that
     # FSDD's 8 kHz recording leaves empty, held at the energy floor)
     assert np.abs(audio).max() < 32768 // 3
-    louder = normalize(mfcc(audio * 3, p), p)
+    louder = features_of_audio(audio * 3, p)
     live = (feats > np.log(KALDI_ENERGY_FLOOR) + 1).all(axis=0)
     assert live.sum() >= 40
     np.testing.assert_allclose(louder[:, live], out[:, live], atol=1e-4)

@@ -90,13 +90,13 @@ def test_many_utterances_at_once_are_named_as_one_at_a_time(digits):
 
 def test_the_word_window_is_a_digit_front_end_computed_from_the_utterance_not_a_ring():
     from streamd.config import Config
-    from streamd.signal.features import FeatureParams, mel_params, mfcc, normalize, word_window_params
+    from streamd.signal.features import FeatureParams, mel_params, word_window_params, features_of_audio
     from streamd.models.cards import front_end
 
     audio, _ = sf.read(DATA / "word.flac", dtype="int16")
     params = word_window_params()
     assert front_end(Config(), "wordwin") == params
     assert not params.streamed and FeatureParams().streamed and mel_params().streamed
-    got = normalize(mfcc(audio, params), params)
+    got = features_of_audio(audio, params)
     assert got.shape == (FRAMES, FILTERS) and got.dtype == np.float32
     np.testing.assert_array_equal(got, word_input(audio)[0])  # what the word model reads for templates

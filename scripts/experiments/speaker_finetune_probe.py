@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 
 from streamd.offline.evaluate import eer
-from streamd.signal.features import mel_params, mfcc, normalize
+from streamd.signal.features import features_of_audio, mel_params
 from streamd.models.inference import window_starts
 from streamd.train import speaker_encoder as se
 from speaker_finetune import fine_tune  # beside this probe
@@ -44,7 +44,7 @@ def clip_features(clips, max_per_speaker: int, seed: int = 0) -> dict[str, list[
     out = {}
     for name, cs in sorted(by.items()):
         pick = rng.permutation(len(cs))[:max_per_speaker]
-        out[name] = [normalize(mfcc(utterance_audio(sf.read(cs[i].path, dtype="int16")[0], vad), p), p) for i in pick]
+        out[name] = [features_of_audio(utterance_audio(sf.read(cs[i].path, dtype="int16")[0], vad), p) for i in pick]
     return out
 
 

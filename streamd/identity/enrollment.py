@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamd.config import Config
-from streamd.signal.features import mfcc, normalize
+from streamd.signal.features import features_of_audio
 from streamd.audio.frames import SAMPLE_RATE
 from streamd.identity.scoring import Utterance
 from streamd.signal.vad import audio_level
@@ -52,7 +52,7 @@ def audio_utterances(audio, cfg: Config, model: OnnxModel) -> list[Utterance]:
     """One Utterance per usable utterance the VAD finds in 16 kHz int16 audio."""
     out = []
     for end, cut in speech_cuts(audio, cfg):
-        feats = normalize(mfcc(cut, model.params), model.params)
+        feats = features_of_audio(cut, model.params)
         if len(feats):
             out.append(Utterance(feats, end.t_end - end.t_start, *audio_level(cut)))
     return out

@@ -26,7 +26,7 @@ from streamd.config import Config
 from streamd.service.engine import Engine
 from streamd.identity.enrollment import file_utterances
 from streamd.service.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd
-from streamd.signal.features import mfcc, normalize
+from streamd.signal.features import features_of_audio
 from streamd.audio.frames import SAMPLE_RATE, Frame
 from streamd.identity.gallery import Gallery
 from streamd.identity.scoring import Utterance
@@ -128,7 +128,7 @@ class NaivePipeline:
             return
         self.next_partial += every
         sp = self.models.speaker
-        feats = normalize(mfcc(np.concatenate(self.audio), sp.params), sp.params)
+        feats = features_of_audio(np.concatenate(self.audio), sp.params)
         who = self.book.decide(sp.run(feats), self.book.seconds_of(feats))
         self.publisher.publish(SpeakerPartial(self.stream, self.start.utterance, self.start.t_start, frame.t_end,
                                               speaker=who.speaker, score=who.score,
@@ -141,9 +141,9 @@ class NaivePipeline:
         a, b = end.model_span(self.segmenter.params)
         audio = np.concatenate(self.audio)[: int(round((b - a) * SAMPLE_RATE))]
         sp, dg = self.models.speaker, self.models.digits
-        embedding = sp.run(normalize(mfcc(audio, sp.params), sp.params))  # features computed twice, as such code does
+        embedding = sp.run(features_of_audio(audio, sp.params))  # features computed twice, as such code does
         logits = dg.run(dg.features_of(audio))
-        utt = Utterance(normalize(mfcc(audio, sp.params), sp.params), end.t_end - end.t_start, *audio_level(audio))
+        utt = Utterance(features_of_audio(audio, sp.params), end.t_end - end.t_start, *audio_level(audio))
         who, digit = self.book.identify(embedding, utt), digits.decide(logits, self.min_digit_confidence)
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self.publisher.publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score,

@@ -17,7 +17,7 @@ import soundfile as sf
 
 from streamd.offline.eval_digits import NOISY, add_noise
 from streamd.offline.evaluate import Clip, eer, error_rates, held_out_clips, open_set_rates
-from streamd.signal.features import mfcc, normalize
+from streamd.signal.features import features_of_audio
 from streamd.identity.scoring import Enrolled, l2_normalize, quality_measures
 from streamd.identity.speakers import SpeakerBook
 from streamd.signal.vad import utterance_audio
@@ -43,7 +43,7 @@ def clip_cut(clip: Clip, cfg, snr_db: float | None = None, seed: int = 0) -> np.
 
 def features(book: SpeakerBook, audio: np.ndarray) -> np.ndarray:
     p = book.model.params
-    return normalize(mfcc(audio, p), p)
+    return features_of_audio(audio, p)
 
 
 def probe(book: SpeakerBook, name: str, audio: np.ndarray) -> tuple[str, np.ndarray, float]:

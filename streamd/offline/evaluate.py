@@ -16,7 +16,7 @@ import soundfile as sf
 
 from streamd.models import digits as digit_rule
 from streamd.config import Config
-from streamd.signal.features import mfcc, normalize
+from streamd.signal.features import features_of_audio
 from streamd.identity.scoring import l2_normalize
 from streamd.models.inference import Models
 from streamd.signal.vad import heard_utterance
@@ -59,7 +59,7 @@ def run_models(clip: Clip, cfg: Config, models: Models) -> tuple[np.ndarray, np.
     audio, rate = sf.read(clip.path, dtype="int16")
     assert rate == 16000, clip.path
     speech, heard = heard_utterance(audio, cfg.vad)
-    emb = models.speaker.run(normalize(mfcc(speech, models.speaker.params), models.speaker.params))
+    emb = models.speaker.run(features_of_audio(speech, models.speaker.params))
     return emb, models.digits.run(models.digits.features_of(speech)), heard
 
 

@@ -12,7 +12,7 @@ from streamd.audio.frames import SAMPLE_RATE, Frame
 from streamd.config import Config
 from streamd.models.inference import FeaturesByFrontEnd
 from streamd.service.metrics import StageTimes, StreamCounts
-from streamd.signal.features import FeatureParams, StreamingMfcc, features_of_audio, normalize
+from streamd.signal.features import FeatureParams, StreamingFeatures, features_of_audio, normalize
 from streamd.signal.vad import Segmenter, SpeechStart, VadOutput, model_span
 
 FEATURE_CHUNK_S = 0.2  # features computed per 0.2 s of speech (and whenever a decision needs them)
@@ -29,7 +29,7 @@ class StreamAudio:
         self.counts = counts
         self.stages = stages
         # One ring per front end that streams; each sample's features are computed once.
-        self.rings = {p: StreamingMfcc(p, int(cfg.features.ring_seconds / p.winstep),
+        self.rings = {p: StreamingFeatures(p, int(cfg.features.ring_seconds / p.winstep),
                                        int(FEATURE_CHUNK_S * p.sample_rate))
                       for p in dict.fromkeys(front_ends) if p.streamed}
         self.open: SpeechStart | None = None  # the utterance going on

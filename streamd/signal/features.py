@@ -245,9 +245,9 @@ def features_of_emphasised(emphasised: np.ndarray, params: FeatureParams) -> np.
     return feats
 
 
-def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
-    """Offline features of a whole clip (int16 samples at params.sample_rate); MFCC unless
-    ``params.kind`` names another front end."""
+def feature_frames(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """The front end's frames of a whole clip (int16 samples at params.sample_rate), before
+    normalisation: MFCC, mel power, Kaldi fbank or the word window, as ``params.kind`` says."""
     if params.kind == "wordwin":
         return word_input(signal)[0]
     return features_of_emphasised(preemphasis(signal, params.signal_preemph), params)
@@ -255,7 +255,7 @@ def mfcc(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
 
 def features_of_audio(signal: np.ndarray, params: FeatureParams) -> np.ndarray:
     """A whole utterance's normalised features, offline: what the models read."""
-    return normalize(mfcc(signal, params), params)
+    return normalize(feature_frames(signal, params), params)
 
 
 def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndarray:
@@ -278,12 +278,12 @@ def normalize(feats: np.ndarray, params: FeatureParams | None = None) -> np.ndar
     return ((feats - mean) / np.maximum(std, 1e-3)).astype(np.float32)
 
 
-class StreamingMfcc:
+class StreamingFeatures:
     """Computes each frame's MFCC once, as audio arrives, into a ring buffer of frames.
 
     Frame ``i`` (counted since the last reset) covers samples
     ``[i * frame_step, i * frame_step + frame_len)`` of the audio pushed since that reset,
-    exactly as :func:`mfcc` frames the same audio offline.
+    exactly as :func:`feature_frames` frames the same audio offline.
     """
 
     def __init__(self, params: FeatureParams, capacity_frames: int, chunk_samples: int = 0):

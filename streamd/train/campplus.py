@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamd.signal.features import kaldi_fbank_params, mfcc, normalize
+from streamd.signal.features import kaldi_fbank_params, features_of_audio
 from streamd.models.cards import ModelCard, sha256_of
 from streamd.models.inference import OnnxModel
 from streamd.train import speaker_compare
@@ -218,9 +218,9 @@ def run(opts: Options) -> int:
     params = kaldi_fbank_params()
     held = speaker_compare.held_out_cuts(opts.data_dir)
     segs = speaker_compare.librispeech_segments(opts.data_dir / "librispeech-excerpts")
-    utterances = [normalize(mfcc(a, params), params) for a in whole_passages(opts.data_dir, 3)]
-    utterances += [normalize(mfcc(a, params), params) for _, a in segs[::40]]
-    utterances += [normalize(mfcc(a, params), params) for _, a in held[::300]]
+    utterances = [features_of_audio(a, params) for a in whole_passages(opts.data_dir, 3)]
+    utterances += [features_of_audio(a, params) for _, a in segs[::40]]
+    utterances += [features_of_audio(a, params) for _, a in held[::300]]
     with tempfile.TemporaryDirectory() as tmp:
         work = opts.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ SPLIT_TEXT = (
     "00000012, 00000021, 00000025) are held out (train: the 18 'train' speakers). Synthetic "
     "espeak-ng speech is used for training only. All metrics are on clean held-out clips, "
     "computed with the exported ONNX model in onnxruntime (CPU), features made by "
-    "streamd.signal.vad.utterance_audio + streamd.signal.features.mfcc/normalize as in the daemon."
+    "streamd.signal.vad.utterance_audio + streamd.signal.features.feature_frames/normalize as in the daemon."
 )
 
 
@@ -30,7 +30,7 @@ DIGITS_SPLIT_TEXT = (
     "voices. Training: FSDD jackson, nicolas, yweweler, the other 14 ASC 'train' speakers, and "
     "80 espeak-ng voices. Synthetic speech is never reported on. Metrics are computed with "
     "the exported ONNX model in onnxruntime (CPU) on features made by "
-    "streamd.signal.vad.utterance_audio + streamd.signal.features.mfcc/normalize as in the daemon."
+    "streamd.signal.vad.utterance_audio + streamd.signal.features.feature_frames/normalize as in the daemon."
 )
 
 

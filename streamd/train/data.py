@@ -2,7 +2,7 @@
 and a feature cache.
 
 Every feature matrix is made by :func:`clip_features`, which runs the daemon's own VAD cut
-(:func:`streamd.signal.vad.heard_utterance`) and MFCC (:func:`streamd.signal.features.mfcc`, ``normalize``)
+(:func:`streamd.signal.vad.heard_utterance`) and MFCC (:func:`streamd.signal.features.features_of_audio`)
 on the (augmented) waveform, so training sees exactly what the daemon will compute. A clean
 clip is cut as a clip (padded with digital silence); every other version is a word inside
 continuous audio (:func:`in_stream`: context before and after, a microphone's floor, now and
@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-from streamd.signal.features import SAMPLE_RATE, FeatureParams, mel_params, mfcc, normalize, word_window_params
+from streamd.signal.features import SAMPLE_RATE, FeatureParams, mel_params, word_window_params, features_of_audio
 from streamd.audio.stream_audio import fan, hum
 from streamd.signal.vad import VadParams, heard_utterance
 
@@ -513,7 +513,7 @@ def clip_features(audio: np.ndarray, front_end: str = "mfcc", stream: bool = Fal
     of continuous audio holding the word, cut as the live segmenter cuts a microphone."""
     params = FRONT_ENDS[front_end]()
     speech, _ = heard_utterance(audio, VadParams(), pad_s=0.0 if stream else 0.3)
-    return normalize(mfcc(speech, params), params)
+    return features_of_audio(speech, params)
 
 
 def clip_id(clip: Clip) -> str:

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from streamd.offline.evaluate import eer
-from streamd.signal.features import FeatureParams, mfcc, normalize
+from streamd.signal.features import FeatureParams, feature_frames, normalize
 from streamd.train import card, common, data, scoring
 from streamd.train.digits import spec_augment
 from streamd.train.nets import AAMSoftmax, NormalizedEmbedding, SpeakerNet
@@ -173,7 +173,7 @@ def phrases(heldout: data.FeatureSet, seed: int) -> list[np.ndarray]:
 def concatenated_features(clips: list[data.Clip]) -> np.ndarray:
     """A ~2-3 s phrase: the clips' VAD-cut audio back to back, then the daemon's features."""
     parts = [utterance_audio(sf.read(c.path, dtype="int16")[0], VadParams()) for c in clips]
-    return normalize(mfcc(np.concatenate(parts), FeatureParams()))
+    return normalize(feature_frames(np.concatenate(parts), FeatureParams()))
 
 
 def evaluate(onnx_path: Path, heldout: data.FeatureSet, seed: int) -> tuple[dict, dict]:

@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from streamd.offline import evaluate
-from streamd.signal.features import FeatureParams, mel_params, kaldi_fbank_params, mfcc, normalize
+from streamd.signal.features import FeatureParams, mel_params, kaldi_fbank_params, features_of_audio
 from streamd.identity.scoring import l2_normalize
 from streamd.models.cards import load_card, verify
 from streamd.models.inference import OnnxModel
@@ -50,7 +50,7 @@ def load_speaker_model(card_path: Path, threads: int = 1) -> OnnxModel:
 
 def embed(model: OnnxModel, audio: np.ndarray) -> np.ndarray:
     """One utterance's embedding as the daemon computes it."""
-    return model.run(normalize(mfcc(audio, model.params), model.params))
+    return model.run(features_of_audio(audio, model.params))
 
 
 def librispeech_segments(folder: Path, seconds: float = SEGMENT_S) -> list[tuple[str, np.ndarray]]:
@@ -95,7 +95,7 @@ def phrases(cuts: list[tuple[evaluate.Clip, np.ndarray]], per: int = PHRASE_CLIP
 
 def cpu_cost(model: OnnxModel, audio: np.ndarray, repeats: int = 20) -> dict:
     """CPU milliseconds per second of speech: the model call (one thread) and the front end."""
-    feats = normalize(mfcc(audio, model.params), model.params)
+    feats = features_of_audio(audio, model.params)
     model.run(feats)  # first call plans the shapes
     t0 = time.thread_time()
     for _ in range(repeats):
@@ -103,7 +103,7 @@ def cpu_cost(model: OnnxModel, audio: np.ndarray, repeats: int = 20) -> dict:
     t_model = (time.thread_time() - t0) / repeats
     t0 = time.thread_time()
     for _ in range(repeats):
-        normalize(mfcc(audio, model.params), model.params)
+        features_of_audio(audio, model.params)
     t_feat = (time.thread_time() - t0) / repeats
     seconds = len(audio) / model.params.sample_rate
     return {"utterance_s": round(seconds, 2), "model_ms_per_s": round(1000 * t_model / seconds, 2),

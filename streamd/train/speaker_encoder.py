@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamd.offline import evaluate
-from streamd.signal.features import mel_params, mfcc, normalize
+from streamd.signal.features import mel_params, features_of_audio
 from streamd.identity.scoring import l2_normalize
 from streamd.models.cards import ModelCard, sha256_of
 from streamd.models.inference import OnnxModel
@@ -167,7 +167,7 @@ def speech_windows(clips: list[evaluate.Clip], count: int = 8) -> torch.Tensor:
     out = []
     for clip in clips[:: max(1, len(clips) // count)][:count]:
         audio, _ = sf.read(clip.path, dtype="int16")
-        feats = normalize(mfcc(utterance_audio(audio, vad), p), p)
+        feats = features_of_audio(utterance_audio(audio, vad), p)
         window = np.zeros((WINDOW["frames"], feats.shape[1]), np.float32)
         window[: len(feats)] = feats[: WINDOW["frames"]]
         out.append(window)
@@ -202,7 +202,7 @@ def band_limit(audio: np.ndarray) -> np.ndarray:
 
 def window_outputs(model: OnnxModel, audio: np.ndarray) -> np.ndarray:
     """The model's output for each window of one VAD-cut utterance (before averaging)."""
-    return feature_window_outputs(model, normalize(mfcc(audio, model.params), model.params))
+    return feature_window_outputs(model, features_of_audio(audio, model.params))
 
 
 def feature_window_outputs(model: OnnxModel, feats: np.ndarray) -> np.ndarray:
@@ -214,7 +214,7 @@ def joined_window_outputs(model: OnnxModel, cuts: list[np.ndarray]) -> np.ndarra
     """An enrolled voice as the daemon forms it (streamd.identity.speakers.joined_features): every
     enrollment utterance normalised on its own, then all of them as one utterance."""
     p = model.params
-    return feature_window_outputs(model, joined_features([normalize(mfcc(c, p), p) for c in cuts]))
+    return feature_window_outputs(model, joined_features([features_of_audio(c, p) for c in cuts]))
 
 
 def band_copy(audio: np.ndarray, index: int) -> np.ndarray:
@@ -471,7 +471,7 @@ def embed_clips(model: OnnxModel, clips: list[evaluate.Clip]) -> np.ndarray:
     for clip in clips:
         audio, _ = sf.read(clip.path, dtype="int16")
         cut = utterance_audio(audio, vad)
-        out.append(model.run(normalize(mfcc(cut, model.params), model.params)))
+        out.append(model.run(features_of_audio(cut, model.params)))
     return np.stack(out)
 
 
