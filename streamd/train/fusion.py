@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from streamd.models.digits import Fusion, log_softmax
-from streamd.models.cards import load_card
+from streamd.models.cards import load_card, sha256_of
 from streamd.train import card, data, scoring
 from streamd.train.scoring import accepted, confidence_threshold, corpus_metrics, onnx_logits, softmax
 
@@ -210,7 +210,7 @@ def write(opts: Options, cards: dict[str, Path], fusion: Fusion, shift: float, t
     fusion_card = {
         "name": "streamd-digits-fusion",
         "kind": "digits-fusion",
-        "members": [{"name": name, "card": path.with_suffix(".card.json").name, "sha256": scoring.sha256(path)}
+        "members": [{"name": name, "card": path.with_suffix(".card.json").name, "sha256": sha256_of(path)}
                     for name, path in cards.items()],
         "rule": "z = bias + sum_k weights[k] * log_softmax(logits_k); z is used as the logits (streamd.models.digits.Fusion)",
         "weights": list(fusion.weights),
