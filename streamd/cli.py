@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--silent", action="store_true", help="room noise instead of speech: the idle cost")
     bench.add_argument("--naive", action="store_true",
                        help="the straightforward per-utterance pipeline (no ring buffer, no batching), to compare")
+    bench.add_argument("--network", action="store_true",
+                       help="send the streams over real ZeroMQ sockets (a sender process, the daemon's receiver)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     try:
@@ -594,11 +596,15 @@ def cmd_bench(args, cfg) -> int:
     if not 1 <= args.streams <= 10000:
         print("streamd: bench --streams must be 1..10000", file=sys.stderr)
         return 2
-    result = bench.run(cfg, args.seconds, args.pace, args.streams, args.silent, args.naive)
+    result = bench.run(cfg, args.seconds, args.pace, args.streams, args.silent, args.naive, args.network)
     if args.json:
         print(json.dumps(result))
     else:
+        from streamd.offline.machine import summary
+
         for key, value in result.items():
+            if key == "machine":
+                value = summary(value)
             print(f"{key:16} {round(value, 4) if isinstance(value, float) else value}")
     return 0
 

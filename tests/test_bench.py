@@ -2,13 +2,16 @@
 Only what the run produced is checked here; its speed figures belong in BENCHMARKS.md."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from conftest import MODELS, streamd
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
-        "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "providers", "end_of_streams"}
+        "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "providers", "end_of_streams",
+        "network", "machine"}
 
 
 def bench(*args: str) -> dict:
@@ -62,7 +65,39 @@ def test_bench_names_the_provider_of_every_model(speech):
     assert speech["provider"] == "CPUExecutionProvider"
 
 
-def decisions_of(naive: bool) -> dict:
+def test_bench_names_the_machine_it_ran_on(speech):
+    """The CPU and the instruction sets /proc/cpuinfo lists (read here on its own), the cores
+    this process may use, onnxruntime and the providers the models ran on."""
+    m = speech["machine"]
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":")[1].split()
+    name = next(line for line in cpuinfo.splitlines() if line.startswith("model name")).split(":", 1)[1].strip()
+    assert m["cpu"] == name
+    assert m["isa"] == [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
+    assert "avx2" in m["isa"]  # every x86 machine this project runs on
+    assert m["cores"] == len(os.sched_getaffinity(0))
+    import onnxruntime
+
+    assert m["onnxruntime"] == onnxruntime.__version__ and "CPUExecutionProvider" in m["providers_available"]
+    assert m["providers_used"] == speech["providers"]
+    assert speech["network"] is None
+
+
+def test_network_bench_sends_every_frame_over_zeromq():
+    """--network: three senders in another process, real sockets, the daemon's receiver; every
+    frame sent arrives (300 frames of 20 ms per stream), none is dropped, late or lost."""
+    run = bench("--streams", "3", "--network", "--set", 'models.provider="cpu"')
+    net = run["network"]
+    assert net["endpoint"].startswith("tcp://127.0.0.1:")
+    assert net["frames_sent"] == net["frames_received"] == 3 * 400
+    assert net["frames_dropped_by_senders"] == net["frames_lost_in_transit"] == net["frames_handled_late"] == 0
+    assert run["overruns"] == 0 and run["audio_s"] == pytest.approx(24.0)
+    assert 0 < net["receive_latency_s_p50"] <= net["receive_latency_s_p99"] <= net["receive_latency_s_max"]
+    assert net["sender_cpu_s"] > 0
+    assert run["events"] >= 3 * 3 * 4 and run["machine"]["cores"] >= 1
+
+
+def decisions_of(naive: bool, network: bool = False) -> dict:
     """The speaker and digit decisions of one in-process bench run, by (stream, utterance, type)."""
     from streamd.offline import bench as bench_mod
     from streamd.config import load
@@ -78,7 +113,7 @@ def decisions_of(naive: bool) -> dict:
     mp = pytest.MonkeyPatch()
     mp.setattr(bench_mod, "RecordingPublisher", Keeping)
     try:
-        bench_mod.run(load(None), seconds=8, pace="fast", streams=2, naive=naive)
+        bench_mod.run(load(None), seconds=8, pace="fast", streams=2, naive=naive, network=network)
     finally:
         mp.undo()
     return {(e["stream"], e["utterance"], e["type"]): e for e in published if e["type"] in ("speaker", "digit")}
@@ -103,3 +138,17 @@ def test_the_naive_pipeline_decides_as_streamd_does_on_the_same_audio():
         else:
             assert theirs["digit"] == ours["digit"], (key, theirs, ours)
             assert theirs["confidence"] == pytest.approx(ours["confidence"], abs=1e-3), key
+
+
+def test_over_the_network_the_same_utterances_are_decided_the_same():
+    """The same audio sent over ZeroMQ (sender process, socket, receiver thread, frame queue)
+    gives the in-process run's utterances, at the same times, with the same decisions: no frame
+    lost, repeated or reordered on the way."""
+    local, remote = decisions_of(False), decisions_of(False, network=True)
+    assert len(remote) == len(local) >= 2 * 3 * 2
+    assert set(remote) == set(local)
+    for key, ours in local.items():
+        theirs = remote[key]
+        assert theirs["t_start"] == pytest.approx(ours["t_start"], abs=1e-6), key
+        assert theirs["t_end"] == pytest.approx(ours["t_end"], abs=1e-6), key
+        assert (theirs.get("speaker"), theirs.get("digit")) == (ours.get("speaker"), ours.get("digit")), key

@@ -325,6 +325,13 @@ class Sender:
         self.seq = 0
         self.dropped = 0
 
+    def wait_connected(self, wait_s: float) -> bool:
+        """Whether the daemon's end has taken this sender's handshake, waiting up to ``wait_s``
+        for it (``streamd bench --network`` starts its clocks once every sender is connected)."""
+        if not self._link.up:
+            self._update(max(0, int(wait_s * 1000)))
+        return self._link.up
+
     def check(self) -> None:
         """Follows the connection (and logs it); SendError if the daemon refused this sender.
         Called for every captured frame, also those --vad does not send."""

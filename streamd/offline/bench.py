@@ -7,13 +7,27 @@ pipeline takes them. ``--naive`` runs the straightforward per-utterance pipeline
 (features computed offline from the utterance's audio, one model call per utterance, no
 ring buffer, no batching) on the same audio, for comparison.
 
+``--network`` sends the same audio over real ZeroMQ sockets instead (issue 31): N senders in
+a process of their own (``bench_senders``: one ``streamd send`` sender per stream, each its
+own socket and TCP connection) to the daemon's network receiver on a loopback TCP endpoint,
+whose frames the daemon's loop takes from its queue. The frames then carry the sender's
+capture time, so ``latency_s`` includes the network path; the ``network`` block adds frames
+sent, dropped by the senders and received, and the receive latency (sender's send to receipt).
+
 Latency percentiles come from the events themselves (``latency_s``); stage percentiles from
-the same Prometheus histograms the daemon exports.
+the same Prometheus histograms the daemon exports. Every run reports the machine it ran on
+(``machine``: CPU, instruction sets, cores, onnxruntime and providers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import queue
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +49,8 @@ from streamd.models.inference import load_models
 from streamd.service.metrics import STAGES, Metrics
 from streamd.identity.speakers import SpeakerBook, book_settings
 from streamd.audio.sources import read_audio
+from streamd.audio.netaudio import NetworkReceiver, StreamIdle
+from streamd.offline import machine
 from streamd.signal.vad import Segmenter, SpeechAudio, SpeechEnd, SpeechStart
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
@@ -94,6 +110,15 @@ def quiet_audio(seconds: float, seed: int) -> np.ndarray:
     """Room noise at about -70 dBFS: what a microphone hears when nobody speaks."""
     rng = np.random.default_rng(seed)
     return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 10).astype(np.int16)
+
+
+def stream_names(streams: int) -> list[str]:
+    return [f"s{i:03d}" for i in range(streams)]
+
+
+def stream_audio(seconds: float, i: int, silent: bool) -> np.ndarray:
+    """Stream i's audio: the recordings from 7.3 s further into the loop than stream i-1's, or noise."""
+    return quiet_audio(seconds, i) if silent else speech_audio(seconds, 7.3 * i)
 
 
 class NaivePipeline:
@@ -158,7 +183,7 @@ class NaivePipeline:
 
 
 def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1, silent: bool = False,
-        naive: bool = False) -> dict:
+        naive: bool = False, network: bool = False) -> dict:
     metrics = Metrics()
     models = load_models(cfg, on_fallback=metrics.provider_fallback)
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,16 +193,21 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
             book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
         publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
         engine = Engine(cfg, models, book, publisher, metrics)
-        names = [f"s{i:03d}" for i in range(streams)]
+        names = stream_names(streams)
         pipes = {n: NaivePipeline(n, cfg, models, book, publisher) for n in names} if naive else \
             {n: engine.add_stream(n) for n in names}
-        audio = [quiet_audio(seconds, i) if silent else speech_audio(seconds, 7.3 * i) for i in range(streams)]
-        result = _feed(cfg, engine, pipes, audio, pace, publisher)
+        if network:
+            result = _feed_network(cfg, engine, pipes, seconds, pace, silent, publisher, metrics)
+            audio_s = streams * int(seconds * SAMPLE_RATE) / SAMPLE_RATE
+        else:
+            audio = [stream_audio(seconds, i, silent) for i in range(streams)]
+            result = _feed(cfg, engine, pipes, audio, pace, publisher)
+            audio_s = sum(len(a) for a in audio) / SAMPLE_RATE
         publisher.close(0)
         book.close()
         gallery.close()
     lat = np.array(publisher.latencies)
-    audio_s = sum(len(a) for a in audio) / SAMPLE_RATE
+    providers = {m.card.name: m.provider for m in models.all()}  # "auto" may place each apart
     return {
         "streams": streams, "pace": pace, "mode": "naive" if naive else "streamd", "silent": silent,
         "audio_s": round(audio_s, 3),
@@ -199,7 +229,9 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         "realtime_factor": (audio_s / streams) / result["wall"],
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "provider": models.speaker.provider,
-        "providers": {m.card.name: m.provider for m in models.all()},  # "auto" may place each apart
+        "providers": providers,
+        "network": result.get("network"),  # None: the streams were fed in-process
+        "machine": machine.describe(providers_used=providers),
     }
 
 
@@ -234,6 +266,133 @@ def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pac
     engine.batcher.drain()
     engine.close()
     return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+WAKE = "results ready"  # put on the frame queue by the models' thread, as the daemon's loop is woken
+IDLE_S = 3600.0  # the receiver's idle close: never within a run (every sender sends to the end), so
+# its streams end as the in-process ones do, by the flush after the last frame
+
+
+class _BenchReceiver(NetworkReceiver):
+    """The daemon's network receiver, its frames stamped with the sender's capture time (same
+    host, same clock): ``latency_s`` then runs from the capture at the sender, through the
+    network, to the decision. Also keeps each frame's receive latency."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.delays: list[float] = []
+        self.out = _Stamped(self.out, self)
+        self.captured = time.monotonic()
+
+    def _frame(self, header: dict, samples: np.ndarray) -> None:
+        sent = header.get("sent")
+        delay = max(0.0, time.time() - sent) if isinstance(sent, (int, float)) else 0.0
+        self.captured = time.monotonic() - delay
+        super()._frame(header, samples)
+        self.delays.append(delay)  # after the frame is queued: counted means on the queue
+
+
+class _Stamped:
+    def __init__(self, out: queue.Queue, receiver: _BenchReceiver):
+        self._out, self._receiver = out, receiver
+
+    def put(self, item) -> None:
+        if isinstance(item, Frame):
+            item = dataclasses.replace(item, captured_at=self._receiver.captured)
+        self._out.put(item)
+
+
+def _feed_network(cfg: Config, engine: Engine, pipes: dict, seconds: float, pace: str, silent: bool,
+                  publisher: RecordingPublisher, metrics: Metrics) -> dict:
+    """The daemon's network path: senders in another process, real sockets, the receiver's
+    thread, the bounded frame queue and the daemon's loop over it (``Daemon._loop``)."""
+    frames: queue.Queue = queue.Queue(maxsize=1024)
+    receiver = _BenchReceiver("tcp://127.0.0.1:*", frames, cfg.vad.frame_samples, metrics,
+                              cfg.network.gap_fill_ms / 1000, idle_s=IDLE_S,
+                              close_s=(cfg.vad.hangover_ms + cfg.vad.frame_ms) / 1000)
+
+    def wake() -> None:
+        with contextlib.suppress(queue.Full):
+            frames.put_nowait(WAKE)
+
+    engine.on_results(wake)
+    receiver.start()
+    cmd = [sys.executable, "-m", "streamd.offline.bench_senders", receiver.endpoint, "--streams", str(len(pipes)),
+           "--seconds", repr(seconds), "--pace", pace, "--frame-samples", str(cfg.vad.frame_samples)]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd + (["--silent"] if silent else []), stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            if proc.stdout.readline().strip() != "ready":
+                proc.wait(30)
+                err.seek(0)
+                raise RuntimeError(f"bench senders did not start: {err.read()[-2000:]}")
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            late, report, quiet_since = 0, None, None
+            while True:
+                if engine.backlogged():
+                    engine.pump(force=True, wait_s=0.05)
+                    continue
+                try:
+                    item = frames.get(timeout=min(0.05, engine.wait_left()))
+                except queue.Empty:
+                    engine.pump()
+                    if report is None and proc.poll() is not None:
+                        report = json.loads(proc.stdout.read().strip().splitlines()[-1])
+                        quiet_since = time.monotonic()
+                    if report is not None and frames.empty():
+                        expected = sum(report["sent"].values())
+                        # Everything sent is here, or nothing more came for 3 s (lost on the way).
+                        if len(receiver.delays) >= expected or time.monotonic() - quiet_since > 3:
+                            break
+                    continue
+                for _ in range(1024):  # everything that is waiting, then the models once
+                    if isinstance(item, Frame):
+                        late += time.monotonic() - item.captured_at > LATE_S
+                        pipes[item.stream].push(item)
+                    elif isinstance(item, StreamIdle):
+                        pipes[item.stream].flush()
+                    try:
+                        item = frames.get_nowait()
+                    except queue.Empty:
+                        break
+                if report is not None:
+                    quiet_since = time.monotonic()
+                engine.pump()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            receiver.stop()
+            receiver.join(2)
+    engine.batcher.drain()  # what the audio itself closed, then the streams end
+    publisher.ended = True
+    for pipe in pipes.values():
+        pipe.flush()
+    engine.batcher.drain()
+    engine.close()
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    sent, dropped = sum(report["sent"].values()), sum(report["dropped"].values())
+    received = len(receiver.delays)
+    delays = np.array(receiver.delays) if receiver.delays else np.zeros(1)
+    return {
+        # A frame lost on the way (a sender's queue full, a gap) or handled more than LATE_S
+        # after its capture: what an overrun is in-process.
+        "overruns": late + (sent + dropped - received), "cpu": cpu, "wall": wall,
+        "network": {
+            "endpoint": receiver.endpoint, "senders": "one process, a socket per stream",
+            "frames_sent": sent, "frames_dropped_by_senders": dropped, "frames_received": received,
+            "frames_lost_in_transit": int(_total(metrics.network_lost)),
+            "frames_handled_late": late,
+            "receive_latency_s_p50": float(np.percentile(delays, 50)),
+            "receive_latency_s_p99": float(np.percentile(delays, 99)),
+            "receive_latency_s_max": float(delays.max()),
+            "sender_late_ticks": report["late_ticks"], "sender_cpu_s": round(report["cpu_s"], 3),
+        },
+    }
+
+
+def _total(counter) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 def _serve_until(engine: Engine, results: threading.Event, until: float) -> None:
