@@ -83,6 +83,7 @@ class ModelsConfig:
     bucket_frames: int = 8
     batch_wait_ms: float = 2.0
     max_batch: int = 64
+    max_latency_ms: float = 500.0  # latency budget: optional work is shed to keep to it; 0: never shed
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "models.bucket_frames": (0, 1000),
     "models.batch_wait_ms": (0.0, 100.0),
     "models.max_batch": (1, 4096),
+    "models.max_latency_ms": (0.0, 600000.0),
     "network.max_streams": (1, 100000),
     "network.gap_fill_ms": (0.0, 60000.0),
     "network.idle_ms": (100.0, 60000.0),

@@ -103,7 +103,8 @@ def test_dashboard_structure():
             "streamd_events_dropped_total", "streamd_capture_overruns_total", "streamd_speech_seconds_total",
             "streamd_audio_seconds_total", "streamd_model_info", "streamd_utterances_total", "streamd_stream_up",
             "streamd_source_failures_total", "streamd_network_frames_total", "streamd_network_lost_frames_total",
-            "streamd_network_bad_messages_total", "streamd_network_delay_seconds_bucket"} <= used
+            "streamd_network_bad_messages_total", "streamd_network_delay_seconds_bucket", "streamd_shed_total",
+            "streamd_backlog_seconds"} <= used
     exprs = " ".join(e for _, _, e in queries(dash))
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 

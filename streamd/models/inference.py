@@ -108,6 +108,13 @@ class OnnxModel:
         padded[: len(feats)] = feats[: len(padded)]
         return np.stack([padded[s : s + window] for s in starts])
 
+    def row_count(self, frames: int) -> int:
+        """How many input rows ``inputs`` makes of an utterance of ``frames`` frames."""
+        if self.card.window is None:
+            return 1
+        window, hop, coverage = self.card.window
+        return len(window_starts(frames, window, hop, coverage))
+
     def combine(self, outputs: np.ndarray) -> np.ndarray:
         """The model's output for one utterance from the outputs of its input rows."""
         if self.card.window is None:
@@ -120,10 +127,15 @@ class OnnxModel:
         return self.combine(self.infer(self.inputs(feats)))
 
 
-def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int) -> list[np.ndarray]:
+def run_batched(model: OnnxModel, utterances: list[np.ndarray], max_batch: int,
+                max_rows: int | None = None) -> list[np.ndarray]:
     """The model's output for each utterance, with one session call per input shape and
-    ``max_batch`` rows."""
+    ``max_batch`` rows. ``max_rows``: an utterance with more input rows (windows) keeps that
+    many, spread evenly over it (work shed under overload, streamd.models.batching)."""
     inputs = [model.inputs(f) for f in utterances]
+    if max_rows is not None:
+        inputs = [rows if len(rows) <= max_rows else rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(int)]
+                  for rows in inputs]
     by_shape: dict[tuple, list[int]] = {}
     for i, rows in enumerate(inputs):
         by_shape.setdefault(rows.shape[1:], []).append(i)
@@ -190,23 +202,34 @@ class DigitModels:
     def run_many(self, utterances: list[FeaturesByFrontEnd], max_batch: int) -> list[np.ndarray]:
         """Each utterance's decision logits; with a cascade, each stage's new members run only
         on the utterances the stages before it leave unsettled."""
+        return self.run_shed(utterances, max_batch)[0]
+
+    def run_shed(self, utterances: list[FeaturesByFrontEnd], max_batch: int,
+                 cheap_only: bool = False) -> tuple[list[np.ndarray], list[bool]]:
+        """``run_many``'s logits, and for each utterance whether it was cut short: with
+        ``cheap_only`` (work shed under overload) the cascade's first stage decides every
+        utterance, its fusion taken where its gate would have run the costly members (those
+        are cut short)."""
         if not utterances:
-            return []
+            return [], []
         models = list(self.members.values())
         outputs: list[list] = [[None] * len(models) for _ in utterances]
         decided: list[np.ndarray | None] = [None] * len(utterances)
+        cut = [False] * len(utterances)
         open_, ran = list(range(len(utterances))), set()
         for stage in self.cascade:
             self._run_members(models, [k for k in stage.first if k not in ran], utterances, open_, outputs, max_batch)
             ran.update(stage.first)
             for i in open_:
                 decided[i] = stage.settles([outputs[i][k] for k in stage.first])
+                if decided[i] is None and cheap_only:
+                    decided[i], cut[i] = stage.fusion([outputs[i][k] for k in stage.first]), True
             open_ = [i for i in open_ if decided[i] is None]
         self._run_members(models, [k for k in range(len(models)) if k not in ran], utterances, open_, outputs,
                           max_batch)
         for i in open_:
             decided[i] = self.fusion(outputs[i]) if self.fusion is not None else outputs[i][0]
-        return decided  # type: ignore[return-value]
+        return decided, cut  # type: ignore[return-value]
 
     @staticmethod
     def _run_members(models: list[OnnxModel], which, utterances, rows, outputs, max_batch: int) -> None:

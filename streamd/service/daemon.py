@@ -162,10 +162,10 @@ class Daemon:
                                             idle_s=cfg.network.idle_ms / 1000,
                                             close_s=(cfg.vad.hangover_ms + cfg.vad.frame_ms) / 1000)
         try:
-            for spec in specs:
-                self.engine.add_stream(spec.stream)
+            for spec in specs:  # a file read at pace fast waits for the models: it has no latency budget
+                self.engine.add_stream(spec.stream, realtime=spec.pace != "fast" or spec.source.startswith("mic"))
             for st in cfg.streams:
-                self.engine.add_stream(st.id)
+                self.engine.add_stream(st.id, realtime=True)  # the network's
             if self.opts.wait_subscriber_s > 0 and not publisher.wait_for_subscriber(self.opts.wait_subscriber_s):
                 log.warning("no subscriber joined within %.1f s; publishing anyway", self.opts.wait_subscriber_s)
             for status in failed:
@@ -256,7 +256,7 @@ class Daemon:
             self._refused.add(stream)
             return False
         try:
-            self.engine.add_stream(stream)
+            self.engine.add_stream(stream, realtime=True)
         except ValueError as exc:
             log.warning("%s; its audio is dropped", exc)
             self._refused.add(stream)

@@ -94,8 +94,9 @@ class Decisions:
             cluster=who.cluster))
 
     def final(self, end: SpeechEnd, utt: Utterance, audio: np.ndarray, embedding: np.ndarray,
-              logits: np.ndarray, word: np.ndarray | None = None) -> None:
-        """The closed utterance's speaker and digit, from the models' outputs on its ``audio``."""
+              logits: np.ndarray, word: np.ndarray | None = None, degraded: tuple[str, ...] = ()) -> None:
+        """The closed utterance's speaker and digit, from the models' outputs on its ``audio``;
+        ``degraded``: what was shed computing them (streamd.models.batching.SHED_ORDER)."""
         with self.stages.timed("identity"):
             digit, vocabulary = self._digit(logits, word)
             who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
@@ -103,10 +104,13 @@ class Decisions:
         base = (self.stream, end.utterance, end.t_start, end.t_end)
         self.events.publish(SpeakerEvent(*base, speaker=who.speaker, score=who.score, candidates=who.candidates,
                                          latency_s=time.monotonic() - end.closed_at, cosine=who.raw,
-                                         cluster=who.cluster), end.closed_at)
+                                         cluster=who.cluster, degraded="speaker_windows" in degraded),
+                            end.closed_at)
         self.events.publish(DigitEvent(*base, digit=digit.digit, confidence=digit.confidence,
                                        candidates=digit.candidates, latency_s=time.monotonic() - end.closed_at,
-                                       vocabulary=vocabulary), end.closed_at)
+                                       vocabulary=vocabulary,
+                                       degraded="cascade" in degraded and vocabulary in (BUILTIN, None)),
+                            end.closed_at)
 
     def _remember(self, end: SpeechEnd, utt: Utterance, audio: np.ndarray, embedding: np.ndarray,
                   who: Decision) -> None:

@@ -37,7 +37,8 @@ class Engine:
         self.metrics = metrics
         self.max_streams = max_streams
         self.batcher = Batcher(models, cfg.models.max_batch, cfg.models.batch_wait_ms / 1000, self._observe,
-                               cfg.models.workers, words.model if words is not None else None)
+                               cfg.models.workers, words.model if words is not None else None,
+                               cfg.models.max_latency_ms / 1000, self._shed)
         self.batcher.start()  # the models run on threads of their own: other cores
         self.pipelines: dict[str, StreamPipeline] = {}
         # Status events waiting for their stream's last results: a consumer that stops at
@@ -49,12 +50,19 @@ class Engine:
         for stream in {j.stream for j in jobs}:
             self.metrics.stage.labels(stream=stream, stage="inference").observe(seconds)
 
-    def add_stream(self, stream: str) -> StreamPipeline:
+    def _shed(self, what: str, n: int) -> None:
+        self.metrics.shed.labels(what=what).inc(n)
+
+    def add_stream(self, stream: str, realtime: bool = False) -> StreamPipeline:
+        """The stream's pipeline, created if new. ``realtime``: its audio comes as it is captured
+        (a microphone, the network, a file read at its pace), so its decisions can be late: work
+        is shed to keep them within ``models.max_latency_ms``. A stream read as fast as the
+        models take it (a file at pace fast, an evaluation) waits for them instead."""
         if stream not in self.pipelines:
             if len(self.pipelines) >= self.max_streams:
                 raise ValueError(f"stream {stream!r}: already {self.max_streams} streams (network.max_streams)")
             self.pipelines[stream] = StreamPipeline(stream, self.cfg, self.models, self.book, self.publisher,
-                                                    self.metrics, self.batcher, self.words)
+                                                    self.metrics, self.batcher, self.words, realtime)
             self.metrics.stream_up.labels(stream=stream).set(0)
         return self.pipelines[stream]
 
@@ -84,6 +92,7 @@ class Engine:
         """Publish what the models have finished (waiting up to ``wait_s`` for it); hand the
         waiting utterances to the models when the oldest has waited long enough (or ``force``)."""
         finished = self.batcher.pump(force, wait_s)
+        self.metrics.backlog.set(self.batcher.lag() or 0.0)
         if self._held:
             self._publish_held()
         return finished

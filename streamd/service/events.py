@@ -53,6 +53,7 @@ class SpeakerEvent(Event):
     latency_s: float = 0.0
     cosine: float = 0.0
     cluster: str | None = None  # an unknown voice heard before: its stable label, e.g. "unknown-3"
+    degraded: bool = False  # decided with fewer speaker windows: the models were behind (models.max_latency_ms)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class DigitEvent(Event):
     candidates: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0
     vocabulary: str | None = None  # "builtin" (the digit models) or a vocabulary taught at run time
+    degraded: bool = False  # decided by the cascade's cheap stage alone: the models were behind (models.max_latency_ms)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from streamd import __version__
 from streamd.audio.frames import SAMPLE_RATE
+from streamd.models.batching import SHED_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,15 @@ class Metrics:
         self.early_finals = Counter(
             "streamd_early_finals_total", "Final decisions computed once speech had been silent for vad.tail_ms: "
             "used when the utterance then closed, wasted when speech went on.", ["stream", "outcome"], registry=r)
+        self.shed = Counter(
+            "streamd_shed_total", "Work shed because the models were behind (models.max_latency_ms): partial "
+            "decisions and early finals not computed, digit decisions left to the cascade's cheap stage, speaker "
+            "decisions on fewer windows.", ["what"], registry=r)
+        for what in SHED_ORDER:
+            self.shed.labels(what=what)
+        self.backlog = Gauge(
+            "streamd_backlog_seconds", "How far the models are behind: the age of the audio of the oldest final "
+            "decision waiting for them or being computed (0 when none is).", registry=r)
         self.batch_size = Histogram("streamd_batch_size", "Utterances per batched model run (all streams).",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.network_frames = Counter("streamd_network_frames_total", "Audio frames received from the network.",

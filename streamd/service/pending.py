@@ -3,7 +3,7 @@ results come back (a final decision may have been computed early, in the hangove
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -12,7 +12,9 @@ from prometheus_client import Counter
 from streamd.models.batching import Batcher, Finish, Job
 from streamd.models.inference import FeaturesByFrontEnd
 
-Decide = Callable[..., None]  # called with the embedding, the digit logits and the word embedding (or not)
+# Called with the embedding, the digit logits and the word embedding (or not), and ``degraded=``
+# what was shed computing them (streamd.models.batching.SHED_ORDER's names; () for none).
+Decide = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class FinalRequest:
     speaker_feats: np.ndarray
     digit_feats: FeaturesByFrontEnd
     word_input: np.ndarray | None  # while some vocabulary has templates
+    heard_at: float | None = None  # capture time of the audio it decides on (the latency budget's start)
 
 
 @dataclass
@@ -37,18 +40,27 @@ class EarlyFinal:
     samples: int  # of the audio the models see: what the final decision would compute
     speaker_feats: np.ndarray  # the final decision's too (its Utterance record keeps them)
     result: tuple | None = None  # (embedding, logits[, word embedding])
+    degraded: tuple[str, ...] = ()  # what was shed computing it
     waiting: Decide | None = None  # the close came before the result
+    job: Job | None = field(default=None, repr=False)  # its job for the models
 
-    def done(self, *result) -> None:
-        self.result = result
+    def done(self, *result, degraded: tuple[str, ...] = ()) -> None:
+        self.result, self.degraded = result, degraded
         if self.waiting is not None:
-            self.waiting(*result)
+            self.waiting(*result, degraded=degraded)
 
     def use(self, decide: Decide) -> None:
         if self.result is not None:
-            decide(*self.result)
+            decide(*self.result, degraded=self.degraded)
         else:
             self.waiting = decide
+            if self.job is not None:
+                self.job.early = False  # the final decision now: never shed as an early final
+
+    @property
+    def shed(self) -> bool:
+        """Whether the models were never given it (early finals shed under overload)."""
+        return self.job is not None and self.job.dropped
 
     def covers(self, utterance: int, samples: int) -> bool:
         """Whether it was computed on exactly this audio."""
@@ -66,11 +78,16 @@ class PendingWork:
         self.early: EarlyFinal | None = None
         self.finals = 0  # final decisions asked for (early ones used included)
 
-    def partial(self, utterance: int, speaker_feats: np.ndarray, finish: Finish) -> None:
+    def skip_partial(self) -> bool:
+        """Whether partial decisions are shed now (this one is counted as shed): not worth preparing."""
+        return self.batcher.skip("partial")
+
+    def partial(self, utterance: int, speaker_feats: np.ndarray, finish: Finish, heard_at: float | None = None) -> None:
         """The speaker decision on the utterance heard so far (a newer one supersedes it)."""
-        self.batcher.submit(Job(self.stream, speaker_feats, None, finish, utterance=utterance))
+        self.batcher.submit(Job(self.stream, speaker_feats, None, finish, utterance=utterance, heard_at=heard_at))
 
     def has_early(self, utterance: int, samples: int) -> bool:
+        """Whether an early final on exactly this audio was asked for (even if it was shed)."""
         return self.early is not None and self.early.covers(utterance, samples)
 
     def early_final(self, request: FinalRequest) -> None:
@@ -78,13 +95,14 @@ class PendingWork:
         (speech went on after it)."""
         self._count("wasted", self.early)
         self.early = early = EarlyFinal(request.utterance, request.samples, request.speaker_feats)
-        self._submit(request, early.done, early=True)
+        early.job = self._submit(request, early.done, early=True)
 
     def take_early(self, utterance: int, samples: int) -> EarlyFinal | None:
-        """The early final computed on exactly this audio, if any; any other is wasted."""
+        """The early final computed on exactly this audio, if any; any other is wasted. One
+        that was shed is neither: the final decision is computed now."""
         early, self.early = self.early, None
         if early is not None and early.covers(utterance, samples):
-            return early
+            return None if early.shed else early
         self._count("wasted", early)
         return None
 
@@ -99,10 +117,13 @@ class PendingWork:
         self.finals += 1
         self._submit(request, decide)
 
-    def _submit(self, request: FinalRequest, finish: Decide, early: bool = False) -> None:
-        self.batcher.submit(Job(self.stream, request.speaker_feats, request.digit_feats, finish,
-                                utterance=request.utterance, early=early, word_input=request.word_input))
+    def _submit(self, request: FinalRequest, finish: Decide, early: bool = False) -> Job:
+        job = Job(self.stream, request.speaker_feats, request.digit_feats, finish, utterance=request.utterance,
+                  early=early, word_input=request.word_input, heard_at=request.heard_at)
+        job.finish = lambda *result: finish(*result, degraded=job.degraded)
+        self.batcher.submit(job)
+        return job
 
     def _count(self, outcome: str, early: EarlyFinal | None) -> None:
-        if early is not None:
+        if early is not None and not early.shed:
             self._early_finals.labels(stream=self.stream, outcome=outcome).inc()

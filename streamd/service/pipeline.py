@@ -54,8 +54,10 @@ class StreamPipeline:
     utterances_seen = Forwarded("pending", "finals")
 
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
-                 publisher: Publisher, metrics: Metrics, batcher: Batcher, words: WordBook | None = None):
+                 publisher: Publisher, metrics: Metrics, batcher: Batcher, words: WordBook | None = None,
+                 realtime: bool = False):
         self.stream = stream
+        self.realtime = realtime  # its decisions have a latency budget (Engine.add_stream)
         self.models = models
         self.partial_every_s = cfg.identity.partial_every_s
         self.early_finals = cfg.models.early_finals
@@ -107,8 +109,11 @@ class StreamPipeline:
         if frame.t_end - start.t_start < self._next_partial:
             return
         self._next_partial += self.partial_every_s
+        if self.pending.skip_partial():  # the models are behind (models.max_latency_ms)
+            return
         feats = self.audio.features(self.models.speaker.params, self.audio.heard)
-        self.pending.partial(start.utterance, feats, partial(self.decisions.speaker_partial, start, frame, feats))
+        self.pending.partial(start.utterance, feats, partial(self.decisions.speaker_partial, start, frame, feats),
+                             self._heard_at(frame.captured_at))
 
     def _maybe_early_final(self, frame: Frame) -> None:
         """Once the tail after the last voiced frame is heard: the final decision, computed now."""
@@ -116,7 +121,8 @@ class StreamPipeline:
         if samples is None or self.pending.has_early(self.audio.open.utterance, samples):
             return
         speaker_feats = self.audio.features(self.models.speaker.params, samples)
-        self.pending.early_final(self._final_request(self.audio.open.utterance, samples, speaker_feats))
+        self.pending.early_final(self._final_request(self.audio.open.utterance, samples, speaker_feats,
+                                                     heard_at=self._heard_at(frame.captured_at)))
 
     def _end(self, end: SpeechEnd) -> None:
         self._utterances.labels(stream=self.stream, reason=end.reason).inc()
@@ -137,11 +143,20 @@ class StreamPipeline:
         if early is not None:
             self.pending.use_early(early, decide)
         else:
-            self.pending.final(self._final_request(end.utterance, samples, speaker_feats, audio), decide)
+            self.pending.final(self._final_request(end.utterance, samples, speaker_feats, audio,
+                                                   self._heard_at(end.closed_at)),
+                               decide)
+
+    def _heard_at(self, captured_at: float) -> float | None:
+        """Where a decision's latency budget starts: the capture of its audio; none when the
+        stream is not real-time."""
+        return captured_at if self.realtime else None
 
     def _final_request(self, utterance: int, samples: int, speaker_feats: np.ndarray,
-                       audio: np.ndarray | None = None) -> FinalRequest:
-        """What the models need for the final decision on the utterance's first ``samples``."""
+                       audio: np.ndarray | None = None, heard_at: float | None = None) -> FinalRequest:
+        """What the models need for the final decision on the utterance's first ``samples``
+        (``heard_at``: when the audio it decides on was captured)."""
         audio = self.audio.heard_audio(samples) if audio is None else audio
         digit_feats = self.audio.features_by_front_end(self.models.digits.front_ends, samples, audio)
-        return FinalRequest(utterance, samples, speaker_feats, digit_feats, self.decisions.word_input(audio))
+        return FinalRequest(utterance, samples, speaker_feats, digit_feats, self.decisions.word_input(audio),
+                            heard_at)
