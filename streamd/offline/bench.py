@@ -195,7 +195,7 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         engine = Engine(cfg, models, book, publisher, metrics)
         names = stream_names(streams)
         pipes = {n: NaivePipeline(n, cfg, models, book, publisher) for n in names} if naive else \
-            {n: engine.add_stream(n) for n in names}
+            {n: engine.add_stream(n, realtime=pace == "realtime") for n in names}
         if network:
             result = _feed_network(cfg, engine, pipes, seconds, pace, silent, publisher, metrics)
             audio_s = streams * int(seconds * SAMPLE_RATE) / SAMPLE_RATE
