@@ -11,7 +11,7 @@ from conftest import MODELS, streamd
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
         "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "providers", "end_of_streams",
-        "network", "machine"}
+        "network", "machine", "shed"}
 
 
 def bench(*args: str) -> dict:
@@ -42,6 +42,10 @@ def test_bench_runs_every_stream_through_the_models(speech):
     assert speech["stage_s_p99"]["inference"] > 0 and speech["cpu_per_audio_s"] > 0
     # Utterances that closed on their own had their final decision computed in the hangover.
     assert speech["early_finals"]["used"] > 0
+    # Read as fast as the models go (pace fast), the streams have no latency budget: nothing shed.
+    from streamd.models.batching import SHED_ORDER
+
+    assert speech["shed"] == dict.fromkeys(SHED_ORDER, 0)
     cost = speech["model_cpu_ms_per_audio_s"]
     assert set(cost) == {"speaker", "digits"} and all(v > 0 for v in cost.values())
     assert sum(cost.values()) / 1000 < speech["cpu_per_audio_s"]  # a part of the whole

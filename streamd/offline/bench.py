@@ -222,6 +222,7 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         "batch_mean": _mean_batch(metrics),
         "jobs_superseded": 0 if naive else engine.batcher.superseded,
         "early_finals": _early_finals(metrics),
+        "shed": _shed(metrics),
         "cpu_per_audio_s": result["cpu"] / audio_s,
         "model_cpu_ms_per_audio_s": {} if naive else
             {m: round(1000 * s / audio_s, 3) for m, s in sorted(engine.batcher.model_cpu_s.items())},
@@ -411,6 +412,12 @@ def _mean_batch(metrics: Metrics) -> float | None:
     samples = {s.name: s.value for m in metrics.batch_size.collect() for s in m.samples}
     count = samples.get("streamd_batch_size_count", 0)
     return samples["streamd_batch_size_sum"] / count if count else None
+
+
+def _shed(metrics: Metrics) -> dict[str, int]:
+    """Work shed to keep decisions within models.max_latency_ms, by kind (streamd_shed_total)."""
+    return {s.labels["what"]: int(s.value) for m in metrics.shed.collect() for s in m.samples
+            if s.name == "streamd_shed_total"}
 
 
 def _early_finals(metrics: Metrics) -> dict[str, int]:
