@@ -103,6 +103,10 @@ def test_operating_point_is_the_lowest_threshold_within_the_stranger_rate():
     assert open_set_rates(scores, truth, lambda n: lower)[1] > 0.05
 
 
+HAND_SCORES = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+HAND_SAME = np.array([True, False, False, True, False, False, True, False])
+
+
 def test_eer_on_a_hand_counted_case():
     """Targets 0.9 0.6 0.3, impostors 0.8 0.7 0.5 0.4 0.2; accepted when score >= threshold.
     At 0.6 two of five impostors pass (FAR 0.4) and one of three targets fails (FRR 1/3): the
@@ -110,14 +114,19 @@ def test_eer_on_a_hand_counted_case():
     point would move to 0.5; the lower or higher rate alone would be 1/3 or 0.4). Only 0.9
     keeps false accepts within 1%, where two of three targets are missed."""
     from streamd.offline.evaluate import eer
+
+    for order in (np.arange(8), np.arange(8)[::-1]):
+        rate, threshold, at1 = eer(HAND_SCORES[order], HAND_SAME[order])
+        assert rate == pytest.approx(11 / 30) and threshold == 0.6 and at1 == 0.9
+
+
+def test_training_s_eer_summary_wraps_the_same_computation():
+    """The speaker training's summary (a torch module: skipped where torch is not installed, as
+    in CI) reports the hand-counted case's figures from the one EER function."""
+    pytest.importorskip("torch")
     from streamd.train.speaker import eer_summary
 
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
-    same = np.array([True, False, False, True, False, False, True, False])
-    for order in (np.arange(8), np.arange(8)[::-1]):
-        rate, threshold, at1 = eer(scores[order], same[order])
-        assert rate == pytest.approx(11 / 30) and threshold == 0.6 and at1 == 0.9
-    summary = eer_summary(scores, same)
+    summary = eer_summary(HAND_SCORES, HAND_SAME)
     assert summary["eer"] == pytest.approx(11 / 30) and summary["threshold_at_eer"] == 0.6
     assert (summary["threshold_at_far_1pct"], summary["far_at_far_1pct_threshold"]) == (0.9, 0.0)
     assert summary["frr_at_far_1pct"] == pytest.approx(2 / 3)
