@@ -260,13 +260,19 @@ def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pac
         engine.pump(force=pace != "realtime")
         while pace != "realtime" and engine.backlogged():  # as the daemon holds a fast file back
             engine.pump(force=True, wait_s=0.05)
-    engine.batcher.drain()  # what the audio itself closed, then the streams end
+    _end_streams(engine, pipes, publisher)
+    return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+def _end_streams(engine: Engine, pipes: dict, publisher) -> None:
+    """What the audio itself closed is decided, then the streams end (their open utterances
+    are cut and decided apart: end_of_streams)."""
+    engine.batcher.drain()
     publisher.ended = True
     for pipe in pipes.values():
         pipe.flush()
     engine.batcher.drain()
     engine.close()
-    return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
 
 
 WAKE = "results ready"  # put on the frame queue by the models' thread, as the daemon's loop is woken
@@ -365,12 +371,7 @@ def _feed_network(cfg: Config, engine: Engine, pipes: dict, seconds: float, pace
                 proc.wait()
             receiver.stop()
             receiver.join(2)
-    engine.batcher.drain()  # what the audio itself closed, then the streams end
-    publisher.ended = True
-    for pipe in pipes.values():
-        pipe.flush()
-    engine.batcher.drain()
-    engine.close()
+    _end_streams(engine, pipes, publisher)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     sent, dropped = sum(report["sent"].values()), sum(report["dropped"].values())
     received = len(receiver.delays)
