@@ -180,15 +180,15 @@ class Publisher:
             elif msg[:1] == b"\x00":
                 self.subscribers = max(0, self.subscribers - 1)
 
-    def wait_for_subscriber(self, timeout_s: float) -> bool:
-        """Wait until someone subscribes (for demos and tests: ZeroMQ drops what is sent
-        before a subscriber has joined)."""
+    def wait_for_subscriber(self, timeout_s: float, count: int = 1) -> bool:
+        """Wait until ``count`` subscriptions have arrived (for demos and tests: ZeroMQ drops
+        what is sent before a subscriber has joined)."""
         deadline = time.monotonic() + timeout_s
-        while self.subscribers == 0 and time.monotonic() < deadline:
+        while self.subscribers < count and time.monotonic() < deadline:
             if self._sock.poll(50, zmq.POLLIN):
                 with self._lock:
                     self._drain_subscriptions()
-        return self.subscribers > 0
+        return self.subscribers >= count
 
     def _count_drop(self, topic: bytes) -> None:
         self.dropped += 1
