@@ -61,5 +61,5 @@ def split_score(windows: np.ndarray, scorer: Scorer) -> VoiceSplit | None:
     if n < 2:
         return None
     least = 2 if n >= 4 else 1
-    cut = min(range(least, n - least + 1), key=lambda c: side_score(windows, c, scorer))
-    return VoiceSplit(side_score(windows, cut, scorer), (cut, n - cut))
+    score, cut = min((side_score(windows, c, scorer), c) for c in range(least, n - least + 1))
+    return VoiceSplit(score, (cut, n - cut))
