@@ -143,6 +143,18 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """``streamd console``, the web console (docs/console.md); the daemon reads none of it."""
+
+    listen: str = "127.0.0.1:8090"
+    token: str = ""  # required beyond loopback; a token_file keeps it out of the config
+    token_file: str = ""
+    tls_cert: str = ""  # PEM files: the console serves HTTPS
+    tls_key: str = ""
+    plain_http: bool = False  # beyond loopback without TLS: only with this said explicitly
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """One ``[[streams]]`` entry."""
 
@@ -178,6 +190,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     streams: tuple[StreamConfig, ...] = ()
     base_dir: Path = field(default=Path("."), compare=False)
 
@@ -246,6 +259,7 @@ ON_RELOAD: dict[str, str] = {
     "digits.min_confidence": RELOAD,
     "digits.cascade": RESTART,  # its stages are read from the fusion card with the models
     "log.level": RELOAD,
+    "console": RELOAD,  # read by `streamd console` alone: nothing in the daemon to restart
 }
 
 
@@ -439,6 +453,7 @@ def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     cfg = Config(**built, streams=_build_streams(tree.get("streams", [])), base_dir=base_dir)
     _check_consistency(cfg)
     _check_exposure(cfg)
+    _check_console(cfg.console)
     return cfg
 
 
@@ -530,6 +545,26 @@ def _check_exposure(cfg: Config) -> None:
     if n and not local_endpoint(n) and not c.curve_secret_key:
         raise ConfigError(f"network.listen: {n} is reachable beyond this machine; set control.curve_secret_key "
                           "and control.curve_clients so only known devices may send audio")
+
+
+def host_port(text: str, key: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a host and a port, else a ConfigError."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:8090)")
+    return host, int(port)
+
+
+def _check_console(c: ConsoleConfig) -> None:
+    """Forms only: whether a listen address beyond loopback has its token and TLS is checked
+    when the console starts (``--listen`` may change it, and the daemon never listens there)."""
+    host_port(c.listen, "console.listen")
+    if c.token and c.token_file:
+        raise ConfigError("console.token_file: set console.token or console.token_file, not both")
+    if bool(c.tls_cert) != bool(c.tls_key):
+        given, missing = ("tls_cert", "tls_key") if c.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(f"console.{missing}: must be set together with console.{given}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
