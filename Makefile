@@ -7,15 +7,16 @@ STAMP := $(VENV)/.installed
 # Debian packages: portaudio headers to build pyaudio, libsndfile for soundfile, PulseAudio and
 # ALSA's pulse plugin so tests capture through a real (null-sink) microphone, espeak-ng and flite for
 # training data, systemd for systemd-analyze, prometheus for the dashboard test (the test runs
-# its own instance on a free loopback port; the package's service is not needed).
-SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng flite systemd prometheus
+# its own instance on a free loopback port; the package's service is not needed), chromium and
+# its chromedriver for the web console's browser tests (headless, offline).
+SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng flite systemd prometheus chromium chromium-driver
 DEMO_STATE := var/demo-state
 DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
 # The demo speaks single words, which the default identity.far (0.01, calibrated on 2-3 s
 # phrases) mostly leaves "unknown" (docs/measurements.md): the run shows a looser setting.
 DEMO_RUN_SET := $(DEMO_SET) --set identity.far=0.2
 
-.PHONY: all sysdeps venv demo test test-fast soak run train bench clean
+.PHONY: all sysdeps venv demo console test test-fast soak run train bench clean
 
 all: venv
 
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml | sysdeps
 	@test -n "$(PYTHON)" || { echo "python3.11 not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,console]'
 	@touch $@
 
 venv: sysdeps $(STAMP)
@@ -46,7 +47,13 @@ demo: venv
 	@echo "--- events published for tests/data/demo.flac (who spoke what: tests/data/demo.csv) ---"
 	@$(BIN)/streamd listen --endpoint tcp://127.0.0.1:5599 --timeout 3 --format text & listener=$$!; \
 	$(BIN)/streamd run $(DEMO_RUN_SET) --source file:tests/data/demo.flac --pace realtime --wait-subscriber 10; rc=$$?; \
-	wait $$listener; exit $$rc
+	wait $$listener; \
+	echo "--- to watch it in a browser: 'make console' in another terminal, open http://127.0.0.1:8090/, then 'make demo' again ---"; \
+	exit $$rc
+
+# The web console on the demo's daemon (docs/console.md): http://127.0.0.1:8090/ until Ctrl-C.
+console: venv
+	$(BIN)/streamd console $(DEMO_SET)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: ``streamd run | enroll | listen | speakers | keys | train``."""
+"""Command line: ``streamd run | enroll | listen | speakers | keys | console | train``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from streamd import __version__
 from streamd import cli_digits
 from streamd import config as config_mod
+from streamd.console import command as console_command
 from streamd.config import EX_CONFIG, ConfigError
 
 EX_DATAERR = 65  # a model or audio file that cannot be used
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CurveZMQ: the daemon's public NAME.key (default: control.curve_server_key)")
 
     cli_digits.register(sub, common)
+    console_command.register(sub, common)
 
     keys = sub.add_parser("keys", help="CurveZMQ key pairs for remote control")
     keys.add_argument("action", choices=("generate",))
@@ -665,7 +667,8 @@ def _speech_frames(segmenter, frame):
 
 
 COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers,
-            "digits": cli_digits.cmd_digits, "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send}
+            "digits": cli_digits.cmd_digits, "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send,
+            "console": console_command.cmd_console}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@ import ast
 from conftest import ROOT
 
 # Lowest first. config and keys are the settings every stage reads: they sit above the signal
-# stage (config holds its parameter types) and below the models.
-LAYERS = ("audio", "signal", "settings", "models", "identity", "service", "offline", "train", "cli")
+# stage (config holds its parameter types) and below the models. The web console is a client of
+# the service's sockets, above it.
+LAYERS = ("audio", "signal", "settings", "models", "identity", "service", "console", "offline", "train", "cli")
 SETTINGS = {"config", "keys", "__init__"}
 CLI = {"cli", "cli_digits", "__main__"}
 

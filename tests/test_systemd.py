@@ -16,10 +16,11 @@ from helpers import by_type, collect, server_sets
 
 UNIT = ROOT / "systemd" / "streamd.service"
 SEND_UNIT = ROOT / "systemd" / "streamd-send.service"
+CONSOLE_UNIT = ROOT / "systemd" / "streamd-console.service"
 SCRIPT = Path(sys.executable).parent / "streamd"
 
 
-@pytest.mark.parametrize("shipped", [UNIT, SEND_UNIT], ids=lambda p: p.name)
+@pytest.mark.parametrize("shipped", [UNIT, SEND_UNIT, CONSOLE_UNIT], ids=lambda p: p.name)
 def test_unit_passes_systemd_analyze_verify(tmp_path, shipped):
     # verify insists that ExecStart exists: point it at this checkout's installed script,
     # leaving every other line as shipped.
@@ -43,7 +44,7 @@ def test_unit_is_notify_unprivileged_and_reloads_with_sighup():
     assert "kill -HUP $MAINPID" in lines["ExecReload"]
 
 
-@pytest.mark.parametrize("shipped", [UNIT, SEND_UNIT], ids=lambda p: p.name)
+@pytest.mark.parametrize("shipped", [UNIT, SEND_UNIT, CONSOLE_UNIT], ids=lambda p: p.name)
 def test_unit_exposure_is_low(shipped):
     r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(shipped)], capture_output=True, text=True)
     line = [l for l in r.stdout.splitlines() if "Overall exposure level" in l][0]

@@ -1,0 +1,106 @@
+// Recent voices: the last utterances with their decisions; enroll a person from some of them
+// ("this was NAME"), from the next seconds of speech, or promote a recurring unknown voice.
+"use strict";
+
+const ticked = new Set(); // "stream#utterance"
+let refreshQueued = false;
+
+function utteranceRow(u) {
+  const $ = Streamd.el;
+  const key = `${u.stream}#${u.utterance}`;
+  const box = $("input", { type: "checkbox", "aria-label": `utterance ${u.utterance}` });
+  box.checked = ticked.has(key);
+  box.addEventListener("change", () => (box.checked ? ticked.add(key) : ticked.delete(key)));
+  const who = u.speaker === null ? "…" : u.speaker;
+  const digit = u.digit === null || u.digit === undefined ? (u.speaker === null ? "…" : "–") : String(u.digit);
+  return $("tr", { "data-stream": u.stream, "data-utterance": u.utterance, "data-speaker": u.speaker },
+    $("td", {}, box), $("td", {}, Streamd.clock(u.time)), $("td", {}, u.stream),
+    $("td", { class: "num" }, String(u.utterance)), $("td", { class: "num" }, `${(u.t_end - u.t_start).toFixed(2)} s`),
+    $("td", { class: u.speaker === "unknown" ? "unknown" : "named" }, who),
+    $("td", { class: "num" }, u.score === null ? "" : u.score.toFixed(2)),
+    $("td", {}, u.cluster || ""), $("td", {}, digit + (u.degraded ? " (degraded)" : "")));
+}
+
+async function loadRecent() {
+  refreshQueued = false;
+  const r = await Streamd.get("/api/recent");
+  document.getElementById("audio-note").textContent = r.audio_note;
+  document.querySelector("#recent tbody").replaceChildren(...r.utterances.map(utteranceRow));
+  const streams = [...new Set(r.utterances.map((u) => u.stream))].sort();
+  const select = document.getElementById("next-stream");
+  const chosen = select.value;
+  select.replaceChildren(Streamd.el("option", { value: "" }, "the only stream"),
+    ...streams.map((s) => Streamd.el("option", { value: s }, s)));
+  select.value = streams.includes(chosen) ? chosen : "";
+}
+
+function clusterRow(c) {
+  const $ = Streamd.el;
+  const name = $("input", { type: "text", placeholder: "name", "aria-label": `name for ${c.cluster}`, required: "" });
+  const form = $("form", { class: "inline" }, name, $("button", { class: "primary", type: "submit" }, "Promote"));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      const r = await Streamd.post("/api/promote", { cluster: c.cluster, name: name.value });
+      Streamd.say("clusters-message", `${c.cluster} is now ${r.name}: ${r.utterances} utterances, ${r.seconds.toFixed(1)} s`);
+    } catch (err) { Streamd.say("clusters-message", err.message, true); }
+    loadClusters();
+  });
+  return $("tr", { "data-cluster": c.cluster }, $("td", { class: "unknown" }, c.cluster),
+    $("td", { class: "num" }, String(c.heard)), $("td", { class: "num" }, `${c.seconds.toFixed(1)} s`),
+    $("td", { class: "num" }, `${c.kept_seconds.toFixed(1)} s`), $("td", {}, Streamd.ago(c.updated)), $("td", {}, form));
+}
+
+async function loadClusters() {
+  try {
+    const r = await Streamd.get("/api/clusters");
+    document.querySelector("#clusters tbody").replaceChildren(...r.clusters.map(clusterRow));
+  } catch (err) { Streamd.say("clusters-message", err.message, true); }
+}
+
+async function thisWas(e) {
+  e.preventDefault();
+  const picked = [...ticked].map((k) => k.split("#"));
+  const streams = new Set(picked.map(([s]) => s));
+  if (!picked.length) return Streamd.say("this-was-message", "tick the utterances of that person first", true);
+  if (streams.size > 1) return Streamd.say("this-was-message", "tick utterances of one stream", true);
+  const name = document.getElementById("this-was-name").value;
+  try {
+    const r = await Streamd.post("/api/enroll_recent",
+      { name, stream: [...streams][0], utterances: picked.map(([, u]) => Number(u)) });
+    Streamd.say("this-was-message", `enrolled ${r.name}: ${r.utterances} utterances, ${r.seconds.toFixed(1)} s of speech`);
+    ticked.clear();
+  } catch (err) { Streamd.say("this-was-message", err.message, true); }
+  loadRecent();
+}
+
+async function enrollNext(e) {
+  e.preventDefault();
+  const name = document.getElementById("next-name").value;
+  const seconds = Number(document.getElementById("next-seconds").value);
+  const stream = document.getElementById("next-stream").value;
+  const button = document.getElementById("next-button");
+  button.disabled = true;
+  Streamd.say("next-message", `listening: ${name} should speak now, for ${seconds} s of speech…`);
+  try {
+    const r = await Streamd.post("/api/enroll_next", stream ? { name, seconds, stream } : { name, seconds });
+    Streamd.say("next-message", `enrolled ${r.name}: ${r.utterances} utterances, ${r.seconds.toFixed(1)} s of speech`);
+  } catch (err) { Streamd.say("next-message", err.message, true); }
+  button.disabled = false;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("this-was").addEventListener("submit", thisWas);
+  document.getElementById("enroll-next").addEventListener("submit", enrollNext);
+  loadRecent();
+  loadClusters();
+  const opened = Date.now() / 1000;
+  Streamd.events((ev) => {
+    if (ev.time < opened) return; // shown by the first load already
+    if (["speaker", "digit", "vad.end"].includes(ev.type) && !refreshQueued) {
+      refreshQueued = true;
+      setTimeout(loadRecent, 300); // one refresh for a burst of events
+    }
+    if (ev.type === "gallery" || (ev.type === "speaker" && ev.cluster)) loadClusters();
+  }, Streamd.connection);
+});
