@@ -339,6 +339,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "vad.target_dbfs": (-60.0, 0.0),
     "vad.noise_ceiling_dbfs": (-100.0, -20.0),
     "vad.min_snr_db": (0.0, 30.0),
+    "vad.quiet_end_ms": (0, 5000),
+    "vad.quiet_db": (0.0, 30.0),
     "features.sample_rate": (16000, 16000),
     "features.winlen": (0.005, 0.1),
     "features.winstep": (0.005, 0.1),

@@ -152,3 +152,18 @@ def test_words_ten_db_over_other_people_talking_stay_apart(demo):
     assert max(e.t_end - e.t_start for e in ends) < 2.0, [(e.t_start, e.t_end) for e in ends]
     found = sum(any(e.t_start < p.t_end and e.t_end > p.t_start for e in ends) for p in built.words)
     assert found >= 0.8 * len(built.words)
+
+
+def test_words_said_a_third_of_a_second_apart_stay_apart(demo, clean_digits, tmp_path):
+    """The demo's words 0.3 s apart over a -60 dBFS floor: the hangover alone (300 ms of what
+    webrtcvad calls silence) merged every word into one utterance; a quiet pause ends them."""
+    spans = word_spans(demo)
+    pause = np.zeros(int(0.3 * RATE))
+    pieces = [np.zeros(RATE)]
+    for a, b in spans:
+        pieces += [demo[a:b].astype(np.float64), pause]
+    x = with_floor(np.concatenate(pieces + [np.zeros(RATE)]), -60.0)
+    events = run_daemon(tmp_path, to_int16(x), "pause03")
+    ends = [e for e in events if e["type"] == "vad.end"]
+    assert len(ends) == len(spans), [(e["t_start"], e["t_end"]) for e in ends]
+    same_digits(digits_said(events), clean_digits)

@@ -175,8 +175,11 @@ def test_early_finals_give_the_decisions_computed_at_the_close(models):
     silence = np.zeros(16000, np.int16)
     audio = np.concatenate([words[0], pause, words[1], silence, words[2], silence, words[3], silence])
 
-    late_emb, late_digits, late_counts = engine_run(models, audio, "models.early_finals=false")
-    emb, got_digits, counts = engine_run(models, audio)
+    # A pause only the hangover ends: a quiet pause (vad.quiet_end_ms) would close the first
+    # utterance at the zeros, before speech comes back.
+    hangover_only = "vad.quiet_end_ms=0"
+    late_emb, late_digits, late_counts = engine_run(models, audio, "models.early_finals=false", hangover_only)
+    emb, got_digits, counts = engine_run(models, audio, hangover_only)
     assert late_counts == {"used": 0, "wasted": 0}
     assert counts["used"] == len(emb) == 3 and counts["wasted"] >= 1  # the pause: speech went on
     assert len(late_emb) == 3

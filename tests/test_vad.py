@@ -227,3 +227,14 @@ def test_pause_noise_gate_sits_above_noise_that_rises_and_falls():
     assert steady.gate < -48.0  # the floor's own gate (3 dB over its 10th percentile) decides
     assert -45.0 < babble.gate < -40.0  # most talking-in-the-background frames stay below it
     assert not PauseNoise(20).ready
+
+
+def test_a_quiet_pause_ends_an_utterance_before_the_hangover():
+    """Ten words 0.3 s apart over a -60 dBFS floor: ten utterances. Each next word's onset is
+    kept out of the pauses' noise estimate (it would raise the gate over the words)."""
+    rng = np.random.default_rng(0)
+    w = word().astype(np.float64)
+    audio = np.concatenate([silence(1.0)] + [np.concatenate((w, silence(0.3))) for _ in range(10)] + [silence(1.0)])
+    audio = np.round(audio + rng.standard_normal(len(audio)) * 32768 * 10 ** (-60 / 20)).astype(np.int16)
+    assert len([e for e in segment_clip(audio, VadParams()) if e.usable]) == 10
+    assert len([e for e in segment_clip(audio, VadParams(quiet_end_ms=0)) if e.usable]) <= 2  # merged

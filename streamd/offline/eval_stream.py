@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,8 +277,9 @@ def evaluate_streams(held: HeldOut, cfg: Config, models: Models, conditions: lis
     conditions = conditions if conditions is not None else standard_conditions()
     rng = np.random.default_rng(seed)
     chosen = pick_words(held.words, words_per_corpus, rng)
-    built = {c.name: build(c, chosen, np.random.default_rng([seed, i]), held.talkers)
-             for i, c in enumerate(conditions)}
+    # Each condition's noise comes from its name: the same stream whichever others run with it.
+    built = {c.name: build(c, chosen, np.random.default_rng([seed, zlib.crc32(c.name.encode())]), held.talkers)
+             for c in conditions}
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")
         book = enroll_book(cfg, models, gallery, held.enroll)

@@ -40,6 +40,13 @@ class VadParams:
     # A frame is voiced only this far above the noise floor (NoiseFloor), whatever webrtcvad
     # says (Segmenter.is_speech); 0 turns the gate off.
     min_snr_db: float = 3.0
+    # A pause this long ends an utterance before the hangover when webrtcvad calls all of it
+    # silence and every frame of it is quiet: within quiet_db of the noise floor and
+    # QUIET_DEPTH_DB under the utterance's loudest frame. Words said 0.3 s apart are then two
+    # utterances; noise that webrtcvad alone calls silence still waits for hangover_ms. Streams
+    # only (audio gated from its first frame), not clips joined by zeros. 0: off.
+    quiet_end_ms: int = 160
+    quiet_db: float = 6.0
 
     def frames(self, ms: int) -> int:
         return max(1, math.ceil(ms / self.frame_ms))
@@ -88,7 +95,8 @@ def model_span(audio_t: float, t_end: float, params: VadParams) -> tuple[float, 
 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 
-CLIP_MS = 3000  # of unbroken sound after which audio that began in digital silence is gated too
+CLIP_MS = 3000
+QUIET_DEPTH_DB = 20.0  # a quiet frame lies at least this far under the utterance's loudest  # of unbroken sound after which audio that began in digital silence is gated too
 
 SILENT_DBFS = -120.0
 # Frames quieter than this are digital silence (a muted microphone, a suspended sound server,
@@ -160,8 +168,9 @@ class NoiseFloor:
 
 
 class PauseNoise:
-    """The level of the noise in the pauses: frames heard while no utterance is open (digital
-    silence left out), the last ``WINDOW_S`` of them. Its median plus ``SPREAD`` times its
+    """The level of the noise in the pauses: frames heard while no utterance is open that did
+    not become part of the next one's pre-roll (digital silence left out), the last
+    ``WINDOW_S`` of them. Its median plus ``SPREAD`` times its
     spread below the median (the half that speech onsets do not reach) is a level that noise
     which rises and falls, such as other people talking, seldom passes: steady noise has
     almost no spread and leaves the gate at the floor's. Until ``MIN_S`` of pauses has been
@@ -253,6 +262,7 @@ class Segmenter:
         self._clip_frames = params.frames(CLIP_MS)
         self._onset = params.frames(params.onset_ms)
         self._hangover = params.frames(params.hangover_ms)
+        self._quiet_end = params.frames(params.quiet_end_ms) if params.quiet_end_ms > 0 else None
         self._next_utterance = 0
         self.reset()
 
@@ -263,13 +273,16 @@ class Segmenter:
         self._pauses.reset()
         self._gated: bool | None = None  # decided by the first frame (see is_speech)
         self._sound_run = 0  # frames of sound (not digital silence) in a row
-        self._history: collections.deque[tuple[Frame, bool]] = collections.deque(
+        self._history: collections.deque[tuple[Frame, bool, float]] = collections.deque(
             maxlen=self.params.frames(self.params.preroll_ms) + self._onset
         )
         self._onset_votes: collections.deque[bool] = collections.deque(maxlen=self._onset)
         self._voiced_in_onset = 0  # voiced frames among the last onset frames (kept as they come)
         self._active: SpeechStart | None = None
         self._silent_run = 0
+        self._quiet_run = 0  # frames in a row that are quiet (see _quiet)
+        self._peak = SILENT_DBFS  # the open utterance's loudest frame
+        self._level = SILENT_DBFS  # the latest frame's level, DC left out
         self._last_voiced_end = 0.0
         self._last_frame: Frame | None = None
         self._continue = False
@@ -294,6 +307,7 @@ class Segmenter:
         it has carried ``CLIP_MS`` of sound without a break: it is cut by webrtcvad alone, as
         the models were trained. Any other stream is gated from its first frame."""
         dbfs, level = frame_levels(frame.samples)
+        self._level = level
         voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
         if self.params.min_snr_db <= 0:
             return voiced
@@ -305,7 +319,7 @@ class Segmenter:
     def _observe(self, level: float) -> None:
         """Take a frame's level into the noise estimates and the clip-or-stream decision."""
         self._floor.push(level)
-        if self._active is None or not self._pauses.ready:  # at start-up, whatever is heard
+        if not self._pauses.ready:  # at start-up, whatever is heard; later, see _idle
             self._pauses.push(level)
         self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
         if self._gated is None:
@@ -326,18 +340,23 @@ class Segmenter:
         if self._continue:  # an utterance was cut at max length: go straight on
             self._continue = False
             return [self._start(frame.t, [frame], frame)]
-        self._history.append((frame, voiced))
+        if len(self._history) == self._history.maxlen and self._pauses.ready:
+            # A frame leaves the pre-roll without becoming part of an utterance: pause noise.
+            # (Frames are taken only here, so the next word's onset never raises the gate:
+            # with 0.3 s pauses it would be half of what is heard between utterances.)
+            self._pauses.push(self._history[0][2])
+        self._history.append((frame, voiced, self._level))
         if len(self._onset_votes) == self._onset:
             self._voiced_in_onset -= self._onset_votes[0]
         self._onset_votes.append(voiced)
         self._voiced_in_onset += voiced
         if len(self._onset_votes) < self._onset or self._voiced_in_onset < self.params.onset_ratio * self._onset:
             return []  # the common case in silence: no list is built
-        recent = list(self._history)[-self._onset :]
+        recent = [(f, v) for f, v, _ in list(self._history)[-self._onset :]]
         self._onset_votes.clear()
         self._voiced_in_onset = 0
         first_voiced = next(f for f, v in recent if v)
-        frames = [f for f, _ in self._history]
+        frames = [f for f, _, _ in self._history]
         self._history.clear()
         return [self._start(first_voiced.t, frames, frame)]
 
@@ -350,7 +369,8 @@ class Segmenter:
         )
         self._next_utterance += 1
         self._active = start
-        self._silent_run = 0
+        self._silent_run = self._quiet_run = 0
+        self._peak = self._level
         self._last_voiced_end = current.t_end
         return start
 
@@ -362,13 +382,24 @@ class Segmenter:
             self._last_voiced_end = frame.t_end
         else:
             self._silent_run += 1
-        if self._silent_run >= self._hangover:
+        self._peak = max(self._peak, self._level)
+        self._quiet_run = self._quiet_run + 1 if self._quiet() else 0
+        if self._silent_run >= self._hangover or self._paused():
             out.append(self._end("silence", frame))
         elif frame.t_end - self._active.t_start >= self.params.max_utterance_ms / 1000:
             self._last_voiced_end = frame.t_end
             out.append(self._end("max_length", frame))
             self._continue = True
         return out
+
+    def _quiet(self) -> bool:
+        return self._level < min(self._floor.value + self.params.quiet_db, self._peak - QUIET_DEPTH_DB)
+
+    def _paused(self) -> bool:
+        """Whether a quiet pause (``VadParams.quiet_end_ms``) ends the utterance. Not in clips
+        joined by zeros (see is_speech): cut by webrtcvad alone, as the models' training clips."""
+        n = self._quiet_end
+        return n is not None and bool(self._gated) and self._silent_run >= n and self._quiet_run >= n
 
     def _end(self, reason: str, closing: Frame) -> SpeechEnd:
         assert self._active is not None
