@@ -139,3 +139,24 @@ def test_streams_hold_the_level_snr_and_dips_they_promise():
     noisy = gaps[gaps != 0]
     assert 10 * np.log10(np.mean(noisy**2) / 32768**2) == pytest.approx(-40.0, abs=0.3)
     assert [round(p.t_start - q.t_end, 2) for q, p in zip(built.words, built.words[1:])] == [0.8] * 5
+
+
+def test_a_refused_enrollment_is_reported_and_the_rest_go_on(tmp_path):
+    """A held-out speaker the two-voice gate refuses used to stop the whole evaluation; now
+    the report names them and why, and their words count as a stranger's."""
+    from streamd import config
+    from streamd.identity.gallery import Gallery
+    from streamd.models.inference import load_models
+    from conftest import MODELS
+
+    cfg = config.load(None, [f'models.dir="{MODELS}"'])
+    models = load_models(cfg)
+    theo, asc07 = cut_words(DATA / "enroll_theo.flac"), cut_words(DATA / "enroll_asc07.flac")
+    gallery = Gallery(tmp_path / "g.sqlite3")
+    book, refused = es.enroll_book(cfg, models, gallery, {"theo": theo, "mixed": asc07 + asc07 + theo})
+    try:
+        assert book.enrolled().names == ["theo"]
+        assert list(refused) == ["mixed"] and "voice" in refused["mixed"]
+    finally:
+        book.close()
+        gallery.close()

@@ -18,6 +18,7 @@ The published events are then lined up with where each word's speech really is:
 from __future__ import annotations
 
 import csv
+import logging
 import tempfile
 import time
 import zlib
@@ -33,11 +34,13 @@ from streamd.identity.enrollment import audio_utterances
 from streamd.offline.evaluate import Clip, corpus_clips, held_out_clips
 from streamd.service.events import Publisher
 from streamd.audio.frames import SAMPLE_RATE, Frame
-from streamd.identity.gallery import Gallery
+from streamd.identity.gallery import Gallery, GalleryError
 from streamd.models.inference import Models
 from streamd.service.metrics import Metrics
 from streamd.identity.speakers import SpeakerBook, book_settings
 from streamd.audio.stream_audio import Built, Condition, Placed, Word, build, standard_conditions
+
+log = logging.getLogger("streamd")
 
 STRANGERS = {"00000008", "00000025", "00000030"}  # ASC speakers never enrolled (held out / validation)
 ENROLL_CLIPS = 20  # FSDD digits are short: 20 of them are the 3 s of speech enrollment asks
@@ -263,13 +266,21 @@ def _speaker_outcomes(words: list[Placed], utts: list[Utt], assigned: dict[int, 
             "stranger_words": strangers, "strangers_named": strangers_named / strangers if strangers else None}
 
 
-def enroll_book(cfg: Config, models: Models, gallery: Gallery, enroll: dict[str, list[np.ndarray]]) -> SpeakerBook:
+def enroll_book(cfg: Config, models: Models, gallery: Gallery,
+                enroll: dict[str, list[np.ndarray]]) -> tuple[SpeakerBook, dict[str, str]]:
+    """The speakers enrolled as `streamd enroll` would, and those it refused, with the reason
+    (a refused speaker is not enrolled: their words count as a stranger's)."""
     book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
     gap = np.zeros(int(0.5 * SAMPLE_RATE), np.int16)
+    refused = {}
     for name, clips in enroll.items():
         recording = np.concatenate([gap] + [part for clip in clips for part in (clip, gap)])  # as `streamd enroll` gets it
-        book.enroll(name, audio_utterances(recording, cfg, models.speaker), "eval stream")
-    return book
+        try:
+            book.enroll(name, audio_utterances(recording, cfg, models.speaker), "eval stream")
+        except GalleryError as e:
+            log.warning("enrollment of %s refused: %s", name, e)
+            refused[name] = str(e)
+    return book, refused
 
 
 def evaluate_streams(held: HeldOut, cfg: Config, models: Models, conditions: list[Condition] | None = None,
@@ -282,7 +293,7 @@ def evaluate_streams(held: HeldOut, cfg: Config, models: Models, conditions: lis
              for c in conditions}
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery(Path(tmp) / "gallery.sqlite3")
-        book = enroll_book(cfg, models, gallery, held.enroll)
+        book, refused = enroll_book(cfg, models, gallery, held.enroll)
         try:
             events, cpu_s = run_streams(cfg, models, book, {n: b.audio for n, b in built.items()}, progress)
         finally:
@@ -292,11 +303,11 @@ def evaluate_streams(held: HeldOut, cfg: Config, models: Models, conditions: lis
     report = {"split": held.split, "seed": seed, "words_per_corpus": words_per_corpus,
               "models": {"speaker": models.speaker.card.sha256,
                          "digits": {n: m.card.sha256 for n, m in models.digits.members.items()}},
-              "enrolled": sorted(held.enroll), "audio_s": round(audio_s, 1), "cpu_s_per_audio_s": cpu_s / audio_s,
+              "enrolled": sorted(set(held.enroll) - set(refused)), "enrollment_refused": refused, "audio_s": round(audio_s, 1), "cpu_s_per_audio_s": cpu_s / audio_s,
               "conditions": {}}
     for c in conditions:
         entry = {"group": c.group, "describe": c.describe(), "seconds": round(built[c.name].seconds, 1)}
-        entry.update(score(built[c.name], events.get(c.name, []), set(held.enroll)))
+        entry.update(score(built[c.name], events.get(c.name, []), set(report["enrolled"])))
         report["conditions"][c.name] = entry
     report["headline"] = headline(report)
     return report
@@ -329,7 +340,8 @@ def headline(r: dict) -> dict:
 
 def format_report(r: dict) -> str:
     lines = [f"split: {r['split']}; {r['words_per_corpus'] or 'all'} digits per corpus per condition "
-             f"(and half as many other words); enrolled: {', '.join(r['enrolled'])}",
+             f"(and half as many other words); enrolled: {', '.join(r['enrolled'])}"
+             + "".join(f"; {name} refused ({why})" for name, why in r.get("enrollment_refused", {}).items()),
              f"{'condition':<22} {'English right/null/wrong':>25} {'Arabic right/null/wrong':>25} "
              f"{'other->digit':>12} {'missed/merged/split':>20} {'false/h':>8} {'spk right/unk/strangers':>24} "
              f"{'due ms':>7}"]
