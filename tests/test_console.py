@@ -206,6 +206,9 @@ def test_a_rename_and_a_removal_round_trip_into_the_audit_trail(rig):
     assert [s["name"] for s in rig.daemon.ask({"cmd": "list"})["speakers"]] == ["Theo"]
     wait_for(lambda: rows(browser, "#audit tr[data-action=rename]"), what="the rename in the audit trail")
     screenshot(browser, "speakers")
+    status, exported, headers = rig.console.request("/api/speakers/export?name=Theo")
+    assert status == 200 and exported["name"] == "Theo" and len(exported["enrollments"]) == 4
+    assert headers["content-disposition"] == "attachment; filename*=UTF-8''streamd-Theo.json"
     browser.find_element("css selector", row.format("Theo") + " button.remove").click()
     dialog = browser.find_element("id", "confirm-remove")
     assert dialog.is_displayed() and "erases" in dialog.text and "cannot be undone" in dialog.text
@@ -239,6 +242,28 @@ def test_changes_need_the_csrf_token_from_the_console_s_own_origin(rig):
     assert status == 405
     status, body, _ = console.request("/api/enroll_next", {"name": "x", "seconds": "ten"}, {"X-CSRF-Token": token})
     assert status == 400 and body["error"] == "enroll_next: field 'seconds' must be float"
+
+
+def test_enroll_from_the_next_seconds_and_promote_a_recurring_voice_from_the_page(rig):
+    browser = need_browser(rig)
+    open_page(browser, rig.console.url + "/recent")
+    browser.find_element("id", "next-name").send_keys("asc07")
+    seconds = browser.find_element("id", "next-seconds")
+    seconds.clear()
+    seconds.send_keys("2")
+    browser.find_element("id", "next-button").click()
+    wait_for(lambda: "listening" in browser.find_element("id", "next-message").text, what="the page waiting")
+    rig.daemon.speak("enroll_asc07.flac")
+    wait_for(lambda: "enrolled asc07" in browser.find_element("id", "next-message").text, 60, "enroll_next's reply")
+    rig.daemon.speak("visitor12.flac")  # five phrases of one voice nobody enrolled: a cluster
+    wait_for(lambda: rows(browser, "#clusters tr[data-cluster]"), 60, "a recurring unknown voice")
+    label = rows(browser, "#clusters tr[data-cluster]")[0]["cluster"]
+    browser.find_element("css selector", f'#clusters tr[data-cluster="{label}"] input').send_keys("Nadia")
+    click(browser, f'#clusters tr[data-cluster="{label}"] button')
+    wait_for(lambda: f"{label} is now Nadia" in browser.find_element("id", "clusters-message").text, what="promote")
+    trail = rig.daemon.ask({"cmd": "audit"})["audit"]
+    assert [(a["action"], a["name"], a["who"]) for a in trail[-2:]] == [("enroll", "asc07", "control"),
+                                                                       ("promote", "Nadia", "control")]
 
 
 def test_killing_the_console_changes_nothing_for_the_daemon(rig):

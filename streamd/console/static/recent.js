@@ -4,6 +4,7 @@
 
 const ticked = new Set(); // "stream#utterance"
 let refreshQueued = false;
+let clustersQueued = false;
 
 function utteranceRow(u) {
   const $ = Streamd.el;
@@ -34,6 +35,8 @@ async function loadRecent() {
   select.value = streams.includes(chosen) ? chosen : "";
 }
 
+const clusterRows = new Map(); // cluster label: its row, kept so a name being typed survives a refresh
+
 function clusterRow(c) {
   const $ = Streamd.el;
   const name = $("input", { type: "text", placeholder: "name", "aria-label": `name for ${c.cluster}`, required: "" });
@@ -47,14 +50,31 @@ function clusterRow(c) {
     loadClusters();
   });
   return $("tr", { "data-cluster": c.cluster }, $("td", { class: "unknown" }, c.cluster),
-    $("td", { class: "num" }, String(c.heard)), $("td", { class: "num" }, `${c.seconds.toFixed(1)} s`),
-    $("td", { class: "num" }, `${c.kept_seconds.toFixed(1)} s`), $("td", {}, Streamd.ago(c.updated)), $("td", {}, form));
+    $("td", { class: "num" }), $("td", { class: "num" }), $("td", { class: "num" }), $("td", {}), $("td", {}, form));
+}
+
+function fillCluster(row, c) {
+  const cells = row.cells;
+  cells[1].textContent = String(c.heard);
+  cells[2].textContent = `${c.seconds.toFixed(1)} s`;
+  cells[3].textContent = `${c.kept_seconds.toFixed(1)} s`;
+  cells[4].textContent = Streamd.ago(c.updated);
 }
 
 async function loadClusters() {
+  clustersQueued = false;
   try {
     const r = await Streamd.get("/api/clusters");
-    document.querySelector("#clusters tbody").replaceChildren(...r.clusters.map(clusterRow));
+    const body = document.querySelector("#clusters tbody");
+    const now = new Set(r.clusters.map((c) => c.cluster));
+    for (const [label, row] of clusterRows) {
+      if (!now.has(label)) { row.remove(); clusterRows.delete(label); }
+    }
+    for (const c of r.clusters) {
+      if (!clusterRows.has(c.cluster)) clusterRows.set(c.cluster, clusterRow(c));
+      fillCluster(clusterRows.get(c.cluster), c);
+      body.append(clusterRows.get(c.cluster)); // in the daemon's order
+    }
   } catch (err) { Streamd.say("clusters-message", err.message, true); }
 }
 
@@ -101,6 +121,9 @@ document.addEventListener("DOMContentLoaded", () => {
       refreshQueued = true;
       setTimeout(loadRecent, 300); // one refresh for a burst of events
     }
-    if (ev.type === "gallery" || (ev.type === "speaker" && ev.cluster)) loadClusters();
+    if ((ev.type === "gallery" || (ev.type === "speaker" && ev.cluster)) && !clustersQueued) {
+      clustersQueued = true;
+      setTimeout(loadClusters, 300);
+    }
   }, Streamd.connection);
 });

@@ -36,17 +36,17 @@ function confirmRemove(name) {
 
 function speakerRow(s) {
   const $ = Streamd.el;
-  const actions = $("td", { class: "actions" });
+  const actions = $("div", { class: "actions" });
   actions.append(
     $("button", { class: "rename", onclick: () => actions.replaceChildren(renameForm(s.name)) }, "Rename"),
     $("button", { class: "remove", onclick: () => confirmRemove(s.name) }, "Remove"),
     $("a", { href: `/api/speakers/export?name=${encodeURIComponent(s.name)}`, download: `streamd-${s.name}.json`,
-      class: "export" }, "Export"));
+      class: "export button" }, "Export"));
   return $("tr", { "data-name": s.name },
     $("td", { class: "named" }, s.name), $("td", { class: "num" }, `${s.seconds.toFixed(1)} s`),
     $("td", { class: "num" }, String(s.utterances)), $("td", {}, Streamd.date(s.created)),
     $("td", {}, Streamd.date(s.updated)), $("td", {}, s.last_heard ? Streamd.ago(s.last_heard) : "not since the console started"),
-    actions);
+    $("td", {}, actions));
 }
 
 function auditRow(a) {
