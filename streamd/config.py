@@ -89,6 +89,7 @@ class ModelsConfig:
 @dataclass(frozen=True)
 class IdentityConfig:
     far: float = 0.01
+    verify_far: float = 0.001  # challenge-response: a stranger claiming a name passes this often
     score: str = "auto"
     threshold: float = 0.8
     enroll_min_seconds: float = 3.0
@@ -241,6 +242,7 @@ ON_RELOAD: dict[str, str] = {
     "network": RESTART,
     "streams": RESTART,
     "identity.far": RELOAD,
+    "identity.verify_far": RELOAD,
     "identity.score": RELOAD,
     "identity.threshold": RELOAD,
     "identity.enroll_min_seconds": RELOAD,
@@ -372,6 +374,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "network.gap_fill_ms": (0.0, 60000.0),
     "network.idle_ms": (100.0, 60000.0),
     "identity.far": (1e-6, 0.5),
+    "identity.verify_far": (1e-6, 0.5),
     "identity.threshold": (-1.0, 1.0),
     "identity.enroll_min_seconds": (0.0, 600.0),
     "identity.enroll_max_clipped": (0.0, 1.0),

@@ -41,6 +41,7 @@ class Gates:
 def book_settings(identity) -> dict:
     """SpeakerBook's keyword arguments from an [identity] config section."""
     return {"cosine_threshold": identity.threshold, "far": identity.far, "score": identity.score,
+            "verify_far": identity.verify_far,
             "gates": gates_from(identity),
             "cluster_settings": ClusterSettings(identity.cluster_unknown, identity.cluster_far,
                                                 identity.cluster_min_seconds, identity.cluster_max,
@@ -106,11 +107,13 @@ class SpeakerBook:
 
     def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
                  gates: Gates = Gates(), far: float = 0.01,
-                 cluster_settings: ClusterSettings = ClusterSettings(), score: str = "auto"):
+                 cluster_settings: ClusterSettings = ClusterSettings(), score: str = "auto",
+                 verify_far: float = 0.001):
         self.gallery = gallery
         self.model = model
         self.cosine_threshold = cosine_threshold
         self.far = far
+        self.verify_far = verify_far  # challenge-response: one claimed speaker, its own false-accept rate
         self.gates = gates
         self.cluster_calibration = load_calibration(model)
         self._fusion = load_fusion(model) if self.cluster_calibration else None
@@ -248,6 +251,22 @@ class SpeakerBook:
         enrolled = self.enrolled()  # one look at the gallery per decision
         threshold = self.threshold_for(len(enrolled.names), seconds=seconds)
         return decide(embedding, enrolled, self.scorer, threshold, windows=self.windows_in(seconds))
+
+    def verify(self, name: str, embedding: np.ndarray, seconds: float | None) -> tuple[float | None, bool]:
+        """Whether an utterance is the claimed speaker's: its score against that one voice, and
+        whether it reaches the threshold at ``verify_far`` (one speaker compared, this length).
+        (None, False) when nobody of that name is enrolled."""
+        enrolled = self.enrolled()
+        if name not in enrolled.names:
+            return None, False
+        e = l2_normalize(embedding)
+        raw = enrolled.centroids @ e
+        scores = self.scorer.score(raw, self.scorer.stats(e)[0], enrolled.stats, self.windows_in(seconds))
+        score = float(scores[enrolled.names.index(name)])
+        return score, score >= self.threshold_for(1, self.verify_far, seconds)
+
+    def is_enrolled(self, name: str) -> bool:
+        return name in self.enrolled().names
 
     def decide(self, embedding: np.ndarray, seconds: float | None = None) -> Decision:
         """The decision so far (partial utterances) on ``seconds`` of speech: no cluster is changed."""

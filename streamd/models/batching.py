@@ -66,10 +66,16 @@ class Job:
     level: int = 0  # the LoadShedder's level when it was handed over
     degraded: tuple[str, ...] = ()  # what was shed computing it that changed its result (set by the batch)
     dropped: bool = False  # shed: never computed, never finished
+    # Pieces of an utterance for the digit models (streamd.models.digit_strings), each as a clip
+    # of its own; ``pieces_cheap``: named by the cascade's first stage alone. Their logits are
+    # set in ``piece_logits`` before ``finish`` is called.
+    pieces: tuple[FeaturesByFrontEnd, ...] = ()
+    pieces_cheap: bool = False
+    piece_logits: list[np.ndarray] | None = None
 
     @property
     def partial(self) -> bool:
-        return self.digit_feats is None
+        return self.digit_feats is None and not self.pieces
 
     def supersedes(self, waiting: "Job") -> bool:
         """Whether this job makes ``waiting`` (same stream and utterance) useless: a newer
@@ -307,7 +313,7 @@ class Batcher:
             job.cuts, job.level = cuts, self.shedder.level
         return jobs
 
-    def _compute(self, jobs: list[Job]) -> tuple[list[np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray],
+    def _compute(self, jobs: list[Job]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray],
                                                  float, dict[str, float]]:
         """The models' outputs (speaker, digits, words), the seconds the batch took, and each
         model's CPU seconds."""
@@ -315,10 +321,13 @@ class Batcher:
         cuts = jobs[0].cuts if jobs else frozenset()
         max_rows = SHED_WINDOWS if "speaker_windows" in cuts else None
         speaker = self.models.speaker
-        embeddings = run_batched(speaker, [j.speaker_feats for j in jobs], self.max_batch, max_rows)
+        with_speaker = [i for i, j in enumerate(jobs) if j.speaker_feats is not None]
+        embeddings = dict(zip(with_speaker, run_batched(speaker, [jobs[i].speaker_feats for i in with_speaker],
+                                                        self.max_batch, max_rows)))
         if max_rows is not None:
             for job in jobs:
-                if not job.partial and speaker.row_count(len(job.speaker_feats)) > max_rows:
+                if not job.partial and job.speaker_feats is not None \
+                        and speaker.row_count(len(job.speaker_feats)) > max_rows:
                     job.degraded += ("speaker_windows",)
         cpu1 = time.thread_time()
         with_digits = [i for i, j in enumerate(jobs) if j.digit_feats is not None]
@@ -327,6 +336,7 @@ class Batcher:
         for i, was_cut in zip(with_digits, cut):
             if was_cut:
                 jobs[i].degraded += ("cascade",)
+        self._run_pieces(jobs, "cascade" in cuts)
         cpu2 = time.thread_time()
         with_words = [i for i, j in enumerate(jobs) if j.word_input is not None] if self.word_model else []
         vectors = self.word_model.embed_many([jobs[i].word_input for i in with_words]) if with_words else []
@@ -335,7 +345,20 @@ class Batcher:
             cpu["words"] = time.thread_time() - cpu2
         return embeddings, dict(zip(with_digits, logits)), dict(zip(with_words, vectors)), time.perf_counter() - start, cpu
 
-    def _finish(self, jobs: list[Job], embeddings: list[np.ndarray], logits: dict[int, np.ndarray],
+    def _run_pieces(self, jobs: list[Job], cheap_only: bool) -> None:
+        """Each job's pieces through the digit models, in one batch per kind (cheap or full)."""
+        for cheap in (True, False):
+            owners = [j for j in jobs if j.pieces and j.pieces_cheap == cheap]
+            flat = [p for j in owners for p in j.pieces]
+            if not flat:
+                continue
+            out = self.models.digits.run_shed(flat, self.max_batch, cheap_only=cheap or cheap_only)[0]
+            start = 0
+            for job in owners:
+                job.piece_logits = out[start : start + len(job.pieces)]
+                start += len(job.pieces)
+
+    def _finish(self, jobs: list[Job], embeddings: dict[int, np.ndarray], logits: dict[int, np.ndarray],
                 words: dict[int, np.ndarray], seconds: float, cpu: dict[str, float]) -> None:
         self.model_cpu_s.update(cpu)
         if jobs:
@@ -347,9 +370,9 @@ class Batcher:
                 self._count_shed(what, n)
         for i, job in enumerate(jobs):
             if i in words:
-                job.finish(embeddings[i], logits.get(i), words[i])
+                job.finish(embeddings.get(i), logits.get(i), words[i])
             else:
-                job.finish(embeddings[i], logits.get(i))
+                job.finish(embeddings.get(i), logits.get(i))
 
     def _take(self) -> list[Job]:
         """The next batch for the models: every final decision waiting, with the jobs of the

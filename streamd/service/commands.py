@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from streamd.service.challenge import MAX_LENGTH, MAX_TTL_S, new_challenge
 from streamd.service.control import ControlError, ControlServer, Pending
 from streamd.identity.gallery import Gallery, GalleryError, to_blob
 from streamd.identity.scoring import Utterance
@@ -328,6 +329,26 @@ class DaemonCommands:
                                    "utterances that may be named, e.g. {\"far\": 0.01})")
             book.cosine_threshold = value
         return {"ok": True, "far": book.far, "threshold": book.threshold, "calibrated": calibrated}
+
+    def cmd_challenge(self, request: dict, pending: Pending) -> dict:
+        """A code for ``speaker`` to say on ``stream``; the next utterance there answers it
+        (a ``verification`` event). A challenge still open on the stream is replaced."""
+        speaker = _field(request, "speaker", str)
+        length = _field(request, "length", int, 4)
+        ttl = _field(request, "ttl_s", float, 30.0)
+        if not 1 <= length <= MAX_LENGTH:
+            raise ControlError(f"challenge: 'length' must be in [1, {MAX_LENGTH}]")
+        if not 0 < ttl <= MAX_TTL_S:
+            raise ControlError(f"challenge: 'ttl_s' must be in (0, {MAX_TTL_S:.0f}]")
+        if "stream" not in request:
+            raise ControlError(f"challenge: missing field 'stream' (streams: {', '.join(sorted(self.daemon.pipelines))})")
+        pipeline = self._stream(request)
+        book = self.daemon.book
+        if book is None or not book.is_enrolled(speaker):
+            raise ControlError(f"challenge: no enrolled speaker named {speaker!r}")
+        c = new_challenge(speaker, length, ttl, pipeline.next_utterance)
+        pipeline.set_challenge(c)
+        return {"ok": True, "id": c.id, "digits": c.digits, "expires": round(c.expires, 3), "stream": pipeline.stream}
 
     def cmd_stats(self, request: dict, pending: Pending) -> dict:
         pipelines = self.daemon.pipelines

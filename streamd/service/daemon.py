@@ -295,6 +295,7 @@ class Daemon:
             self._audit_checked = now
             self._publish_audit()
         for pipeline in self.engine.pipelines.values():
+            pipeline.expire(now)
             collector = pipeline.collector
             if collector is not None:
                 done = collector.collected >= collector.seconds

@@ -94,9 +94,11 @@ class Decisions:
             cluster=who.cluster))
 
     def final(self, end: SpeechEnd, utt: Utterance, audio: np.ndarray, embedding: np.ndarray,
-              logits: np.ndarray, word: np.ndarray | None = None, degraded: tuple[str, ...] = ()) -> None:
+              logits: np.ndarray, word: np.ndarray | None = None,
+              degraded: tuple[str, ...] = ()) -> tuple[Decision, digits.DigitDecision]:
         """The closed utterance's speaker and digit, from the models' outputs on its ``audio``;
-        ``degraded``: what was shed computing them (streamd.models.batching.SHED_ORDER)."""
+        ``degraded``: what was shed computing them (streamd.models.batching.SHED_ORDER).
+        Returns both decisions."""
         with self.stages.timed("identity"):
             digit, vocabulary = self._digit(logits, word)
             who = self.book.identify(embedding, utt) if self.book is not None else Decision(UNKNOWN, 0.0, [])
@@ -111,6 +113,7 @@ class Decisions:
                                        vocabulary=vocabulary,
                                        degraded="cascade" in degraded and vocabulary in (BUILTIN, None)),
                             end.closed_at)
+        return who, digit
 
     def _remember(self, end: SpeechEnd, utt: Utterance, audio: np.ndarray, embedding: np.ndarray,
                   who: Decision) -> None:

@@ -76,6 +76,35 @@ class DigitEvent(Event):
 
 
 @dataclass(frozen=True)
+class DigitsEvent(Event):
+    """The digits said in one utterance, as a string (docs/events.md, ``digits``)."""
+
+    type: ClassVar[str] = "digits"
+    digits: str | None = None
+    items: list[dict[str, Any]] = field(default_factory=list)  # {"digit", "t_start", "t_end", "p"}
+    confidence: float = 0.0
+    speaker: str = "unknown"
+    reason: str | None = None  # why ``digits`` is null
+    latency_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class VerificationEvent(Event):
+    """The answer to a challenge (docs/control.md, ``challenge``)."""
+
+    type: ClassVar[str] = "verification"
+    id: str = ""
+    speaker: str = ""
+    result: str = "fail"  # pass | fail
+    digits_heard: str | None = None
+    digits_ok: bool = False
+    voice_score: float | None = None
+    voice_ok: bool = False
+    reason: str | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
 class StatusEvent:
     """A stream's source came up, went down (being retried) or ended."""
 

@@ -12,8 +12,9 @@ from prometheus_client import Counter
 from streamd.models.batching import Batcher, Finish, Job
 from streamd.models.inference import FeaturesByFrontEnd
 
-# Called with the embedding, the digit logits and the word embedding (or not), and ``degraded=``
-# what was shed computing them (streamd.models.batching.SHED_ORDER's names; () for none).
+# Called with the embedding, the digit logits and the word embedding (or not), ``degraded=``
+# what was shed computing them (streamd.models.batching.SHED_ORDER's names; () for none) and
+# ``pieces=`` the cheap logits of the utterance's candidate pieces (streamd.models.digit_strings).
 Decide = Callable[..., None]
 
 
@@ -27,6 +28,7 @@ class FinalRequest:
     digit_feats: FeaturesByFrontEnd
     word_input: np.ndarray | None  # while some vocabulary has templates
     heard_at: float | None = None  # capture time of the audio it decides on (the latency budget's start)
+    pieces: tuple[FeaturesByFrontEnd, ...] = ()  # candidate pieces of a digit string, scored cheaply
 
 
 @dataclass
@@ -41,17 +43,18 @@ class EarlyFinal:
     speaker_feats: np.ndarray  # the final decision's too (its Utterance record keeps them)
     result: tuple | None = None  # (embedding, logits[, word embedding])
     degraded: tuple[str, ...] = ()  # what was shed computing it
+    pieces: list | None = None  # its candidate pieces' logits
     waiting: Decide | None = None  # the close came before the result
     job: Job | None = field(default=None, repr=False)  # its job for the models
 
-    def done(self, *result, degraded: tuple[str, ...] = ()) -> None:
-        self.result, self.degraded = result, degraded
+    def done(self, *result, degraded: tuple[str, ...] = (), pieces: list | None = None) -> None:
+        self.result, self.degraded, self.pieces = result, degraded, pieces
         if self.waiting is not None:
-            self.waiting(*result, degraded=degraded)
+            self.waiting(*result, degraded=degraded, pieces=pieces)
 
     def use(self, decide: Decide) -> None:
         if self.result is not None:
-            decide(*self.result, degraded=self.degraded)
+            decide(*self.result, degraded=self.degraded, pieces=self.pieces)
         else:
             self.waiting = decide
             if self.job is not None:
@@ -119,10 +122,18 @@ class PendingWork:
 
     def _submit(self, request: FinalRequest, finish: Decide, early: bool = False) -> Job:
         job = Job(self.stream, request.speaker_feats, request.digit_feats, finish, utterance=request.utterance,
-                  early=early, word_input=request.word_input, heard_at=request.heard_at)
-        job.finish = lambda *result: finish(*result, degraded=job.degraded)
+                  early=early, word_input=request.word_input, heard_at=request.heard_at, pieces=request.pieces,
+                  pieces_cheap=True)
+        job.finish = lambda *result: finish(*result, degraded=job.degraded, pieces=job.piece_logits)
         self.batcher.submit(job)
         return job
+
+    def name_pieces(self, utterance: int, pieces: tuple[FeaturesByFrontEnd, ...], finish: Callable[[list], None],
+                    heard_at: float | None = None) -> None:
+        """The chosen pieces of a digit string, named by the full digit models; ``finish`` gets their logits."""
+        job = Job(self.stream, None, None, finish, utterance=utterance, heard_at=heard_at, pieces=pieces)
+        job.finish = lambda *_: finish(job.piece_logits)
+        self.batcher.submit(job)
 
     def _count(self, outcome: str, early: EarlyFinal | None) -> None:
         if early is not None and not early.shed:

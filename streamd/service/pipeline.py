@@ -7,6 +7,7 @@ streamd.service.decisions)."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 import numpy as np
@@ -18,11 +19,14 @@ from streamd.identity.speakers import SpeakerBook
 from streamd.identity.vocabulary import WordBook
 from streamd.models.batching import Batcher
 from streamd.models.inference import Models
+from streamd.models.digit_strings import StringDecision
+from streamd.service.challenge import Challenge, Verdict, expired, verdict
 from streamd.service.decisions import Decisions, StreamEvents
-from streamd.service.events import Publisher, VadEnd, VadStart
+from streamd.service.events import Publisher, VadEnd, VadStart, VerificationEvent
 from streamd.service.metrics import Metrics, StageTimes
 from streamd.service.pending import FinalRequest, PendingWork
 from streamd.service.segmentation import StreamAudio
+from streamd.service.strings import DigitStrings, StringTask, digits_event
 from streamd.signal.vad import SpeechAudio, SpeechEnd, SpeechStart, VadOutput, audio_level
 
 
@@ -70,6 +74,9 @@ class StreamPipeline:
         self.events = StreamEvents(stream, publisher, metrics, stages)
         self.decisions = Decisions(stream, book, words, models.digits.min_confidence(cfg.digits.min_confidence),
                                    cfg.identity.recent_utterances, self.events, stages)
+        self.strings = DigitStrings(stream, self.pending, models.digits.front_ends)
+        self.challenge: Challenge | None = None  # open on this stream (control command ``challenge``)
+        self.last_started = -1  # the latest utterance that started
 
     def push(self, frame: Frame) -> None:
         outputs = self.audio.push(frame)
@@ -95,6 +102,10 @@ class StreamPipeline:
                 self._end(out)
 
     def _start(self, start: SpeechStart, frame: Frame | None) -> None:
+        self.last_started = start.utterance
+        c = self.challenge
+        if c is not None and c.answering is None and start.utterance >= c.first_utterance:
+            c.answering = start.utterance  # it started before the expiry (expire() would have closed it)
         self.audio.begin(start)
         self._next_partial = self.partial_every_s
         t_now = frame.t_end if frame is not None else start.t_start
@@ -129,6 +140,9 @@ class StreamPipeline:
         self.events.publish(VadEnd(self.stream, end.utterance, end.t_start, end.t_end, reason=end.reason))
         if end.usable:
             self._recognise(end)
+        elif self.challenge is not None and self.challenge.answering == end.utterance:
+            self.challenge.answering = None  # too short to answer: the next utterance may
+            self.challenge.first_utterance = end.utterance + 1
 
     def _recognise(self, end: SpeechEnd) -> None:
         # The models see the utterance from its pre-roll to the end of speech: the same
@@ -139,13 +153,58 @@ class StreamPipeline:
             self.audio.features(self.models.speaker.params, samples)
         audio = self.audio.heard_audio(samples)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
-        decide = partial(self.decisions.final, end, utt, audio)
+        task = self.strings.task(audio)  # the same as the early final's (the same audio)
+        decide = partial(self._decided, end, utt, audio, task)
         if early is not None:
             self.pending.use_early(early, decide)
         else:
             self.pending.final(self._final_request(end.utterance, samples, speaker_feats, audio,
-                                                   self._heard_at(end.closed_at)),
+                                                   self._heard_at(end.closed_at), task),
                                decide)
+
+    def _decided(self, end: SpeechEnd, utt: Utterance, audio: np.ndarray, task: StringTask, embedding: np.ndarray,
+                 logits: np.ndarray, word: np.ndarray | None = None, degraded: tuple[str, ...] = (),
+                 pieces: list | None = None) -> None:
+        """The final decision's events, then the digit string's (once its pieces are named)."""
+        who, digit = self.decisions.final(end, utt, audio, embedding, logits, word, degraded)
+        self.strings.decide(end, task, audio, digit, pieces, self.decisions.min_digit_confidence,
+                            partial(self._string, end, utt, embedding, who.speaker))
+
+    def _string(self, end: SpeechEnd, utt: Utterance, embedding: np.ndarray, speaker: str,
+                decision: StringDecision) -> None:
+        self.events.publish(digits_event(self.stream, end, decision, speaker), end.closed_at)
+        c = self.challenge
+        if c is None or c.answering != end.utterance:
+            return
+        self.challenge = None  # answered once
+        book = self.decisions.book
+        score, voice_ok = book.verify(c.speaker, embedding, book.seconds_of(utt.features)) if book else (None, False)
+        self._verification(c, verdict(c, decision.digits, decision.reason, score, voice_ok), end)
+
+    def _verification(self, c: Challenge, v: Verdict, end: SpeechEnd | None) -> None:
+        where = (end.utterance, end.t_start, end.t_end) if end is not None else (-1, 0.0, 0.0)
+        latency = time.monotonic() - end.closed_at if end is not None else None
+        self.events.publish(VerificationEvent(self.stream, *where, id=c.id, speaker=c.speaker, result=v.result,
+                                              digits_heard=v.digits_heard, digits_ok=v.digits_ok,
+                                              voice_score=v.voice_score, voice_ok=v.voice_ok, reason=v.reason,
+                                              latency_s=latency))
+
+    def expire(self, now: float) -> None:
+        """A challenge nobody started to answer before its expiry fails (reason ``expired``)."""
+        c = self.challenge
+        if c is not None and c.answering is None and now > c.deadline:
+            self.challenge = None
+            self._verification(c, expired(c), None)
+
+    def set_challenge(self, c: Challenge | None) -> Challenge | None:
+        """Open ``c`` on this stream; the challenge it replaces (if any) is returned, unanswered."""
+        old, self.challenge = self.challenge, c
+        return old
+
+    @property
+    def next_utterance(self) -> int:
+        """The number the next utterance to start will have."""
+        return self.last_started + 1
 
     def _heard_at(self, captured_at: float) -> float | None:
         """Where a decision's latency budget starts: the capture of its audio; none when the
@@ -153,10 +212,12 @@ class StreamPipeline:
         return captured_at if self.realtime else None
 
     def _final_request(self, utterance: int, samples: int, speaker_feats: np.ndarray,
-                       audio: np.ndarray | None = None, heard_at: float | None = None) -> FinalRequest:
+                       audio: np.ndarray | None = None, heard_at: float | None = None,
+                       task: StringTask | None = None) -> FinalRequest:
         """What the models need for the final decision on the utterance's first ``samples``
-        (``heard_at``: when the audio it decides on was captured)."""
+        (``heard_at``: when the audio it decides on was captured), with its candidate pieces."""
         audio = self.audio.heard_audio(samples) if audio is None else audio
+        task = self.strings.task(audio) if task is None else task
         digit_feats = self.audio.features_by_front_end(self.models.digits.front_ends, samples, audio)
         return FinalRequest(utterance, samples, speaker_feats, digit_feats, self.decisions.word_input(audio),
-                            heard_at)
+                            heard_at, task.pieces)
