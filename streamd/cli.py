@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from streamd import __version__
-from streamd import cli_digits
+from streamd import cli_digits, cli_pin
 from streamd import config as config_mod
 from streamd.console import command as console_command
 from streamd.config import EX_CONFIG, ConfigError
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="CurveZMQ: the daemon's public NAME.key (default: control.curve_server_key)")
 
     cli_digits.register(sub, common)
+    cli_pin.register(sub, common)
     console_command.register(sub, common)
 
     keys = sub.add_parser("keys", help="CurveZMQ key pairs for remote control")
@@ -81,12 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--force", action="store_true", help="replace existing key files of that name")
 
     ev = sub.add_parser("eval", parents=[common], help="accuracy of the models on held-out speakers")
-    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers", "stream", "words"), default="all",
+    ev.add_argument("what", nargs="?", choices=("all", "digits", "speakers", "stream", "words", "pin"), default="all",
                     help="all: digits and speaker summary; digits: per speaker, per digit, confusion, "
                          "clean and at 10 and 0 dB SNR; speakers: open-set identification, DET curve; "
                          "stream: continuous audio through the daemon's engine, per condition (levels, "
                          "pauses, noise floors, noise types and SNRs, channels, noise-only audio); words: "
-                         "vocabularies taught by example (templates of some speakers, tested on others)")
+                         "vocabularies taught by example (templates of some speakers, tested on others); pin: "
+                         "4- and 6-digit strings in one utterance and challenge-response trials")
     ev.add_argument("corpora", nargs="?", type=Path, metavar="DATA", help="the same as --data")
     ev.add_argument("--data", type=Path, help="corpora folder (manifests; default ../shared/datasets)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stream: which words, in which order, with which pauses and noise")
     ev.add_argument("--only", metavar="NAMES",
                     help="stream: only these conditions or groups, comma-separated (e.g. clean,noise)")
+    ev.add_argument("--strings", type=bounded(int, 1, 1000, "strings"), default=10, metavar="N",
+                    help="pin: strings of each length per speaker (default 10)")
     ev.add_argument("--card", action="store_true",
                     help="digits, speakers: also keep the figures in the model card (digits: the fusion "
                          "card, or the digit card without one; speakers: the speaker card), as heldout_eval")
@@ -246,6 +250,11 @@ def describe(event: dict) -> str:
         if event.get("vocabulary") not in (None, "builtin"):
             said += f" ({event['vocabulary']})"  # named by a vocabulary taught at run time
         return f"{head} digit   {said} (p {event['confidence']:.2f})  latency {event['latency_s'] * 1000:.0f} ms"
+    if kind == "digits":
+        said = event["digits"] if event["digits"] is not None else f"- ({event.get('reason')})"
+        return f"{head} digits  {said} (p {event['confidence']:.2f})  latency {event['latency_s'] * 1000:.0f} ms"
+    if kind == "verification":
+        return f"{head} verify  {event['speaker']} {event['result']}" + (f" ({event['reason']})" if event.get("reason") else "")
     if kind == "vad.end":
         return f"{head} speech ended ({event['reason']})"
     return f"{head} speech started" if kind == "vad.start" else f"{head} {kind}"
@@ -447,6 +456,8 @@ def cmd_eval(args, cfg) -> int:
         return eval_stream(args, cfg)
     if args.what == "words":
         return cli_digits.eval_words(args, cfg)
+    if args.what == "pin":
+        return cli_pin.eval_pin(args, cfg)
     models = load_models(cfg, "cpu")
 
     def progress(n: int, total: int) -> None:
@@ -668,7 +679,7 @@ def _speech_frames(segmenter, frame):
 
 COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speakers": cmd_speakers,
             "digits": cli_digits.cmd_digits, "eval": cmd_eval, "bench": cmd_bench, "send": cmd_send,
-            "console": console_command.cmd_console}
+            "console": console_command.cmd_console, "verify": cli_pin.cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
