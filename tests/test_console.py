@@ -8,6 +8,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import Isolated, NotifySocket, free_port, start_streamd, stop, streamd
 from helpers import LiveDaemon, by_type, collect
+from streamd.console.hub import EventHub
 from streamd.console.metrics_view import quantile
 from streamd.console.ring import EventRing
 
@@ -266,6 +268,22 @@ def test_enroll_from_the_next_seconds_and_promote_a_recurring_voice_from_the_pag
                                                                        ("promote", "Nadia", "control")]
 
 
+def test_a_challenge_shows_its_code_then_the_daemon_s_verdict(rig):
+    browser = need_browser(rig)
+    open_page(browser, rig.console.url + "/challenge")
+    wait_for(lambda: browser.find_elements("css selector", '#challenge-speaker option[value="asc07"]'),
+             what="the enrolled speakers to choose from")
+    click(browser, '#challenge-speaker option[value="asc07"]')
+    browser.find_element("id", "challenge-button").click()
+    wait_for(lambda: "waiting for asc07" in browser.find_element("id", "challenge-message").text, what="asc07's code")
+    code = wait_for(lambda: browser.find_element("id", "challenge-code").text, what="a code")
+    assert len(code.split("-")) == 4 and all(d.isdigit() for d in code.split("-"))
+    rig.daemon.speak("word.flac")  # one word that is not the code: the answer fails
+    verdict = wait_for(lambda: browser.find_element("id", "challenge-verdict").text, 30, "the verdict")
+    screenshot(browser, "challenge")
+    assert verdict.startswith("Failed (") and "heard" in verdict
+
+
 def test_killing_the_console_changes_nothing_for_the_daemon(rig):
     daemon = rig.daemon
     collect(daemon.sub, timeout=1.0)  # what earlier tests left unread
@@ -391,9 +409,42 @@ def test_a_reader_that_falls_behind_the_ring_is_told_how_many_it_missed():
     assert ring.since(10).events == [] and ring.since(8, limit=1).events == [{"seq": 8}]
 
 
+def test_the_hub_keeps_each_stream_s_recent_utterances_as_the_daemon_does():
+    hub = EventHub("tcp://127.0.0.1:1", recent_per_stream=2)
+    seq = iter(range(100))
+    for utterance in range(3):
+        for kind, fields in (("vad.end", {"reason": "silence"}), ("speaker", {"speaker": "ann", "score": 2.0}),
+                             ("digit", {"digit": utterance, "confidence": 0.9})):
+            hub.record({"type": kind, "stream": "hall", "seq": next(seq), "utterance": utterance, "t_start": 1.0,
+                        "t_end": 1.5, "time": 100.0 + utterance, **fields})
+    recent = hub.recent()
+    assert [(u["utterance"], u["speaker"], u["digit"]) for u in recent] == [(2, "ann", 2), (1, "ann", 1)]
+    hub.record({"type": "gallery", "stream": "daemon", "seq": next(seq) + 3, "action": "rename", "from": "ann",
+                "name": "Ann", "time": 104.0})
+    assert hub.heard() == {"Ann": 102.0} and hub.counts.lost == 3
+    hub.record({"type": "vad.end", "stream": "hall", "seq": 0, "utterance": 0, "t_start": 0, "t_end": 1, "time": 105})
+    assert hub.counts.restarts == 1 and [u["utterance"] for u in hub.recent()] == [0]  # the daemon restarted
+    assert hub.ring.next == 11
+
+
 def test_latency_percentiles_follow_prometheus_histogram_quantile():
     buckets = {0.01: 50.0, 0.1: 90.0, 1.0: 100.0, float("inf"): 100.0}
     assert quantile(buckets, 0.5) == pytest.approx(0.01)
     assert quantile(buckets, 0.7) == pytest.approx(0.01 + 0.09 * 0.5)
     assert quantile(buckets, 0.99) == pytest.approx(0.1 + 0.9 * 0.9)
     assert quantile({0.1: 0.0, float("inf"): 0.0}, 0.5) is None
+
+
+def test_without_the_console_extra_the_command_says_what_to_install():
+    code = ("import sys\n"
+            "class NoStarlette:  # as if the [console] extra were not installed\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('starlette', 'uvicorn'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoStarlette())\n"
+            "from streamd.cli import main\n"
+            "sys.exit(main(['console']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 69
+    assert done.stderr == "streamd: console needs the [console] extra (starlette is missing): " \
+                          "pip install 'streamd[console]'\n"

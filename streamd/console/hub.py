@@ -131,9 +131,14 @@ class EventHub:
                 event = json.loads(data)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
-            if isinstance(event, dict):
+            if not isinstance(event, dict):
+                continue
+            try:
                 self.record(event)
-                taken += 1
+            except (TypeError, ValueError) as exc:  # a field of another type than the schema's
+                log.warning("event not understood, left out: %s", exc)
+                continue
+            taken += 1
         return taken
 
     def _wake(self) -> None:

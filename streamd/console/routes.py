@@ -22,7 +22,7 @@ from streamd.console.hub import EventHub
 MAX_BODY = 64 * 1024
 KEEPALIVE_S = 15.0
 REPLAY = 50  # events a page that connects is shown from before it came
-PAGES = ("live", "speakers", "recent", "login")
+PAGES = ("live", "speakers", "recent", "challenge", "login")
 AUDIO_NOTE = ("Audio of recent utterances is not kept: this streamd has no identity.keep_recent_audio "
               "setting, so there is nothing to play back. Decisions and times are shown instead.")
 
@@ -81,7 +81,7 @@ class Console:
     def routes(self) -> list:
         return [
             Route("/", self.page("live")), Route("/speakers", self.page("speakers")),
-            Route("/recent", self.page("recent")),
+            Route("/recent", self.page("recent")), Route("/challenge", self.page("challenge")),
             Route("/login", self.login_page, methods=["GET"]), Route("/login", self.login, methods=["POST"]),
             Route("/api/events", self.events), Route("/api/health", self.health),
             Route("/api/speakers", self.speakers), Route("/api/speakers/export", self.export),
@@ -92,6 +92,7 @@ class Console:
             Route("/api/enroll_recent", self.enroll_recent, methods=["POST"]),
             Route("/api/enroll_next", self.enroll_next, methods=["POST"]),
             Route("/api/promote", self.change("promote", ("cluster", "name")), methods=["POST"]),
+            Route("/api/challenge", self.challenge, methods=["POST"]),
             Mount("/static", StaticFiles(packages=[("streamd.console", "static")]), name="static"),
         ]
 
@@ -224,3 +225,16 @@ class Console:
             return JSONResponse({"ok": False, "error": f"enroll_next: {exc}"}, status_code=400)
         wait = max(30.0, 4 * seconds)  # the daemon's own timeout for it
         return answer(await self.link.ask(request_, timeout_s=wait + 5.0))
+
+    # ------------------------------------------------------------ challenge
+
+    async def challenge(self, request: Request) -> JSONResponse:
+        """A code for an enrolled speaker to say on a stream; the daemon's ``verification``
+        event, which the page waits for, says whether they did."""
+        try:
+            body = await json_body(request)
+            request_ = {"cmd": "challenge", "speaker": field(body, "speaker", str), "stream": field(body, "stream", str),
+                        "length": field(body, "length", int, 4), "ttl_s": field(body, "ttl_s", float, 30.0)}
+        except BadRequest as exc:
+            return JSONResponse({"ok": False, "error": f"challenge: {exc}"}, status_code=400)
+        return answer(await self.link.ask(request_))

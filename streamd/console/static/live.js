@@ -20,6 +20,15 @@ function decision(ev) {
     const by = ev.vocabulary && ev.vocabulary !== "builtin" ? ` (${ev.vocabulary})` : "";
     return [$("span", { class: "named" }, said + by), ev.confidence.toFixed(2)];
   }
+  if (ev.type === "digits") { // a digit string (the PIN issue's event)
+    const said = ev.digits === null ? `– (${ev.reason || "no digits"})` : ev.digits;
+    return [$("span", { class: "named" }, said), ev.confidence.toFixed(2)];
+  }
+  if (ev.type === "verification") {
+    const heard = ev.digits_heard === null || ev.digits_heard === undefined ? "–" : ev.digits_heard;
+    return [$("span", { class: ev.result === "pass" ? "good" : "bad" }, `${ev.result}: ${ev.speaker}, heard ${heard}`),
+      ev.voice_score === null || ev.voice_score === undefined ? "" : ev.voice_score.toFixed(2)];
+  }
   if (ev.type === "status") return [`${ev.state}${ev.reason ? ` (${ev.reason})` : ""}`, ""];
   if (ev.type === "gallery") return [`${ev.action} ${ev.name || "(removed)"} by ${ev.who}`, ""];
   if (ev.type === "vad.end") return [`speech ended (${ev.reason})`, ""];
