@@ -65,7 +65,7 @@ class Guard:
             return RedirectResponse("/login", status_code=303)
         if method == "POST" and path != "/login" and not self.policy.csrf_ok(plain):
             return JSONResponse({"ok": False, "error": "refused: changes need the page's CSRF token "
-                                 "(X-CSRF-Token header) from this console's own pages"}, status_code=403)
+                                 "(X-CSRF-Token header) from this console's own pages; reload the page if the console restarted"}, status_code=403)
         if method == "POST" and path == "/login" and not self.policy.same_origin(plain):
             return JSONResponse({"ok": False, "error": "refused: a login from another site"}, status_code=403)
         return None
