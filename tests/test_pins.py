@@ -159,12 +159,16 @@ def test_bad_challenges_are_error_replies(daemon):
 
 @pytest.mark.slow
 def test_right_code_passes_once_and_replay_wrong_code_wrong_voice_and_expiry_fail(daemon, theo):
-    c = challenge(daemon)
-    answer, _ = say(theo, c["digits"])
-    play(daemon, answer)
-    digits = next_of(daemon, "digits")
+    for attempt in range(3):  # a string is heard right ~9 times in 10 (docs/measurements.md): a wrong
+        c = challenge(daemon)  # one must fail on its digits alone, and a new code is asked for
+        answer, _ = say(theo, c["digits"], seed=attempt)
+        play(daemon, answer)
+        digits = next_of(daemon, "digits")
+        v = next_of(daemon, "verification")
+        if digits["digits"] == c["digits"]:
+            break
+        assert (v["result"], v["digits_ok"]) == ("fail", False) and "voice" not in (v["reason"] or ""), v
     assert digits["digits"] == c["digits"] and len(digits["items"]) == 4, digits
-    v = next_of(daemon, "verification")
     assert (v["id"], v["result"], v["digits_ok"], v["voice_ok"], v["reason"]) == (c["id"], "pass", True, True, None), v
     assert v["digits_heard"] == c["digits"] and v["speaker"] == "theo"
 
