@@ -120,6 +120,9 @@ class DigitsConfig:
     model: str = "auto"  # auto | fused | cnn | rnn (see docs/models.md)
     min_confidence: float = -1.0  # below 0: the value chosen on validation speakers
     cascade: bool = True  # fused: the costly members only when the others are unsure (fusion card's cascade)
+    # Outside challenges, only utterances with more speech than this are searched for a digit
+    # string (the search scores up to 80 candidate pieces); 0: only a challenge's answer is.
+    strings_min_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,7 @@ ON_RELOAD: dict[str, str] = {
     "digits.model": RESTART,  # which models are loaded
     "digits.min_confidence": RELOAD,
     "digits.cascade": RESTART,  # its stages are read from the fusion card with the models
+    "digits.strings_min_s": RESTART,  # read by each stream's pipeline when it starts
     "log.level": RELOAD,
     "console": RELOAD,  # read by `streamd console` alone: nothing in the daemon to restart
 }
@@ -388,6 +392,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "identity.cluster_max": (1, 100000),
     "identity.cluster_keep": (1, 1000),
     "digits.min_confidence": (-1.0, 1.0),
+    "digits.strings_min_s": (0.0, 60.0),
     "events.hwm": (1, 1_000_000),
 }
 CHOICES: dict[str, tuple[Any, ...]] = {

@@ -93,6 +93,21 @@ def test_the_most_confident_segmentation_wins_and_a_non_digit_piece_makes_it_nul
     assert refused.digits is None and refused.reason == "not_a_digit"
 
 
+def test_strings_are_searched_in_challenges_answers_and_elsewhere_only_when_asked(theo):
+    """Searching costs up to 80 pieces' scoring: on streams of words and phrases it took 2.5
+    times the CPU, so outside a challenge only utterances over digits.strings_min_s are."""
+    from streamd.service.strings import DigitStrings
+
+    string, _ = say(theo, "4719")
+    assert len(string) > 1.2 * RATE + RATE  # over 1.2 s of speech
+    off = DigitStrings("s", None, (), min_s=0.0)
+    assert off.task(string, challenged=False).plan is None
+    assert off.task(string, challenged=True).plan is not None
+    on = DigitStrings("s", None, (), min_s=1.2)
+    assert on.task(string, challenged=False).plan is not None
+    assert on.task(say(theo, "4")[0], challenged=False).plan is None
+
+
 def test_pieces_scored_are_capped(theo):
     audio, _ = say(theo, "0123456789" * 2)
     plan = ds.plan(audio, ds.StringParams(max_pieces=30))

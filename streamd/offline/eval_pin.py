@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,9 @@ from streamd.identity.gallery import Gallery
 from streamd.models.inference import Models
 from streamd.offline.eval_stream import HeldOut, enroll_book, run_streams
 from streamd.service.challenge import Challenge, verdict
+from streamd.models.digit_strings import StringParams
+
+ANSWER_MIN_S = StringParams().min_string_s  # what a challenge's answer is searched from
 
 GAP_S = (0.0, 0.15)
 BETWEEN_S = 1.5  # silence around each string: one utterance each
@@ -110,6 +113,9 @@ def _digits_right(truth: str, event: dict | None) -> int:
 def evaluate_pins(held: HeldOut, cfg: Config, models: Models, per_speaker: int = 10, seed: int = 0,
                   progress=None) -> dict:
     rng = np.random.default_rng(seed)
+    # Every utterance searched as a challenge's answer is (the daemon does so elsewhere only
+    # above digits.strings_min_s): the trials below are challenges decided offline.
+    cfg = replace(cfg, digits=replace(cfg.digits, strings_min_s=ANSWER_MIN_S))
     strings = {n: pick_strings(held, n, per_speaker, rng) for n in (4, 6)}
     report: dict = {"split": held.split, "seed": seed, "enrolled": sorted(held.enroll), "gap_s": list(GAP_S),
                     "verify_far": cfg.identity.verify_far, "conditions": {}}

@@ -74,7 +74,7 @@ class StreamPipeline:
         self.events = StreamEvents(stream, publisher, metrics, stages)
         self.decisions = Decisions(stream, book, words, models.digits.min_confidence(cfg.digits.min_confidence),
                                    cfg.identity.recent_utterances, self.events, stages)
-        self.strings = DigitStrings(stream, self.pending, models.digits.front_ends)
+        self.strings = DigitStrings(stream, self.pending, models.digits.front_ends, min_s=cfg.digits.strings_min_s)
         self.challenge: Challenge | None = None  # open on this stream (control command ``challenge``)
         self.last_started = -1  # the latest utterance that started
 
@@ -153,7 +153,7 @@ class StreamPipeline:
             self.audio.features(self.models.speaker.params, samples)
         audio = self.audio.heard_audio(samples)
         utt = Utterance(speaker_feats, end.t_end - end.t_start, *audio_level(audio))
-        task = self.strings.task(audio)  # the same as the early final's (the same audio)
+        task = self.strings.task(audio, self._challenged(end.utterance))  # the same as the early final's
         decide = partial(self._decided, end, utt, audio, task)
         if early is not None:
             self.pending.use_early(early, decide)
@@ -201,6 +201,10 @@ class StreamPipeline:
         old, self.challenge = self.challenge, c
         return old
 
+    def _challenged(self, utterance: int) -> bool:
+        """Whether the utterance answers the stream's open challenge."""
+        return self.challenge is not None and self.challenge.answering == utterance
+
     @property
     def next_utterance(self) -> int:
         """The number the next utterance to start will have."""
@@ -217,7 +221,7 @@ class StreamPipeline:
         """What the models need for the final decision on the utterance's first ``samples``
         (``heard_at``: when the audio it decides on was captured), with its candidate pieces."""
         audio = self.audio.heard_audio(samples) if audio is None else audio
-        task = self.strings.task(audio) if task is None else task
+        task = self.strings.task(audio, self._challenged(utterance)) if task is None else task
         digit_feats = self.audio.features_by_front_end(self.models.digits.front_ends, samples, audio)
         return FinalRequest(utterance, samples, speaker_feats, digit_feats, self.decisions.word_input(audio),
                             heard_at, task.pieces)

@@ -5,7 +5,7 @@ second job, and the ``digits`` event (streamd.models.digit_strings does the thin
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -35,15 +35,21 @@ def piece_features(audio: np.ndarray, front_ends: tuple[FeatureParams, ...]) -> 
 
 class DigitStrings:
     def __init__(self, stream: str, pending: PendingWork, front_ends: tuple[FeatureParams, ...],
-                 params: ds.StringParams = ds.StringParams()):
+                 params: ds.StringParams = ds.StringParams(), min_s: float = 0.0):
         self.stream = stream
         self.pending = pending
         self.front_ends = front_ends
         self.params = params
+        # Outside challenges (digits.strings_min_s; 0: never): the search costs several words' worth.
+        self.unchallenged = replace(params, min_string_s=max(params.min_string_s, min_s)) if min_s > 0 else None
 
-    def task(self, audio: np.ndarray) -> StringTask:
-        """Where the utterance's ``audio`` (as the models see it) may be cut: cheap (its 10 ms levels)."""
-        plan = ds.plan(audio, self.params)
+    def task(self, audio: np.ndarray, challenged: bool = True) -> StringTask:
+        """Where the utterance's ``audio`` (as the models see it) may be cut: cheap (its 10 ms
+        levels). Unless it answers a challenge, only long utterances are (``min_s``)."""
+        params = self.params if challenged else self.unchallenged
+        if params is None:
+            return StringTask(None, ())
+        plan = ds.plan(audio, params)
         if plan is None:
             return StringTask(None, ())
         return StringTask(plan, tuple(piece_features(ds.piece_audio(audio, piece, plan, self.params), self.front_ends)
