@@ -121,7 +121,7 @@ def test_stdin_run_serves_metrics_and_notifies_systemd(iso, notify, enrolled_sta
     assert code == 0
     metric = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
               if line and not line.startswith("#")}
-    assert metric['streamd_latency_seconds_count{stream="default"}'] == 20  # speaker + digit, 10 utterances
+    assert metric['streamd_latency_seconds_count{stream="default"}'] == 30  # speaker, digit, digits: 10 utterances
     for stage in ("vad", "features", "inference", "publish"):
         assert metric[f'streamd_stage_seconds_count{{stage="{stage}",stream="default"}}'] > 0
     assert metric['streamd_events_total{stream="default",type="digit"}'] == 10

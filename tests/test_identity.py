@@ -260,8 +260,8 @@ def test_shipped_speaker_card_is_calibrated_and_its_cohort_checked(tmp_path):
 
 # VAD settings the daemon uses live that the shipped models were fitted without, each with
 # what it changes of the training cuts (measured): retrain (make train) and drop the entry.
-# quiet_end_ms: 0.6% of the clips' cuts, 1.1% of the clean stream copies', 2.9% of the
-# augmented ones' end ~0.3 s earlier (scripts/experiments/quiet_end_cuts.py; docs/measurements.md,
+# quiet_end_ms: no clip's cut changes; those of 0.7% of the clean stream copies and 1.5% of the
+# augmented ones end ~0.3 s earlier (scripts/experiments/quiet_end_cuts.py; docs/measurements.md,
 # "A quiet pause ends an utterance").
 NOT_RETRAINED_FOR = {"quiet_end_ms": 0}
 

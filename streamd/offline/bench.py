@@ -70,7 +70,8 @@ class RecordingPublisher(Publisher):
 
     def publish(self, event):
         body = super().publish(event)
-        if "latency_s" in body and body["type"] != "speaker.partial":
+        # The final decisions: a one-word digits event repeats its digit event's decision.
+        if "latency_s" in body and body["type"] in ("speaker", "digit"):
             (self.end_latencies if self.ended else self.latencies).append(body["latency_s"])
         return body
 

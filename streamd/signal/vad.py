@@ -96,7 +96,7 @@ def model_span(audio_t: float, t_end: float, params: VadParams) -> tuple[float, 
 VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 
 CLIP_MS = 3000
-QUIET_DEPTH_DB = 20.0  # a quiet frame lies at least this far under the utterance's loudest  # of unbroken sound after which audio that began in digital silence is gated too
+QUIET_DEPTH_DB = 30.0  # a quiet frame lies at least this far under the utterance's loudest  # of unbroken sound after which audio that began in digital silence is gated too
 
 SILENT_DBFS = -120.0
 # Frames quieter than this are digital silence (a muted microphone, a suspended sound server,
@@ -168,9 +168,8 @@ class NoiseFloor:
 
 
 class PauseNoise:
-    """The level of the noise in the pauses: frames heard while no utterance is open that did
-    not become part of the next one's pre-roll (digital silence left out), the last
-    ``WINDOW_S`` of them. Its median plus ``SPREAD`` times its
+    """The level of the noise in the pauses: frames heard while no utterance is open, the
+    onset that opens the next one left out (digital silence too), the last ``WINDOW_S`` of them. Its median plus ``SPREAD`` times its
     spread below the median (the half that speech onsets do not reach) is a level that noise
     which rises and falls, such as other people talking, seldom passes: steady noise has
     almost no spread and leaves the gate at the floor's. Until ``MIN_S`` of pauses has been
@@ -342,8 +341,9 @@ class Segmenter:
             return [self._start(frame.t, [frame], frame)]
         if len(self._history) == self._history.maxlen and self._pauses.ready:
             # A frame leaves the pre-roll without becoming part of an utterance: pause noise.
-            # (Frames are taken only here, so the next word's onset never raises the gate:
-            # with 0.3 s pauses it would be half of what is heard between utterances.)
+            # (Frames are taken only here and with the pre-roll, never the onset's, so the next
+            # word's onset never raises the gate: with 0.3 s pauses it would be half of what
+            # is heard between utterances.)
             self._pauses.push(self._history[0][2])
         self._history.append((frame, voiced, self._level))
         if len(self._onset_votes) == self._onset:
@@ -356,6 +356,9 @@ class Segmenter:
         self._onset_votes.clear()
         self._voiced_in_onset = 0
         first_voiced = next(f for f, v in recent if v)
+        if self._pauses.ready:  # the pre-roll was pause; the onset frames are the utterance's
+            for _, _, level in list(self._history)[: -self._onset]:
+                self._pauses.push(level)
         frames = [f for f, _, _ in self._history]
         self._history.clear()
         return [self._start(first_voiced.t, frames, frame)]
