@@ -98,6 +98,7 @@ class IdentityConfig:
     enroll_min_consistency: float = 0.6
     enroll_duplicate_score: float = 0.9
     recent_utterances: int = 50
+    keep_recent_audio: bool = False  # the recent utterances' audio, in memory, for playback (recent_audio)
     partial_every_s: float = 1.5
     cluster_unknown: bool = True
     cluster_far: float = 0.01
@@ -254,6 +255,7 @@ ON_RELOAD: dict[str, str] = {
     "identity.enroll_min_consistency": RELOAD,
     "identity.enroll_duplicate_score": RELOAD,
     "identity.recent_utterances": RELOAD,  # each stream's list keeps its newest utterances
+    "identity.keep_recent_audio": RELOAD,  # off: the audio kept is dropped at once; on: kept from the next utterance
     "identity.partial_every_s": RELOAD,
     "identity.cluster_unknown": RELOAD,
     "identity.cluster_far": RELOAD,

@@ -343,6 +343,7 @@ class Daemon:
             pipeline.partial_every_s = running.identity.partial_every_s
             if pipeline.recent.maxlen != running.identity.recent_utterances:  # keeps the newest
                 pipeline.recent = collections.deque(pipeline.recent, maxlen=running.identity.recent_utterances)
+            pipeline.keep_audio = running.identity.keep_recent_audio  # off: the kept audio is dropped now
         for key, value in book_settings(running.identity).items():
             setattr(self.book, key, value)
         self.cfg = self.engine.cfg = running  # and the streams that join later

@@ -4,13 +4,14 @@ and the recent utterances that ``enroll_recent`` reads."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamd.audio.frames import Frame
+from streamd.audio.frames import SAMPLE_RATE, Frame
 from streamd.identity.scoring import UNKNOWN, Decision, Utterance
 from streamd.identity.speakers import SpeakerBook
 from streamd.identity.vocabulary import WordBook
@@ -34,6 +35,12 @@ class Recent:
     embedding: np.ndarray
     audio: np.ndarray | None = None  # the word model's 1.5 s of it, kept while vocabularies can be taught
     speaker: str | None = None  # who it was given to (name or cluster label): removed with that speaker
+    # All of its audio as the models saw it (int16), kept only with identity.keep_recent_audio
+    # for playback (control command recent_audio); dropped with this entry.
+    recording: np.ndarray | None = None
+
+    def without_recording(self) -> "Recent":
+        return self if self.recording is None else dataclasses.replace(self, recording=None)
 
 
 class StreamEvents:
@@ -61,16 +68,34 @@ class Decisions:
     utterances, and what ``enroll_next`` / ``enroll_word`` gather."""
 
     def __init__(self, stream: str, book: SpeakerBook | None, words: WordBook | None,
-                 min_digit_confidence: float, recent_utterances: int, events: StreamEvents, stages: StageTimes):
+                 min_digit_confidence: float, recent_utterances: int, events: StreamEvents, stages: StageTimes,
+                 keep_audio: bool = False):
         self.stream = stream
         self.book = book
         self.words = words
         self.min_digit_confidence = min_digit_confidence
         self.recent: collections.deque[Recent] = collections.deque(maxlen=recent_utterances)
+        self._keep_audio = keep_audio  # identity.keep_recent_audio
         self.collector: Collector | None = None  # while enroll_next gathers speech
         self.word_collector: WordCollector | None = None  # while enroll_word waits for words
         self.events = events
         self.stages = stages
+
+    @property
+    def keep_audio(self) -> bool:
+        """Whether the recent utterances keep their audio (identity.keep_recent_audio)."""
+        return self._keep_audio
+
+    @keep_audio.setter
+    def keep_audio(self, on: bool) -> None:
+        """Turned off, the audio kept so far is dropped at once; on, kept from the next utterance."""
+        self._keep_audio = on
+        if not on and any(r.recording is not None for r in self.recent):
+            self.recent = collections.deque((r.without_recording() for r in self.recent), maxlen=self.recent.maxlen)
+
+    def recording_seconds(self) -> float:
+        """Seconds of audio the recent utterances keep (0 with identity.keep_recent_audio off)."""
+        return sum(len(r.recording) for r in self.recent if r.recording is not None) / SAMPLE_RATE
 
     @property
     def names_speakers(self) -> bool:
@@ -119,7 +144,8 @@ class Decisions:
                   who: Decision) -> None:
         """Kept for ``enroll_recent``, and given to an enrollment that is gathering speech."""
         kept = centred(audio).copy() if self.words is not None else None
-        self.recent.append(Recent(end.utterance, utt, embedding, kept, who.cluster or who.speaker))
+        recording = audio.copy() if self._keep_audio else None  # a copy: ``audio`` may be a view of more
+        self.recent.append(Recent(end.utterance, utt, embedding, kept, who.cluster or who.speaker, recording))
         if self.collector is not None:
             self.collector.utterances.append(utt)
             self.collector.vectors.append(embedding)

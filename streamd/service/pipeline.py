@@ -55,6 +55,8 @@ class StreamPipeline:
     collector = Forwarded("decisions")  # streamd.service.commands.Collector while enroll_next gathers speech
     word_collector = Forwarded("decisions")  # streamd.service.commands.WordCollector while enroll_word waits
     min_digit_confidence = Forwarded("decisions")
+    keep_audio = Forwarded("decisions")  # identity.keep_recent_audio: the recent utterances keep their audio
+    recording_seconds = Forwarded("decisions")  # () -> seconds of audio they keep
     utterances_seen = Forwarded("pending", "finals")
 
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
@@ -73,7 +75,8 @@ class StreamPipeline:
         self.pending = PendingWork(stream, batcher, metrics.early_finals)
         self.events = StreamEvents(stream, publisher, metrics, stages)
         self.decisions = Decisions(stream, book, words, models.digits.min_confidence(cfg.digits.min_confidence),
-                                   cfg.identity.recent_utterances, self.events, stages)
+                                   cfg.identity.recent_utterances, self.events, stages,
+                                   keep_audio=cfg.identity.keep_recent_audio)
         self.strings = DigitStrings(stream, self.pending, models.digits.front_ends, min_s=cfg.digits.strings_min_s)
         self.challenge: Challenge | None = None  # open on this stream (control command ``challenge``)
         self.last_started = -1  # the latest utterance that started
