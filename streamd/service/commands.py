@@ -6,7 +6,9 @@ them with no daemon; ``DaemonCommands`` adds the ones that need live audio and s
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import sqlite3
 import time
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 
+from streamd.audio.frames import SAMPLE_RATE
 from streamd.service.challenge import MAX_LENGTH, MAX_TTL_S, new_challenge
 from streamd.service.control import ControlError, ControlServer, Pending
 from streamd.identity.gallery import Gallery, GalleryError, to_blob
@@ -36,6 +40,13 @@ def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ControlError(f"{request['cmd']}: field {name!r} must be {kind.__name__}")
     return value
+
+
+def wav_bytes(audio: np.ndarray) -> bytes:
+    """int16 samples as a 16 kHz mono 16-bit WAV file."""
+    out = io.BytesIO()
+    sf.write(out, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return out.getvalue()
 
 
 def same_dir(a: str, b: str) -> bool:
@@ -350,11 +361,28 @@ class DaemonCommands:
         pipeline.set_challenge(c)
         return {"ok": True, "id": c.id, "digits": c.digits, "expires": round(c.expires, 3), "stream": pipeline.stream}
 
+    def cmd_recent_audio(self, request: dict, pending: Pending) -> dict:
+        """One recent utterance's audio, as the models saw it, as a WAV file (base64); only
+        with identity.keep_recent_audio on."""
+        utterance = _field(request, "utterance", int)
+        if not self.daemon.cfg.identity.keep_recent_audio:
+            raise ControlError("recent_audio: identity.keep_recent_audio is off: no audio is kept")
+        pipeline = self._stream(request)
+        kept = next((r for r in pipeline.recent if r.utterance == utterance), None)
+        if kept is None or kept.recording is None:
+            raise ControlError(f"recent_audio: utterance {utterance} is not among the recent ones of stream "
+                               f"{pipeline.stream!r} (or was heard before identity.keep_recent_audio was on)")
+        return {"ok": True, "stream": pipeline.stream, "utterance": utterance, "format": "wav",
+                "sample_rate": SAMPLE_RATE, "seconds": round(len(kept.recording) / SAMPLE_RATE, 3),
+                "base64": base64.b64encode(wav_bytes(kept.recording)).decode("ascii")}
+
     def cmd_stats(self, request: dict, pending: Pending) -> dict:
         pipelines = self.daemon.pipelines
         book = self.daemon.book
-        streams = {name: {"utterances": p.utterances_seen, "recent": len(p.recent)} for name, p in pipelines.items()}
+        streams = {name: {"utterances": p.utterances_seen, "recent": len(p.recent),
+                          "recent_audio_s": round(p.recording_seconds(), 3)} for name, p in pipelines.items()}
         return {"ok": True, "uptime_s": round(time.time() - self.started, 1), "streams": streams,
+                "keep_recent_audio": self.daemon.cfg.identity.keep_recent_audio,
                 "utterances": sum(p.utterances_seen for p in pipelines.values()),
                 "speakers": len(book.enrolled().names) if book else 0,
                 "threshold": book.threshold if book else None,
