@@ -4,6 +4,7 @@ replies; every change is one control request, so the daemon checks it and audits
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -23,8 +24,13 @@ MAX_BODY = 64 * 1024
 KEEPALIVE_S = 15.0
 REPLAY = 50  # events a page that connects is shown from before it came
 PAGES = ("live", "speakers", "recent", "challenge", "login")
-AUDIO_NOTE = ("Audio of recent utterances is not kept: this streamd has no identity.keep_recent_audio "
-              "setting, so there is nothing to play back. Decisions and times are shown instead.")
+AUDIO_KEPT_NOTE = ("The daemon keeps the audio of these utterances in memory (identity.keep_recent_audio is on), "
+                   "never on disk: ▶ plays one. It is dropped with the utterance: pushed out by newer ones, "
+                   "removed with the speaker it was given to, or at the daemon's stop.")
+AUDIO_OFF_NOTE = ("Audio of recent utterances is not kept: identity.keep_recent_audio is off, as it is by default, "
+                  "since a voice recording is personal data. Decisions and times are shown instead; turning it on "
+                  "in the daemon's config (then a reload) lets this page play utterances back.")
+AUDIO_UNKNOWN_NOTE = "Whether the daemon keeps audio to play back is not known: {error}"
 
 
 class BadRequest(ValueError):
@@ -71,6 +77,24 @@ def answer(reply: dict[str, Any]) -> JSONResponse:
                         "daemon" in error else 422)
 
 
+def audio_kept(stats: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the daemon keeps the recent utterances' audio (its ``stats`` reply says), and
+    the note the Recent voices page shows about it."""
+    if not stats.get("ok"):
+        return False, AUDIO_UNKNOWN_NOTE.format(error=stats.get("error", "the daemon did not answer"))
+    if stats.get("keep_recent_audio") is True:
+        return True, AUDIO_KEPT_NOTE
+    return False, AUDIO_OFF_NOTE
+
+
+def utterance_number(value: str | None) -> int:
+    if value is None or value == "":
+        raise BadRequest("which utterance? (?utterance=N)")
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise BadRequest("'utterance' must be an utterance number (0 or more)")
+    return int(value)
+
+
 @dataclass
 class Console:
     hub: EventHub
@@ -88,7 +112,7 @@ class Console:
             Route("/api/speakers/rename", self.change("rename", ("name", "new_name")), methods=["POST"]),
             Route("/api/speakers/remove", self.change("remove", ("name",)), methods=["POST"]),
             Route("/api/audit", self.audit), Route("/api/recent", self.recent),
-            Route("/api/clusters", self.clusters),
+            Route("/api/recent/audio", self.recent_audio), Route("/api/clusters", self.clusters),
             Route("/api/enroll_recent", self.enroll_recent, methods=["POST"]),
             Route("/api/enroll_next", self.enroll_next, methods=["POST"]),
             Route("/api/promote", self.change("promote", ("cluster", "name")), methods=["POST"]),
@@ -192,8 +216,29 @@ class Console:
     # ------------------------------------------------------------ recent voices
 
     async def recent(self, request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "utterances": self.hub.recent(), "audio_kept": False,
-                             "audio_note": AUDIO_NOTE})
+        kept, note = audio_kept(await self.link.stats())
+        return JSONResponse({"ok": True, "utterances": self.hub.recent(), "audio_kept": kept, "audio_note": note})
+
+    async def recent_audio(self, request: Request) -> Response:
+        """A recent utterance's audio (audio/wav), from the daemon's ``recent_audio``: only
+        while identity.keep_recent_audio is on. A GET: it changes nothing."""
+        try:
+            request_ = {"cmd": "recent_audio", "utterance": utterance_number(request.query_params.get("utterance"))}
+        except BadRequest as exc:
+            return JSONResponse({"ok": False, "error": f"recent_audio: {exc}"}, status_code=400)
+        if request.query_params.get("stream"):
+            request_["stream"] = request.query_params["stream"]
+        reply = await self.link.ask(request_, timeout_s=10.0)
+        if not reply.get("ok"):
+            return answer(reply)
+        try:
+            wav = base64.b64decode(reply["base64"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            return JSONResponse({"ok": False, "error": "recent_audio: the daemon's reply holds no audio"},
+                                status_code=502)
+        name = quote(f"streamd-{reply.get('stream', 'stream')}-{request_['utterance']}.wav")
+        return Response(wav, media_type="audio/wav",
+                        headers={"content-disposition": f"inline; filename*=UTF-8''{name}"})
 
     async def clusters(self, request: Request) -> JSONResponse:
         return answer(await self.link.ask({"cmd": "clusters"}))

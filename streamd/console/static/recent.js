@@ -3,6 +3,7 @@
 "use strict";
 
 const ticked = new Set(); // "stream#utterance"
+let audioKept = false; // the daemon keeps the recent utterances' audio (identity.keep_recent_audio)
 let refreshQueued = false;
 let clustersQueued = false;
 
@@ -19,12 +20,39 @@ function utteranceRow(u) {
     $("td", { class: "num" }, String(u.utterance)), $("td", { class: "num" }, `${(u.t_end - u.t_start).toFixed(2)} s`),
     $("td", { class: u.speaker === "unknown" ? "unknown" : "named" }, who),
     $("td", { class: "num" }, u.score === null ? "" : u.score.toFixed(2)),
-    $("td", {}, u.cluster || ""), $("td", {}, digit + (u.degraded ? " (degraded)" : "")));
+    $("td", {}, u.cluster || ""), $("td", {}, digit + (u.degraded ? " (degraded)" : "")),
+    $("td", {}, audioKept && u.speaker !== null ? playButton(u) : ""));
+}
+
+async function whyNotPlayed(url, err) {
+  const reply = await fetch(url, { headers: { Accept: "application/json" } });
+  if ((reply.headers.get("content-type") || "").startsWith("audio/")) return `this browser could not play it: ${err.message}`;
+  try { return (await reply.json()).error || `HTTP ${reply.status}`; } catch (e) { return `HTTP ${reply.status}`; }
+}
+
+// Plays an utterance's audio from the daemon's memory (GET /api/recent/audio); when the audio
+// element cannot, the route's JSON says why (e.g. the utterance was pushed out meanwhile).
+function playButton(u) {
+  const url = `/api/recent/audio?stream=${encodeURIComponent(u.stream)}&utterance=${u.utterance}`;
+  return Streamd.el("button", {
+    class: "play", type: "button", "aria-label": `play utterance ${u.utterance}`,
+    onclick: async () => {
+      const player = document.getElementById("player");
+      player.src = url;
+      try {
+        await player.play();
+        Streamd.say("play-message", `playing utterance ${u.utterance} of ${u.stream}`);
+      } catch (err) {
+        Streamd.say("play-message", await whyNotPlayed(url, err), true);
+      }
+    },
+  }, "▶");
 }
 
 async function loadRecent() {
   refreshQueued = false;
   const r = await Streamd.get("/api/recent");
+  audioKept = r.audio_kept;
   document.getElementById("audio-note").textContent = r.audio_note;
   document.querySelector("#recent tbody").replaceChildren(...r.utterances.map(utteranceRow));
   const streams = [...new Set(r.utterances.map((u) => u.stream))].sort();
