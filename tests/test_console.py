@@ -246,6 +246,15 @@ def test_changes_need_the_csrf_token_from_the_console_s_own_origin(rig):
     assert status == 400 and body["error"] == "enroll_next: field 'seconds' must be float"
 
 
+def test_without_identity_keep_recent_audio_there_is_no_audio_to_play_and_the_page_says_why(rig):
+    status, body, _ = rig.console.request("/api/recent")
+    assert status == 200 and body["audio_kept"] is False
+    assert "not kept" in body["audio_note"] and "identity.keep_recent_audio is off" in body["audio_note"]
+    status, body, _ = rig.console.request("/api/recent/audio?stream=default&utterance=0")
+    assert status == 422 and body["error"] == "recent_audio: identity.keep_recent_audio is off: no audio is kept"
+    assert rig.daemon.ask({"cmd": "stats"})["keep_recent_audio"] is False
+
+
 def test_enroll_from_the_next_seconds_and_promote_a_recurring_voice_from_the_page(rig):
     browser = need_browser(rig)
     open_page(browser, rig.console.url + "/recent")

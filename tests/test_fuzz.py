@@ -17,8 +17,9 @@ from conftest import DATA, stop, streamd  # noqa: E402
 from helpers import LiveDaemon, by_type, collect, demo_truth  # noqa: E402
 
 COMMANDS = ["list", "remove", "rename", "enroll_recent", "enroll_next", "set_threshold", "clusters", "promote",
-            "stats", "export", "audit", "nope", ""]
-FIELDS = ["name", "new_name", "utterances", "seconds", "timeout_s", "stream", "far", "threshold", "cluster", "after"]
+            "stats", "export", "audit", "recent_audio", "nope", ""]
+FIELDS = ["name", "new_name", "utterances", "seconds", "timeout_s", "stream", "far", "threshold", "cluster", "after",
+          "utterance"]
 NASTY_NAMES = st.sampled_from(["", " ", "unknown", "unknown-1", "a/b", "..\\x", "../../etc/passwd", "\x00",
                                "a\nb", "\x7f", "\u202e", "x" * 65, "theo ", "THEO", "théo"])
 
@@ -63,7 +64,8 @@ def fuzzed(tmp_path_factory):
     state = tmp / "state"
     assert streamd("enroll", "--set", f'state.dir="{state}"', "theo", str(DATA / "enroll_theo.flac")).returncode == 0
     notify = NotifySocket(tmp / "notify.sock")
-    d = LiveDaemon(Isolated(tmp), notify, tmp, f'state.dir="{state}"')
+    d = LiveDaemon(Isolated(tmp), notify, tmp, f'state.dir="{state}"',
+                   "identity.keep_recent_audio=true")  # recent_audio finds audio to hand out
     d.state = state
     yield d
     if d.proc.poll() is None:
