@@ -42,6 +42,13 @@ def _field(request: dict, name: str, kind: type, default: Any = ...) -> Any:
     return value
 
 
+def _within(request: dict, name: str, value: float, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` when it lies in [low, high] ((low, high] with ``low_open``); NaN never does."""
+    if not ((low < value if low_open else low <= value) and value <= high):
+        raise ControlError(f"{request['cmd']}: {name!r} must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+    return value
+
+
 def wav_bytes(audio: np.ndarray) -> bytes:
     """int16 samples as a 16 kHz mono 16-bit WAV file."""
     out = io.BytesIO()
@@ -231,12 +238,10 @@ class DaemonCommands:
 
     def cmd_enroll_next(self, request: dict, pending: Pending) -> None:
         name = _field(request, "name", str)
-        seconds = _field(request, "seconds", float, 5.0)
-        timeout = _field(request, "timeout_s", float, max(30.0, 4 * seconds))
-        if not 0 < seconds <= MAX_NEXT_SECONDS:
-            raise ControlError(f"enroll_next: 'seconds' must be in (0, {MAX_NEXT_SECONDS:.0f}]")
-        if not 0 < timeout <= MAX_NEXT_TIMEOUT_S:  # NaN or inf would never time out
-            raise ControlError(f"enroll_next: 'timeout_s' must be in (0, {MAX_NEXT_TIMEOUT_S:.0f}]")
+        seconds = _within(request, "seconds", _field(request, "seconds", float, 5.0), 0, MAX_NEXT_SECONDS, True)
+        # NaN or inf would never time out
+        timeout = _within(request, "timeout_s", _field(request, "timeout_s", float, max(30.0, 4 * seconds)),
+                          0, MAX_NEXT_TIMEOUT_S, True)
         pipeline = self._stream(request)
         if pipeline.collector is not None:
             raise ControlError(f"enroll_next: already collecting speech for {pipeline.collector.name!r}")
@@ -294,12 +299,8 @@ class DaemonCommands:
 
     def cmd_enroll_word(self, request: dict, pending: Pending) -> None:
         vocabulary, digit = self._word_target(request)
-        count = _field(request, "count", int, 1)
-        timeout = _field(request, "timeout_s", float, 30.0)
-        if not 1 <= count <= MAX_NEXT_WORDS:
-            raise ControlError(f"enroll_word: 'count' must be in [1, {MAX_NEXT_WORDS}]")
-        if not 0 < timeout <= MAX_NEXT_TIMEOUT_S:
-            raise ControlError(f"enroll_word: 'timeout_s' must be in (0, {MAX_NEXT_TIMEOUT_S:.0f}]")
+        count = _within(request, "count", _field(request, "count", int, 1), 1, MAX_NEXT_WORDS)
+        timeout = _within(request, "timeout_s", _field(request, "timeout_s", float, 30.0), 0, MAX_NEXT_TIMEOUT_S, True)
         pipeline = self._stream(request)
         if pipeline.word_collector is not None:
             c = pipeline.word_collector
@@ -345,12 +346,8 @@ class DaemonCommands:
         """A code for ``speaker`` to say on ``stream``; the next utterance there answers it
         (a ``verification`` event). A challenge still open on the stream is replaced."""
         speaker = _field(request, "speaker", str)
-        length = _field(request, "length", int, 4)
-        ttl = _field(request, "ttl_s", float, 30.0)
-        if not 1 <= length <= MAX_LENGTH:
-            raise ControlError(f"challenge: 'length' must be in [1, {MAX_LENGTH}]")
-        if not 0 < ttl <= MAX_TTL_S:
-            raise ControlError(f"challenge: 'ttl_s' must be in (0, {MAX_TTL_S:.0f}]")
+        length = _within(request, "length", _field(request, "length", int, 4), 1, MAX_LENGTH)
+        ttl = _within(request, "ttl_s", _field(request, "ttl_s", float, 30.0), 0, MAX_TTL_S, True)
         if "stream" not in request:
             raise ControlError(f"challenge: missing field 'stream' (streams: {', '.join(sorted(self.daemon.pipelines))})")
         pipeline = self._stream(request)
