@@ -24,6 +24,7 @@ MAX_BODY = 64 * 1024
 KEEPALIVE_S = 15.0
 REPLAY = 50  # events a page that connects is shown from before it came
 PAGES = ("live", "speakers", "recent", "challenge", "login")
+FRAMED = {"live": "Live", "speakers": "Speakers", "recent": "Recent voices", "challenge": "Challenge"}  # title
 AUDIO_KEPT_NOTE = ("The daemon keeps the audio of these utterances in memory (identity.keep_recent_audio is on), "
                    "never on disk: ▶ plays one. It is dropped with the utterance: pushed out by newer ones, "
                    "removed with the speaker it was given to, or at the daemon's stop.")
@@ -38,8 +39,13 @@ class BadRequest(ValueError):
 
 
 def read_pages() -> dict[str, str]:
+    """Each page: the console's pages share one frame (head, header, nav), then their main part."""
     static = resources.files("streamd.console") / "static"
-    return {name: (static / f"{name}.html").read_text(encoding="utf-8") for name in PAGES}
+    frame = (static / "_frame.html").read_text(encoding="utf-8")
+    pages = {name: (static / f"{name}.html").read_text(encoding="utf-8") for name in PAGES}
+    for name, title in FRAMED.items():
+        pages[name] = frame.replace("{{title}}", title).replace("{{page}}", name) + pages[name]
+    return pages
 
 
 def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
