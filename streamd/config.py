@@ -131,6 +131,9 @@ class EventsConfig:
     endpoint: str = "tcp://127.0.0.1:5556"
     hwm: int = 1000
     jsonl: str = ""
+    nats: str = ""  # nats://HOST:PORT[,nats://...]: every event also to streamd.<type>.<stream>
+    nats_jetstream: str = ""  # a JetStream stream name: events persisted there ("" = core NATS only)
+    nats_buffer: int = 10000  # events held while NATS is away; beyond it the oldest are dropped, counted
 
 
 @dataclass(frozen=True)
@@ -173,11 +176,17 @@ class StreamConfig:
 @dataclass(frozen=True)
 class StateConfig:
     dir: str = ""
+    gallery: str = ""  # "" = gallery.sqlite3 in dir; "postgresql://..." = a gallery shared by nodes
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str = ""  # this daemon's name among several; "" = the host name
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     streams: tuple[StreamConfig, ...] = ()
@@ -243,6 +253,7 @@ ON_RELOAD: dict[str, str] = {
     "events": RESTART,
     "metrics": RESTART,
     "state": RESTART,  # the gallery is open
+    "node": RESTART,
     "network": RESTART,
     "streams": RESTART,
     "identity.far": RELOAD,
@@ -396,6 +407,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "digits.min_confidence": (-1.0, 1.0),
     "digits.strings_min_s": (0.0, 60.0),
     "events.hwm": (1, 1_000_000),
+    "events.nats_buffer": (1, 10_000_000),
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
     "source.pace": ("realtime", "fast"),
@@ -466,6 +478,7 @@ def build(tree: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     _check_consistency(cfg)
     _check_exposure(cfg)
     _check_console(cfg.console)
+    _check_nodes(cfg)
     return cfg
 
 
@@ -557,6 +570,22 @@ def _check_exposure(cfg: Config) -> None:
     if n and not local_endpoint(n) and not c.curve_secret_key:
         raise ConfigError(f"network.listen: {n} is reachable beyond this machine; set control.curve_secret_key "
                           "and control.curve_clients so only known devices may send audio")
+
+
+def _check_nodes(cfg: Config) -> None:
+    """Forms only: whether the database or NATS answers is found when the daemon connects."""
+    g = cfg.state.gallery
+    if g and not g.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"state.gallery: {g!r} is not \"\" (SQLite in state.dir) or a postgresql:// URL")
+    for url in filter(None, (u.strip() for u in cfg.events.nats.split(","))):
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"events.nats: {url!r} is not a nats:// or tls:// URL")
+    if cfg.events.nats_jetstream and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.events.nats_jetstream):
+        raise ConfigError(f"events.nats_jetstream: {cfg.events.nats_jetstream!r} is not a stream name "
+                          "(letters, digits, _ and -)")
+    if cfg.node.id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.node.id):
+        raise ConfigError(f"node.id: {cfg.node.id!r} may hold only letters, digits, _ and - (it is part of "
+                          "NATS subjects and metric labels)")
 
 
 def host_port(text: str, key: str) -> tuple[str, int]:

@@ -51,6 +51,11 @@ def test_set_overrides_take_toml_values(tmp_path):
     ('digits.model="rnn s1"', "digits.model"),
     ('digits.model=""', "digits.model"),
     ('identity.score="fused"', "identity.score"),
+    ('state.gallery="mysql://db/streamd"', "state.gallery"),
+    ('events.nats="nats://a:4222,http://b"', "events.nats"),
+    ('events.nats_jetstream="a.b"', "events.nats_jetstream"),
+    ("events.nats_buffer=0", "events.nats_buffer"),
+    ('node.id="node a"', "node.id"),
 ])
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:
