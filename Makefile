@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 # ALSA's pulse plugin so tests capture through a real (null-sink) microphone, espeak-ng and flite for
 # training data, systemd for systemd-analyze, prometheus for the dashboard test (the test runs
 # its own instance on a free loopback port; the package's service is not needed), chromium and
-# its chromedriver for the web console's browser tests (headless, offline).
-SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng flite systemd prometheus chromium chromium-driver
+# its chromedriver for the web console's browser tests (headless, offline), postgresql and
+# nats-server for the several-node tests (each test starts its own throw-away server on loopback).
+SYSTEM_PACKAGES := portaudio19-dev libsndfile1 pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng flite systemd prometheus chromium chromium-driver postgresql nats-server
 DEMO_STATE := var/demo-state
 DEMO_SET := --set 'state.dir="$(DEMO_STATE)"' --set 'events.endpoint="tcp://127.0.0.1:5599"' --set 'metrics.listen=""'
 # The demo speaks single words, which the default identity.far (0.01, calibrated on 2-3 s
@@ -34,7 +35,7 @@ $(STAMP): pyproject.toml | sysdeps
 	@test -n "$(PYTHON)" || { echo "python3.11 not found" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,console]'
+	$(BIN)/pip install -q -e '.[test,console,cluster]'
 	@touch $@
 
 venv: sysdeps $(STAMP)
