@@ -24,6 +24,7 @@ DS_UID = "${datasource}"
 SUBSTITUTIONS = {
     "$__rate_interval": "30s", "${__rate_interval}": "30s", "$__interval": "5s", "${__interval}": "5s",
     "$__range": "30s", "${__range}": "30s", "$stream": ".*", "${stream}": ".*",
+    "$node": ".*", "${node}": ".*",
 }
 UTTERANCES = 10  # in tests/data/demo.flac
 
@@ -77,6 +78,8 @@ def test_dashboard_structure():
     stream = variables["stream"]
     assert stream["type"] == "query" and stream["datasource"]["uid"] == DS_UID
     assert stream["includeAll"] and stream["allValue"] == ".*"
+    node = variables["node"]  # several daemons scraped by one Prometheus: one dashboard, a node picker
+    assert node["type"] == "query" and node["includeAll"] and node["multi"] and node["allValue"] == ".*"
 
     panels = all_panels(dash)
     ids = [p["id"] for p in panels]
@@ -106,6 +109,9 @@ def test_dashboard_structure():
             "streamd_network_bad_messages_total", "streamd_network_delay_seconds_bucket", "streamd_shed_total",
             "streamd_backlog_seconds"} <= used
     exprs = " ".join(e for _, _, e in queries(dash))
+    for title, ref, expr in queries(dash):
+        for selector in re.findall(r"\bstreamd_\w+(\{[^}]*\})?", expr):
+            assert 'instance=~"$node"' in selector, f"{title} {ref}: a series not filtered by node: {expr}"
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
 
 
@@ -249,10 +255,11 @@ def test_every_dashboard_query_returns_data(scraped):
 
 
 @pytest.mark.server  # runs Prometheus
-def test_template_variables_find_the_stream(scraped):
+def test_template_variables_find_the_stream_and_node(scraped):
+    expected = {"stream": ["default", "remote"], "instance": [scraped.iso.metrics_url.split("/")[2]]}
     for metric, label in variable_queries(load()):
         values = scraped.api(f"label/{label}/values", **{"match[]": metric})
-        assert values == ["default", "remote"], (metric, label, values)
+        assert values == expected[label], (metric, label, values)
 
 
 @pytest.mark.server  # runs Prometheus
