@@ -169,13 +169,13 @@ def open_book(cfg, write: bool = True, state: Path | None = None):
     """The gallery (in ``state``, default the config's state directory) and speaker model, for
     commands that run without a daemon. ``write``: the command changes the gallery, so a
     read-only or full one is refused here, in one line."""
-    from streamd.service.daemon import GALLERY_FILE
-    from streamd.identity.gallery import Gallery, StorageError
+    from streamd.identity.gallery import StorageError
+    from streamd.identity.store import open_gallery
     from streamd.models.inference import load_model
     from streamd.identity.speakers import SpeakerBook, book_settings
 
     model = load_model(cfg, "speaker", "cpu")
-    gallery = Gallery((state or cfg.state_dir()) / GALLERY_FILE)
+    gallery = open_gallery(cfg.state.gallery, state or cfg.state_dir())
     if write and gallery.readonly:
         gallery.close()
         raise StorageError(f"gallery {gallery.path}: cannot be changed: {gallery.readonly}")
@@ -328,6 +328,10 @@ def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dic
               file=sys.stderr)
         return EX_UNAVAILABLE
     gallery = state / GALLERY_FILE
+    if cfg.state.gallery:  # shared: no file here to look for
+        from streamd.identity.store import describe
+
+        gallery = describe(cfg.state.gallery, state)
     if reply is not None:
         served = reply.get("state_dir")
         if isinstance(served, str) and not same_dir(served, str(state)):
@@ -336,6 +340,9 @@ def ask_state(cfg, request: dict, curve, offline, reads: tuple[str, ...]) -> dic
             return EX_UNAVAILABLE
         print(f"gallery: {gallery} (daemon at {endpoint})", file=sys.stderr)
         return reply
+    if cfg.state.gallery:
+        print(f"gallery: {gallery}", file=sys.stderr)
+        return offline(state)
     try:
         os.stat(gallery)
     except FileNotFoundError:

@@ -64,15 +64,14 @@ def ask(cfg, request: dict) -> dict | int:
 
 
 def open_words(cfg, state=None):
-    from streamd.service.daemon import GALLERY_FILE
-    from streamd.identity.gallery import Gallery
+    from streamd.identity.store import open_gallery
     from streamd.models.cards import ModelError
     from streamd.identity.vocabulary import WordBook, load_word_model
 
     model = load_word_model(cfg)
     if model is None:
         raise ModelError("models.words is empty: vocabularies are turned off in the config")
-    return WordBook(Gallery((state or cfg.state_dir()) / GALLERY_FILE), model)
+    return WordBook(open_gallery(cfg.state.gallery, state or cfg.state_dir()), model)
 
 
 def enroll(args, cfg) -> int:

@@ -157,3 +157,26 @@ def curve(tmp_path):
     (tmp_path / "clients").mkdir()
     shutil.copy(tmp_path / "client" / "client.key", tmp_path / "clients" / "client.key")
     return tmp_path
+
+
+# ---------------------------------------------------------------- PostgreSQL (tests/pg.py)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away PostgreSQL for the test session (skips when it is not installed)."""
+    from pg import PgCluster, need_postgres
+
+    cluster = PgCluster(need_postgres())
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def pg_url(pg_server, request) -> str:
+    """A fresh, empty database on the session's PostgreSQL: its postgresql:// URL."""
+    import re
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + f"_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    return pg_server.create_database(name)

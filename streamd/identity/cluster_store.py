@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamd.identity.gallery import from_blob, to_blob, Transaction
+from streamd.identity.gallery import from_blob, raises_storage_error, to_blob, Transaction
 
 from streamd.identity.scoring import Utterance
 
@@ -47,12 +47,15 @@ CREATE INDEX IF NOT EXISTS cluster_members_by_cluster ON cluster_members(cluster
 """
 
 
+@raises_storage_error
 class ClusterStore:
     """``uri``: the read-only URI of a gallery that cannot be written (Gallery.uri); the
-    clusters are then read, and every change raises sqlite3.Error (SQLITE_READONLY), which
-    callers on the audio path log and pass over."""
+    clusters are then read, and every change raises StorageError (SQLITE_READONLY), which
+    callers on the audio path log and pass over. (streamd.identity.pg_clusters is the
+    PostgreSQL sibling, with the same public methods.)"""
 
     def __init__(self, path: Path, uri: str | None = None):
+        self.path = path
         if uri is not None:
             self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5.0)
             self.db.execute("SELECT COUNT(*) FROM clusters").fetchone()  # no such table: not usable

@@ -92,6 +92,27 @@ class StorageError(GalleryError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+def raises_storage_error(cls):
+    """Every public method of a SQLite store raises StorageError, never sqlite3.Error: callers
+    handle one storage error type, whichever backend (SQLite, PostgreSQL) is behind."""
+    import functools
+
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise storage_error(getattr(self, "path", None) or "(gallery)", method.__name__.replace("_", " "),
+                                    exc) from None
+        return guarded
+
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_"):
+            setattr(cls, name, wrap(value))
+    return cls
+
+
 def _why(exc: BaseException) -> str:
     """A short reason for a storage failure (SQLite error code or errno)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -203,8 +224,34 @@ def from_blob(blob: bytes, dims: int | None = None) -> np.ndarray:
     return a.reshape(-1, dims) if dims else a
 
 
+def enrollment_audit(source: str, utterances: list[Utterance]) -> tuple[str, dict]:
+    """The audit trail's action and detail for an enrollment: counts and source kinds only."""
+    kind, _, what = source.partition(":")
+    detail: dict = {"source": kind, "utterances": len(utterances),
+                    "seconds": round(sum(u.seconds for u in utterances), 2)}
+    if kind == "cluster":
+        detail["cluster"] = what
+    elif kind == "files":  # how many, not their paths: a file is often named after its speaker
+        detail["files"] = len(what.split(","))
+    return ("promote" if kind == "cluster" else "enroll"), detail
+
+
+def audit_entry(aid: int, at: float, who: str, action: str, subject: str, name: str | None,
+                old: str | None, detail: str) -> dict:
+    """An audit row as the trail's readers (events, export, CLI) see it."""
+    entry = {"audit": aid, "time": at, "who": who, "action": action, "subject": subject, "name": name}
+    if action == "rename":
+        entry["from"] = old
+    entry.update(json.loads(detail))
+    return entry
+
+
+@raises_storage_error
 class Gallery:
-    """When the state directory cannot be written (read-only file system, no space to even
+    """The SQLite gallery, the default (streamd.identity.store.open_gallery chooses the backend;
+    streamd.identity.pg_gallery is its PostgreSQL sibling, with the same public methods).
+
+    When the state directory cannot be written (read-only file system, no space to even
     open the WAL), an existing gallery is opened read-only: enrolled speakers are still
     recognised, and every change is refused with ``readonly`` as the reason."""
 
@@ -232,6 +279,31 @@ class Gallery:
         except (OSError, sqlite3.Error) as exc:
             self._open_readonly(exc)
         self._version: int | None = None
+
+    @property
+    def down(self) -> str | None:
+        """Why the gallery cannot be reached now (a shared database's outage); a file is always here."""
+        return None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes change this gallery too (a shared database)."""
+        return False
+
+    def cluster_store(self):
+        """The store of unknown-voice clusters beside this gallery (its own connection)."""
+        from streamd.identity.cluster_store import ClusterStore
+
+        try:
+            return ClusterStore(self.path, self.uri)
+        except sqlite3.Error as exc:
+            raise storage_error(self.path, "open clusters", exc) from None
+
+    def word_store(self):
+        """The storage of the word templates taught at run time, in this gallery."""
+        from streamd.identity.word_store import SqliteWordStore
+
+        return SqliteWordStore(self)
 
     def _open_readonly(self, exc: BaseException) -> None:
         if _read_only_dir(self.path.parent):  # SQLite says "unable to open database file"
@@ -309,14 +381,8 @@ class Gallery:
                         (sid, to_blob(utt.features), utt.features.shape[1], feature_key, utt.seconds, source, now))
                     self.db.execute("INSERT INTO embeddings(enrollment_id, model_sha256, vector) VALUES (?, ?, ?)",
                                     (cur.lastrowid, model_sha256, to_blob(vec)))
-                kind, _, what = source.partition(":")
-                detail = {"source": kind, "utterances": len(utterances),
-                          "seconds": round(sum(u.seconds for u in utterances), 2)}
-                if kind == "cluster":
-                    detail["cluster"] = what
-                elif kind == "files":  # how many, not their paths: a file is often named after its speaker
-                    detail["files"] = len(what.split(","))
-                self._audit(who, "promote" if kind == "cluster" else "enroll", sid, name, detail=detail, now=now)
+                action, detail = enrollment_audit(source, utterances)
+                self._audit(who, action, sid, name, detail=detail, now=now)
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"enroll {name!r}", exc) from None
 
@@ -325,23 +391,48 @@ class Gallery:
         from the write-ahead log (``erase``): nothing of them is left in any file. The audit
         trail keeps the removal, and the person's earlier entries, under their subject
         reference only: the name goes from them too."""
+        return self.remove_speaker(name, who) is not None
+
+    def remove_speaker(self, name: str, who: str = "local", clusters: tuple[int, ...] = (),
+                       features: tuple[bytes, ...] = ()) -> list[int] | None:
+        """``remove``, and in the same transaction the unknown-voice clusters of their voice
+        (``clusters``) and the cluster members stored with their enrolled ``features`` (a
+        cluster left empty goes too). Returns the clusters deleted; None when nobody has that name."""
         self.check_writable(f"remove {name!r}")
         try:
             with self.transaction():
                 sid = self.speaker_id(name)
                 if sid is None:
-                    return False
+                    return None
                 subject = self._subject(sid)
                 n, seconds = self.db.execute("SELECT COUNT(*), COALESCE(SUM(seconds), 0) FROM enrollments "
                                              "WHERE speaker_id = ?", (sid,)).fetchone()
                 self.db.execute("DELETE FROM speakers WHERE id = ?", (sid,))
+                dropped = self._drop_clusters(clusters, features)
                 self.db.execute("UPDATE audit SET name = NULL, old_name = NULL WHERE subject = ?", (subject,))
                 self._audit(who, "remove", None, None, subject=subject,
                             detail={"enrollments": n, "seconds": round(seconds, 2)})
         except sqlite3.Error as exc:
             raise storage_error(self.path, f"remove {name!r}", exc) from None
         self.erase()
-        return True
+        return dropped
+
+    def _drop_clusters(self, clusters: tuple[int, ...], features: tuple[bytes, ...]) -> list[int]:
+        """Inside remove_speaker's transaction (the clusters' tables are in this file, when made)."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'clusters'").fetchone():
+            return []
+        touched = set()
+        for blob in features:
+            for mid, cid in self.db.execute("SELECT id, cluster_id FROM cluster_members WHERE features = ?",
+                                            (blob,)).fetchall():
+                self.db.execute("DELETE FROM cluster_members WHERE id = ?", (mid,))
+                touched.add(cid)
+        emptied = {cid for cid in touched if self.db.execute(
+            "SELECT 1 FROM cluster_members WHERE cluster_id = ? LIMIT 1", (cid,)).fetchone() is None}
+        gone = sorted({*clusters, *emptied})
+        for cid in gone:
+            self.db.execute("DELETE FROM clusters WHERE id = ?", (cid,))
+        return gone
 
     # ------------------------------------------------------------------ audit trail and export
 
@@ -374,14 +465,7 @@ class Gallery:
                                    f"WHERE {where} ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         except sqlite3.OperationalError:  # no such table
             return []
-        out = []
-        for aid, at, who, action, subj, name, old, detail in rows:
-            entry = {"audit": aid, "time": at, "who": who, "action": action, "subject": subj, "name": name}
-            if action == "rename":
-                entry["from"] = old
-            entry.update(json.loads(detail))
-            out.append(entry)
-        return out
+        return [audit_entry(*row) for row in rows]
 
     def last_audit(self) -> int:
         try:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streamd.identity.cluster_store import ClusterStore
 from streamd.identity.clusters import ClusterSettings, UnknownClusters, label_of
-from streamd.identity.gallery import Gallery, GalleryError, StorageError, storage_error, validate_name
+from streamd.identity.gallery import Gallery, GalleryError, StorageError, validate_name
 from streamd.identity.scoring import UNKNOWN, Utterance
 from streamd.identity.scoring import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
 from streamd.models.cards import ModelError, verified
@@ -153,11 +151,11 @@ class SpeakerBook:
     def _open_clusters(self, gallery: Gallery, settings: ClusterSettings) -> UnknownClusters | None:
         store = None
         try:
-            store = ClusterStore(gallery.path, gallery.uri)
+            store = gallery.cluster_store()
             return UnknownClusters(store, self.sha, self.key, self.scorer, self.model.run,
                                    self._cluster_threshold, settings)
-        except sqlite3.Error as exc:  # recognition of enrolled speakers goes on without them
-            log.warning("unknown-voice clusters unavailable: %s", storage_error(gallery.path, "open clusters", exc))
+        except StorageError as exc:  # recognition of enrolled speakers goes on without them
+            log.warning("unknown-voice clusters unavailable: %s", exc)
             if store is not None:
                 store.close()
             return None
@@ -283,7 +281,7 @@ class SpeakerBook:
             return who
         try:
             return replace(who, cluster=self.clusters.observe(embedding, utt))
-        except sqlite3.Error as exc:  # a full or read-only disk must not stop recognition
+        except StorageError as exc:  # a full or read-only disk, a database away: recognition goes on
             log.warning("could not store an unknown voice: %s", exc)
             return who
 
@@ -298,7 +296,7 @@ class SpeakerBook:
         try:
             for cid in sorted(found):
                 self.clusters.remove(label_of(cid))
-        except sqlite3.Error as exc:  # they stay until the next try; recognition goes on
+        except StorageError as exc:  # they stay until the next try; recognition goes on
             log.warning("could not drop the clusters of enrolled voices: %s", exc)
             return []
         if found:
@@ -318,14 +316,11 @@ class SpeakerBook:
         """Enroll ``name`` from the utterances a cluster of unknown voice has gathered."""
         if self.clusters is None:
             raise GalleryError(self.unavailable())
-        try:
-            utts, vectors = self.clusters.members(label)
-        except sqlite3.Error as exc:
-            raise storage_error(self.gallery.path, f"read {label}", exc) from None
+        utts, vectors = self.clusters.members(label)
         result = self.enroll(name, utts, f"cluster:{label}", vectors, who=who)
         try:
             self.clusters.remove(label)
-        except sqlite3.Error as exc:  # the enrollment is stored: the cluster stays, harmless
+        except StorageError as exc:  # the enrollment is stored: the cluster stays, harmless
             log.warning("promoted %s to %r but could not delete the cluster: %s", label, name, exc)
         return {**result, "promoted": label}
 
@@ -338,30 +333,19 @@ class SpeakerBook:
         self.gallery.check_writable(f"remove {name!r}")
         self.enrolled()
         known = self._voices.get(name)
-        ids: list[int] = []
-        try:
-            features = self.gallery.feature_blobs(name)
-            if known is not None and self.clusters is not None:
-                ids = self.clusters.of_voice(known[1])
-        except sqlite3.Error as exc:
-            raise storage_error(self.gallery.path, f"remove {name!r}", exc) from None
-        if not self.gallery.remove(name, who):
+        features = tuple(self.gallery.feature_blobs(name))
+        ids = tuple(self.clusters.of_voice(known[1])) if known is not None and self.clusters is not None else ()
+        # One transaction: the speaker, the utterances of theirs kept in clusters while they
+        # were unknown (enroll_recent of utterances that had formed a cluster), and the
+        # clusters of the same voice (else it would be labelled by its old cluster again).
+        gone = self.gallery.remove_speaker(name, who, ids, features)
+        if gone is None:
             raise GalleryError(f"no enrolled speaker named {name!r}")
         self.enrolled()
-        dropped = []
         if self.clusters is not None:
-            try:
-                # The enrolled utterances themselves, kept in clusters while they were unknown
-                # (enroll_recent of utterances that had formed a cluster), and the clusters
-                # of the same voice.
-                emptied = self.clusters.drop_utterances(features)
-                for cid in ids:
-                    if cid not in emptied:
-                        self.clusters.remove(label_of(cid))
-                dropped = [label_of(cid) for cid in sorted({*ids, *emptied})]
-            except sqlite3.Error as exc:
-                raise storage_error(self.gallery.path, f"drop the unknown-voice clusters of {name!r}", exc) from None
-        erased = self.gallery.erase()  # the clusters' pages too (the speaker's were erased by remove)
+            self.clusters.reload()  # the clusters deleted, and those that lost utterances of theirs
+        dropped = [label_of(cid) for cid in gone]
+        erased = self.gallery.erase()  # done by remove_speaker; again: the answer says whether it could
         if dropped:
             # No name in the log: the journal outlives the removal.
             log.info("removed a speaker with the unknown-voice clusters of the same voice: %s", ", ".join(dropped))
@@ -385,6 +369,8 @@ class SpeakerBook:
         """Why enrollment and cluster commands cannot be served."""
         if self.gallery is not None and self.gallery.readonly:
             return f"the gallery is read-only: {self.gallery.readonly}"
+        if self.gallery is not None and self.gallery.down:
+            return f"gallery unavailable: {self.gallery.down}"
         if self.gallery is not None:
             return "unknown-voice clusters are not available (see the daemon's log)"
         return "the gallery is not available (state directory unusable)"

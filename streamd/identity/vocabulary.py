@@ -1,8 +1,8 @@
 """Vocabularies taught at run time: the word model's session and the templates' storage.
 
-Templates live in the state database (the gallery's SQLite file), table ``word_templates``:
-the vocabulary, the digit, the word model's input (so a new word model re-embeds them) and
-its embedding. Any connection's change is seen by the daemon before its next decision, so
+Templates live in the gallery (streamd.identity.word_store: the SQLite file's table
+``word_templates``, or the shared PostgreSQL gallery's): the vocabulary, the digit, the word
+model's input (so a new word model re-embeds them) and its embedding. Any connection's change is seen by the daemon before its next decision, so
 ``streamd digits enroll`` works on a running daemon without a restart.
 """
 
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
-import sqlite3
 import time
 
 import numpy as np
 
-from streamd.identity.gallery import Gallery, GalleryError, StorageError, storage_error
+from streamd.identity.gallery import Gallery, GalleryError, StorageError
 from streamd.models.cards import ModelCard, ModelError, load_card, verified
 from streamd.models.providers import session_options
 from streamd.signal.features import FILTERS, FRAMES, word_input
@@ -23,22 +22,6 @@ from streamd.models.words import BUILTIN, MatchRule, TemplateIndex, WordMatch
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS word_templates (
-    id INTEGER PRIMARY KEY,
-    vocabulary TEXT NOT NULL,
-    digit INTEGER NOT NULL CHECK (digit BETWEEN 0 AND 9),
-    input BLOB NOT NULL,             -- the word model's input, float16 (FRAMES x FILTERS)
-    model_sha256 TEXT NOT NULL,      -- the word model that made vector
-    vector BLOB NOT NULL,            -- float32, unit length
-    source TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS word_changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
-INSERT OR IGNORE INTO word_changes VALUES (1, 0);
-""" + "".join(
-    f"CREATE TRIGGER IF NOT EXISTS word_templates_{event.lower()}_counted AFTER {event} ON word_templates "
-    "BEGIN UPDATE word_changes SET n = n + 1; END;\n" for event in ("INSERT", "UPDATE", "DELETE"))
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MIN_SPEECH_S = 0.15  # an utterance shorter than this is no word to learn
 
@@ -100,47 +83,29 @@ def check_digit(value: object) -> int:
 
 
 class WordBook:
-    """Templates, their index and the match, over a gallery's database."""
+    """Templates, their index and the match, over a gallery's word store."""
 
     def __init__(self, gallery: Gallery, model: WordModel):
         self.gallery = gallery
+        self.store = gallery.word_store()
         self.model = model
         self.rule = match_rule(model)
         self._version: int | None = None
         self._index = TemplateIndex([])
         if not gallery.readonly:
-            try:
-                gallery.db.executescript(SCHEMA)
-                self._reembed()
-            except sqlite3.Error as exc:
-                raise storage_error(gallery.path, "prepare the word templates", exc) from None
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        return self.gallery.db
+            self.store.prepare()
+            self._reembed()
 
     def _changed(self) -> bool:
-        try:
-            (n,) = self.db.execute("SELECT n FROM word_changes").fetchone()
-        except sqlite3.Error:  # a read-only gallery made before vocabularies: none
-            n = -1
+        n = self.store.version()
         changed, self._version = n != self._version, n
         return changed
 
     def index(self) -> TemplateIndex:
         if self._changed():
-            rows = self._rows("SELECT vocabulary, digit, vector FROM word_templates WHERE model_sha256 = ?",
-                              (self.model.sha256,))
+            rows = self.store.vectors(self.model.sha256)
             self._index = TemplateIndex([(v, d, np.frombuffer(b, np.float32)) for v, d, b in rows])
         return self._index
-
-    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
-        try:
-            return self.db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            if "no such table" in str(exc):
-                return []
-            raise storage_error(self.gallery.path, "read the word templates", exc) from None
 
     @property
     def active(self) -> bool:
@@ -160,50 +125,31 @@ class WordBook:
         vectors = self.model.embed_many(inputs)
         self.gallery.check_writable(f"enroll words of {vocabulary!r}")
         now = time.time()
-        try:
-            with self.gallery.transaction():
-                self.db.executemany(
-                    "INSERT INTO word_templates(vocabulary, digit, input, model_sha256, vector, source, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(vocabulary, digit, x.astype(np.float16).tobytes(), self.model.sha256,
-                      v.astype(np.float32).tobytes(), source, now) for x, v in zip(inputs, vectors)])
-        except sqlite3.Error as exc:
-            raise storage_error(self.gallery.path, f"enroll words of {vocabulary!r}", exc) from None
-        count = self._rows("SELECT COUNT(*) FROM word_templates WHERE vocabulary = ? AND digit = ?",
-                           (vocabulary, digit))[0][0]
-        return {"vocabulary": vocabulary, "digit": digit, "added": len(inputs), "templates": count}
+        self.store.add(vocabulary, [(vocabulary, digit, x.astype(np.float16).tobytes(), self.model.sha256,
+                                     v.astype(np.float32).tobytes(), source, now) for x, v in zip(inputs, vectors)])
+        return {"vocabulary": vocabulary, "digit": digit, "added": len(inputs),
+                "templates": self.store.count(vocabulary, digit)}
 
     def remove(self, vocabulary: str, digit: int | None = None) -> int:
         """Drop a vocabulary's templates (of one digit, or all); returns how many."""
         self.gallery.check_writable(f"remove words of {vocabulary!r}")
-        sql, args = "DELETE FROM word_templates WHERE vocabulary = ?", (vocabulary,)
-        if digit is not None:
-            sql, args = sql + " AND digit = ?", (vocabulary, check_digit(digit))
-        try:
-            with self.gallery.transaction():
-                return self.db.execute(sql, args).rowcount
-        except sqlite3.Error as exc:
-            raise storage_error(self.gallery.path, f"remove words of {vocabulary!r}", exc) from None
+        return self.store.remove(vocabulary, None if digit is None else check_digit(digit))
 
     def listing(self) -> list[dict]:
-        rows = self._rows("SELECT vocabulary, digit, COUNT(*) FROM word_templates GROUP BY vocabulary, digit "
-                          "ORDER BY vocabulary, digit")
         out: dict[str, dict] = {}
-        for vocabulary, digit, n in rows:
+        for vocabulary, digit, n in self.store.counts():
             out.setdefault(vocabulary, {"vocabulary": vocabulary, "digits": {}})["digits"][str(digit)] = n
         return list(out.values())
 
     def _reembed(self) -> None:
         """Templates embedded by another word model get this one's embedding, from their input."""
-        stale = self._rows("SELECT id, input FROM word_templates WHERE model_sha256 != ?", (self.model.sha256,))
+        stale = self.store.stale(self.model.sha256)
         if not stale:
             return
         inputs = [np.frombuffer(b, np.float16).astype(np.float32).reshape(1, FRAMES, FILTERS) for _, b in stale]
         vectors = self.model.embed_many(inputs)
-        with self.gallery.transaction():
-            self.db.executemany("UPDATE word_templates SET vector = ?, model_sha256 = ? WHERE id = ?",
-                                [(v.astype(np.float32).tobytes(), self.model.sha256, i)
-                                 for (i, _), v in zip(stale, vectors)])
+        self.store.replace_vectors(self.model.sha256, [(i, v.astype(np.float32).tobytes())
+                                                       for (i, _), v in zip(stale, vectors)])
         log.info("re-embedded %d word templates for word model %s", len(stale), self.model.sha256[:12])
 
 

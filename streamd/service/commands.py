@@ -10,7 +10,6 @@ import base64
 import contextlib
 import io
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import soundfile as sf
 from streamd.audio.frames import SAMPLE_RATE
 from streamd.service.challenge import MAX_LENGTH, MAX_TTL_S, new_challenge
 from streamd.service.control import ControlError, ControlServer, Pending
-from streamd.identity.gallery import Gallery, GalleryError, to_blob
+from streamd.identity.gallery import Gallery, GalleryError, StorageError, to_blob
 from streamd.identity.scoring import Utterance
 from streamd.identity.vocabulary import WordBook, check_digit, check_vocabulary
 
@@ -181,7 +180,7 @@ class DaemonCommands:
                 raise ControlError("the gallery is not available (state directory unusable)")
             enrolled = set()
             if cmd == "remove" and isinstance(request.get("name"), str):
-                with contextlib.suppress(sqlite3.Error):  # the removal itself reports the error
+                with contextlib.suppress(StorageError):  # the removal itself reports the error
                     enrolled = set(book.gallery.feature_blobs(request["name"]))
             reply = gallery_command(book.gallery, request, book, pending.client)
             if cmd == "remove":

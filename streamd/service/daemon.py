@@ -8,7 +8,6 @@ import contextlib
 import logging
 import queue
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from pathlib import Path
 
 from streamd import config as config_mod
 from streamd.config import Config, ConfigError
-from streamd.service.events import GalleryEvent, Publisher
+from streamd.service.events import GalleryEvent, Publisher, StatusEvent
 from streamd.service import control
 from streamd.service.commands import DaemonCommands
-from streamd.identity.gallery import Gallery
+from streamd.identity.gallery import Gallery, StorageError
+from streamd.identity.store import describe, open_gallery as open_store
 from streamd.models.inference import load_models
 from streamd.identity.vocabulary import open_word_book
 from streamd.service.metrics import Metrics
@@ -50,11 +50,13 @@ class RunOptions:
 
 
 def open_gallery(cfg: Config) -> Gallery | None:
-    path = cfg.state_dir() / GALLERY_FILE
+    """The SQLite file in the state directory, or the shared database state.gallery names (one
+    that does not answer yet is waited for: every speaker is 'unknown' until it does)."""
     try:
-        return Gallery(path)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("gallery %s unavailable (%s): every speaker will be 'unknown'", path, exc)
+        return open_store(cfg.state.gallery, cfg.state_dir(), daemon=True)
+    except (OSError, StorageError) as exc:
+        log.warning("gallery %s unavailable (%s): every speaker will be 'unknown'",
+                    describe(cfg.state.gallery, cfg.state_dir()), exc)
         return None
 
 
@@ -147,7 +149,9 @@ class Daemon:
         gallery = open_gallery(cfg)
         self.state_dir = cfg.state_dir()  # named in control replies: a client can tell whose gallery answers
         self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
-        self._audit_seen = gallery.last_audit() if gallery is not None else 0  # published up to here
+        self._audit_seen = self._last_audit(gallery)  # published up to here
+        self._gallery_down: str | None = None  # as last reported
+        self.metrics.gallery_up.set(0 if gallery is None else 1)
         self._audit_checked = 0.0
         self.words = open_word_book(gallery, cfg)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
@@ -293,6 +297,7 @@ class Daemon:
         now = time.monotonic()
         if served or now - self._audit_checked >= AUDIT_EVERY_S:
             self._audit_checked = now
+            self._gallery_health()
             self._publish_audit()
         for pipeline in self.engine.pipelines.values():
             pipeline.expire(now)
@@ -315,14 +320,37 @@ class Daemon:
         gallery = self.book.gallery
         if gallery is None:
             return
+        if self._audit_seen is None:  # a shared gallery away at start-up: from when it answers
+            self._audit_seen = self._last_audit(gallery)
+            return
         try:
             entries = gallery.audit(self._audit_seen, limit=100)
-        except sqlite3.Error as exc:
-            log.warning("could not read the gallery's audit trail: %s", exc)
+        except StorageError as exc:
+            if not gallery.down:  # an outage is reported once, by _gallery_health
+                log.warning("could not read the gallery's audit trail: %s", exc)
             return
         for entry in entries:
             self.publisher.publish(GalleryEvent(entry))
             self._audit_seen = entry["audit"]
+
+    @staticmethod
+    def _last_audit(gallery: Gallery | None) -> int | None:
+        try:
+            return gallery.last_audit() if gallery is not None else 0
+        except StorageError:
+            return None
+
+    def _gallery_health(self) -> None:
+        """A shared gallery that went away or came back: a status event and the metric (the
+        gallery's watcher logs it)."""
+        gallery = self.book.gallery
+        down = gallery.down if gallery is not None else None
+        if down == self._gallery_down or (down and self._gallery_down):
+            return
+        self._gallery_down = down
+        self.metrics.gallery_up.set(0 if down else 1)
+        reason = f"gallery unavailable: {down}" if down else "gallery: back, re-read"
+        self.publisher.publish(StatusEvent("daemon", "down" if down else "up", reason))
 
     def _apply_reload(self, gallery: Gallery | None) -> None:
         """SIGHUP: re-read the config and the gallery; a bad config keeps the old one. Each key

@@ -149,6 +149,9 @@ class Metrics:
                                    "Network audio messages refused (malformed, duplicate, out of order).", registry=r)
         self.network_delay = Histogram("streamd_network_delay_seconds", "Sender's clock at sending to receipt.",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.gallery_up = Gauge("streamd_gallery_up", "1 while the gallery answers; 0 while a shared "
+                                "(PostgreSQL) gallery is away: recognition goes on with the speakers in memory, "
+                                "changes are refused.", registry=r)
         self.build = Gauge("streamd_build_info", "streamd version.", ["version"], registry=r)
         self.model = Gauge("streamd_model_info", "Loaded models and the onnxruntime provider running them.",
                            ["model", "sha256", "provider"], registry=r)
