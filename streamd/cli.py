@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit after this many idle seconds (default 0: never)")
     listen.add_argument("--format", choices=("json", "text"), default="json",
                         help="json: one event object a line (default); text: a short line for people")
+    listen.add_argument("--nats", nargs="?", const="config", metavar="URLS",
+                        help="listen on NATS instead (every node's events): nats://HOST:PORT[,...]; "
+                             "alone: events.nats")
+    listen.add_argument("--subject", default="streamd.>", help="--nats: the subject (default streamd.>)")
+    listen.add_argument("--replay", action="store_true",
+                        help="--nats: replay from JetStream (--jetstream) what it keeps, or with --durable what "
+                             "that name has not seen yet, then go on live")
+    listen.add_argument("--jetstream", metavar="STREAM", help="--replay: the stream (default events.nats_jetstream)")
+    listen.add_argument("--durable", default="", metavar="NAME",
+                        help="--replay: a consumer name the server remembers: each run gets what the last missed")
 
     speakers = sub.add_parser("speakers", parents=[common], help="manage the enrolled speakers")
     speakers.add_argument("action", choices=tuple(SPEAKER_ACTIONS),
@@ -201,6 +211,8 @@ def cmd_listen(args, cfg) -> int:
 
     from streamd.service.events import receive, subscribe
 
+    if args.nats:
+        return listen_nats(args, cfg)
     endpoint = args.endpoint or cfg.events.endpoint
     try:
         sock = subscribe(endpoint, args.topic)
@@ -225,6 +237,40 @@ def cmd_listen(args, cfg) -> int:
         pass
     finally:
         sock.close(0)
+    return 0
+
+
+def listen_nats(args, cfg) -> int:
+    """``listen --nats``: every node's events, live or replayed from JetStream."""
+    from streamd.service.nats_in import ListenError, NatsListen, listen
+
+    urls = cfg.events.nats if args.nats == "config" else args.nats
+    stream = args.jetstream if args.jetstream is not None else cfg.events.nats_jetstream
+    if not urls or (args.replay and not stream):
+        print("streamd: listen --nats needs URLs (or events.nats)" if not urls else
+              "streamd: listen --replay needs a JetStream stream (--jetstream or events.nats_jetstream)",
+              file=sys.stderr)
+        return 2
+    opts = NatsListen(tuple(u.strip() for u in urls.split(",") if u.strip()), args.subject, stream, args.replay,
+                      args.durable, args.count, args.timeout)
+    last_seq: dict[str, int] = {}
+
+    def show(event: dict) -> None:
+        node, seq = str(event.get("node", "")), event.get("seq")
+        if node in last_seq and isinstance(seq, int) and seq > last_seq[node] + 1 and args.subject == "streamd.>":
+            print(f"# {seq - last_seq[node] - 1} events lost (node {node})", file=sys.stderr)
+        if isinstance(seq, int):
+            last_seq[node] = seq
+        line = f"{node} {describe(event)}" if args.format == "text" else json.dumps(event, ensure_ascii=False)
+        print(line, flush=True)
+
+    try:
+        listen(opts, show)
+    except ListenError as exc:
+        print(f"streamd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class Daemon:
             self.metrics.model.labels(model=m.card.name, sha256=m.card.sha256, provider=m.provider).set(1)
         publisher = self.publisher = Publisher(cfg.events.endpoint, cfg.events.hwm, jsonl)
         publisher.on_drop = self.metrics.dropped.inc
+        nats_out = self._open_nats(publisher)
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         self.state_dir = cfg.state_dir()  # named in control replies: a client can tell whose gallery answers
@@ -183,12 +185,34 @@ class Daemon:
             sd_notify("STOPPING=1")
             self.engine.close()
             self.control.close()
+            if nats_out is not None:
+                nats_out.close()
             publisher.close()
             if server is not None:
                 server.shutdown()
             self.book.close()
             if gallery is not None:
                 gallery.close()
+
+    def _open_nats(self, publisher: Publisher):
+        """events.nats: every event also to NATS, from a thread of its own (nats-py imported only then)."""
+        events = self.cfg.events
+        if not events.nats:
+            return None
+        from streamd.service.nats_out import NatsOut, NatsSettings
+
+        node = self.cfg.node.id or socket.gethostname()
+        out = NatsOut(NatsSettings.of(events.nats, events.nats_jetstream, events.nats_buffer, node),
+                      on_drop=self.metrics.nats_dropped.inc, on_state=self._nats_state)
+        self.metrics.nats_buffered.set_function(out.buffered)
+        publisher.forward = out.put
+        out.start()
+        return out
+
+    def _nats_state(self, up: bool, why: str) -> None:
+        """NATS came or went (called on its thread; the publisher takes a lock)."""
+        self.metrics.nats_connected.set(1 if up else 0)
+        self.publisher.publish(StatusEvent("daemon", "up" if up else "down", f"events.nats: {why}"))
 
     @property
     def pipelines(self):

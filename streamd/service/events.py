@@ -192,6 +192,7 @@ class Publisher:
         self.seq = 0
         self.dropped = 0
         self.on_drop = None  # called once per dropped event (the daemon counts them in /metrics)
+        self.forward = None  # also given every event, in order: (topic, JSON bytes, seq) (events.nats)
         # Subscriptions held by connected subscribers, each one counted: two subscribers of the
         # same topic are 2 (a subscriber of two topics is 2 as well; one of none receives nothing).
         self.subscribers = 0
@@ -246,6 +247,8 @@ class Publisher:
                 self._count_drop(topic)
                 log.warning("event %s dropped: %s", topic.decode(), exc)
             self._drain_subscriptions()
+            if self.forward is not None:
+                self.forward(topic.decode(), data, body["seq"])
             if self._jsonl is not None:
                 self._jsonl.write(data.decode("utf-8") + "\n")
                 self._jsonl.flush()

@@ -149,6 +149,12 @@ class Metrics:
                                    "Network audio messages refused (malformed, duplicate, out of order).", registry=r)
         self.network_delay = Histogram("streamd_network_delay_seconds", "Sender's clock at sending to receipt.",
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.nats_connected = Gauge("streamd_nats_connected", "1 while the events' NATS connection is up "
+                                    "(events.nats); 0 while it is down, or off.", registry=r)
+        self.nats_dropped = Counter("streamd_nats_dropped_total", "Events not published to NATS: its buffer "
+                                    "(events.nats_buffer) overflowed while NATS was away, or the daemon stopped.",
+                                    registry=r)
+        self.nats_buffered = Gauge("streamd_nats_buffered", "Events waiting for NATS.", registry=r)
         self.gallery_up = Gauge("streamd_gallery_up", "1 while the gallery answers; 0 while a shared "
                                 "(PostgreSQL) gallery is away: recognition goes on with the speakers in memory, "
                                 "changes are refused.", registry=r)
