@@ -60,7 +60,7 @@ def prepare(db: psycopg.Connection) -> None:
         found = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()[0] and db.execute(
             "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if found and int(found[0]) > SCHEMA_VERSION:
-            raise GalleryError(f"the gallery's schema is version {found[0]}, newer than this streamd's "
+            raise StorageError(f"the gallery's schema is version {found[0]}, newer than this streamd's "
                                f"({SCHEMA_VERSION}): upgrade streamd")
         db.execute(TABLES)
         db.execute(TRIGGERS)
@@ -264,7 +264,10 @@ class PgGallery:
         last = snap.audit[-1]["audit"] if snap.audit else snap.audit_floor
         rows = db.execute("SELECT id, time, who, action, subject, name, old_name, detail FROM audit "
                           "WHERE id > %s ORDER BY id LIMIT %s", (last, AUDIT_TAIL)).fetchall()
-        tail = (*snap.audit, *(audit_entry(*r) for r in rows))
+        fresh = [audit_entry(*r) for r in rows]
+        removed = {e["subject"] for e in fresh if e["action"] == "remove"}  # their names go from memory too
+        tail = tuple({**e, "name": None, **({"from": None} if "from" in e else {})} if e["subject"] in removed else e
+                     for e in (*snap.audit, *fresh))
         floor = snap.audit_floor
         if len(tail) > AUDIT_TAIL:
             floor, tail = tail[-AUDIT_TAIL - 1]["audit"], tail[-AUDIT_TAIL:]

@@ -154,6 +154,8 @@ class Daemon:
         self._audit_seen = self._last_audit(gallery)  # published up to here
         self._gallery_down: str | None = None  # as last reported
         self.metrics.gallery_up.set(0 if gallery is None else 1)
+        if gallery is not None and gallery.shared:
+            gallery.on_change = self._gallery_changed
         self._audit_checked = 0.0
         self.words = open_word_book(gallery, cfg)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
@@ -356,6 +358,12 @@ class Daemon:
         for entry in entries:
             self.publisher.publish(GalleryEvent(entry))
             self._audit_seen = entry["audit"]
+
+    def _gallery_changed(self) -> None:
+        """Another node changed the shared gallery (called on its watcher's thread): the loop
+        wakes and publishes the change's gallery event now, not at its next half-second look."""
+        self._audit_checked = 0.0
+        self._wake()
 
     @staticmethod
     def _last_audit(gallery: Gallery | None) -> int | None:
