@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", parents=[common], help="capture here, recognise on a daemon elsewhere")
     send.add_argument("--source", default="mic", help="mic[:DEVICE], file:PATH or stdin (default mic)")
-    send.add_argument("--to", required=True, type=connect_endpoint, metavar="ENDPOINT",
-                      help="the daemon's network.listen, tcp://HOST:PORT")
+    send.add_argument("--to", required=True, type=endpoint_list, metavar="ENDPOINT[,ENDPOINT...]",
+                      help="the daemon's network.listen, tcp://HOST:PORT; several, comma-separated: the first "
+                           "that takes the audio, the next when its node is gone (SIGUSR1: back to the first)")
     send.add_argument("--stream", default=socket.gethostname().split(".")[0], help="stream id (default: host name)")
     send.add_argument("--pace", choices=("realtime", "fast"), default="realtime", help="file sources only")
     send.add_argument("--vad", action="store_true", help="send only speech (with its pre-roll and hangover)")
@@ -609,6 +610,11 @@ def connect_endpoint(text: str) -> str:
     return text
 
 
+def endpoint_list(text: str) -> list[str]:
+    """``--to A,B``: one endpoint or several, comma-separated."""
+    return [connect_endpoint(part.strip()) for part in text.split(",")]
+
+
 def bounded(kind: type, low: float, high: float, what: str):
     """An argparse type: a number of ``what`` from ``low`` to ``high``, else a one-line usage error."""
 
@@ -689,6 +695,7 @@ def cmd_send(args, cfg) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # systemd's stop: end as Ctrl-C does, queued audio flushed
     source = open_source(args.source, args.stream, cfg.vad.frame_samples, args.pace, cfg.source.mic_rate)
     sender = Sender(args.to, args.stream, control.client_curve(cfg), wait_s=args.wait)
+    signal.signal(signal.SIGUSR1, lambda *_: sender.prefer_first())  # no fail-back unless told
     segmenter = Segmenter(cfg.vad) if args.vad else None
     sent = 0
     try:
@@ -703,7 +710,8 @@ def cmd_send(args, cfg) -> int:
     finally:
         source.close()
         sender.close()
-    print(f"sent {sent} frames of stream {args.stream!r} to {args.to}"
+    print(f"sent {sent} frames of stream {args.stream!r} to {', '.join(args.to)}"
+          + (f"; moved {sender.moves} times between nodes" if sender.moves else "")
           + (f"; {sender.dropped} dropped while the daemon was away" if sender.dropped else ""), file=sys.stderr)
     return 0
 

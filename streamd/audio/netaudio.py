@@ -11,6 +11,7 @@ sender that restarted (counted as a reconnect). A malformed message is counted a
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -148,9 +149,12 @@ class NetworkReceiver(threading.Thread):
         now = time.monotonic()
         r = self.remotes.get(stream)
         if r is None:
-            r = self.remotes[stream] = _Remote(seq, sender_t, 0.0, 0)
+            # Past frame 0: the sender was with another node (failover) or this daemon restarted.
+            # Those frames were not lost here; the stream keeps the sender's clock.
+            r = self.remotes[stream] = _Remote(seq, sender_t, sender_t if seq else 0.0, 0)
             self.metrics.add_network_stream(stream)
-            self.out.put(StreamStatus(stream, "up", "first audio from the network"))
+            self.out.put(StreamStatus(stream, "up", "first audio from the network" +
+                                      (f", from frame {seq} (the sender was elsewhere before)" if seq else "")))
         elif seq <= r.seq - 1 and seq < 10:
             self.metrics.network_reconnects.labels(stream=stream).inc()
             self._close(stream, r, now)  # the last sender's utterance is not the new one's
@@ -255,14 +259,14 @@ class _Link:
         self.up = False
         self.failed_handshakes = 0
         self._sock = sock
-        self._monitor = sock.get_monitor_socket(self.EVENTS)
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
 
     def update(self, wait_ms: int = 0) -> None:
         """Reads the events so far (waiting up to ``wait_ms`` for one); raises SendError when
         the daemon will never take this sender's audio (libzmq does not retry those)."""
-        while self._monitor.poll(wait_ms):
+        while self.monitor.poll(wait_ms):
             wait_ms = 0
-            message = recv_monitor_message(self._monitor)
+            message = recv_monitor_message(self.monitor)
             event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.info("send: connected to %s", self.endpoint)
@@ -296,89 +300,216 @@ class _Link:
 
     def close(self) -> None:
         self._sock.disable_monitor()
-        self._monitor.close(0)
+        self.monitor.close(0)
 
 
-class Sender:
-    """``streamd send``: frames of a local source to a daemon's network.listen endpoint.
+HEARTBEAT_IVL_MS = 250  # a node whose host died (no FIN, no RST) is given up after HEARTBEAT_TIMEOUT_MS
+HEARTBEAT_TIMEOUT_MS = 1000
+RESEND_S = 1.0  # audio sent to a node just before it was found gone, sent again to the next one
+FIRST_GRACE_S = 0.5  # several nodes: how long the first one has to take the sender before the next may
 
-    A daemon that refuses the key, or whose key does not match, ends the sender with a
-    SendError. One that is away: a live source's frames are queued (10 s) and then dropped;
-    a file waits for it up to ``wait_s``."""
 
-    def __init__(self, endpoint: str, stream: str, curve=None, hwm: int = 500, wait_s: float = 30.0):
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, hwm)  # 10 s of audio queued while the daemon is away
-        self._sock.setsockopt(zmq.LINGER, 2000)
+class _Node:
+    """One daemon a sender may send to: its PUSH socket and what the socket's monitor says.
+
+    ``immediate`` (one of several nodes): frames are queued only on a connection that is up,
+    so none wait in the socket for a node that is gone (they would reach it, stale, when it
+    came back); the sender queues them itself until some node takes them. A sole node's
+    socket queues them itself while the daemon is away."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve, hwm: int, immediate: bool):
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.PUSH)
+        for option, value in ((zmq.SNDHWM, hwm), (zmq.LINGER, 2000), (zmq.IMMEDIATE, int(immediate)),
+                              (zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS), (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)):
+            self.sock.setsockopt(option, value)
         if curve is not None:
-            curve.secure(self._sock)
-        self._link = _Link(self._sock, endpoint, curve is not None)
+            curve.secure(self.sock)
+        self.link = _Link(self.sock, endpoint, curve is not None)
         try:
-            self._sock.connect(endpoint)
+            self.sock.connect(endpoint)
         except zmq.ZMQError as exc:
             self.close()
             raise SendError(f"{endpoint}: cannot connect: {zmq.strerror(exc.errno)}") from None
-        self.endpoint = endpoint
+
+    def offer(self, parts: list[bytes]) -> bool:
+        try:
+            self.sock.send_multipart(parts, zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # 10 s queued (the node reads too slowly), or just gone and not yet told
+            return False
+
+    def close(self) -> None:
+        self.link.close()
+        self.sock.close()  # lingers up to 2 s while a connected daemon takes the rest
+
+
+class Sender:
+    """``streamd send``: frames of a local source to a daemon's network.listen endpoint, or to
+    the first of several that takes them (``--to A,B``).
+
+    With several nodes the sender goes to the first one up and stays with it while it is up;
+    when it is gone (its connection closed, or 1 s of missed heartbeats) the stream moves to
+    the next node that is up, and the last ``RESEND_S`` of audio is sent again there (the gone
+    node may never have heard it). It never moves back on its own: ``prefer_first`` (SIGUSR1
+    to ``streamd send``) moves it to the first node in the list that is up.
+
+    A daemon that refuses the key, or whose key does not match, ends the sender with a
+    SendError. While no node takes the audio, a live source's frames are queued (10 s) and
+    then dropped; a file waits for one up to ``wait_s``."""
+
+    def __init__(self, endpoints: str | list[str], stream: str, curve=None, hwm: int = 500, wait_s: float = 30.0,
+                 resend_s: float = RESEND_S):
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.endpoint = ", ".join(self.endpoints)
+        self._ctx = zmq.Context()
+        self._nodes: list[_Node] = []
+        try:
+            for endpoint in self.endpoints:
+                self._nodes.append(_Node(self._ctx, endpoint, curve, hwm, immediate=len(self.endpoints) > 1))
+        except SendError:
+            self.close()
+            raise
+        self._single = len(self._nodes) == 1
+        self.active: _Node | None = self._nodes[0] if self._single else None
         self.stream = stream
+        self.hwm = hwm
         self.wait_s = wait_s
         self.seq = 0
         self.dropped = 0
+        self.moves = 0  # times the stream went to another node
+        self._backlog: collections.deque[list[bytes]] = collections.deque()  # taken by no node yet
+        self._resend_s = resend_s
+        self._recent: collections.deque[list[bytes]] = collections.deque(maxlen=0)  # sized at the first frame
+        self._last: _Node | None = None  # the node that had the stream last
+        self._want_first = False
+        self._poller = zmq.Poller()
+        for node in self._nodes:
+            self._poller.register(node.link.monitor, zmq.POLLIN)
+        if len(self._nodes) > 1:  # "the first node that takes it": give the first a moment to
+            deadline = time.monotonic() + FIRST_GRACE_S
+            while not self._nodes[0].link.up and time.monotonic() < deadline:
+                self._update(50)
 
     def wait_connected(self, wait_s: float) -> bool:
-        """Whether the daemon's end has taken this sender's handshake, waiting up to ``wait_s``
-        for it (``streamd bench --network`` starts its clocks once every sender is connected)."""
-        if not self._link.up:
-            self._update(max(0, int(wait_s * 1000)))
-        return self._link.up
+        """Whether a node has taken this sender's handshake, waiting up to ``wait_s`` for one
+        (``streamd bench --network`` starts its clocks once every sender is connected)."""
+        deadline = time.monotonic() + wait_s
+        self._update()
+        while not self._connected() and time.monotonic() < deadline:
+            self._update(max(1, int((deadline - time.monotonic()) * 1000)))
+        return self._connected()
+
+    def _connected(self) -> bool:
+        return self.active is not None and self.active.link.up
 
     def check(self) -> None:
-        """Follows the connection (and logs it); SendError if the daemon refused this sender.
+        """Follows the connections (and logs them); SendError if a daemon refused this sender.
         Called for every captured frame, also those --vad does not send."""
         self._update()
 
+    def prefer_first(self) -> None:
+        """Move to the first node in the list that is up, at the next frame (safe in a signal handler)."""
+        self._want_first = True
+
     def _update(self, wait_ms: int = 0) -> None:
         try:
-            self._link.update(wait_ms)
+            if wait_ms > 0:
+                self._poller.poll(wait_ms)
+            for node in self._nodes:
+                node.link.update()
         except SendError:
             self._give_up()
             raise
+        self._choose()
+        self._flush()
+
+    def _choose(self) -> None:
+        if self._single:
+            return
+        if self.active is not None and not self.active.link.up:
+            self._lost(self.active)
+        if self._want_first:
+            self._want_first = False
+            first = next((n for n in self._nodes if n.link.up), None)
+            if first is not None and first is not self.active:
+                self._move(first, "told to prefer the first node")
+        if self.active is None:
+            start = self._nodes.index(self._last) + 1 if self._last is not None else 0
+            node = next((n for n in self._nodes[start:] + self._nodes[:start] if n.link.up), None)
+            if node is not None:
+                self._move(node, f"{self._last.endpoint} is gone" if self._last is not None else "")
+
+    def _lost(self, node: _Node) -> None:
+        """The active node is gone: what it may not have heard is sent again to the next."""
+        self._backlog.extendleft(reversed(self._recent))
+        self._recent.clear()
+        while len(self._backlog) > self.hwm:
+            self._backlog.popleft()
+            self.dropped += 1
+        self.active, self._last = None, node
+        if len(self._nodes) > 1:
+            log.warning("send: %s is gone; stream %s goes to the next node that is up", node.endpoint, self.stream)
+
+    def _move(self, node: _Node, why: str) -> None:
+        previous = self.active or self._last
+        if previous is not None and node is not previous:
+            self.moves += 1
+            log.warning("send: stream %s moves to %s (%s; from frame %d)", self.stream, node.endpoint, why,
+                        self._first_unsent())
+        self.active = self._last = node
+
+    def _first_unsent(self) -> int:
+        return json.loads(self._backlog[0][0])["seq"] if self._backlog else self.seq
+
+    def _flush(self) -> None:
+        while self.active is not None and self._backlog and self.active.offer(self._backlog[0]):
+            self._recent.append(self._backlog.popleft())
+
+    def _offer(self, parts: list[bytes]) -> bool:
+        """Hands a frame to the active node, or queues it; False when neither can take it."""
+        if self._single:
+            return self._nodes[0].offer(parts)
+        if self.active is not None and not self._backlog and self.active.offer(parts):
+            self._recent.append(parts)
+            return True
+        if len(self._backlog) < self.hwm:
+            self._backlog.append(parts)
+            return True
+        return False
 
     def _give_up(self) -> None:
-        """Nothing queued will be taken: the socket's close must not linger for it (``--wait``
+        """Nothing queued will be taken: the sockets' close must not linger for it (``--wait``
         is the whole wait)."""
-        self._sock.setsockopt(zmq.LINGER, 0)
+        for node in self._nodes:
+            node.sock.setsockopt(zmq.LINGER, 0)
 
     def send(self, frame: Frame, block: bool = False) -> None:
         """``block``: wait while the queue is full (a file, which has time); a live capture
         never waits, its frames are dropped and counted instead."""
         self._update()
+        if self.seq == 0:
+            self._recent = collections.deque(maxlen=round(self._resend_s * SAMPLE_RATE / len(frame.samples)))
         parts = encode(self.stream, self.seq, frame.t, frame.samples)
+        self.seq += 1  # a dropped frame still takes its number: the receiver counts it as lost
         if block:
             self._send_waiting(parts)
-        else:
-            try:
-                self._sock.send_multipart(parts, zmq.NOBLOCK)
-            except zmq.Again:
-                self.dropped += 1  # the daemon is away and 10 s are queued: capture must not stall
-        self.seq += 1  # a dropped frame still takes its number: the receiver counts it as lost
+        elif not self._offer(parts):
+            self.dropped += 1  # no node takes audio and 10 s are queued: capture must not stall
 
     def _send_waiting(self, parts: list[bytes]) -> None:
         deadline = time.monotonic() + self.wait_s
-        while True:
-            try:
-                return self._sock.send_multipart(parts, zmq.NOBLOCK)
-            except zmq.Again:
-                if time.monotonic() > deadline:
-                    self._give_up()
-                    raise SendError(f"no daemon at {self.endpoint} took audio for {self.wait_s:g} s") from None
-                self._update(100)
+        while not self._offer(parts):
+            if time.monotonic() > deadline:
+                self._give_up()
+                raise SendError(f"no daemon at {self.endpoint} took audio for {self.wait_s:g} s")
+            self._update(100)
 
     def finish(self) -> None:
         """Waits, up to ``wait_s``, for a daemon to take what is queued; SendError if none does."""
         deadline = time.monotonic() + self.wait_s
         self._update()
-        while not self._link.up and self.seq > self.dropped:
+        while self._backlog or (self._single and not self._connected() and self.seq > self.dropped):
             left = deadline - time.monotonic()
             if left <= 0:
                 self._give_up()
@@ -386,6 +517,6 @@ class Sender:
             self._update(max(1, min(100, int(left * 1000))))
 
     def close(self) -> None:
-        self._link.close()
-        self._sock.close()  # lingers up to 2 s while a connected daemon takes the rest
+        for node in self._nodes:
+            node.close()
         self._ctx.term()
