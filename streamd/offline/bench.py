@@ -256,8 +256,13 @@ def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pac
         if pace == "realtime" and time.monotonic() - due > LATE_S:
             overruns += len(names)  # a capture buffer would have overflowed: these frames are lost
             continue
-        for name, samples in zip(names, audio):
-            pipes[name].push(Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured))
+        frames = [Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured)
+                  for name, samples in zip(names, audio)]
+        if isinstance(pipes[names[0]], NaivePipeline):
+            for frame in frames:
+                pipes[frame.stream].push(frame)
+        else:  # as the daemon's loop hands over the frames waiting on its queue
+            engine.push_many(frames)
         engine.pump(force=pace != "realtime")
         while pace != "realtime" and engine.backlogged():  # as the daemon holds a fast file back
             engine.pump(force=True, wait_s=0.05)

@@ -134,16 +134,19 @@ def run_streams(cfg: Config, models: Models, book: SpeakerBook | None, streams: 
     them (as ``streamd run --pace fast`` does). Returns each stream's events and the CPU seconds."""
     publisher = CollectingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
     engine = Engine(cfg, models, book, publisher, Metrics())
-    pipes = {name: engine.add_stream(name) for name in streams}
+    for name in streams:
+        engine.add_stream(name)
     step, frame_s = cfg.vad.frame_samples, cfg.vad.frame_ms / 1000
     ticks = max(len(a) for a in streams.values()) // step
     cpu0 = time.process_time()
     try:
         for i in range(ticks):
+            frames = []
             for name, audio in streams.items():
                 if (i + 1) * step <= len(audio):
                     publisher.heard_s[name] = (i + 1) * frame_s
-                    pipes[name].push(Frame(name, i, audio[i * step : (i + 1) * step], i * frame_s, time.monotonic()))
+                    frames.append(Frame(name, i, audio[i * step : (i + 1) * step], i * frame_s, time.monotonic()))
+            engine.push_many(frames)  # as the daemon hands over the frames that arrived together
             engine.pump(force=True)
             while engine.backlogged():
                 engine.pump(force=True, wait_s=0.05)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from streamd.models.batching import Batcher, Job
 from streamd.config import Config
 from streamd.service.events import Publisher, StatusEvent
@@ -16,6 +18,7 @@ from streamd.service.pipeline import StreamPipeline
 from streamd.audio.readers import StreamStatus
 from streamd.identity.speakers import SpeakerBook
 from streamd.identity.vocabulary import WordBook
+from streamd.signal.vad_bank import VadBank
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 # run would otherwise pile utterances up in memory without bound.
 BACKLOG_PER_STREAM = 4
 MIN_BACKLOG = 16
+# Quiet frames (taken in by the VadBank alone) are added to their streams' frame counts every
+# this many ticks, and whenever a stream's status changes: a count per stream per frame would
+# cost more than the rest of a quiet frame.
+QUIET_COUNT_EVERY = 50
 
 
 class Engine:
@@ -41,6 +48,10 @@ class Engine:
                                cfg.models.max_latency_ms / 1000, self._shed)
         self.batcher.start()  # the models run on threads of their own: other cores
         self.pipelines: dict[str, StreamPipeline] = {}
+        self.vad_bank = VadBank(cfg.vad)  # every stream's VAD levels and gate, a row each
+        self._by_row: list[StreamPipeline] = []  # the pipelines by their bank row
+        self._quiet = np.zeros(0, np.int64)  # quiet frames not yet counted, by row
+        self._ticks = 0
         # Status events waiting for their stream's last results: a consumer that stops at
         # "ended" must have seen every speaker and digit event of the stream before it.
         self._held: dict[str, list[StatusEvent]] = {}
@@ -62,16 +73,61 @@ class Engine:
             if len(self.pipelines) >= self.max_streams:
                 raise ValueError(f"stream {stream!r}: already {self.max_streams} streams (network.max_streams)")
             self.pipelines[stream] = StreamPipeline(stream, self.cfg, self.models, self.book, self.publisher,
-                                                    self.metrics, self.batcher, self.words, realtime)
+                                                    self.metrics, self.batcher, self.words, realtime,
+                                                    self.vad_bank)
             self.metrics.stream_up.labels(stream=stream).set(0)
+            self._by_row.append(self.pipelines[stream])
+            assert self.pipelines[stream].audio.segmenter.row == len(self._by_row) - 1
+            self._quiet = np.resize(self._quiet, self.vad_bank.rows)
+            self._quiet[-1] = 0
         return self.pipelines[stream]
 
     def push(self, frame: Frame) -> None:
         self.pipelines[frame.stream].push(frame)
 
+    def push_many(self, frames: list[Frame]) -> None:
+        """Frames that arrived together (one tick of many streams), in order: their levels and
+        gates are computed at once (VadBank.tick); only the frames of streams in or near speech
+        go on, one by one, to their pipelines. A stream's second frame starts another tick."""
+        start, seen = 0, set()
+        for i, frame in enumerate(frames):
+            if frame.stream in seen:
+                self._tick(frames[start:i])
+                start, seen = i, set()
+            seen.add(frame.stream)
+        self._tick(frames[start:])
+
+    def _tick(self, frames: list[Frame]) -> None:
+        if len(frames) < 2:
+            for frame in frames:
+                self.push(frame)
+            return
+        size = self.cfg.vad.frame_samples
+        if any(len(f.samples) != size for f in frames):
+            raise ValueError(f"VAD frames must hold {size} samples")
+        pipes = [self.pipelines[f.stream] for f in frames]
+        rows = np.fromiter((p.audio.segmenter.row for p in pipes), np.int64, len(pipes))
+        samples = np.concatenate([f.samples for f in frames]).reshape(len(frames), size)
+        tick = self.vad_bank.tick(rows, samples, np.fromiter((f.t for f in frames), np.float64, len(frames)))
+        self._quiet[rows[tick.quiet]] += 1
+        level, gain = tick.level.tolist(), tick.gain_db.tolist()
+        for i in np.flatnonzero(~tick.quiet).tolist():
+            pipes[i].push_ticked(frames[i], level[i], gain[i])
+        self._ticks += 1
+        if self._ticks % QUIET_COUNT_EVERY == 0:
+            self._count_quiet()
+
+    def _count_quiet(self) -> None:
+        """Add the quiet frames to their streams' counts (streamd_frames_total and the rest)."""
+        size = self.cfg.vad.frame_samples
+        for r in np.flatnonzero(self._quiet).tolist():
+            self._by_row[r].audio.quiet(int(self._quiet[r]), size)
+        self._quiet[:] = 0
+
     def status(self, status: StreamStatus) -> None:
         """A source came up, went down or ended: end its utterance if audio stopped, tell
         subscribers and /metrics."""
+        self._count_quiet()
         pipeline = self.pipelines.get(status.stream)
         if pipeline is not None and status.state != "up":
             pipeline.flush()
@@ -111,6 +167,7 @@ class Engine:
 
     def flush(self) -> None:
         """End of everything: close every open utterance and run what is left."""
+        self._count_quiet()
         for pipeline in self.pipelines.values():
             pipeline.flush()
         self.batcher.drain()

@@ -28,6 +28,7 @@ from streamd.service.pending import FinalRequest, PendingWork
 from streamd.service.segmentation import StreamAudio
 from streamd.service.strings import DigitStrings, StringTask, digits_event
 from streamd.signal.vad import SpeechAudio, SpeechEnd, SpeechStart, VadOutput, audio_level
+from streamd.signal.vad_bank import VadBank
 
 
 class Forwarded:
@@ -61,7 +62,7 @@ class StreamPipeline:
 
     def __init__(self, stream: str, cfg: Config, models: Models, book: SpeakerBook | None,
                  publisher: Publisher, metrics: Metrics, batcher: Batcher, words: WordBook | None = None,
-                 realtime: bool = False):
+                 realtime: bool = False, bank: VadBank | None = None):
         self.stream = stream
         self.realtime = realtime  # its decisions have a latency budget (Engine.add_stream)
         self.models = models
@@ -71,7 +72,7 @@ class StreamPipeline:
         self._utterances = metrics.utterances
         stages = StageTimes(metrics.stage, stream)
         self.audio = StreamAudio(cfg, (models.speaker.params, *models.digits.front_ends),
-                                 metrics.add_stream(stream), stages)
+                                 metrics.add_stream(stream), stages, bank)
         self.pending = PendingWork(stream, batcher, metrics.early_finals)
         self.events = StreamEvents(stream, publisher, metrics, stages)
         self.decisions = Decisions(stream, book, words, models.digits.min_confidence(cfg.digits.min_confidence),
@@ -83,6 +84,12 @@ class StreamPipeline:
 
     def push(self, frame: Frame) -> None:
         outputs = self.audio.push(frame)
+        if outputs:
+            self._handle(outputs, frame)
+
+    def push_ticked(self, frame: Frame, level: float, gain_db: float) -> None:
+        """``push`` for a frame the engine's VadBank has taken in (Engine.push_many)."""
+        outputs = self.audio.push_ticked(frame, level, gain_db)
         if outputs:
             self._handle(outputs, frame)
 

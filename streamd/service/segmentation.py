@@ -14,6 +14,7 @@ from streamd.models.inference import FeaturesByFrontEnd
 from streamd.service.metrics import StageTimes, StreamCounts
 from streamd.signal.features import FeatureParams, StreamingFeatures, features_of_audio, normalize
 from streamd.signal.vad import Segmenter, SpeechStart, VadOutput, model_span
+from streamd.signal.vad_bank import VadBank
 
 FEATURE_CHUNK_S = 0.2  # features computed per 0.2 s of speech (and whenever a decision needs them)
 VAD_SAMPLE_EVERY = 25  # frames: the VAD stage is timed on one frame in 25 (timing each cost too much)
@@ -24,8 +25,8 @@ class StreamAudio:
     its audio and, per front end that streams, its features (each sample's computed once)."""
 
     def __init__(self, cfg: Config, front_ends: tuple[FeatureParams, ...], counts: StreamCounts,
-                 stages: StageTimes):
-        self.segmenter = Segmenter(cfg.vad)
+                 stages: StageTimes, bank: VadBank | None = None):
+        self.segmenter = Segmenter(cfg.vad, bank)  # its row of the bank shared by the engine's streams
         self.counts = counts
         self.stages = stages
         # One ring per front end that streams; each sample's features are computed once.
@@ -41,13 +42,26 @@ class StreamAudio:
         return self.segmenter.last_voiced_end
 
     def push(self, frame: Frame) -> list[VadOutput]:
+        return self._timed(self.segmenter.push, frame)
+
+    def push_ticked(self, frame: Frame, level: float, gain_db: float) -> list[VadOutput]:
+        """``push`` for a frame whose levels the bank has taken in with other streams' frames
+        (Engine.push_many) and that was not quiet."""
+        return self._timed(self.segmenter.push_ticked, frame, level, gain_db)
+
+    def _timed(self, push, frame: Frame, *args) -> list[VadOutput]:
         timed = self.counts.frames % VAD_SAMPLE_EVERY == 0  # a sample of the VAD's time, not a total
         start = time.perf_counter() if timed else 0.0
-        outputs = self.segmenter.push(frame)
+        outputs = push(frame, *args)
         if timed:
             self.stages.observe("vad", time.perf_counter() - start)
         self.counts.add_frame(len(frame.samples), self.segmenter.in_speech)
         return outputs
+
+    def quiet(self, frames: int, samples: int) -> None:
+        """Quiet frames of ``samples`` each, taken in by the bank alone, are counted."""
+        self.counts.frames += frames
+        self.counts.audio_samples += frames * samples
 
     def flush(self) -> list[VadOutput]:
         """End of stream: the utterance still open is closed."""

@@ -15,6 +15,8 @@ import numpy as np
 import webrtcvad
 
 from streamd.audio.frames import SAMPLE_RATE, Frame
+from streamd.signal.levels import DIGITAL_SILENCE_DBFS, SILENT_DBFS, levels
+from streamd.signal.vad_bank import VadBank
 
 VAD_FRAME_MS = (10, 20, 30)
 
@@ -98,11 +100,6 @@ VadOutput = SpeechStart | SpeechAudio | SpeechEnd
 CLIP_MS = 3000
 QUIET_DEPTH_DB = 30.0  # a quiet frame lies at least this far under the utterance's loudest  # of unbroken sound after which audio that began in digital silence is gated too
 
-SILENT_DBFS = -120.0
-# Frames quieter than this are digital silence (a muted microphone, a suspended sound server,
-# VoIP silence suppression, zero-filled lost network frames): no microphone's noise floor is
-# this low (-96 dBFS is the RMS of one least significant bit).
-DIGITAL_SILENCE_DBFS = -100.0
 
 
 def frame_dbfs(samples: np.ndarray) -> float:
@@ -112,14 +109,10 @@ def frame_dbfs(samples: np.ndarray) -> float:
 
 def frame_levels(samples: np.ndarray) -> tuple[float, float]:
     """``frame_dbfs`` and the same with the DC offset left out (what the noise floor and gate
-    compare), from one pass over the samples (integer sums: exact)."""
-    x = samples.astype(np.int64)
-    n = len(x)
-    total, squares = int(x.sum()), int(x @ x)
-    least = 10 ** (SILENT_DBFS / 10)
-    power = squares / n / 32768.0**2
-    ac = max(squares - total * total / n, 0.0) / n / 32768.0**2
-    return 10.0 * math.log10(max(power, least)), 10.0 * math.log10(max(ac, least))
+    compare): ``levels`` of one frame, so that a frame's levels are the same whether it comes
+    alone or with other streams' (VadBank)."""
+    dbfs, ac = levels(samples.reshape(1, -1))
+    return float(dbfs[0]), float(ac[0])
 
 
 def audio_level(audio: np.ndarray) -> tuple[float, float, float]:
@@ -248,17 +241,22 @@ class InputGain:
 
 
 class Segmenter:
-    def __init__(self, params: VadParams):
+    """One stream's gate. Its levels, noise estimates, pre-roll and onset votes live in a row of
+    a ``VadBank`` (its own, or one shared by many streams, whose frames then arrive together
+    through ``VadBank.tick`` and ``push_ticked``); the utterance state machine lives here."""
+
+    def __init__(self, params: VadParams, bank: VadBank | None = None):
         if params.frame_ms not in VAD_FRAME_MS:
             raise ValueError(f"vad.frame_ms must be one of {VAD_FRAME_MS}, got {params.frame_ms}")
         if params.tail_ms > params.hangover_ms:
             raise ValueError("vad.tail_ms must not exceed vad.hangover_ms")
+        if bank is not None and bank.params != params:
+            raise ValueError("a Segmenter's bank must have its VadParams")
         self.params = params
+        self.bank = bank if bank is not None else VadBank(params, 1)
+        self.row = self.bank.add()
+        self._rows = np.array([self.row])
         self._vad = webrtcvad.Vad(params.aggressiveness)
-        self._gain = InputGain(params)
-        self._floor = NoiseFloor(params.frame_ms, params.min_snr_db)
-        self._pauses = PauseNoise(params.frame_ms)
-        self._clip_frames = params.frames(CLIP_MS)
         self._onset = params.frames(params.onset_ms)
         self._hangover = params.frames(params.hangover_ms)
         self._quiet_end = params.frames(params.quiet_end_ms) if params.quiet_end_ms > 0 else None
@@ -267,24 +265,21 @@ class Segmenter:
 
     def reset(self) -> None:
         self._vad.set_mode(self.params.aggressiveness)
-        self._gain.reset()
-        self._floor.reset()
-        self._pauses.reset()
-        self._gated: bool | None = None  # decided by the first frame (see is_speech)
-        self._sound_run = 0  # frames of sound (not digital silence) in a row
-        self._history: collections.deque[tuple[Frame, bool, float]] = collections.deque(
-            maxlen=self.params.frames(self.params.preroll_ms) + self._onset
-        )
-        self._onset_votes: collections.deque[bool] = collections.deque(maxlen=self._onset)
-        self._voiced_in_onset = 0  # voiced frames among the last onset frames (kept as they come)
+        self.bank.reset_row(self.row)
         self._active: SpeechStart | None = None
         self._silent_run = 0
         self._quiet_run = 0  # frames in a row that are quiet (see _quiet)
         self._peak = SILENT_DBFS  # the open utterance's loudest frame
         self._level = SILENT_DBFS  # the latest frame's level, DC left out
+        self._gain_db = 0.0  # the latest frame's InputGain
         self._last_voiced_end = 0.0
         self._last_frame: Frame | None = None
         self._continue = False
+        self._set_idle()
+
+    def _set_idle(self) -> None:
+        """Tell the bank whether a quiet frame may take the idle step there (VadBank.tick)."""
+        self.bank.idle[self.row] = self._active is None and not self._continue
 
     @property
     def in_speech(self) -> bool:
@@ -295,83 +290,84 @@ class Segmenter:
         """Audio time where the latest voiced frame of the utterance going on ends."""
         return self._last_voiced_end
 
+    def _tick(self, frame: Frame, machine: bool):
+        if len(frame.samples) != self.params.frame_samples:
+            raise ValueError(f"VAD frames must hold {self.params.frame_samples} samples")
+        return self.bank.tick(self._rows, frame.samples.reshape(1, -1), np.array([frame.t]), machine)
+
     def is_speech(self, frame: Frame) -> bool:
         """webrtcvad's call on the gained frame, confirmed, where the audio has a noise floor
         (``NoiseFloor.noisy``), by the frame standing ``min_snr_db`` above it and above the
         noise of the pauses (``PauseNoise``): webrtcvad fires on steady noise when it starts,
-        on noise after digital silence, on loud noise and on other people talking.
+        on noise after digital silence, on loud noise and on other people talking. A frame
+        under that gate is silence without asking webrtcvad (``VadBank``).
 
         Audio that begins in digital silence is taken for clips joined by zeros (as the models'
         training clips are cut by ``heard_utterance``, and as the bundled recordings are) until
         it has carried ``CLIP_MS`` of sound without a break: it is cut by webrtcvad alone, as
         the models were trained. Any other stream is gated from its first frame."""
-        dbfs, level = frame_levels(frame.samples)
-        self._level = level
-        voiced = self._vad.is_speech(self._gain(frame.samples, dbfs).tobytes(), SAMPLE_RATE)
-        if self.params.min_snr_db <= 0:
-            return voiced
-        self._observe(level)
-        if not voiced or not (self._gated and self._floor.noisy):
-            return voiced
-        return level >= max(self._floor.value + self.params.min_snr_db, self._pauses.gate)
+        tick = self._tick(frame, machine=False)
+        self._level, self._gain_db = float(tick.level[0]), float(tick.gain_db[0])
+        return False if tick.quiet[0] else self._voiced(frame.samples)
 
-    def _observe(self, level: float) -> None:
-        """Take a frame's level into the noise estimates and the clip-or-stream decision."""
-        self._floor.push(level)
-        if not self._pauses.ready:  # at start-up, whatever is heard; later, see _idle
-            self._pauses.push(level)
-        self._sound_run = self._sound_run + 1 if level > DIGITAL_SILENCE_DBFS else 0
-        if self._gated is None:
-            self._gated = self._sound_run > 0
-        elif not self._gated and self._sound_run >= self._clip_frames:
-            self._gated = True
+    def _voiced(self, samples: np.ndarray) -> bool:
+        """The frame's call, its levels and the noise estimates taken in (VadBank.tick)."""
+        b, r, p = self.bank, self.row, self.params
+        for skipped, gain in b.take_skipped(r):  # webrtcvad's state, as if it had heard them
+            self._vad.is_speech(_gained(skipped, gain, p).tobytes(), SAMPLE_RATE)
+        voiced = self._vad.is_speech(_gained(samples, self._gain_db, p).tobytes(), SAMPLE_RATE)
+        if p.min_snr_db <= 0 or not voiced or not (b.gated[r] == 1 and b.floor_noisy[r]):
+            return voiced
+        return self._level >= max(float(b.floor_value[r]) + p.min_snr_db, float(b.pause_gate[r]))
 
     def push(self, frame: Frame) -> list[VadOutput]:
-        if len(frame.samples) != self.params.frame_samples:
-            raise ValueError(f"VAD frames must hold {self.params.frame_samples} samples")
-        voiced = self.is_speech(frame)
+        tick = self._tick(frame, machine=True)
+        if tick.quiet[0]:
+            self._last_frame = frame
+            return []  # the idle step is taken (VadBank.tick)
+        return self.push_ticked(frame, float(tick.level[0]), float(tick.gain_db[0]))
+
+    def push_ticked(self, frame: Frame, level: float, gain_db: float) -> list[VadOutput]:
+        """The rest of ``push`` for a frame whose row has taken its tick and was not quiet."""
+        self._level, self._gain_db = level, gain_db
+        voiced = self._voiced(frame.samples)
         self._last_frame = frame
         if self._active is None:
             return self._idle(frame, voiced)
         return self._speaking(frame, voiced)
 
     def _idle(self, frame: Frame, voiced: bool) -> list[VadOutput]:
+        b, r = self.bank, self.row
         if self._continue:  # an utterance was cut at max length: go straight on
             self._continue = False
-            return [self._start(frame.t, [frame], frame)]
-        if len(self._history) == self._history.maxlen and self._pauses.ready:
+            return [self._start(frame.t, frame.t, frame.samples.copy(), frame)]
+        if b.history_full(r) and b.pauses_ready(r):
             # A frame leaves the pre-roll without becoming part of an utterance: pause noise.
             # (Frames are taken only here and with the pre-roll, never the onset's, so the next
             # word's onset never raises the gate: with 0.3 s pauses it would be half of what
             # is heard between utterances.)
-            self._pauses.push(self._history[0][2])
-        self._history.append((frame, voiced, self._level))
-        if len(self._onset_votes) == self._onset:
-            self._voiced_in_onset -= self._onset_votes[0]
-        self._onset_votes.append(voiced)
-        self._voiced_in_onset += voiced
-        if len(self._onset_votes) < self._onset or self._voiced_in_onset < self.params.onset_ratio * self._onset:
+            b.push_pause(r, b.oldest_level(r))
+        b.append_history(r, frame.samples, frame.t, voiced, self._level, self._gain_db)
+        held, voiced_in_onset = b.vote(r, voiced)
+        if held < self._onset or voiced_in_onset < self.params.onset_ratio * self._onset:
             return []  # the common case in silence: no list is built
-        recent = [(f, v) for f, v, _ in list(self._history)[-self._onset :]]
-        self._onset_votes.clear()
-        self._voiced_in_onset = 0
-        first_voiced = next(f for f, v in recent if v)
-        if self._pauses.ready:  # the pre-roll was pause; the onset frames are the utterance's
-            for _, _, level in list(self._history)[: -self._onset]:
-                self._pauses.push(level)
-        frames = [f for f, _, _ in self._history]
-        self._history.clear()
-        return [self._start(first_voiced.t, frames, frame)]
+        slots = b.history(r)
+        b.clear_votes(r)
+        onset = slots[-self._onset :]
+        first_voiced = float(b.hist_t[r, onset[np.argmax(b.hist_voiced[r, onset])]])
+        if b.pauses_ready(r):  # the pre-roll was pause; the onset frames are the utterance's
+            for level in b.hist_level[r, slots[: -self._onset]].tolist():
+                b.push_pause(r, level)
+        audio = b.hist_samples[r, slots].reshape(-1)  # a copy (fancy indexing)
+        audio_t = float(b.hist_t[r, slots[0]])
+        b.clear_history(r)
+        return [self._start(first_voiced, audio_t, audio, frame)]
 
-    def _start(self, t_start: float, frames: list[Frame], current: Frame) -> SpeechStart:
-        start = SpeechStart(
-            utterance=self._next_utterance,
-            t_start=t_start,
-            audio_t=frames[0].t,
-            audio=np.concatenate([f.samples for f in frames]),
-        )
+    def _start(self, t_start: float, audio_t: float, audio: np.ndarray, current: Frame) -> SpeechStart:
+        start = SpeechStart(utterance=self._next_utterance, t_start=t_start, audio_t=audio_t, audio=audio)
         self._next_utterance += 1
         self._active = start
+        self._set_idle()
         self._silent_run = self._quiet_run = 0
         self._peak = self._level
         self._last_voiced_end = current.t_end
@@ -393,16 +389,19 @@ class Segmenter:
             self._last_voiced_end = frame.t_end
             out.append(self._end("max_length", frame))
             self._continue = True
+            self._set_idle()
         return out
 
     def _quiet(self) -> bool:
-        return self._level < min(self._floor.value + self.params.quiet_db, self._peak - QUIET_DEPTH_DB)
+        floor = float(self.bank.floor_value[self.row])
+        return self._level < min(floor + self.params.quiet_db, self._peak - QUIET_DEPTH_DB)
 
     def _paused(self) -> bool:
         """Whether a quiet pause (``VadParams.quiet_end_ms``) ends the utterance. Not in clips
         joined by zeros (see is_speech): cut by webrtcvad alone, as the models' training clips."""
         n = self._quiet_end
-        return n is not None and bool(self._gated) and self._silent_run >= n and self._quiet_run >= n
+        gated = self.bank.gated[self.row] == 1
+        return n is not None and gated and self._silent_run >= n and self._quiet_run >= n
 
     def _end(self, reason: str, closing: Frame) -> SpeechEnd:
         assert self._active is not None
@@ -411,6 +410,7 @@ class Segmenter:
         if reason != "max_length" and (t_end - active.t_start) * 1000 < self.params.min_utterance_ms:
             reason = "too_short"
         self._active = None
+        self._set_idle()
         self._silent_run = 0
         return SpeechEnd(
             utterance=active.utterance,
@@ -424,9 +424,17 @@ class Segmenter:
     def flush(self) -> list[VadOutput]:
         """End of stream: close an utterance still open."""
         self._continue = False
+        self._set_idle()
         if self._active is None or self._last_frame is None:
             return []
         return [self._end("end_of_stream", self._last_frame)]
+
+
+def _gained(samples: np.ndarray, gain_db: float, params: VadParams) -> np.ndarray:
+    """webrtcvad's copy of a frame: ``InputGain``'s gain applied."""
+    if params.max_gain_db <= 0 or gain_db <= 0:
+        return samples
+    return np.clip(np.round(samples * 10 ** (gain_db / 20)), -32768, 32767).astype(np.int16)
 
 
 def segment_clip(audio: np.ndarray, params: VadParams) -> list[SpeechEnd]:
