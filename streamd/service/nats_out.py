@@ -86,11 +86,13 @@ class NatsOut:
     def put(self, topic: str, data: bytes, seq: int) -> None:
         item = _Item(SUBJECT_PREFIX + topic, with_node(data, self.settings.node), f"{self._boot}-{seq}")
         with self._lock:
+            idle = not self._buffer  # else the NATS thread is at work and will find this one: no wake-up needed
             if len(self._buffer) >= self.settings.buffer:
                 self._buffer.popleft()
                 self._count_drop()
             self._buffer.append(item)
-        self._poke()
+        if idle:
+            self._poke()
 
     def buffered(self) -> int:
         return len(self._buffer)
