@@ -50,10 +50,14 @@ async def _listen(opts: NatsListen, handle: Callable[[dict], None]) -> int:
         await nc.close()
 
 
+async def _quiet(_exc: Exception) -> None:
+    """nats-py's default logs every failed (re)connection with a traceback; this one line is enough."""
+
+
 async def _connect(servers: tuple[str, ...]):
     try:
         return await asyncio.wait_for(nats.connect(list(servers), max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                                   connect_timeout=2), CONNECT_WAIT_S)
+                                                   connect_timeout=2, error_cb=_quiet), CONNECT_WAIT_S)
     except (asyncio.TimeoutError, nats.errors.Error, OSError):
         raise ListenError(f"listen --nats {','.join(servers)}: cannot connect within {CONNECT_WAIT_S:g} s") from None
 
