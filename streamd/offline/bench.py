@@ -258,16 +258,22 @@ def _feed(cfg: Config, engine: Engine, pipes: dict, audio: list[np.ndarray], pac
             continue
         frames = [Frame(name, i, samples[i * step : (i + 1) * step], i * frame_s, captured)
                   for name, samples in zip(names, audio)]
-        if isinstance(pipes[names[0]], NaivePipeline):
-            for frame in frames:
-                pipes[frame.stream].push(frame)
-        else:  # as the daemon's loop hands over the frames waiting on its queue
-            engine.push_many(frames)
+        _push(engine, pipes, frames)
         engine.pump(force=pace != "realtime")
         while pace != "realtime" and engine.backlogged():  # as the daemon holds a fast file back
             engine.pump(force=True, wait_s=0.05)
     _end_streams(engine, pipes, publisher)
     return {"overruns": overruns, "cpu": time.process_time() - cpu0, "wall": time.monotonic() - wall0}
+
+
+def _push(engine: Engine, pipes: dict, frames: list[Frame]) -> None:
+    """Frames that arrived together: to the engine at once, as the daemon's loop hands over
+    the frames waiting on its queue (the naive pipelines take them one by one)."""
+    if frames and isinstance(pipes[frames[0].stream], NaivePipeline):
+        for frame in frames:
+            pipes[frame.stream].push(frame)
+    else:
+        engine.push_many(frames)
 
 
 def _end_streams(engine: Engine, pipes: dict, publisher) -> None:
@@ -358,16 +364,21 @@ def _feed_network(cfg: Config, engine: Engine, pipes: dict, seconds: float, pace
                         if len(receiver.delays) >= expected or time.monotonic() - quiet_since > 3:
                             break
                     continue
+                batch: list[Frame] = []  # handed over together, as the daemon's loop does
                 for _ in range(1024):  # everything that is waiting, then the models once
                     if isinstance(item, Frame):
                         late += time.monotonic() - item.captured_at > LATE_S
-                        pipes[item.stream].push(item)
-                    elif isinstance(item, StreamIdle):
+                        batch.append(item)
+                    else:
+                        _push(engine, pipes, batch)
+                        batch = []
+                    if isinstance(item, StreamIdle):
                         pipes[item.stream].flush()
                     try:
                         item = frames.get_nowait()
                     except queue.Empty:
                         break
+                _push(engine, pipes, batch)
                 if report is not None:
                     quiet_since = time.monotonic()
                 engine.pump()

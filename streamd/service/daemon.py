@@ -20,6 +20,7 @@ from streamd.service.events import GalleryEvent, Publisher, StatusEvent
 from streamd.service import control
 from streamd.service.commands import DaemonCommands
 from streamd.identity.gallery import Gallery, StorageError
+from streamd.identity.gallery_writer import GalleryWriter, Write
 from streamd.identity.store import describe, open_gallery as open_store
 from streamd.models.inference import load_models
 from streamd.identity.vocabulary import open_word_book
@@ -150,7 +151,9 @@ class Daemon:
         server = self.metrics.serve(cfg.metrics.listen) if cfg.metrics.listen else None
         gallery = open_gallery(cfg)
         self.state_dir = cfg.state_dir()  # named in control replies: a client can tell whose gallery answers
-        self.book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
+        self.writer = self._gallery_writer(gallery)
+        away = gallery is not None and gallery.down is not None  # what follows reads it again when it returns
+        self.book = SpeakerBook(gallery, models.speaker, writes=self.writer, **book_settings(cfg.identity))
         self._audit_seen = self._last_audit(gallery)  # published up to here
         self._gallery_down: str | None = None  # as last reported
         self.metrics.gallery_up.set(0 if gallery is None else 1)
@@ -158,6 +161,11 @@ class Daemon:
             gallery.on_change = self._gallery_changed
         self._audit_checked = 0.0
         self.words = open_word_book(gallery, cfg)
+        if self.writer is not None:
+            catch_up = Write("catch up with the gallery", self._catch_up)
+            gallery.on_up.append(lambda: self.writer.submit(catch_up))
+            if away and gallery.down is None:  # it came back before that
+                self.writer.submit(catch_up)
         self.control = control.ControlServer(cfg.control.endpoint or control.default_endpoint(),
                                              curve=control.server_curve(cfg))
         self.commands = DaemonCommands(self)
@@ -192,6 +200,8 @@ class Daemon:
             publisher.close()
             if server is not None:
                 server.shutdown()
+            if self.writer is not None:
+                self.writer.close()
             self.book.close()
             if gallery is not None:
                 gallery.close()
@@ -215,6 +225,20 @@ class Daemon:
         """NATS came or went (called on its thread; the publisher takes a lock)."""
         self.metrics.nats_connected.set(1 if up else 0)
         self.publisher.publish(StatusEvent("daemon", "up" if up else "down", f"events.nats: {why}"))
+
+    def _gallery_writer(self, gallery: Gallery | None) -> GalleryWriter | None:
+        """A shared gallery's cluster writes, re-reads and catching up: on a thread of their own."""
+        if gallery is None or not gallery.shared:
+            return None
+        writer = GalleryWriter(lambda: gallery.down is not None, on_drop=self.metrics.gallery_writes_dropped.inc)
+        self.metrics.gallery_writes_queued.set_function(writer.queued)
+        return writer
+
+    def _catch_up(self) -> None:
+        """The shared gallery answers again (or for the first time): on the writer's thread."""
+        self.book.catch_up()
+        if self.words is not None:
+            self.words.catch_up()
 
     @property
     def pipelines(self):
@@ -247,11 +271,15 @@ class Daemon:
                 if not up:
                     watchdog.processed()  # every source is down and being retried: alive, not stuck
                 continue
+            frames: list[Frame] = []  # handed to the engine together (Engine.push_many)
             for _ in range(1024):  # everything that is waiting, then the models once
                 if isinstance(item, Frame):
                     if item.stream in self.engine.pipelines or self._admit(item.stream):
-                        self.engine.push(item)
-                elif isinstance(item, StreamStatus):
+                        frames.append(item)
+                else:
+                    self.engine.push_many(frames)  # the frames before it came first
+                    frames = []
+                if isinstance(item, StreamStatus):
                     ended_with = self._status(item, up, running) or ended_with
                 elif isinstance(item, StreamIdle) and item.stream in self.engine.pipelines:
                     self.engine.pipelines[item.stream].flush()  # its sender stopped: no more audio
@@ -259,6 +287,7 @@ class Daemon:
                     item = self.frames.get_nowait()
                 except queue.Empty:
                     break
+            self.engine.push_many(frames)
             self.engine.pump()
             watchdog.processed()
             self._count_overruns()

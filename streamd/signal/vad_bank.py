@@ -13,9 +13,9 @@ The scalar classes in ``streamd.signal.vad`` are the definition; tests/test_vad_
 that a row here holds what they hold, frame by frame.
 
 webrtcvad keeps state of its own (a filter, adaptive noise and speech models, its own
-hangover), which a skipped frame does not update; before it runs again on a stream, up to
-``REPLAY_FRAMES`` of the frames it skipped (kept in the pre-roll with their gain) are replayed
-into it, so that its short-term state is what it would have been. BENCHMARKS.md ("Per-frame path
+hangover), which a skipped frame does not update; before it runs again on a stream, the last
+``REPLAY_FRAMES`` of the frames it skipped (kept with their gain) are replayed into it, so that
+its state is what it would have been. BENCHMARKS.md ("Per-frame path
 batched across streams") measures what skipping changes on real audio.
 """
 
@@ -44,7 +44,10 @@ class VadBank:
     """Rows of VAD state for streams that share one ``VadParams``. ``add()`` gives a row;
     arrays grow as rows are added. Rows passed to one ``tick`` must be distinct."""
 
-    REPLAY_FRAMES = 15  # the whole pre-roll (measured: fewer frames, more boundaries moved)
+    # Measured (BENCHMARKS.md): replaying 15 frames left 16 of 196 utterance boundaries moved
+    # in noise, 50 frames 2, 100 frames none. webrtcvad's slowest state (the minimum of each
+    # band's energy) looks back 100 frames.
+    REPLAY_FRAMES = 100
     SKIP_QUIET = True  # False: every frame goes to webrtcvad (for measuring what skipping changes)
 
     def __init__(self, params, capacity: int = 4):
@@ -84,6 +87,8 @@ class VadBank:
             ("votes_bits", (), np.int64, 0),  # the onset votes, newest in bit 0
             ("votes_len", (), np.int64, 0), ("votes_count", (), np.int64, 0),
             ("idle", (), bool, True), ("skipped", (), np.int64, 0),
+            # The frames webrtcvad skipped, for replaying (slot: skipped % REPLAY_FRAMES).
+            ("skip_samples", (self.REPLAY_FRAMES, s), np.int16, 0), ("skip_gain", (self.REPLAY_FRAMES,), np.float64, 0.0),
         )
 
     def _grow(self, capacity: int) -> None:
@@ -234,7 +239,10 @@ class VadBank:
         self.votes_count[sel] = self.votes_count[sel] - ((bits >> (self.onset_n - 1)) & 1)
         self.votes_bits[sel] = (bits << 1) & self._votes_mask
         self.votes_len[sel] = np.minimum(self.votes_len[sel] + 1, self.onset_n)
-        self.skipped[sel] = self.skipped[sel] + 1
+        skipped = self.skipped[sel]
+        at = _at(sel, skipped % self.REPLAY_FRAMES)
+        self.skip_samples[at], self.skip_gain[at] = samples, gain
+        self.skipped[sel] = skipped + 1
 
     # --- one row, for its Segmenter (frames near or in speech) ----------------------------
 
@@ -275,13 +283,14 @@ class VadBank:
         self.votes_bits[r] = self.votes_len[r] = self.votes_count[r] = 0
 
     def take_skipped(self, r: int) -> list[tuple[np.ndarray, float]]:
-        """The newest frames (samples, gain) whose webrtcvad call was skipped since it last ran
-        on this row, up to REPLAY_FRAMES; the count starts over."""
-        n = min(int(self.skipped[r]), int(self.hist_len[r]), self.REPLAY_FRAMES)
+        """The frames (samples, gain), oldest first, whose webrtcvad call was skipped since it
+        last ran on this row, the newest REPLAY_FRAMES of them; the count starts over."""
+        skipped = int(self.skipped[r])
+        if not skipped:
+            return []
         self.skipped[r] = 0
-        slots = self.history(r)[len(self.history(r)) - n:] if n else ()
-        return [(self.hist_samples[r, s], float(self.hist_gain[r, s])) for s in slots]
-
+        return [(self.skip_samples[r, j % self.REPLAY_FRAMES], float(self.skip_gain[r, j % self.REPLAY_FRAMES]))
+                for j in range(max(0, skipped - self.REPLAY_FRAMES), skipped)]
 
 def _rows(rows: np.ndarray):
     """The rows as a slice where they are all the first rows in order (the usual tick of a
@@ -306,9 +315,9 @@ def _at(sel, pos: np.ndarray):
 
 def _kth_rows(arr: np.ndarray, *ks: np.ndarray) -> np.ndarray:
     """``arr`` with, in each row i, every ``k[i]``-th smallest value in its place (for each k
-    in ``ks``): np.partition where the rows share their ks (the usual case: windows full),
-    a sort otherwise."""
-    firsts = [int(k[0]) for k in ks]
-    if all((k == f).all() for k, f in zip(ks, firsts)):
-        return np.partition(arr, sorted(set(firsts)), axis=1)
+    in ``ks``): np.partition where the rows share one k (the usual case: windows full), a sort
+    otherwise (numpy's partition at several ks costs several times a sort)."""
+    first = int(ks[0][0])
+    if len(ks) == 1 and (ks[0] == first).all():
+        return np.partition(arr, first, axis=1)
     return np.sort(arr, axis=1)
