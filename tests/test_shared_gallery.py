@@ -57,8 +57,9 @@ def test_the_gallery_api_round_trips_on_postgresql(pg_url):
         gone = a.remove_speaker("alicia", "cli", (cid,), tuple(a.feature_blobs("alicia")))
         assert gone == [cid] and store.listing() == [] and a.erase()
         assert a.remove_speaker("alicia") is None
+        expected = [("enroll", None), ("rename", None), ("remove", None)]
+        assert wait_until(lambda: [(e["action"], e["name"]) for e in b.audit(0)] == expected, 1.0), b.audit(0)
         trail = b.audit(0)
-        assert [(e["action"], e["name"]) for e in trail] == [("enroll", None), ("rename", None), ("remove", None)]
         assert wait_until(lambda: b.audit(b.last_audit() - 1) == trail[-1:], 1.0)
 
         words = a.word_store()

@@ -70,10 +70,24 @@ class ClusterStore:
     def close(self) -> None:
         self.db.close()
 
+    def new_cluster(self, now: float) -> int:
+        """A new, empty cluster's id (the next ``add`` fills it)."""
+        with Transaction(self.db):
+            return self.db.execute("INSERT INTO clusters(created, updated) VALUES (?, ?)", (now, now)).lastrowid
+
+    def refill(self) -> None:
+        pass  # ids come from AUTOINCREMENT, one at a time
+
+    def changed_elsewhere(self) -> bool:
+        return False  # another process's changes are read on reload (SIGHUP)
+
+    def updated_times(self) -> dict[int, float]:
+        return dict(self.db.execute("SELECT id, updated FROM clusters").fetchall())
+
     def add(self, cid: int | None, utt: Utterance, vector: np.ndarray, sha: str, key: str,
-            max_members: int, now: float) -> int:
+            max_members: int, now: float, new: bool = False) -> int:
         """Add an utterance to cluster ``cid`` (a new cluster when None); keeps the newest
-        ``max_members``. Returns the cluster id."""
+        ``max_members``. Returns the cluster id. (``new``: made by new_cluster, nothing to do.)"""
         with Transaction(self.db):
             if cid is None:
                 cid = self.db.execute("INSERT INTO clusters(created, updated) VALUES (?, ?)", (now, now)).lastrowid

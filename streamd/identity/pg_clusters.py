@@ -3,11 +3,19 @@ methods as streamd.identity.cluster_store.ClusterStore and word_store.SqliteWord
 gallery's work connection (PgGallery.using: StorageError for every failure, at once while the
 database is away).
 
-Clusters are shared in storage (listing, promotion and erasure see every node's); each node
-matches against the clusters it had at start-up or its last reload plus those it formed itself.
+Clusters are shared: each write reads the clusters' change counter (schema ``changes``) before
+and after it, so the store knows when another node (or a removal) changed them, and the
+daemon's cluster writer then re-reads them (UnknownClusters.poll). The writes and those
+re-reads run on a connection of their own (a ``Lane``), off the commands' one; listing,
+promotion and export use the commands'.
+
+A new cluster's id is reserved from the table's sequence ahead of time (``new_cluster`` takes
+one from memory), so an unknown voice is labelled at once and its row written later.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import psycopg
@@ -17,30 +25,80 @@ from streamd.identity.pg_gallery import PgGallery
 from streamd.identity.scoring import Utterance
 
 
+RESERVE = 16  # cluster ids reserved at a time; refilled below half
+
+
 class PgClusterStore:
     def __init__(self, gallery: PgGallery):
         self.gallery = gallery
         self.path = gallery.path
+        self._lane = gallery.lane()
+        self._known: int | None = None  # the change counter after this store's last write or read
+        self._elsewhere = False  # another writer changed the clusters since
+        self._ids: list[int] = []  # reserved cluster ids
+        self._ids_lock = threading.Lock()
 
     def close(self) -> None:
-        pass  # the gallery's connection
+        pass  # the gallery closes its connections
 
-    def _do(self, action: str, work):
+    def _do(self, action: str, work, commands: bool = False):
+        """``work(db)`` in a transaction; on the store's own connection, or the commands'."""
         def in_transaction(db: psycopg.Connection):
             with db.transaction():
                 return work(db)
 
-        return self.gallery.using(action, in_transaction)
+        return self.gallery.using(action, in_transaction, None if commands else self._lane)
+
+    def _write(self, action: str, work):
+        """A change, noting whether anyone else changed the clusters since this store last looked
+        (the counter's row lock orders the writers of every node)."""
+        def counted(db: psycopg.Connection):
+            before = db.execute("SELECT n FROM changes WHERE what = 'clusters' FOR UPDATE").fetchone()[0]
+            out = work(db)
+            after = db.execute("SELECT n FROM changes WHERE what = 'clusters'").fetchone()[0]
+            self._elsewhere = self._elsewhere or before != self._known
+            self._known = after
+            return out
+
+        return self._do(action, counted)
+
+    def changed_elsewhere(self) -> bool:
+        """Whether the clusters were changed by another node (or a removal) since this store's
+        last write or read: reads memory only."""
+        return self._known is None or self._elsewhere or self.gallery.clusters_version() > self._known
+
+    def new_cluster(self, now: float) -> int | None:
+        """A reserved id for a new cluster (written by the next ``add``); None when none is left."""
+        with self._ids_lock:
+            return self._ids.pop(0) if self._ids else None
+
+    def refill(self) -> None:
+        """Reserve more cluster ids when fewer than half are left."""
+        with self._ids_lock:
+            need = RESERVE - len(self._ids)
+        if need < RESERVE // 2:
+            return
+        ids = self._do("reserve cluster ids", lambda db: [r[0] for r in db.execute(
+            "SELECT nextval(pg_get_serial_sequence('clusters', 'id')) FROM generate_series(1, %s)",
+            (need,)).fetchall()])
+        with self._ids_lock:
+            self._ids.extend(ids)
 
     def add(self, cid: int | None, utt: Utterance, vector: np.ndarray, sha: str, key: str,
-            max_members: int, now: float) -> int:
+            max_members: int, now: float, new: bool = False) -> int:
+        """``new``: ``cid`` was reserved (new_cluster) and its row is made now. An utterance for
+        a cluster that is gone (promoted or removed on another node meanwhile) is not stored."""
         def work(db: psycopg.Connection) -> int:
             nonlocal cid
             if cid is None:
                 (cid,) = db.execute("INSERT INTO clusters(created, updated) VALUES (%s, %s) RETURNING id",
                                     (now, now)).fetchone()
-            db.execute("UPDATE clusters SET updated = %s, heard = heard + 1, seconds = seconds + %s WHERE id = %s",
-                       (now, utt.seconds, cid))
+            elif new:  # ON CONFLICT: a retry after a commit whose answer was lost
+                db.execute("INSERT INTO clusters(id, created, updated) OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s) "
+                           "ON CONFLICT (id) DO NOTHING", (cid, now, now))
+            if not db.execute("UPDATE clusters SET updated = %s, heard = heard + 1, seconds = seconds + %s "
+                              "WHERE id = %s", (now, utt.seconds, cid)).rowcount:
+                return cid
             (mid,) = db.execute(
                 "INSERT INTO cluster_members(cluster_id, features, dims, feature_key, seconds, peak, clipped, "
                 "rms_dbfs, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
@@ -51,24 +109,34 @@ class PgClusterStore:
             self._keep_newest(db, cid, max_members)
             return cid
 
-        return self._do("store an unknown voice", work)
+        return self._write("store an unknown voice", work)
 
     def vectors(self, sha: str, cid: int | None = None) -> dict[int, np.ndarray]:
         where = "" if cid is None else " AND m.cluster_id = %s"
-        rows = self._do("read the clusters", lambda db: db.execute(
-            "SELECT m.cluster_id, e.vector FROM cluster_embeddings e JOIN cluster_members m ON m.id = e.member_id "
-            f"WHERE e.model_sha256 = %s{where} ORDER BY m.cluster_id, m.id",
-            (sha,) if cid is None else (sha, cid)).fetchall())
+
+        def read(db: psycopg.Connection) -> list[tuple]:
+            if cid is None:  # all of them: what the counter says is in them now
+                self._known = db.execute("SELECT n FROM changes WHERE what = 'clusters'").fetchone()[0]
+                self._elsewhere = False
+            return db.execute(
+                "SELECT m.cluster_id, e.vector FROM cluster_embeddings e JOIN cluster_members m ON m.id = e.member_id "
+                f"WHERE e.model_sha256 = %s{where} ORDER BY m.cluster_id, m.id",
+                (sha,) if cid is None else (sha, cid)).fetchall()
+
+        rows = self._do("read the clusters", read)
         out: dict[int, list[np.ndarray]] = {}
         for c, blob in rows:
             out.setdefault(c, []).append(from_blob(blob))
         return {c: np.stack(v) for c, v in out.items()}
 
+    def updated_times(self) -> dict[int, float]:
+        return dict(self._do("read the clusters", lambda db: db.execute("SELECT id, updated FROM clusters").fetchall()))
+
     def members(self, cid: int, sha: str) -> tuple[list[Utterance], np.ndarray]:
         rows = self._do("read a cluster", lambda db: db.execute(
             "SELECT m.features, m.dims, m.seconds, m.peak, m.clipped, m.rms_dbfs, e.vector FROM cluster_members m "
             "JOIN cluster_embeddings e ON e.member_id = m.id AND e.model_sha256 = %s WHERE m.cluster_id = %s "
-            "ORDER BY m.id", (sha, cid)).fetchall())
+            "ORDER BY m.id", (sha, cid)).fetchall(), commands=True)
         utts = [Utterance(from_blob(f, d), s, p, c, r) for f, d, s, p, c, r, _ in rows]
         vectors = np.stack([from_blob(v) for *_, v in rows]) if rows else np.zeros((0, 0), np.float32)
         return utts, vectors
@@ -90,7 +158,7 @@ class PgClusterStore:
             return {"cluster": label, "created": created, "updated": updated, "heard": heard,
                     "seconds": round(seconds, 3), "utterances": members}
 
-        return self._do(f"export {label}", read)
+        return self._do(f"export {label}", read, commands=True)
 
     def merge(self, into: int, others: list[int], max_members: int) -> None:
         def work(db: psycopg.Connection) -> None:
@@ -103,7 +171,7 @@ class PgClusterStore:
             db.execute("DELETE FROM clusters WHERE id = ANY(%s)", (others,))
             self._keep_newest(db, into, max_members)
 
-        self._do("merge clusters", work)
+        self._write("merge clusters", work)
 
     @staticmethod
     def _keep_newest(db: psycopg.Connection, cid: int, max_members: int) -> None:
@@ -112,7 +180,7 @@ class PgClusterStore:
                    (cid, cid, max_members))
 
     def delete(self, cid: int) -> bool:
-        return self._do("delete a cluster", lambda db: db.execute(
+        return self._write("delete a cluster", lambda db: db.execute(
             "DELETE FROM clusters WHERE id = %s", (cid,)).rowcount > 0)
 
     def drop_utterances(self, features: list[bytes]) -> tuple[set[int], set[int]]:
@@ -124,7 +192,7 @@ class PgClusterStore:
             db.execute("DELETE FROM clusters WHERE id = ANY(%s)", (sorted(emptied),))
             return changed, emptied
 
-        return self._do("drop utterances from clusters", work)
+        return self._write("drop utterances from clusters", work)
 
     def least_recent(self) -> int | None:
         row = self._do("read the clusters", lambda db: db.execute(
@@ -134,7 +202,8 @@ class PgClusterStore:
     def listing(self) -> list[dict]:
         rows = self._do("list the clusters", lambda db: db.execute(
             "SELECT c.id, c.heard, c.seconds, c.created, c.updated, COUNT(m.id), COALESCE(SUM(m.seconds), 0) "
-            "FROM clusters c LEFT JOIN cluster_members m ON m.cluster_id = c.id GROUP BY c.id ORDER BY c.id").fetchall())
+            "FROM clusters c LEFT JOIN cluster_members m ON m.cluster_id = c.id GROUP BY c.id ORDER BY c.id").fetchall(),
+            commands=True)
         return [{"cluster": f"unknown-{cid}", "heard": heard, "seconds": round(secs, 2), "kept": kept,
                  "kept_seconds": round(kept_secs, 2), "created": created, "updated": updated}
                 for cid, heard, secs, created, updated, kept, kept_secs in rows]
@@ -146,7 +215,7 @@ class PgClusterStore:
                        "WHERE m.cluster_id = c.id)")
             return n
 
-        return self._do("drop clusters of other features", work)
+        return self._write("drop clusters of other features", work)
 
     def missing_embeddings(self, sha: str) -> list[tuple[int, np.ndarray]]:
         rows = self._do("read the clusters", lambda db: db.execute(
@@ -162,7 +231,7 @@ class PgClusterStore:
                                 [(mid, sha, to_blob(v)) for mid, v in vectors])
             db.execute("DELETE FROM cluster_embeddings WHERE model_sha256 != %s", (sha,))
 
-        self._do("store re-embedded clusters", work)
+        self._write("store re-embedded clusters", work)
 
 
 class PgWordStore:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +38,10 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 2
 STATEMENT_TIMEOUT_MS = 5000
 RETRY_S = 0.5  # between reconnection attempts of the watcher
+# The watcher's check must answer within this, else the database is taken as gone. A server
+# that hangs (stopped, or packets dropped) answers nothing and libpq waits forever: the
+# watcher then cuts its connection and every call in flight, so no caller waits on it longer.
+WATCH_TIMEOUT_S = 1.5
 AUDIT_TAIL = 1000  # the newest audit entries kept in memory for the daemon's gallery events
 
 
@@ -51,6 +57,33 @@ def connect(url: str) -> psycopg.Connection:
                            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
                            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
                            tcp_user_timeout=CONNECT_TIMEOUT_S * 2000)
+
+
+def abort(db: psycopg.Connection | None) -> None:
+    """Cut ``db``'s socket, from any thread: a call blocked on it fails at once."""
+    if db is None or db.closed:
+        return
+    try:
+        with socket.socket(fileno=os.dup(db.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass  # closed meanwhile
+
+
+class Lane:
+    """A connection of its own and its lock: the commands' work, and the cluster writer, do
+    not wait for each other. ``busy``: the connection while a call runs on it."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.db: psycopg.Connection | None = None
+        self.generation = -1
+        self.busy: psycopg.Connection | None = None
+
+    def drop(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        self.db = None
 
 
 def prepare(db: psycopg.Connection) -> None:
@@ -91,10 +124,9 @@ class PgGallery:
         self.url = url
         self.path = describe(url, None)  # named in messages, without the password
         self.check_every_s = check_every_s
-        self._work: psycopg.Connection | None = None  # changes and reads off the audio path
-        self._work_generation = -1
-        self._generation = 0  # bumped by each reconnection of the watcher: the work connection is renewed
-        self._lock = threading.RLock()  # the work connection
+        self._work = Lane()  # changes and reads of the commands
+        self._lanes = [self._work]
+        self._generation = 0  # bumped by each reconnection of the watcher: the lanes' connections are renewed
         self._refreshing = threading.Lock()  # one refresh at a time publishes a snapshot
         self._snap = Snapshot()
         self._seen: int | None = None
@@ -102,6 +134,7 @@ class PgGallery:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.on_change: Callable[[], None] | None = None  # called on the watcher's thread after a refresh
+        self.on_up: list[Callable[[], None]] = []  # called on the watcher's thread when the database returns
         try:
             self.using("open the gallery", prepare)
             self.using("read the gallery", self._refresh)
@@ -130,12 +163,20 @@ class PgGallery:
                         "changes refused until it returns", self.path, why,
                         len({name for _, name, _ in self._snap.enrollments}))
         self._down = why
+        for lane in self._lanes:  # calls in flight on a database that hangs would wait forever
+            abort(lane.busy)
 
     def _set_up(self) -> None:
-        if self._down is not None:
-            log.info("gallery %s is back: re-read, %d enrolled speakers", self.path,
-                     len({name for _, name, _ in self._snap.enrollments}))
+        if self._down is None:
+            return
+        log.info("gallery %s is back: re-read, %d enrolled speakers", self.path,
+                 len({name for _, name, _ in self._snap.enrollments}))
         self._down = None
+        for catch_up in self.on_up:
+            try:
+                catch_up()
+            except Exception:  # the watcher must go on
+                log.exception("gallery %s: catching up failed", self.path)
 
     def check_writable(self, action: str) -> None:
         if self._down is not None:
@@ -145,46 +186,49 @@ class PgGallery:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(self.check_every_s + CONNECT_TIMEOUT_S + 1)
-        with self._lock:
-            if self._work is not None:
-                self._work.close()
-                self._work = None
+        for lane in self._lanes:
+            with lane.lock:
+                lane.drop()
+
+    def lane(self) -> Lane:
+        """A connection of its own for a caller that must not wait behind the commands."""
+        lane = Lane()
+        self._lanes.append(lane)
+        return lane
 
     # ------------------------------------------------------------------ the work connection
 
-    def using(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
-        """``work(connection)`` on the work connection (the cluster and word stores use it too); a lost database marks the gallery down
-        and raises "gallery unavailable"; any other database error is a StorageError naming
-        ``action``. While the gallery is down this fails at once (the watcher reconnects)."""
-        with self._lock:
+    def using(self, action: str, work: Callable[[psycopg.Connection], T], lane: Lane | None = None) -> T:
+        """``work(connection)`` on ``lane``'s connection (the commands' by default; the cluster
+        and word stores use it too); a lost database marks the gallery down and raises
+        "gallery unavailable"; any other database error is a StorageError naming ``action``.
+        While the gallery is down this fails at once (the watcher reconnects)."""
+        lane = lane or self._work
+        with lane.lock:
             if self._down is not None and self._watcher is not None:
                 raise StorageError(f"gallery unavailable: cannot {action}: {self._down}")
             try:
-                db = self._connection()
+                db = lane.busy = self._connection(lane)
                 return work(db)
             except psycopg.Error as exc:
-                lost = self._work is None or self._work.broken or self._work.closed
-                if lost:
-                    self._drop_work()
+                if lane.db is None or lane.db.broken or lane.db.closed:
+                    lane.drop()
                     if self._watcher is not None:
                         self._set_down(one_line(exc))
                     raise StorageError(f"gallery unavailable: cannot {action}: {one_line(exc)}") from None
                 raise StorageError(f"gallery {self.path}: cannot {action}: {one_line(exc)}") from None
+            finally:
+                lane.busy = None
 
-    def _connection(self) -> psycopg.Connection:
-        if self._work is not None and (self._work.closed or self._work_generation != self._generation):
-            self._drop_work()
-        if self._work is None:
-            self._work_generation = self._generation
-            self._work = connect(self.url)
-        return self._work
+    def _connection(self, lane: Lane) -> psycopg.Connection:
+        if lane.db is not None and (lane.db.closed or lane.generation != self._generation):
+            lane.drop()
+        if lane.db is None:
+            lane.generation = self._generation
+            lane.db = connect(self.url)
+        return lane.db
 
-    def _drop_work(self) -> None:
-        if self._work is not None:
-            self._work.close()
-        self._work = None
-
-    def changing(self, action: str, work: Callable[[psycopg.Connection], T]) -> T:
+    def changing(self, action: str, work: Callable[[psycopg.Connection], T], lane: Lane | None = None) -> T:
         """A change: one transaction, gallery writers one at a time (so audit ids are
         committed in order), then this node's snapshot re-read at once."""
         self.check_writable(action)
@@ -200,7 +244,7 @@ class PgGallery:
                             self.path, action, one_line(exc))
             return out
 
-        return self.using(action, change)
+        return self.using(action, change, lane)
 
     # ------------------------------------------------------------------ the snapshot
 
@@ -212,11 +256,11 @@ class PgGallery:
                     db = connect(self.url)
                     db.execute(f"LISTEN {CHANNEL}")
                     self._generation += 1
-                    self._refresh(db)
+                    self._checked(db)
                     self._set_up()
                 for _ in db.notifies(timeout=self.check_every_s, stop_after=1):
                     pass
-                if self._refresh(db) and self.on_change is not None:
+                if self._checked(db) and self.on_change is not None:
                     self.on_change()
             except psycopg.Error as exc:
                 self._set_down(one_line(exc))
@@ -227,12 +271,35 @@ class PgGallery:
         if db is not None:
             db.close()
 
+    def _checked(self, db: psycopg.Connection) -> bool:
+        """The watcher's refresh, cut off when the database does not answer in time."""
+        cut = threading.Event()
+
+        def no_answer() -> None:
+            cut.set()
+            abort(db)
+
+        timer = threading.Timer(WATCH_TIMEOUT_S, no_answer)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._refresh(db)
+        except psycopg.Error:
+            if cut.is_set():
+                raise psycopg.OperationalError(f"no answer within {WATCH_TIMEOUT_S:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+
     def _refresh(self, db: psycopg.Connection) -> bool:
         """Re-read what changed since the snapshot (by the counters); True when anything did."""
         with self._refreshing:
             old = self._snap
             counts = dict(db.execute("SELECT what, n FROM changes").fetchall())
             if counts == old.counts:
+                return False
+            if {k for k in counts if counts[k] != old.counts.get(k)} == {"clusters"}:
+                self._snap = replace(old, counts=counts)  # the cluster stores look at it themselves
                 return False
             snap = old
             if counts.get("speakers") != old.counts.get("speakers"):
@@ -292,6 +359,10 @@ class PgGallery:
     def enrollment_features(self, ids: tuple[int, ...]) -> list[np.ndarray]:
         features = self._snap.features
         return [features[eid] for eid in ids if eid in features]
+
+    def clusters_version(self) -> int:
+        """The database's count of cluster changes as last read (-1: not known yet)."""
+        return self._snap.counts.get("clusters", -1)
 
     def word_rows(self) -> tuple[int, tuple]:
         """The word templates as last read, and the counter they reflect."""

@@ -1,6 +1,7 @@
 """The shared gallery's PostgreSQL schema: the SQLite gallery's tables (speakers, enrollments
 with their features, embeddings, subjects, the audit trail), the unknown-voice clusters and the
-word templates, plus ``changes``: a counter per kind of change, bumped and announced
+word templates, plus ``changes``: a counter per kind of change (the clusters' too, so each
+node sees the clusters other nodes form), bumped and announced
 (NOTIFY streamd_gallery, delivered at commit) by statement triggers in the changing transaction.
 """
 
@@ -87,7 +88,7 @@ CREATE TABLE IF NOT EXISTS word_templates (
     created DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS changes (what TEXT PRIMARY KEY, n BIGINT NOT NULL);
-INSERT INTO changes VALUES ('speakers', 0), ('words', 0), ('audit', 0) ON CONFLICT DO NOTHING;
+INSERT INTO changes VALUES ('speakers', 0), ('words', 0), ('audit', 0), ('clusters', 0) ON CONFLICT DO NOTHING;
 """
 
 TRIGGERS = f"""
@@ -101,4 +102,5 @@ END $$;
     f"CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR UPDATE OR DELETE ON {table} "
     f"FOR EACH STATEMENT EXECUTE FUNCTION streamd_changed('{what}');\n"
     for table, what in (("speakers", "speakers"), ("enrollments", "speakers"), ("embeddings", "speakers"),
-                        ("word_templates", "words"), ("audit", "audit")))
+                        ("word_templates", "words"), ("audit", "audit"), ("clusters", "clusters"),
+                        ("cluster_members", "clusters")))

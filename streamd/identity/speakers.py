@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from streamd.identity.clusters import ClusterSettings, UnknownClusters, label_of
+from streamd.identity.clusters import FLUSH_S, ClusterSettings, UnknownClusters, label_of
 from streamd.identity.gallery import Gallery, GalleryError, StorageError, validate_name
+from streamd.identity.gallery_writer import Inline, Write
 from streamd.identity.scoring import UNKNOWN, Utterance
 from streamd.identity.scoring import Calibration, Decision, Enrolled, QualityFusion, Scorer, decide, l2_normalize
 from streamd.models.cards import ModelError, verified
@@ -106,8 +108,11 @@ class SpeakerBook:
     def __init__(self, gallery: Gallery | None, model: OnnxModel, cosine_threshold: float,
                  gates: Gates = Gates(), far: float = 0.01,
                  cluster_settings: ClusterSettings = ClusterSettings(), score: str = "auto",
-                 verify_far: float = 0.001):
+                 verify_far: float = 0.001, writes=None):
+        """``writes``: where cluster changes are written (streamd.identity.gallery_writer; the
+        daemon's writer thread for a shared gallery); at once when None."""
         self.gallery = gallery
+        self.writes = writes if writes is not None else Inline()
         self.model = model
         self.cosine_threshold = cosine_threshold
         self.far = far
@@ -118,6 +123,7 @@ class SpeakerBook:
         self.scorer = Scorer(load_cohort(model) if self.cluster_calibration else None)
         self.score = score
         self._enrolled = Enrolled()
+        self._enrolled_lock = threading.RLock()  # the audio thread, and the writer's catching up
         self._voices: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}  # name: (enrollment ids, voice)
         self.key = feature_key(model)
         self._gate: tuple[TwoVoiceGate, Scorer] | None = None
@@ -149,16 +155,34 @@ class SpeakerBook:
         self._score = choice
 
     def _open_clusters(self, gallery: Gallery, settings: ClusterSettings) -> UnknownClusters | None:
-        store = None
+        """The clusters; a shared gallery away now gives them empty, read when it returns (catch_up)."""
+        store = clusters = None
         try:
             store = gallery.cluster_store()
-            return UnknownClusters(store, self.sha, self.key, self.scorer, self.model.run,
-                                   self._cluster_threshold, settings)
+            clusters = UnknownClusters(store, self.sha, self.key, self.scorer, self.model.run,
+                                       self._cluster_threshold, settings, self.writes, load=False)
+            self.writes.on_idle(clusters.poll)
+            clusters.refresh()
+            return clusters
         except StorageError as exc:  # recognition of enrolled speakers goes on without them
+            if gallery.down and clusters is not None:
+                log.warning("unknown-voice clusters are read when the gallery returns: %s", exc)
+                return clusters
             log.warning("unknown-voice clusters unavailable: %s", exc)
             if store is not None:
                 store.close()
             return None
+
+    def catch_up(self) -> None:
+        """A shared gallery came back: what start-up does with it (re-embedding for this model,
+        the clusters, those of voices enrolled meanwhile). On the gallery writer's thread."""
+        try:
+            self.reembed()
+        except StorageError as exc:
+            log.warning("%s; enrolled speakers are still recognised (from their stored features)", exc)
+        if self.clusters is not None:
+            self.clusters.refresh()
+        self.drop_clusters_of_enrolled()
 
     @property
     def cluster_settings(self) -> ClusterSettings:
@@ -191,9 +215,10 @@ class SpeakerBook:
         return len(todo)
 
     def enrolled(self) -> Enrolled:
-        if self.gallery is not None and self.gallery.changed():
-            self._enrolled = Enrolled.build(self._enrolled_voices(), self.scorer)
-        return self._enrolled
+        with self._enrolled_lock:
+            if self.gallery is not None and self.gallery.changed():
+                self._enrolled = Enrolled.build(self._enrolled_voices(), self.scorer)
+            return self._enrolled
 
     def voice_of(self, features: list[np.ndarray]) -> np.ndarray:
         """The embedding of several utterances' speech joined, as an enrolled voice is formed."""
@@ -281,7 +306,7 @@ class SpeakerBook:
             return who
         try:
             return replace(who, cluster=self.clusters.observe(embedding, utt))
-        except StorageError as exc:  # a full or read-only disk, a database away: recognition goes on
+        except StorageError as exc:  # a full or read-only disk: recognition goes on
             log.warning("could not store an unknown voice: %s", exc)
             return who
 
@@ -293,21 +318,21 @@ class SpeakerBook:
         self.enrolled()
         found = {cid for name, (_, voice) in self._voices.items() if names is None or name in names
                  for cid in self.clusters.of_voice(voice)}
-        try:
-            for cid in sorted(found):
-                self.clusters.remove(label_of(cid))
-        except StorageError as exc:  # they stay until the next try; recognition goes on
-            log.warning("could not drop the clusters of enrolled voices: %s", exc)
-            return []
+        for cid in sorted(found):  # from memory now; a store that fails logs it, recognition goes on
+            self.clusters.remove(label_of(cid))
         if found:
             log.info("unknown-voice clusters of enrolled voices dropped: %s", ", ".join(label_of(c) for c in sorted(found)))
         return [label_of(c) for c in sorted(found)]
 
     def reload_clusters(self) -> None:
-        """Re-read the clusters (another process may have changed them and the gallery)."""
+        """Re-read the clusters (another process may have changed them and the gallery): at
+        once, or on the writer's thread for a shared gallery."""
         if self.clusters is not None:
-            self.clusters.reload()
-            self.drop_clusters_of_enrolled()
+            self.writes.submit(Write("read the clusters", self._reread_clusters))
+
+    def _reread_clusters(self) -> None:
+        self.clusters.refresh()
+        self.drop_clusters_of_enrolled()
 
     def _clustering(self) -> bool:
         return self.clusters is not None and self._cluster_settings.enabled
@@ -343,7 +368,8 @@ class SpeakerBook:
             raise GalleryError(f"no enrolled speaker named {name!r}")
         self.enrolled()
         if self.clusters is not None:
-            self.clusters.reload()  # the clusters deleted, and those that lost utterances of theirs
+            self.clusters.discard(gone)  # deleted: not given to anyone from now on
+            self.clusters.reload()  # and those that lost utterances of theirs
         dropped = [label_of(cid) for cid in gone]
         erased = self.gallery.erase()  # done by remove_speaker; again: the answer says whether it could
         if dropped:
@@ -361,6 +387,7 @@ class SpeakerBook:
         known = self._voices.get(name)
         out["clusters"] = []
         if known is not None and self.clusters is not None:
+            self.writes.flush(FLUSH_S)
             for cid in self.clusters.of_voice(known[1]):
                 out["clusters"].append(self.clusters.store.export(cid, label_of(cid)))
         return out

@@ -94,7 +94,12 @@ class WordBook:
         self._index = TemplateIndex([])
         if not gallery.readonly:
             self.store.prepare()
-            self._reembed()
+            try:
+                self._reembed()
+            except StorageError as exc:
+                if not gallery.down:
+                    raise
+                log.warning("%s; word templates are re-embedded when the gallery returns", exc)
 
     def _changed(self) -> bool:
         n = self.store.version()
@@ -140,6 +145,10 @@ class WordBook:
         for vocabulary, digit, n in self.store.counts():
             out.setdefault(vocabulary, {"vocabulary": vocabulary, "digits": {}})["digits"][str(digit)] = n
         return list(out.values())
+
+    def catch_up(self) -> None:
+        """A shared gallery came back: templates made by another word model are re-embedded."""
+        self._reembed()
 
     def _reembed(self) -> None:
         """Templates embedded by another word model get this one's embedding, from their input."""

@@ -158,6 +158,12 @@ class Metrics:
         self.gallery_up = Gauge("streamd_gallery_up", "1 while the gallery answers; 0 while a shared "
                                 "(PostgreSQL) gallery is away: recognition goes on with the speakers in memory, "
                                 "changes are refused.", registry=r)
+        self.gallery_writes_queued = Gauge("streamd_gallery_writes_queued", "Unknown-voice cluster writes "
+                                           "waiting for a shared gallery (written off the audio path, in order).",
+                                           registry=r)
+        self.gallery_writes_dropped = Counter("streamd_gallery_writes_dropped_total", "Cluster writes to a "
+                                              "shared gallery dropped: the queue was full while the database "
+                                              "was away, or the daemon stopped.", registry=r)
         self.build = Gauge("streamd_build_info", "streamd version.", ["version"], registry=r)
         self.model = Gauge("streamd_model_info", "Loaded models and the onnxruntime provider running them.",
                            ["model", "sha256", "provider"], registry=r)
