@@ -268,3 +268,162 @@ def test_database_stopped_and_restarted_under_load(tmp_path):
         if node is not None:
             node.close()
         cluster.close()
+
+
+@pytest.mark.slow
+def test_a_cluster_formed_on_one_node_is_matched_and_promoted_on_another(two_nodes):
+    """Item 3: node B picks up the clusters node A forms (a change counter read with each
+    write, re-read from B's writer thread), so both give a returning voice one label."""
+    a, b = (n.live for n in two_nodes)
+    a.speak("visitor12.flac")
+    on_a = {e["cluster"] for e in a.speakers(5)}
+    assert len(on_a) == 1 and None not in on_a, on_a
+    time.sleep(1.5)  # B re-reads at most once a second
+    b.speak("visitor12.flac")
+    on_b = {e["cluster"] for e in b.speakers(5)}
+    assert on_b == on_a
+    reply = b.ask({"cmd": "promote", "cluster": on_a.pop(), "name": "nadia"})
+    assert reply["ok"], reply
+    time.sleep(1.0)
+    a.speak("visitor12.flac")
+    assert [(e["speaker"], e["cluster"]) for e in a.speakers(5)] == [("nadia", None)] * 5
+
+
+# ---------------------------------------------------------------- a database that hangs
+
+
+def postgres_processes(cluster: PgCluster) -> list[int]:
+    """The postmaster (first line of postmaster.pid) and its children."""
+    import os
+
+    master = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master:
+                children.append(int(entry))
+    return [master, *children]
+
+
+def signal_all(pids: list[int], sig) -> None:
+    import os
+
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_database_that_hangs_never_blocks_the_audio(tmp_path):
+    """PostgreSQL stopped with SIGSTOP: connections stay open, nothing answers, no RST. The
+    node goes on deciding (unknown voices clustered in memory, their writes queued), says the
+    gallery is down, and writes what it queued when the server goes on (SIGCONT)."""
+    import signal
+
+    from helpers import by_type, collect, metric
+
+    cluster = PgCluster(need_postgres())
+    cluster.start()
+    node, stopped = None, []
+    try:
+        url = cluster.create_database("hang")
+        node = Node(tmp_path, "a", url, tmp_path)
+        d = node.live
+        d.speak("visitor12.flac")
+        before = d.speakers(5)
+        assert len({e["cluster"] for e in before}) == 1 and before[0]["cluster"], before
+        stopped = postgres_processes(cluster)
+        signal_all(stopped, signal.SIGSTOP)
+        hung_at = time.monotonic()
+        d.speak("visitor21.flac")  # a new voice: a new cluster, from an id reserved before
+        d.speak("visitor12.flac")
+        d.speak("visitor21.flac")
+        events = collect(d.sub, until=lambda ev: len(by_type(ev, "speaker")) >= 9 and any(
+            e["state"] == "down" for e in by_type(ev, "status")), timeout=60)
+        heard = by_type(events, "speaker")
+        latency = sorted(e["latency_s"] for e in heard)
+        usual = sorted(e["latency_s"] for e in before)
+        print(f"\nPostgreSQL hung (SIGSTOP): {len(heard)} speaker events in {time.monotonic() - hung_at:.1f} s, "
+              f"decision latency median {latency[len(latency) // 2] * 1000:.0f} ms, max {latency[-1] * 1000:.0f} ms "
+              f"(before: median {usual[len(usual) // 2] * 1000:.0f} ms, max {usual[-1] * 1000:.0f} ms)")
+        assert len(heard) == 9 and latency[-1] < 1.0, latency
+        labels = {e["cluster"] for e in heard} - {before[0]["cluster"]}
+        assert len(labels) == 1 and None not in labels, heard  # the old voice's label, and the new one's
+        down = [e for e in by_type(events, "status") if e["state"] == "down"]
+        assert down and down[0]["reason"].startswith("gallery unavailable: "), by_type(events, "status")
+        refused = d.ask({"cmd": "rename", "name": "x", "new_name": "y"})
+        assert not refused["ok"] and refused["error"].startswith("gallery unavailable: "), refused
+        assert metric(node.iso.metrics_url, "streamd_gallery_writes_queued") >= 9
+
+        signal_all(stopped, signal.SIGCONT)
+        stopped = []
+        events = collect(d.sub, until=lambda ev: any(e.get("state") == "up" for e in by_type(ev, "status")),
+                         timeout=15)
+        assert any(e.get("state") == "up" for e in by_type(events, "status"))
+        assert wait_until(lambda: metric(node.iso.metrics_url, "streamd_gallery_writes_queued") == 0, 10)
+        listing = {c["cluster"]: c["heard"] for c in d.ask({"cmd": "clusters"})["clusters"]}
+        assert listing == {before[0]["cluster"]: 10, labels.pop(): 4}, listing  # nothing queued was lost
+        assert metric(node.iso.metrics_url, "streamd_gallery_writes_dropped_total") == 0
+    finally:
+        signal_all(stopped, signal.SIGCONT)
+        if node is not None:
+            node.close()
+        cluster.close()
+
+
+@pytest.mark.slow
+def test_a_node_started_while_the_database_is_down_catches_up_when_it_returns(tmp_path):
+    """Speakers, clusters, word templates and the re-embedding check, without a restart."""
+    import psycopg
+
+    from helpers import by_type, collect
+
+    cluster = PgCluster(need_postgres())
+    cluster.start()
+    node = None
+    try:
+        url = cluster.create_database("late")
+        cli = [f'state.gallery="{url}"', f'state.dir="{tmp_path}/cli"', f'control.endpoint="ipc://{tmp_path}/none.sock"',
+               'metrics.listen=""']
+        sets = [arg for s in cli for arg in ("--set", s)]
+        r = streamd("enroll", *sets, "zoe", str(DATA / "visitor12.flac"))
+        assert r.returncode == 0, r.stderr
+        r = streamd("run", *sets, "--source", f"file:{DATA / 'visitor21.flac'}", "--pace", "fast")
+        assert r.returncode == 0, r.stderr
+        label = streamd("speakers", *sets, "clusters").stdout.split()[0]
+        assert label.startswith("unknown-"), label
+        r = streamd("digits", "enroll", "--vocabulary", "en-test", "7", str(DATA / "word.flac"), *sets)
+        assert r.returncode == 0, r.stderr
+        with psycopg.connect(url, autocommit=True) as db:  # as if made by other models: to re-embed
+            db.execute("DELETE FROM embeddings")
+            db.execute("UPDATE word_templates SET model_sha256 = 'an-older-word-model'")
+        cluster.stop()
+
+        node = Node(tmp_path, "a", url, tmp_path)
+        d = node.live
+        cluster.start()
+        events = collect(d.sub, until=lambda ev: any(e.get("state") == "up" for e in by_type(ev, "status")),
+                         timeout=20)
+        assert any(e.get("state") == "up" for e in by_type(events, "status")), events
+        with psycopg.connect(url, autocommit=True) as db:
+            assert wait_until(lambda: db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] > 0, 20)
+        d.speak("visitor12.flac")
+        assert [e["speaker"] for e in d.speakers(5)] == ["zoe"] * 5
+        d.speak("visitor21.flac")
+        assert {e["cluster"] for e in d.speakers(2)} == {label}
+        d.speak("word.flac")  # the digit events of visitor21's utterances may come first
+
+        def taught(ev):
+            return [(e["vocabulary"], e["digit"]) for e in by_type(ev, "digit") if e["vocabulary"] == "en-test"]
+
+        assert taught(collect(d.sub, until=taught, timeout=60)) == [("en-test", 7)]
+    finally:
+        if node is not None:
+            node.close()
+        cluster.close()
