@@ -87,7 +87,6 @@ class UnknownClusters:
             self._reembed(self._embed)
         self._reread()
         self.loaded = True
-        self.store.refill()
 
     def _reembed(self, embed: Callable[[np.ndarray], np.ndarray]) -> None:
         dropped = self.store.drop_other_features(self.key)

@@ -10,7 +10,8 @@ re-reads run on a connection of their own (a ``Lane``), off the commands' one; l
 promotion and export use the commands'.
 
 A new cluster's id is reserved from the table's sequence ahead of time (``new_cluster`` takes
-one from memory), so an unknown voice is labelled at once and its row written later.
+one from memory; the daemon's writer refills them), so an unknown voice is labelled at once and
+its row written later. Ids a node reserved and did not use are skipped: labels may jump.
 """
 
 from __future__ import annotations
