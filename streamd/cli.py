@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the straightforward per-utterance pipeline (no ring buffer, no batching), to compare")
     bench.add_argument("--network", action="store_true",
                        help="send the streams over real ZeroMQ sockets (a sender process, the daemon's receiver)")
+    bench.add_argument("--nodes", type=int, default=0, metavar="K",
+                       help="K daemons at once, each a process pinned to one core with --streams each, "
+                            "sharing state.gallery and events.nats when set (docs/operations.md)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     try:
@@ -668,8 +671,30 @@ def cmd_bench(args, cfg) -> int:
     if not 1 <= args.streams <= 10000:
         print("streamd: bench --streams must be 1..10000", file=sys.stderr)
         return 2
+    if args.nodes:
+        if not 1 <= args.nodes <= 64 or args.network or args.naive:
+            print("streamd: bench --nodes must be 1..64, without --network or --naive", file=sys.stderr)
+            return 2
+        return _print_bench(bench.run_nodes(_without_nodes(args.argv), args.nodes), args.json)
     result = bench.run(cfg, args.seconds, args.pace, args.streams, args.silent, args.naive, args.network)
-    if args.json:
+    return _print_bench(result, args.json)
+
+
+def _without_nodes(argv: list[str]) -> list[str]:
+    """The command line a node of ``bench --nodes`` runs: this one, less --nodes and --json."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nodes":
+            skip = True
+        elif not a.startswith("--nodes=") and a != "--json":
+            out.append(a)
+    return out
+
+
+def _print_bench(result: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result))
     else:
         from streamd.offline.machine import summary
@@ -677,7 +702,8 @@ def cmd_bench(args, cfg) -> int:
         for key, value in result.items():
             if key == "machine":
                 value = summary(value)
-            print(f"{key:16} {round(value, 4) if isinstance(value, float) else value}")
+            if key != "per_node":
+                print(f"{key:16} {round(value, 4) if isinstance(value, float) else value}")
     return 0
 
 
@@ -745,6 +771,7 @@ COMMANDS = {"run": cmd_run, "enroll": cmd_enroll, "listen": cmd_listen, "speaker
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # bench --nodes runs it again, per node
     if args.command == "train":
         from streamd.train import cli as train_cli
 

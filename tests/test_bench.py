@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODELS, streamd
+from natsd import nats_server  # noqa: F401 - the fixture
 
 KEYS = {"streams", "audio_s", "overruns", "dropped_events", "latency_s_p50", "latency_s_p99", "stage_s_p99",
         "cpu_per_audio_s", "rss_mb", "events", "jobs_superseded", "early_finals", "model_cpu_ms_per_audio_s", "provider", "providers", "end_of_streams",
@@ -156,3 +157,20 @@ def test_over_the_network_the_same_utterances_are_decided_the_same():
         assert theirs["t_start"] == pytest.approx(ours["t_start"], abs=1e-6), key
         assert theirs["t_end"] == pytest.approx(ours["t_end"], abs=1e-6), key
         assert (theirs.get("speaker"), theirs.get("digit")) == (ours.get("speaker"), ours.get("digit")), key
+
+
+@pytest.mark.server  # starts PostgreSQL and nats-server
+def test_nodes_share_one_gallery_and_one_nats(pg_url, nats_server):
+    """--nodes 2: two benches at once, each a process pinned to a core of its own, both on the
+    shared PostgreSQL gallery and publishing every event to NATS (JetStream), none dropped."""
+    run = bench("--streams", "2", "--nodes", "2", "--set", 'models.provider="cpu"',
+                "--set", f'state.gallery="{pg_url}"', "--set", f'events.nats="{nats_server.url}"',
+                "--set", 'events.nats_jetstream="streamd"')
+    assert run["nodes"] == 2 and run["streams"] == 4 and len(run["per_node"]) == 2
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert len(set(run["cores"])) == 2
+    for node in run["per_node"]:
+        assert node["machine"]["cores"] == 1 and node["gallery"] == "shared" and node["overruns"] == 0
+        assert node["nats"] == {"published": node["events"], "dropped": 0}
+    stream = nats_server.monitor("jsz?streams=true")
+    assert stream["messages"] == sum(n["events"] for n in run["per_node"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import queue
 import resource
 import subprocess
@@ -42,7 +43,7 @@ from streamd.identity.enrollment import file_utterances
 from streamd.service.events import DigitEvent, Publisher, SpeakerEvent, SpeakerPartial, VadEnd
 from streamd.signal.features import features_of_audio
 from streamd.audio.frames import SAMPLE_RATE, Frame
-from streamd.identity.gallery import Gallery
+from streamd.identity.store import open_gallery
 from streamd.identity.scoring import Utterance
 from streamd.signal.vad import audio_level
 from streamd.models.inference import load_models
@@ -188,11 +189,13 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
     metrics = Metrics()
     models = load_models(cfg, on_fallback=metrics.provider_fallback)
     with tempfile.TemporaryDirectory() as tmp:
-        gallery = Gallery(Path(tmp) / "gallery.sqlite3")
+        gallery = open_gallery(cfg.state.gallery, Path(tmp))  # state.gallery: the nodes' shared one
         book = SpeakerBook(gallery, models.speaker, **book_settings(cfg.identity))
         for name in ("theo", "asc02", "asc07"):
-            book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
+            if gallery.speaker_id(name) is None:  # another node of a --nodes run may have enrolled them
+                book.enroll(name, file_utterances(str(DATA / f"enroll_{name}.flac"), cfg, models.speaker), "bench")
         publisher = RecordingPublisher("tcp://127.0.0.1:*", cfg.events.hwm)
+        nats = _nats_out(cfg, publisher)
         engine = Engine(cfg, models, book, publisher, metrics)
         names = stream_names(streams)
         pipes = {n: NaivePipeline(n, cfg, models, book, publisher) for n in names} if naive else \
@@ -204,6 +207,8 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
             audio = [stream_audio(seconds, i, silent) for i in range(streams)]
             result = _feed(cfg, engine, pipes, audio, pace, publisher)
             audio_s = sum(len(a) for a in audio) / SAMPLE_RATE
+        if nats is not None:
+            nats.close()
         publisher.close(0)
         book.close()
         gallery.close()
@@ -233,7 +238,52 @@ def run(cfg: Config, seconds: float = 60.0, pace: str = "fast", streams: int = 1
         "provider": models.speaker.provider,
         "providers": providers,
         "network": result.get("network"),  # None: the streams were fed in-process
+        "nats": None if nats is None else {"published": nats.published, "dropped": nats.dropped},
+        "gallery": "shared" if cfg.state.gallery else "sqlite",
         "machine": machine.describe(providers_used=providers),
+    }
+
+
+def _nats_out(cfg: Config, publisher: Publisher):
+    """events.nats: every event also to NATS, as the daemon does (its cost is then measured)."""
+    if not cfg.events.nats:
+        return None
+    from streamd.service.nats_out import NatsOut, NatsSettings
+
+    e = cfg.events
+    out = NatsOut(NatsSettings.of(e.nats, e.nats_jetstream, e.nats_buffer, cfg.node.id or "bench"))
+    publisher.forward = out.put
+    out.start()
+    return out
+
+
+def run_nodes(argv: list[str], nodes: int) -> dict:
+    """``--nodes K``: K benches at once, each a process of its own (a node) pinned to one core
+    (round robin over the cores this process may use), each with the streams asked for, and
+    with whatever shared gallery and NATS the configuration names. ``--nodes 1`` is one node
+    on one core: the baseline that K nodes on K cores are compared with."""
+    cores = sorted(os.sched_getaffinity(0))
+    procs = []
+    for i in range(nodes):
+        core = cores[i % len(cores)]
+        cmd = [sys.executable, "-m", "streamd", *argv, "--json", "--set", f'node.id="bench-{i}"']
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                                      preexec_fn=lambda c=core: os.sched_setaffinity(0, {c})))
+    results = []
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench node {i} failed with exit code {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    p99 = [r["latency_s_p99"] for r in results if r["latency_s_p99"] is not None]
+    return {
+        "nodes": nodes, "cores": [cores[i % len(cores)] for i in range(nodes)],
+        "streams_per_node": results[0]["streams"], "streams": sum(r["streams"] for r in results),
+        "overruns": sum(r["overruns"] for r in results),
+        "latency_s_p99_worst_node": max(p99, default=None),
+        "cpu_cores_per_node": [round(r["cpu_cores"], 3) for r in results],
+        "realtime_factor_worst_node": min(r["realtime_factor"] for r in results),
+        "per_node": results,
     }
 
 
