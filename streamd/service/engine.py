@@ -4,6 +4,7 @@ utterances that are ready, across streams, through the models in batches."""
 from __future__ import annotations
 
 import logging
+import operator
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from streamd.identity.vocabulary import WordBook
 from streamd.signal.vad_bank import VadBank
 
 log = logging.getLogger(__name__)
+_STREAM, _SAMPLES, _T = (operator.attrgetter(a) for a in ("stream", "samples", "t"))
 
 # Jobs a stream may have waiting for the models (a partial, an early final, a final, the next
 # utterance's) before the sources are held back: a file or stdin read faster than the models
@@ -50,6 +52,7 @@ class Engine:
         self.pipelines: dict[str, StreamPipeline] = {}
         self.vad_bank = VadBank(cfg.vad)  # every stream's VAD levels and gate, a row each
         self._by_row: list[StreamPipeline] = []  # the pipelines by their bank row
+        self._rows: dict[str, int] = {}  # each stream's bank row
         self._quiet = np.zeros(0, np.int64)  # quiet frames not yet counted, by row
         self._ticks = 0
         # Status events waiting for their stream's last results: a consumer that stops at
@@ -77,7 +80,8 @@ class Engine:
                                                     self.vad_bank)
             self.metrics.stream_up.labels(stream=stream).set(0)
             self._by_row.append(self.pipelines[stream])
-            assert self.pipelines[stream].audio.segmenter.row == len(self._by_row) - 1
+            self._rows[stream] = self.pipelines[stream].audio.segmenter.row
+            assert self._rows[stream] == len(self._by_row) - 1
             self._quiet = np.resize(self._quiet, self.vad_bank.rows)
             self._quiet[-1] = 0
         return self.pipelines[stream]
@@ -89,30 +93,36 @@ class Engine:
         """Frames that arrived together (one tick of many streams), in order: their levels and
         gates are computed at once (VadBank.tick); only the frames of streams in or near speech
         go on, one by one, to their pipelines. A stream's second frame starts another tick."""
+        names = list(map(_STREAM, frames))
+        if len(set(names)) == len(names):
+            self._tick(frames, names)
+            return
         start, seen = 0, set()
-        for i, frame in enumerate(frames):
-            if frame.stream in seen:
-                self._tick(frames[start:i])
+        for i, name in enumerate(names):
+            if name in seen:
+                self._tick(frames[start:i], names[start:i])
                 start, seen = i, set()
-            seen.add(frame.stream)
-        self._tick(frames[start:])
+            seen.add(name)
+        self._tick(frames[start:], names[start:])
 
-    def _tick(self, frames: list[Frame]) -> None:
-        if len(frames) < 2:
+    def _tick(self, frames: list[Frame], names: list[str]) -> None:
+        n, size = len(frames), self.cfg.vad.frame_samples
+        if n < 2:
             for frame in frames:
                 self.push(frame)
             return
-        size = self.cfg.vad.frame_samples
-        if any(len(f.samples) != size for f in frames):
+        samples = list(map(_SAMPLES, frames))
+        if (np.fromiter(map(len, samples), np.int64, n) != size).any():
             raise ValueError(f"VAD frames must hold {size} samples")
-        pipes = [self.pipelines[f.stream] for f in frames]
-        rows = np.fromiter((p.audio.segmenter.row for p in pipes), np.int64, len(pipes))
-        samples = np.concatenate([f.samples for f in frames]).reshape(len(frames), size)
-        tick = self.vad_bank.tick(rows, samples, np.fromiter((f.t for f in frames), np.float64, len(frames)))
+        rows = np.fromiter(map(self._rows.__getitem__, names), np.int64, n)
+        tick = self.vad_bank.tick(rows, np.concatenate(samples).reshape(n, size),
+                                  np.fromiter(map(_T, frames), np.float64, n))
         self._quiet[rows[tick.quiet]] += 1
-        level, gain = tick.level.tolist(), tick.gain_db.tolist()
-        for i in np.flatnonzero(~tick.quiet).tolist():
-            pipes[i].push_ticked(frames[i], level[i], gain[i])
+        loud = np.flatnonzero(~tick.quiet).tolist()
+        if loud:
+            level, gain = tick.level.tolist(), tick.gain_db.tolist()
+            for i in loud:
+                self.pipelines[names[i]].push_ticked(frames[i], level[i], gain[i])
         self._ticks += 1
         if self._ticks % QUIET_COUNT_EVERY == 0:
             self._count_quiet()

@@ -14,12 +14,11 @@ _LEAST = 10 ** (SILENT_DBFS / 10)
 
 def levels(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row of int16 samples: its level in dBFS, and the same with the DC offset left
-    out (what the noise floor and gate compare). The sums are exact (integers well inside
-    float64's 53 bits), so a frame's levels do not depend on the frames beside it."""
-    x = frames.astype(np.float64)
-    n = x.shape[1]
-    total = x.sum(axis=1)
-    squares = np.einsum("ij,ij->i", x, x)
+    out (what the noise floor and gate compare). The sums are exact (int64), so a frame's
+    levels do not depend on the frames beside it."""
+    n = frames.shape[1]
+    total = frames.sum(axis=1, dtype=np.int64)
+    squares = np.einsum("ij,ij->i", frames, frames, dtype=np.int64)
     power = squares / n / 32768.0**2
     ac = np.maximum(squares - total * total / n, 0.0) / n / 32768.0**2
     return 10.0 * np.log10(np.maximum(power, _LEAST)), 10.0 * np.log10(np.maximum(ac, _LEAST))
