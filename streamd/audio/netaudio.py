@@ -306,7 +306,9 @@ class _Link:
 HEARTBEAT_IVL_MS = 250  # a node whose host died (no FIN, no RST) is given up after HEARTBEAT_TIMEOUT_MS
 HEARTBEAT_TIMEOUT_MS = 1000
 RESEND_S = 1.0  # audio sent to a node just before it was found gone, sent again to the next one
-FIRST_GRACE_S = 0.5  # several nodes: how long the first one has to take the sender before the next may
+# Several nodes: how long the first one has to take the sender before the next may (a loaded
+# machine took over 0.5 s for the handshake in CI; a live source's audio is queued meanwhile).
+FIRST_GRACE_S = 2.0
 
 
 class _Node:
@@ -438,6 +440,9 @@ class Sender:
             start = self._nodes.index(self._last) + 1 if self._last is not None else 0
             node = next((n for n in self._nodes[start:] + self._nodes[:start] if n.link.up), None)
             if node is not None:
+                if self._last is None and node is not self._nodes[0]:
+                    log.warning("send: %s did not take stream %s within %.1f s; it goes to %s",
+                                self._nodes[0].endpoint, self.stream, FIRST_GRACE_S, node.endpoint)
                 self._move(node, f"{self._last.endpoint} is gone" if self._last is not None else "")
 
     def _lost(self, node: _Node) -> None:
