@@ -29,7 +29,9 @@ class Node:
     def start(self) -> None:
         notify = NotifySocket(self.dir / f"notify-{free_port()}.sock")
         try:
-            self.proc = start_streamd("run", *self.sets, "--source", "none", env={"NOTIFY_SOCKET": notify.path})
+            # Ready only once self.sub has joined: an event published before would be lost to it.
+            self.proc = start_streamd("run", *self.sets, "--source", "none", "--wait-subscriber", "20",
+                                      env={"NOTIFY_SOCKET": notify.path})
             assert notify.wait_for("READY=1", 90), self.proc.stderr.read() if self.proc.poll() is not None else ""
         finally:
             notify.close()

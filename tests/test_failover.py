@@ -45,7 +45,7 @@ def test_a_sender_moves_to_the_next_node_when_its_node_dies_and_back_only_when_t
     said: list[str] = []
     threading.Thread(target=lambda: said.extend(sender.stderr), daemon=True).start()
     try:
-        started = wait_first_audio(a, "dev")  # published as frame 0 arrived
+        started = wait_first_audio(a, "dev", why=said)  # published as frame 0 arrived
         assert taken_at(started) == 0
         time.sleep(4.0)
         killed_at = time.time()

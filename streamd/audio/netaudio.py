@@ -388,9 +388,9 @@ class Sender:
         self._poller = zmq.Poller()
         for node in self._nodes:
             self._poller.register(node.link.monitor, zmq.POLLIN)
+        self._first_until = time.monotonic() + FIRST_GRACE_S  # until then only the first node may take it
         if len(self._nodes) > 1:  # "the first node that takes it": give the first a moment to
-            deadline = time.monotonic() + FIRST_GRACE_S
-            while not self._nodes[0].link.up and time.monotonic() < deadline:
+            while not self._nodes[0].link.up and time.monotonic() < self._first_until:
                 self._update(50)
 
     def wait_connected(self, wait_s: float) -> bool:
@@ -438,7 +438,10 @@ class Sender:
                 self._move(first, "told to prefer the first node")
         if self.active is None:
             start = self._nodes.index(self._last) + 1 if self._last is not None else 0
-            node = next((n for n in self._nodes[start:] + self._nodes[:start] if n.link.up), None)
+            order = self._nodes[start:] + self._nodes[:start]
+            if self._last is None and time.monotonic() < self._first_until:
+                order = order[:1]  # another node may have answered first; the first is preferred
+            node = next((n for n in order if n.link.up), None)
             if node is not None:
                 if self._last is None and node is not self._nodes[0]:
                     log.warning("send: %s did not take stream %s within %.1f s; it goes to %s",
