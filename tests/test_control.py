@@ -4,6 +4,8 @@ import signal
 import sqlite3
 import time
 
+import urllib.request
+
 import pytest
 import zmq
 
@@ -119,11 +121,20 @@ def test_sigkill_during_enrollment_loses_no_enrolled_speaker(iso, notify, tmp_pa
     assert listed.returncode == 0 and "theo\t10 utterances" in listed.stdout
 
 
-def test_partials_then_a_recurring_unknown_voice_is_promoted(daemon, tmp_path):
+def partials_shed(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("streamd_shed_total{") and 'what="partial"' in line)
+
+
+def test_partials_then_a_recurring_unknown_voice_is_promoted(daemon, iso, tmp_path):
     daemon.speak("visitor12.flac")
     events = collect(daemon.sub, until=lambda ev: len(by_type(ev, "speaker")) >= 5, timeout=60)
     finals, partials = by_type(events, "speaker"), by_type(events, "speaker.partial")
-    assert len(partials) >= 3  # 2-3 s phrases: a decision after the first 1.5 s of each
+    # 2-3 s phrases: a decision after the first 1.5 s of each, or, on a machine too busy to
+    # keep the latency budget, that partial shed and counted (partials are shed first).
+    shed = partials_shed(iso.metrics_url)
+    assert len(partials) + shed >= 3, (len(partials), shed)
     for p in partials:
         final = next(e for e in finals if e["utterance"] == p["utterance"])
         assert events.index(p) < events.index(final) and p["t_end"] <= final["t_end"] + 0.5

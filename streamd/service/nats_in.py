@@ -46,7 +46,10 @@ async def _listen(opts: NatsListen, handle: Callable[[dict], None]) -> int:
             return await _replay(nc, opts, handle)
         return await _live(nc, opts, handle)
     finally:
-        await nc.flush()
+        try:  # the acknowledgements out; a server gone by now loses nothing the listener printed
+            await nc.flush(timeout=2)
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass
         await nc.close()
 
 
@@ -79,7 +82,7 @@ async def _live(nc, opts: NatsListen, handle: Callable[[dict], None]) -> int:
             break
         try:
             msg = await sub.next_msg(timeout=wait)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
             continue
         handle(json.loads(msg.data))
         seen, idle_since = seen + 1, time.monotonic()
@@ -102,7 +105,7 @@ async def _replay(nc, opts: NatsListen, handle: Callable[[dict], None]) -> int:
         batch = FETCH_MAX if not opts.count else min(FETCH_MAX, opts.count - seen)  # unacked extras come back late
         try:
             msgs = await sub.fetch(batch, timeout=wait)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises either when a fetch times out
             continue
         for msg in msgs:
             handle(json.loads(msg.data))
