@@ -13,7 +13,7 @@ from helpers import by_type, collect, demo_truth, frames_seen
 
 
 @pytest.mark.pulse
-@pytest.mark.parametrize("rate", [0, 44100], ids=["16k", "resampled-from-44k1"])
+@pytest.mark.parametrize("rate", [0, pytest.param(44100, marks=pytest.mark.slow)], ids=["16k", "resampled-from-44k1"])
 def test_capture_from_microphone_gives_digit_events(iso, notify, enrolled_state, null_sink, rate):
     sock = subscribe(iso.endpoint)
     proc = start_streamd("run", *iso.sets(f'state.dir="{enrolled_state}"', f"source.mic_rate={rate}"),

@@ -92,6 +92,7 @@ def finals(events: list[dict], kind: str) -> dict[tuple[str, int], dict]:
     return {(e["stream"], e["utterance"]): e for e in by_type(events, kind)}
 
 
+@pytest.mark.slow  # about 21 s on a 2-core machine
 def test_overloaded_models_shed_work_and_keep_every_final_within_the_budget(models):
     """The digit fusion's costly member (ge2e) made slow: past the machine's capacity, partials,
     early finals and the cascade's costly members are shed; every utterance still gets its

@@ -122,6 +122,7 @@ def test_offline_removal_leaves_nothing_in_any_file(iso, tmp_path):
     db.close()
 
 
+@pytest.mark.slow  # about 65 s on a 2-core machine
 def test_removal_on_a_running_daemon_survives_sigkill_and_leaves_no_cluster_of_the_voice(iso, notify, tmp_path):
     from helpers import LiveDaemon
 

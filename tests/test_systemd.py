@@ -61,6 +61,7 @@ def exec_start(unit: Path, values: dict[str, str]) -> list[str]:
     return shlex.split(line)
 
 
+@pytest.mark.slow  # about 19 s on a 2-core machine
 @pytest.mark.pulse
 def test_the_send_unit_takes_the_microphone_to_a_curve_daemon(curve, iso, null_sink, tmp_path):
     credentials = tmp_path / "credentials"  # what LoadCredential= makes of /etc/streamd/curve

@@ -50,6 +50,7 @@ def sink_unloaded(sink: str, load: tuple) -> tuple:
     return (lambda: unload_sink(sink)), (lambda: pactl(*load))
 
 
+@pytest.mark.slow  # about 25 s each on a 2-core machine
 @pytest.mark.pulse
 @pytest.mark.parametrize("fault", [sink_unloaded, server_restart])
 def test_lost_microphone_is_reported_retried_and_found_again_by_name(iso, fault):
