@@ -1,12 +1,19 @@
-"""Float twins of the models whose LSTM layers ship as int8 (speaker.onnx, digits-ge2e.onnx),
-made without training: each DynamicQuantizeLSTM node becomes a float LSTM whose weights are the
-int8 weights dequantized (the same values; only the per-batch quantization of the activations
-goes). Measures, on this CPU, one session call of each variant (models.threads = 1) and how far
-the float outputs lie from the int8 ones on the bundled recordings' windows (issue 31 item 3:
-the variant that is faster on the CPU it runs on). Not shipped: see BENCHMARKS.md, "int8 or
-float". Run from the repo root: python scripts/experiments/float_from_int8.py"""
+"""Float twins of the shipped int8 models, made without training, timed against int8 on this
+CPU (issue 31 item 3: the variant that is faster on the CPU it runs on). Not shipped: see
+BENCHMARKS.md, "int8 or float".
 
-import tempfile
+Two kinds of int8 graph ship. speaker.onnx and digits-ge2e.onnx have DynamicQuantizeLSTM
+layers: each becomes a float LSTM whose weights are the int8 weights dequantized (the same
+values; only the per-batch quantization of the activations goes, so the twin's rows may batch
+together where the int8 model's must run alone). words.onnx and digits-words.onnx are static
+QDQ graphs: weights' DequantizeLinear folded into float initializers, each activation's
+QuantizeLinear -> DequantizeLinear pair bypassed.
+
+Per row, one thread (models.threads = 1): int8 as the daemon runs it (rows alone where the card
+says so) against the float twin in one call of 1, 4, 8 and 16 rows; then how far the twin's
+outputs lie from int8's on the bundled recordings. Run from the repo root:
+python scripts/experiments/float_from_int8.py"""
+
 import time
 from pathlib import Path
 
@@ -24,77 +31,141 @@ from streamd.signal.features import features_of_audio
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLS = 30
+BATCHES = (1, 4, 8, 16)
 
 
-def float_twin(src: Path, dst: Path) -> None:
-    model = onnx.load(str(src))
-    g = model.graph
-    init = {t.name: t for t in g.initializer}
+def _array(init: dict, name: str) -> np.ndarray:
+    return numpy_helper.to_array(init[name])
 
-    def dequantized(name: str, scale: str, zero: str) -> onnx.TensorProto:
-        w = numpy_helper.to_array(init[name]).astype(np.float32)
-        s, z = numpy_helper.to_array(init[scale]), numpy_helper.to_array(init[zero]).astype(np.float32)
+
+def float_lstms(graph) -> None:
+    """Each DynamicQuantizeLSTM becomes an LSTM whose weights are the int8 weights dequantized."""
+    init = {t.name: t for t in graph.initializer}
+
+    def dequantized(name: str, scale: str, zero: str):
+        w = _array(init, name).astype(np.float32)
+        s, z = _array(init, scale), _array(init, zero).astype(np.float32)
         # DynamicQuantizeLSTM's weights are [directions, input, 4*hidden]; LSTM's [directions, 4*hidden, input]
-        return numpy_helper.from_array(((w - z.reshape(-1, 1, 1)) * s.reshape(-1, 1, 1)).transpose(0, 2, 1).copy(),
-                                       name + "_float")
+        w = ((w - z.reshape(-1, 1, 1)) * s.reshape(-1, 1, 1)).transpose(0, 2, 1)
+        return numpy_helper.from_array(np.ascontiguousarray(w, np.float32), name + "_float")
 
     nodes = []
-    for n in g.node:
+    for n in graph.node:
         if n.op_type != "DynamicQuantizeLSTM":
             nodes.append(n)
             continue
         x, w, r, b, lens, h0, c0, p, ws, wz, rs, rz = list(n.input) + [""] * (12 - len(n.input))
-        g.initializer.extend([dequantized(w, ws, wz), dequantized(r, rs, rz)])
+        graph.initializer.extend([dequantized(w, ws, wz), dequantized(r, rs, rz)])
         lstm = helper.make_node("LSTM", [x, w + "_float", r + "_float", b, lens, h0, c0, p], list(n.output),
-                                name=n.name.replace("_quant", "_float"))
+                                name=n.name + "_float")
         lstm.attribute.extend(n.attribute)
         nodes.append(lstm)
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(model, str(dst))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
-def per_call_ms(path: Path, x: np.ndarray) -> float:
-    s = ort.InferenceSession(str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"])
+def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    shape = [1] * q.ndim
+    if scale.ndim == 1 and q.ndim:
+        shape[axis] = -1
+    zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
+    return ((q.astype(np.float32) - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+
+
+def strip_qdq(graph) -> None:
+    """A static QDQ graph as float."""
+    init = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    renamed, kept, folded = {}, [], []
+    for n in graph.node:
+        src = n.input[0] if n.op_type == "DequantizeLinear" else None
+        if src is not None and src in init:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            zero = _array(init, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            folded.append(numpy_helper.from_array(_dequantize(_array(init, src), _array(init, n.input[1]), zero, axis),
+                                                  n.output[0]))
+        elif src is not None and src in producer and producer[src].op_type == "QuantizeLinear":
+            renamed[n.output[0]] = producer[src].input[0]
+        else:
+            kept.append(n)
+    for n in kept:
+        for i, name in enumerate(n.input):
+            n.input[i] = renamed.get(name, name)
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    kept = [n for n in kept if n.op_type != "QuantizeLinear" or n.output[0] in used]
+    used = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    live = [t for t in list(graph.initializer) + folded if t.name in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def float_twin(path: Path) -> bytes:
+    model = onnx.load(str(path))
+    float_lstms(model.graph)
+    strip_qdq(model.graph)
+    return model.SerializeToString()
+
+
+def session(model):
+    return ort.InferenceSession(model, sess_options=session_options(1), providers=["CPUExecutionProvider"])
+
+
+def per_row_ms(s, x: np.ndarray, alone: bool) -> float:
     name = s.get_inputs()[0].name
-    s.run(None, {name: x})
+
+    def run():
+        if alone:
+            for i in range(len(x)):
+                s.run(None, {name: x[i : i + 1]})
+        else:
+            s.run(None, {name: x})
+
+    run()
     start = time.perf_counter()
     for _ in range(CALLS):
-        s.run(None, {name: x})
-    return (time.perf_counter() - start) / CALLS * 1000
+        run()
+    return (time.perf_counter() - start) / CALLS / len(x) * 1000
 
 
-def outputs(path: Path, rows: list[np.ndarray]) -> np.ndarray:
-    s = ort.InferenceSession(str(path), sess_options=session_options(1), providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: r[None]})[0] for r in rows])
+def agreement(model, a, b, audio: list[np.ndarray]) -> str:
+    """How far the twin's outputs lie from int8's on real speech, each row alone."""
+    if model.params.kind == "wordwin":
+        rows = [features_of_audio(x[: 16000 * 2], model.params)[None] for x in audio]
+    else:
+        rows = [r for x in audio for r in model.inputs(features_of_audio(x[: 16000 * 3], model.params))]
+    name = a.get_inputs()[0].name
+    oa = np.concatenate([a.run(None, {name: r[None] if r.ndim < len(a.get_inputs()[0].shape) else r})[0] for r in rows])
+    ob = np.concatenate([b.run(None, {name: r[None] if r.ndim < len(a.get_inputs()[0].shape) else r})[0] for r in rows])
+    if model.card.kind == "speaker" or oa.shape[1] > 40:  # embeddings
+        cos = (oa * ob).sum(1) / np.linalg.norm(oa, axis=1) / np.linalg.norm(ob, axis=1)
+        return f"cosine min {cos.min():.5f} mean {cos.mean():.5f} ({len(rows)} rows)"
+    return f"argmax same on {np.mean(oa.argmax(1) == ob.argmax(1)):.3f} of {len(rows)}, max |logit diff| {np.abs(oa - ob).max():.3f}"
 
 
 def main() -> None:
+    from dataclasses import replace
+
     cfg = config.load(None)
-    models = load_models(cfg, "cpu")
+    models = load_models(replace(cfg, digits=replace(cfg.digits, model="fused")), "cpu")
     print(summary(describe()))
-    speaker = models.speaker
-    ge2e = models.digits.members.get("ge2e") or next(m for m in models.digits.members.values()
-                                                      if m.card.model_path.name == "digits-ge2e.onnx")
+    by_file = {m.card.model_path.name: m for m in models.all()}
     audio = [read_audio(str(p)) for p in sorted((ROOT / "tests" / "data").glob("*.flac"))]
-    with tempfile.TemporaryDirectory() as tmp:
-        for model, shape in ((speaker, (8, 160, 40)), (ge2e, (1, 100, 40))):
-            src = model.card.model_path
-            dst = Path(tmp) / (src.stem + ".float.onnx")
-            float_twin(src, dst)
-            x = np.random.default_rng(0).random(shape, dtype=np.float32)
-            t8, tf = per_call_ms(src, x), per_call_ms(dst, x)
-            feats = [features_of_audio(a[: 16000 * 3], model.params) for a in audio]
-            rows = [r for f in feats for r in model.inputs(f)]
-            a, b = outputs(src, rows), outputs(dst, rows)
-            if model is speaker:
-                cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-                agree = f"cosine int8 vs float min {cos.min():.5f} mean {cos.mean():.5f} over {len(rows)} windows"
-            else:
-                agree = (f"argmax agrees on {np.mean(a.argmax(1) == b.argmax(1)):.3f} of {len(rows)} utterances, "
-                         f"max |logit diff| {np.abs(a - b).max():.3f}")
-            print(f"{src.name}: batch {shape}: int8 {t8:.2f} ms, float {tf:.2f} ms per call; {agree}")
+    for file in ("speaker.onnx", "digits-ge2e.onnx", "digits-words.onnx"):
+        model = by_file[file]
+        a, b = session(str(model.card.model_path)), session(float_twin(model.card.model_path))
+        shape = [d if isinstance(d, int) else 1 for d in a.get_inputs()[0].shape]
+        if model.card.window is not None:
+            shape[1] = model.card.window[0]
+        elif not isinstance(a.get_inputs()[0].shape[1], int):
+            shape[1] = 100  # a 1 s utterance
+        cells = []
+        for n in BATCHES:
+            x = np.random.default_rng(0).random((n, *shape[1:]), dtype=np.float32)
+            cells.append(f"{n}: int8 {per_row_ms(a, x, model.card.rows_alone):.2f} / float {per_row_ms(b, x, False):.2f}")
+        print(f"{file} ms per row ({'int8 rows alone' if model.card.rows_alone else 'int8 batched'}), "
+              f"by rows per call: {'; '.join(cells)}; {agreement(model, a, b, audio)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What machine a figure came from: the CPU, its instruction sets, the cores this process may
 use, onnxruntime and its providers. ``streamd bench`` reports it with every run (issue 31): an
-int8 model runs about twice as fast with AVX-512 VNNI as on an AVX2-only core, so a figure
-without its machine says little.
+int8 model ran 1.4-1.7 times faster on an AVX-512 VNNI Xeon than on an AVX2-only AMD EPYC
+(BENCHMARKS.md, machines A and D), so a figure without its machine says little.
 
 ``parse_cpuinfo`` is pure (the text of /proc/cpuinfo in, a dict out) so that other machines'
 files can be checked; ``describe`` reads this one's.
