@@ -94,8 +94,8 @@ def finals(events: list[dict], kind: str) -> dict[tuple[str, int], dict]:
 
 @pytest.mark.slow  # about 21 s on a 2-core machine
 def test_overloaded_models_shed_work_and_keep_every_final_within_the_budget(models):
-    """The digit fusion's costly member (ge2e) made slow: past the machine's capacity, partials,
-    early finals and the cascade's costly members are shed; every utterance still gets its
+    """The digit fusion's costly member (ge2e) made slow: past the machine's capacity, partials
+    and the cascade's costly members are shed; every utterance still gets its
     speaker and digit events, each within the budget, the digits left to the cheap stage
     marked degraded. Without a budget the same feed's latency grows past it."""
     ge2e = models.digits.members["ge2e"]
@@ -116,7 +116,7 @@ def test_overloaded_models_shed_work_and_keep_every_final_within_the_budget(mode
     assert max(late) > BUDGET_MS / 1000 + TOLERANCE_S  # the feed does overload these models
     assert not any(unbounded_shed.values())
     assert max(latencies) <= BUDGET_MS / 1000 + TOLERANCE_S
-    assert shed["partial"] > 0 and shed["early_final"] > 0 and shed["cascade"] > 0
+    assert shed["partial"] > 0 and shed["cascade"] > 0
     degraded = [e for e in digits.values() if e["degraded"]]
     assert len(degraded) == shed["cascade"]
     assert all(e["digit"] is None or 0 <= e["digit"] <= 9 for e in degraded)
@@ -176,14 +176,15 @@ def test_shed_work_is_dropped_and_counted_but_a_final_never(models):
     batcher.submit(early)
     batcher.submit(used)
     used.early = False  # its utterance closed on it (PendingWork.use_early): the final decision now
-    batcher.shedder.level = 2  # (no job has a latency budget here: the level stays)
+    batcher.shedder.level = SHED_ORDER.index("early_final") + 1  # (no job has a latency budget here: the level stays)
     batcher.submit(Job("c", s, None, lambda e, l: got.append("late partial"), utterance=1))
     batcher.submit(Job("c", s, d, lambda e, l: got.append("final"), utterance=1))
     batcher.run()
     assert got == ["used early", "final"]
     assert early.dropped and not used.dropped
-    assert sorted(counted) == [("early_final", 1), ("partial", 1), ("partial", 1)]
-    assert batcher.shed == {"partial": 2, "early_final": 1}
+    # (the cascade, shed before early finals, may cut the finals' digits too: counted apart)
+    assert sorted(c for c in counted if c[0] != "cascade") == [("early_final", 1), ("partial", 1), ("partial", 1)]
+    assert {k: n for k, n in batcher.shed.items() if k != "cascade"} == {"partial": 2, "early_final": 1}
 
 
 def test_the_cheap_stage_decides_what_it_settles_as_the_full_cascade_does(models):

@@ -35,7 +35,10 @@ PARTIALS_PER_BATCH = 4  # partial decisions handed to the models' thread at once
 # first (cheap) stage alone, even where its gate would run the costly members; "speaker_windows":
 # the speaker embedding averages at most SHED_WINDOWS of the utterance's windows. Final decisions
 # are never shed; one decided with less work is marked ``degraded`` (docs/events.md).
-SHED_ORDER = ("partial", "early_final", "cascade", "speaker_windows")
+# An early final is the final decision computed during the hangover: it costs the models more only
+# when speech goes on (1-2% of them in the bench) and saves every decision the hangover's wait, so it is
+# shed after the cascade (BENCHMARKS.md, "On an AVX2-only machine": shed second, it put p50 at 60-160 ms).
+SHED_ORDER = ("partial", "cascade", "early_final", "speaker_windows")
 SHED_WINDOWS = 3  # speaker windows an utterance keeps at the last level, spread evenly over it
 SHED_ABOVE = 0.5  # of the budget: the projected latency above which one more kind of work is shed
 RELAX_BELOW = 0.25  # of the budget: the projected latency below which ...
