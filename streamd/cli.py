@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 
 from streamd import __version__
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--nodes", type=int, default=0, metavar="K",
                        help="K daemons at once, each a process pinned to one core with --streams each, "
                             "sharing state.gallery and events.nats when set (docs/operations.md)")
+    bench.add_argument("--repeat", type=bounded(int, 1, 50, "runs"), default=1, metavar="N",
+                       help="N runs one after the other, each figure's min / median / max over them "
+                            "(a shared machine's speed drifts: one run can mislead)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     try:
@@ -671,24 +675,33 @@ def cmd_bench(args, cfg) -> int:
     if not 1 <= args.streams <= 10000:
         print("streamd: bench --streams must be 1..10000", file=sys.stderr)
         return 2
+    if args.nodes and (not 1 <= args.nodes <= 64 or args.network or args.naive):
+        print("streamd: bench --nodes must be 1..64, without --network or --naive", file=sys.stderr)
+        return 2
     if args.nodes:
-        if not 1 <= args.nodes <= 64 or args.network or args.naive:
-            print("streamd: bench --nodes must be 1..64, without --network or --naive", file=sys.stderr)
-            return 2
-        return _print_bench(bench.run_nodes(_without_nodes(args.argv), args.nodes), args.json)
-    result = bench.run(cfg, args.seconds, args.pace, args.streams, args.silent, args.naive, args.network)
-    return _print_bench(result, args.json)
+        run_once = partial(bench.run_nodes, _without_nodes(args.argv), args.nodes)
+    else:
+        run_once = partial(bench.run, cfg, args.seconds, args.pace, args.streams, args.silent, args.naive, args.network)
+    if args.repeat == 1:
+        return _print_bench(run_once(), args.json)
+    from streamd.offline import bench_runs
+
+    on_run = None if args.json else lambda i, r: print(bench_runs.run_line(i, r), flush=True)
+    result = bench_runs.repeated(run_once, args.repeat, on_run)
+    print(json.dumps(result) if args.json else "\n".join(bench_runs.spread_table(result["spread"])))
+    return 0
 
 
 def _without_nodes(argv: list[str]) -> list[str]:
-    """The command line a node of ``bench --nodes`` runs: this one, less --nodes and --json."""
+    """The command line a node of ``bench --nodes`` runs: this one, less --nodes, --repeat
+    (the nodes run once for each of its runs) and --json."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nodes":
+        elif a in ("--nodes", "--repeat"):
             skip = True
-        elif not a.startswith("--nodes=") and a != "--json":
+        elif not a.startswith(("--nodes=", "--repeat=")) and a != "--json":
             out.append(a)
     return out
 
@@ -697,13 +710,14 @@ def _print_bench(result: dict, as_json: bool) -> int:
     if as_json:
         print(json.dumps(result))
     else:
+        from streamd.offline.bench_runs import rounded
         from streamd.offline.machine import summary
 
         for key, value in result.items():
             if key == "machine":
                 value = summary(value)
             if key != "per_node":
-                print(f"{key:16} {round(value, 4) if isinstance(value, float) else value}")
+                print(f"{key:16} {rounded(value)}")
     return 0
 
 

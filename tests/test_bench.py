@@ -174,3 +174,29 @@ def test_nodes_share_one_gallery_and_one_nats(pg_url, nats_server):
         assert node["nats"] == {"published": node["events"], "dropped": 0}
     stream = nats_server.monitor("jsz?streams=true")
     assert stream["messages"] == sum(n["events"] for n in run["per_node"])
+
+
+def test_repeat_runs_the_bench_again_and_gives_each_figures_spread():
+    """--repeat 2: two whole runs, each as a single run reports it, and each figure's min,
+    median and max over them; the figures every run shares by construction are left out."""
+    out = bench("--streams", "1", "--repeat", "2", "--silent", "--seconds", "2")
+    assert out["repeat"] == 2 and len(out["runs"]) == 2
+    assert all(KEYS <= set(run) and run["audio_s"] == pytest.approx(2.0) for run in out["runs"])
+    cores = [run["cpu_cores"] for run in out["runs"]]
+    assert out["spread"]["cpu_cores"] == {"min": min(cores), "median": pytest.approx(sum(cores) / 2),
+                                          "max": max(cores)}
+    assert "audio_s" not in out["spread"] and "machine" not in out["spread"]
+    assert out["machine"] == out["runs"][0]["machine"]
+
+
+def test_spread_flattens_nested_figures_and_keeps_only_those_of_every_run():
+    from streamd.offline.bench_runs import spread
+
+    runs = [{"overruns": 0, "latency_s_p99": 0.2, "shed": {"partial": 4}, "machine": {"cores": 2}, "x": None},
+            {"overruns": 30, "latency_s_p99": 0.1, "shed": {"partial": 2}, "machine": {"cores": 2}},
+            {"overruns": 10, "latency_s_p99": 0.6, "shed": {"partial": 0}, "machine": {"cores": 2}, "only": 1.0}]
+    got = spread(runs)
+    assert set(got) == {"overruns", "latency_s_p99", "shed.partial"}
+    assert got["overruns"] == {"min": 0.0, "median": 10.0, "max": 30.0}
+    assert got["latency_s_p99"] == {"min": 0.1, "median": 0.2, "max": 0.6}
+    assert got["shed.partial"]["median"] == 2.0
