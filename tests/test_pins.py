@@ -203,7 +203,11 @@ def test_right_code_passes_once_and_replay_wrong_code_wrong_voice_and_expiry_fai
     other = "".join(str((int(d) + 1) % 10) for d in wrong["digits"])
     play(daemon, say(theo, other, seed=1)[0])
     v = next_of(daemon, "verification")
-    assert (v["result"], v["digits_ok"], v["reason"]) == ("fail", False, "wrong_digits"), v
+    # It fails on its digits, heard as other digits or (strings are heard right about 4 in 5) as
+    # no string at all: CI once heard a piece as "not a digit" (reason no_digits:not_a_digit).
+    assert (v["result"], v["digits_ok"]) == ("fail", False), v
+    first = v["reason"].split(",")[0]
+    assert first == "wrong_digits" or first.startswith("no_digits:"), v
 
     voice = challenge(daemon)  # another enrolled speaker says theo's code, in Arabic
     play(daemon, say(digit_words("enroll_asc02.flac"), voice["digits"], seed=2)[0])
